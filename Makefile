@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both create the venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Ray 2.60 enables token auth by default; local dev/test clusters run without it.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CUDA build lies on local disk and runs on CPU too.
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mmray demo --workdir work/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_preprocess.py
+
+clean:
+	rm -rf $(VENV) work runs .pytest_cache

@@ -1,0 +1,397 @@
+"""Typed, frozen configuration for mmray, loaded from YAML plus dotted ``key=value`` overrides.
+
+Every knob of a run lives here, once. Builders (``mmray.models.builder``, ``mmray.data.preprocess``,
+``mmray.train.launcher``) unpack the sections they need; no ``nn.Module`` ever sees a config object.
+
+Example:
+    cfg = load_config("configs/demo.yaml", ["train.epochs=3", "model.fusion=gated"])
+
+Values are validated where they enter: an unknown key, a wrong type or an out-of-range value raises
+``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "ImageConfig",
+    "ImageEncoderConfig",
+    "ModelConfig",
+    "PreprocessConfig",
+    "ScoreConfig",
+    "StorageConfig",
+    "TextConfig",
+    "TextEncoderConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or out of range; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    s3_endpoint_url: str | None = None  # S3-compatible stores (MinIO, moto); None = AWS default
+    s3_region: str | None = None  # None = the AWS chain's region (env, profile)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    concurrency: int = 1  # preprocessing actors in the pool
+    batch_size: int = 64  # rows per map_batches call
+    num_cpus: float = 0.5  # CPUs reserved per actor; fractional so small machines never deadlock
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    max_length: int = 32  # tokens after truncation, special tokens included
+    nfkc: bool = True  # Unicode NFKC before tokenizing (full-width -> ASCII, ligatures ...)
+    lowercase: bool = False
+    stopwords: str | None = None  # None | "en" | "zh" | "en+zh" | path to a one-word-per-line file
+    vocab_size: int = 4000  # only for the WordPiece tokenizer trained when no tokenizer is given
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    size: int = 32  # square side after resize + center crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    augment: bool = False  # random resized crop + horizontal flip, training only
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str | None = None  # Parquet file, folder or glob; local path or s3://
+    val: str | None = None
+    test: str | None = None
+    id_column: str = "id"
+    text_column: str = "text"
+    image_column: str | None = "image"  # image bytes; None when images come by URI only
+    image_uri_column: str | None = None  # local path or s3:// URI per row
+    label_column: str | list[str] = "label"  # a list means one head per task
+    missing_modality: Literal["allow", "quarantine"] = "allow"
+    max_bad_fraction: float = 0.1  # abort when more rows than this are quarantined
+    cache: Literal["auto", "always", "never"] = "auto"  # keep preprocessed train set in the object store
+    cache_max_fraction: float = 0.3  # "auto" caches when it fits in this share of the object store
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [self.label_column] if isinstance(self.label_column, str) else list(self.label_column)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    kind: Literal["tiny", "hf"] = "tiny"
+    name: str | None = None  # hf: hub id, local dir or s3:// dir
+    tokenizer: str | None = None  # hub id / dir; None: hf uses `name`, tiny trains a WordPiece
+    dim: int = 64  # tiny only; hf derives it from the model
+    layers: int = 1  # tiny only
+    heads: int = 4  # tiny only
+    pooling: Literal["cls", "mean"] = "mean"
+    freeze: bool | int = False  # True, False, or N = train only the last N blocks
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    kind: Literal["tiny", "torchvision"] = "tiny"
+    name: str = "resnet18"  # torchvision.models builder name
+    weights: str | None = None  # local file, s3:// file, or a torchvision weights name
+    dim: int = 64  # tiny only; torchvision derives it from the model
+    freeze: bool | int = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    fusion: Literal["concat", "gated", "cross_attention", "bilinear", "late"] = "concat"
+    hidden_dim: int = 128  # fusion output width
+    dropout: float = 0.1
+    modality_dropout: float = 0.0  # per-sample probability of dropping a whole modality (training)
+    aux_loss_weight: float = 0.5  # unimodal auxiliary heads (gradient blending); 0 turns them off
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    tasks: dict[str, str] = field(default_factory=dict)  # label column -> multiclass|multilabel|binary|regression
+    loss_weights: dict[str, float] = field(default_factory=dict)  # label column -> weight (default 1)
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    metric: str | None = None  # e.g. "val_loss" or "val_accuracy"; None = off
+    patience: int = 3
+    mode: Literal["min", "max"] = "min"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32  # per worker
+    lr: float = 3e-3  # fusion + heads
+    encoder_lr: float | None = None  # encoders; None = lr
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    grad_accum_steps: int = 1
+    grad_clip: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 0.5})
+    seed: int = 0
+    storage_path: str = "./runs"
+    name: str | None = None  # None: a fresh unique name; reusing a name resumes that run
+    resume_from: str | None = None  # a checkpoint directory to start from
+    max_failures: int = 0  # worker-group restarts before the run fails
+    num_to_keep: int = 2  # checkpoints kept, best by checkpoint_metric
+    checkpoint_metric: str = "val_loss"
+    checkpoint_mode: Literal["min", "max"] = "min"
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    concurrency: int = 1  # predictor actors
+    batch_size: int = 128
+    num_gpus: float = 0.0  # per predictor actor
+    num_cpus: float = 0.5  # per predictor actor
+    rows_per_file: int = 100_000
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+_POSITIVE = {
+    "data.preprocess.concurrency", "data.preprocess.batch_size", "data.text.max_length",
+    "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
+    "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
+    "model.image_encoder.dim", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
+    "train.grad_accum_steps", "train.num_to_keep", "score.concurrency", "score.batch_size",
+    "score.rows_per_file",
+}  # fmt: skip
+_FRACTIONS = {
+    "data.max_bad_fraction", "data.cache_max_fraction", "model.dropout", "model.modality_dropout",
+    "train.warmup_fraction",
+}  # fmt: skip
+_TASK_KINDS = ("multiclass", "multilabel", "binary", "regression")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Returns ``value`` coerced to ``tp`` or raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module, not user input
+
+
+def _type_name(tp: Any) -> str:
+    return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp)) or str(tp)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key '{where}' (known: {sorted(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _check_type(data[f.name], hints[f.name], key)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    flat = _flatten(config_to_dict(cfg))
+    for key in _POSITIVE:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in _FRACTIONS:
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key}: must be within [0, 1], got {flat[key]!r}")
+    for task, kind in cfg.model.tasks.items():
+        if kind not in _TASK_KINDS:
+            raise ConfigError(f"model.tasks.{task}: {kind!r} is not one of {list(_TASK_KINDS)}")
+    if cfg.data.image_column is None and cfg.data.image_uri_column is None:
+        raise ConfigError("data.image_column / data.image_uri_column: at least one must be set")
+    if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
+        raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
+    if cfg.model.text_encoder.dim % cfg.model.text_encoder.heads:
+        raise ConfigError("model.text_encoder.dim: must be divisible by model.text_encoder.heads")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and k not in ("tasks", "loss_weights", "resources_per_worker"):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds and validates a Config from a plain mapping plus dotted overrides.
+
+    Args:
+        data: nested mapping, as loaded from YAML.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+        The frozen, validated Config.
+    """
+    data = _deepcopy(data or {})
+    for o in overrides:
+        _apply_override(data, o)
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML config file (or defaults when ``path`` is None) and applies overrides."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists) suitable for YAML/JSON and for ``config_from_dict``."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d

@@ -1,0 +1,79 @@
+"""``FusionClassifier``: encoders + fusion + one head per task, assembled from supplied parts.
+
+Mirrors torchmultimodal's ``LateFusion``: the model knows nothing about config; ``builder.py`` does.
+Optional auxiliary unimodal heads (one per modality and task) read each encoder's pooled output; their
+losses (gradient blending, Wang et al. 2020) keep the weaker modality's encoder learning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mmray.data import schema as S
+from mmray.data.image import normalize
+
+__all__ = ["FusionClassifier", "ModelOutput"]
+
+ModelOutput = dict[str, dict]  # {"logits": {task: Tensor}, "aux": {modality: {task: Tensor}}}
+
+
+class FusionClassifier(nn.Module):
+    """Multimodal, multi-task classifier.
+
+    Args:
+        encoders: modality key (``schema.TEXT``/``schema.IMAGE``) -> encoder module.
+        fusion: module following the fusion contract (``fusion(features, masks) -> Tensor``).
+        heads: task name -> head on the fused vector.
+        aux_heads: modality -> task -> head on that encoder's pooled vector (may be empty).
+        pixel_mean, pixel_std: image normalisation, applied on the device to uint8 pixels.
+        modality_dropout: per-sample probability of masking each modality while training (at least
+            one modality always stays).
+    """
+
+    def __init__(
+        self,
+        encoders: nn.ModuleDict,
+        fusion: nn.Module,
+        heads: nn.ModuleDict,
+        aux_heads: nn.ModuleDict | None = None,
+        pixel_mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+        pixel_std: tuple[float, ...] = (1.0, 1.0, 1.0),
+        modality_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.encoders, self.fusion, self.heads = encoders, fusion, heads
+        self.aux_heads = aux_heads if aux_heads is not None else nn.ModuleDict()
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        self.modality_dropout = modality_dropout
+
+    def masks(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        ref = batch[S.INPUT_IDS] if S.INPUT_IDS in batch else batch[S.PIXELS]
+        ones = torch.ones(ref.shape[0], device=ref.device)
+        masks = {m: batch.get(S.mask_key(m), ones).float() for m in sorted(self.encoders)}
+        if self.training and self.modality_dropout > 0 and len(masks) > 1:
+            masks = self._drop_modalities(masks)
+        return masks
+
+    def _drop_modalities(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        keys = sorted(masks)
+        present = torch.stack([masks[k] for k in keys], 1)  # [B, M]
+        drop = (torch.rand_like(present) < self.modality_dropout).float()
+        kept = present * (1 - drop)
+        # Never drop every modality a row has: restore the originals where nothing would be left.
+        empty = (kept.sum(1, keepdim=True) == 0).float()
+        kept = kept * (1 - empty) + present * empty
+        return {k: kept[:, i] for i, k in enumerate(keys)}
+
+    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        if S.PIXELS in batch and batch[S.PIXELS].dtype == torch.uint8:
+            batch = {**batch, S.PIXELS: normalize(batch[S.PIXELS], self.pixel_mean, self.pixel_std)}
+        masks = self.masks(batch)
+        features = {m: self.encoders[m](batch) for m in sorted(self.encoders)}
+        fused = self.fusion(features, masks)
+        logits = {task: head(fused) for task, head in self.heads.items()}
+        aux = {
+            m: {task: head(features[m].pooled) for task, head in self.aux_heads[m].items()}
+            for m in sorted(self.aux_heads)
+        }
+        return {"logits": logits, "aux": aux, "masks": masks}

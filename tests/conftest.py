@@ -1,0 +1,82 @@
+"""Shared fixtures: one Ray instance per session, synthetic data, a real S3 API server, the real CLI.
+
+Ray starts once (``ray_session``); CLI tests run ``mmray`` as a subprocess that joins that same
+instance through ``RAY_ADDRESS`` instead of paying for a new one each time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+# Before Ray starts: workers inherit this environment.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Fake credentials for the local S3 API server (never a real AWS account).
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+
+@pytest.fixture
+def seed() -> int:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (2 CPUs, like this machine and CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """A small synthetic dataset (train/val/test folders), made once per session."""
+    from mmray.data.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("demo_data"), rows=800, seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API server (moto) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the local S3 server; yields its name."""
+    import boto3
+
+    name = f"mmray-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name

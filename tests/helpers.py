@@ -1,0 +1,50 @@
+"""Test helpers: run the real CLI, tiny config overrides, free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT = 600  # seconds; an end-to-end run that hangs (e.g. a resource deadlock) fails instead
+
+
+def tiny_overrides(data: dict, storage_path: Path | str, **extra: object) -> list[str]:
+    """Overrides that make ``configs/demo.yaml`` fast enough for tests."""
+    base = {
+        "data.train": data["train"]["path"],
+        "data.val": data["val"]["path"],
+        "train.storage_path": str(storage_path),
+        "train.epochs": 3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(args: list[str], ray_address: str | None = None, timeout: int = CLI_TIMEOUT, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs the real ``mmray`` CLI; ``.json`` on the result is its last stdout line, parsed."""
+    full_env = {**os.environ, **(env or {})}
+    if ray_address:
+        full_env["RAY_ADDRESS"] = ray_address
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mmray {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    proc.json = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+

@@ -1,0 +1,77 @@
+"""Config: YAML + dotted overrides, typed and frozen; errors name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_have_the_required_keys():
+    cfg = Config()
+    assert (cfg.data.id_column, cfg.data.text_column, cfg.data.image_column, cfg.data.label_column) == (
+        "id", "text", "image", "label",
+    )  # fmt: skip
+    assert cfg.model.fusion == "concat"
+    assert cfg.train.storage_path == "./runs" and cfg.train.name is None
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    cfg = load_config(None, ["train.epochs=7", "train.lr=1e-4", "train.use_gpu=true", "model.fusion=gated",
+                             "data.label_column=[a, b]", "train.resources_per_worker={CPU: 1, GPU: 1}"])  # fmt: skip
+    assert cfg.train.epochs == 7 and cfg.train.lr == pytest.approx(1e-4) and cfg.train.use_gpu is True
+    assert cfg.model.fusion == "gated"
+    assert cfg.data.label_columns == ["a", "b"]
+    assert cfg.train.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().train.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epoch=3", "train.epoch"),
+        ("model.text_encoder.nme=x", "model.text_encoder.nme"),
+        ("train.epochs=three", "train.epochs"),
+        ("train.epochs=0", "train.epochs"),
+        ("model.fusion=sum", "model.fusion"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("train.use_gpu=maybe", "train.use_gpu"),
+        ("data.image.mean=[0.5, 0.5]", "data.image.mean"),
+        ("model.tasks={label: ranking}", "model.tasks.label"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(path)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["model.fusion=late", "data.image.size=48"])
+    assert config_from_dict(config_to_dict(cfg)) == cfg
