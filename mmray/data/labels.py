@@ -9,10 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import math
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-__all__ = ["LabelError", "Task", "build_task", "infer_kind", "task_from_dict"]
+__all__ = ["LabelCollector", "LabelError", "Task", "build_task", "infer_kind", "task_from_dict"]
+
+MAX_CLASSES = 100_000  # a label column with more distinct values is almost surely not categorical
 
 
 class LabelError(ValueError):
@@ -30,14 +35,28 @@ class Task:
         return 1 if self.kind in ("binary", "regression") else len(self.classes)
 
     def encode(self, value: Any) -> np.ndarray | int | float:
-        """One raw label -> the training target (index, multi-hot vector or float)."""
+        """One raw label -> the training target (index, multi-hot vector or float).
+
+        Raises:
+            LabelError: null, unknown to the label map, or not of this task's kind.
+        """
         if value is None or (isinstance(value, float) and np.isnan(value)):
             raise LabelError(f"null label in column '{self.name}'")
         if self.kind == "regression":
-            return float(value)
+            try:
+                target = float(value)
+            except (TypeError, ValueError):
+                raise LabelError(f"label {value!r} in column '{self.name}' is not a number") from None
+            if not math.isfinite(target):
+                raise LabelError(f"non-finite label {target} in column '{self.name}'")
+            return target
         if self.kind == "multilabel":
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise LabelError(f"label {value!r} in column '{self.name}' is not a list of labels")
             vec = np.zeros(len(self.classes), dtype=np.float32)
             for v in value:
+                if v is None:
+                    raise LabelError(f"null entry in the label list in column '{self.name}'")
                 vec[self._index(v)] = 1.0
             return vec
         idx = self._index(value)
@@ -64,6 +83,8 @@ def task_from_dict(d: dict) -> Task:
 def _label_str(v: Any) -> str:
     if isinstance(v, (bool, np.bool_)):
         return "true" if v else "false"
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))  # an integer label column with nulls reaches numpy batches as float64
     return str(v)
 
 
@@ -83,9 +104,16 @@ def build_task(name: str, kind: str, values: list[Any]) -> Task:
     if kind == "regression":
         return Task(name, kind)
     if kind == "multilabel":
-        distinct = {_label_str(x) for v in values if v is not None for x in v}
+        distinct = {_label_str(x) for v in values if v is not None for x in v if x is not None}
     else:
         distinct = {_label_str(v) for v in values if v is not None}
+    return task_from_distinct(name, kind, distinct)
+
+
+def task_from_distinct(name: str, kind: str, distinct: set[str]) -> Task:
+    """A task from the distinct label strings of its column (list elements for multilabel)."""
+    if kind == "regression":
+        return Task(name, kind)
     if kind == "binary" and len(distinct) > 2:
         raise LabelError(f"column '{name}' is configured binary but has {len(distinct)} distinct labels")
     if not distinct:
@@ -94,3 +122,44 @@ def build_task(name: str, kind: str, values: list[Any]) -> Task:
     if kind == "binary" and set(classes) <= {"true", "false"}:
         classes = ("false", "true")
     return Task(name, kind, classes)
+
+
+class LabelCollector:
+    """Streams one label column batch by batch, keeping only its distinct values (bounded memory).
+
+    Usage: ``c = LabelCollector("label"); c.add(batch.column("label")) ...; task = c.task(kind)``.
+    """
+
+    def __init__(self, name: str, max_classes: int = MAX_CLASSES):
+        self.name, self.max_classes = name, max_classes
+        self.type: pa.DataType | None = None
+        self.distinct: set[str] = set()
+        self.overflow = False
+
+    def add(self, column: pa.Array | pa.ChunkedArray) -> None:
+        if self.type is None or pa.types.is_null(self.type):  # an all-null first file says nothing
+            self.type = column.type
+        if self.overflow:
+            return  # only a regression task can use this column; task() says so otherwise
+        values = column
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            values = pc.list_flatten(column)
+        for v in pc.unique(values.drop_null()).to_pylist():
+            self.distinct.add(_label_str(v))
+        if len(self.distinct) > self.max_classes:
+            self.overflow, self.distinct = True, set()
+
+    def task(self, kind: str | None = None) -> Task:
+        """The task; ``kind`` from ``model.tasks`` or, when None, inferred from the column's type.
+
+        Raises:
+            LabelError: no labels, too many distinct labels, or a binary column with more than two.
+        """
+        arrow_type = self.type if self.type is not None else pa.null()
+        kind = kind or infer_kind(arrow_type, len(self.distinct))
+        if kind != "regression" and self.overflow:
+            raise LabelError(
+                f"column '{self.name}' has more than {self.max_classes} distinct labels; "
+                f"for a numeric target set model.tasks.{self.name}=regression"
+            )
+        return task_from_distinct(self.name, kind, self.distinct)

@@ -1,19 +1,31 @@
 """Ray Data wiring of the data layer: list + schema-check Parquet input, read it, run the preprocessing
 actor pool, and split the result into usable rows and quarantine records.
+
+Reading is lazy and streaming (``read_parquet`` yields row-group-sized blocks, back-pressured by the
+actor pool), so the driver never holds the data; only the quarantine (four short strings per bad row)
+is collected, and ``data.max_bad_fraction`` bounds it.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
 from mmray.config import PreprocessConfig, StorageConfig
 from mmray.data import schema as S
 from mmray.data import storage
-from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_errors, keep_good
+from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
 
-__all__ = ["DataQualityError", "check_bad_fraction", "input_files", "preprocess", "read_input", "write_quarantine"]
+__all__ = [
+    "DataQualityError", "check_bad_fraction", "input_files", "preprocess", "quarantine_table", "read_input",
+    "summarize_reasons", "usable_rows", "write_quarantine",
+]  # fmt: skip
+
+_FOOTER_READERS = 16  # footers are tiny: parallel reads hide S3 latency on inputs of many files
 
 
 class DataQualityError(RuntimeError):
@@ -25,11 +37,26 @@ def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> lis
 
     Args:
         expected: column -> kind, as from ``PreprocessSpec.input_columns()``.
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``.
+        SchemaError: a file that is not Parquet, or lacks / mistypes a column; names the file.
     """
     files = storage.list_parquet_files(uri, store)
     fs, _ = storage.resolve(uri, store)
-    for f in files:
-        S.check_columns(pq.read_schema(f, filesystem=fs), expected, f"s3://{f}" if storage.is_s3(uri) else f)
+
+    def check(path: str) -> None:
+        shown = f"s3://{path}" if storage.is_s3(uri) else path
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise S.SchemaError(f"{shown} is not a readable Parquet file: {storage.redact(str(e))[:200]}") from None
+        S.check_columns(schema, expected, shown)
+
+    with ThreadPoolExecutor(min(_FOOTER_READERS, len(files))) as pool:
+        list(pool.map(check, files))  # re-raises the first failing file, in sorted order
     return files
 
 
@@ -45,6 +72,7 @@ def preprocess(
     return ds.map_batches(
         Preprocessor,
         fn_constructor_args=(spec, tokenizer_files),
+        fn_constructor_kwargs={"fetch_threads": pcfg.fetch_threads, "fetch_attempts": pcfg.fetch_attempts},
         batch_size=pcfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pcfg.concurrency),
@@ -57,29 +85,57 @@ def usable_rows(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def quarantine_table(ds: ray.data.Dataset) -> pa.Table:
-    """Collects the (small: four short strings a row) quarantine records to the driver."""
-    bad = ds.select_columns([S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE]).map_batches(
-        keep_errors, batch_format="numpy", batch_size=None
-    )
-    tables = [t.cast(S.QUARANTINE_SCHEMA) for t in _arrow_blocks(bad) if t.num_rows]
+    """Collects the quarantine records (``id, stage, column, error``) of a preprocessed dataset.
+
+    Only the four bookkeeping columns are read, and bad rows are filtered batch by batch with Arrow
+    on the driver (no extra task pool to start), so the driver holds just the bad rows' short strings.
+    """
+    tables = []
+    bookkeeping = ds.select_columns([S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE])
+    for batch in bookkeeping.iter_batches(batch_format="pyarrow", batch_size=None):
+        error = _as_string(batch[S.ERROR])
+        bad = pc.fill_null(pc.not_equal(error, ""), False)
+        if not pc.any(bad).as_py():
+            continue
+        columns = [batch[S.ID], batch[S.ERROR_STAGE], batch[S.ERROR_COLUMN], error]
+        tables.append(pa.table([pc.filter(_as_string(c), bad) for c in columns], schema=S.QUARANTINE_SCHEMA))
     return pa.concat_tables(tables) if tables else S.QUARANTINE_SCHEMA.empty_table()
 
 
-def _arrow_blocks(ds: ray.data.Dataset):
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield pa.table({name: batch[name].to_pylist() for name in S.QUARANTINE_SCHEMA.names})
+def _as_string(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Ray hands an all-null column over as type null, and odd objects as a Python-object extension."""
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in column.to_pylist()], type=pa.string())
 
 
 def write_quarantine(table: pa.Table, uri: str, store: StorageConfig) -> None:
     """Writes (replacing) ``uri`` as one Parquet file; an empty quarantine is written too."""
     fs, path = storage.resolve(uri, store)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    pq.write_table(table.cast(S.QUARANTINE_SCHEMA), path, filesystem=fs)
 
 
-def check_bad_fraction(rows_in: int, rows_bad: int, limit: float, where: str) -> None:
+def check_bad_fraction(rows_in: int, rows_bad: int, limit: float, where: str, quarantine: pa.Table | None = None) -> None:
+    """Raises DataQualityError when more than ``limit`` of the rows were quarantined.
+
+    Args:
+        quarantine: the records, to name the most common reasons in the message.
+    """
     if rows_in and rows_bad / rows_in > limit:
+        top = f"; most common: {summarize_reasons(quarantine)}" if quarantine is not None and quarantine.num_rows else ""
         raise DataQualityError(
             f"{rows_bad} of {rows_in} rows ({rows_bad / rows_in:.1%}) were quarantined, above "
-            f"data.max_bad_fraction={limit}; see {where}"
+            f"data.max_bad_fraction={limit}{top}; see {storage.redact(where)} (columns id, stage, column, error)"
         )
+
+
+def summarize_reasons(quarantine: pa.Table, top: int = 3) -> str:
+    """``"'column': reason (count), ..."`` for the ``top`` most frequent (column, reason) pairs."""
+    reasons = pc.utf8_slice_codeunits(quarantine.column("error"), 0, 40)  # group "undecodable image: ..." variants
+    counts = pa.table({"column": quarantine.column("column"), "reason": reasons}).group_by(["column", "reason"]).aggregate(
+        [([], "count_all")]
+    ).sort_by([("count_all", "descending"), ("column", "ascending"), ("reason", "ascending")])
+    rows = counts.slice(0, top).to_pylist()
+    return ", ".join(f"'{r['column']}': {r['reason']} ({r['count_all']})" for r in rows)

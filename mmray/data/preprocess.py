@@ -2,13 +2,16 @@
 
 ``Preprocessor`` is a class-based ``map_batches`` UDF: it loads the tokenizer once per actor and then
 maps batches. A row it cannot use is not dropped and does not crash the job: it comes out with a
-non-empty ``_error`` (and the column and stage), and ``split_quarantine`` routes it to the quarantine.
+non-empty ``_error`` (and the column and stage), and ``keep_errors`` turns it into a quarantine record.
+Image URIs are fetched concurrently per batch, with retries on transient storage errors.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
 from mmray.data.image import ImageDecodeError, decode_image, resize_uint8
 from mmray.data.labels import LabelError, Task, task_from_dict
-from mmray.data.text import TextNormalizer, load_tokenizer
+from mmray.data.text import TextNormalizer, load_stopwords, load_tokenizer
 
 __all__ = ["PreprocessSpec", "Preprocessor", "keep_errors", "keep_good", "quarantine_rows"]
 
@@ -37,6 +40,8 @@ class PreprocessSpec:
     missing_modality: str = "allow"
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    # data.text.stopwords resolved to its words, so a checkpoint never depends on the stopword file.
+    stopword_list: tuple[str, ...] | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     @classmethod
@@ -45,7 +50,8 @@ class PreprocessSpec:
             tasks=tuple(tasks), with_labels=with_labels, id_column=data.id_column,
             text_column=data.text_column, image_column=data.image_column,
             image_uri_column=data.image_uri_column, missing_modality=data.missing_modality,
-            text=data.text, image=data.image, storage=storage,
+            text=data.text, image=data.image, stopword_list=load_stopwords(data.text.stopwords, storage),
+            storage=storage,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -62,6 +68,8 @@ class PreprocessSpec:
         if isinstance(img, dict):
             img = ImageConfig(**{**img, "mean": tuple(img["mean"]), "std": tuple(img["std"])})
         d["image"] = img
+        if d.get("stopword_list") is not None:
+            d["stopword_list"] = tuple(d["stopword_list"])
         return cls(**d)
 
     def input_columns(self) -> dict[str, str]:
@@ -79,7 +87,10 @@ class PreprocessSpec:
 class _RowError(Exception):
     def __init__(self, stage: str, column: str, reason: str):
         super().__init__(reason)
-        self.stage, self.column, self.reason = stage, column, reason
+        self.stage, self.column, self.reason = stage, column, reason[:_MAX_REASON]
+
+
+_MAX_REASON = 240  # quarantine reasons are short: the id says which row, the reason what went wrong
 
 
 class Preprocessor:
@@ -89,15 +100,25 @@ class Preprocessor:
         spec: what to read and how to transform it.
         tokenizer_files: file name -> bytes of a saved tokenizer (as in a checkpoint's ``tokenizer/``);
             shipped by value so actors on any node rebuild it without shared storage.
+        fetch_threads: concurrent image-URI reads (``data.preprocess.fetch_threads``).
+        fetch_attempts: tries per image URI on transient errors (``data.preprocess.fetch_attempts``).
     """
 
-    def __init__(self, spec: PreprocessSpec, tokenizer_files: dict[str, bytes]):
+    def __init__(self, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], fetch_threads: int = 8,
+                 fetch_attempts: int = 3):  # fmt: skip
         self.spec = spec
-        self._tokenizer_dir = tempfile.mkdtemp(prefix="mmray-tok-")
-        for name, data in tokenizer_files.items():
-            Path(self._tokenizer_dir, name).write_bytes(data)
-        self.tokenizer = load_tokenizer(self._tokenizer_dir)
-        self.normalize_text = TextNormalizer(spec.text, spec.storage)
+        tokenizer_dir = tempfile.mkdtemp(prefix="mmray-tok-")
+        try:
+            for name, data in tokenizer_files.items():
+                Path(tokenizer_dir, name).write_bytes(data)
+            self.tokenizer = load_tokenizer(tokenizer_dir)
+        finally:
+            shutil.rmtree(tokenizer_dir, ignore_errors=True)  # loaded into memory; nothing left behind
+        self.normalize_text = TextNormalizer(spec.text, spec.storage, stopwords=spec.stopword_list)
+        self.fetch_attempts = fetch_attempts
+        self._pool = ThreadPoolExecutor(fetch_threads) if spec.image_uri_column else None
+        # No legitimate image within max_pixels is larger than 8 bytes a pixel (16-bit RGBA, uncompressed).
+        self._max_image_bytes = spec.image.max_pixels * 8 + (1 << 20)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec, n = self.spec, len(batch[self.spec.id_column])
@@ -113,29 +134,39 @@ class Preprocessor:
         }
         labels = {t.name: [t.empty_target()] * n for t in spec.tasks} if spec.with_labels else {}
         texts: list[str] = [""] * n
+        fetched = self._fetch_images(batch, n)
         for i in range(n):
             try:
-                out[S.ID][i] = self._row(batch, i, out, texts, labels)
-            except _RowError as e:
-                raw_id = batch[spec.id_column][i]
-                out[S.ID][i] = None if raw_id is None else str(raw_id)
-                out[S.ERROR][i], out[S.ERROR_COLUMN][i], out[S.ERROR_STAGE][i] = e.reason, e.column, e.stage
-                out[S.mask_key(S.IMAGE)][i] = out[S.mask_key(S.TEXT)][i] = 0.0
-        ids, attn = self._tokenize(texts, length)
+                out[S.ID][i] = self._row(batch, i, out, texts, labels, fetched)
+            except Exception as e:  # one bad row must never fail the batch (and with it the job)
+                error = e if isinstance(e, _RowError) else _RowError(
+                    "preprocess", "", f"unexpected error: {type(e).__name__}: {e}")  # fmt: skip
+                self._flag(out, i, _id_str(batch[spec.id_column][i]), error)
+                texts[i] = ""
+        ids, attn, failed = self._tokenize(texts, length)
+        for i, reason in failed.items():
+            self._flag(out, i, out[S.ID][i], _RowError("tokenize", spec.text_column, reason))
         out[S.INPUT_IDS], out[S.ATTENTION_MASK] = ids, attn
         for t in spec.tasks if spec.with_labels else ():
             dtype = np.int64 if t.kind == "multiclass" else np.float32
             out[S.label_key(t.name)] = np.stack([np.asarray(v, dtype=dtype) for v in labels[t.name]])
         return out
 
-    def _row(self, batch, i, out, texts, labels) -> str:
+    @staticmethod
+    def _flag(out: dict[str, Any], i: int, row_id: str | None, e: _RowError) -> None:
+        out[S.ID][i] = row_id
+        out[S.ERROR][i], out[S.ERROR_COLUMN][i], out[S.ERROR_STAGE][i] = e.reason or "error", e.column, e.stage
+        out[S.mask_key(S.IMAGE)][i] = out[S.mask_key(S.TEXT)][i] = 0.0
+        out[S.PIXELS][i] = 0
+
+    def _row(self, batch, i, out, texts, labels, fetched) -> str:
         spec = self.spec
-        raw_id = batch[spec.id_column][i]
-        if raw_id is None or (isinstance(raw_id, float) and np.isnan(raw_id)):
+        row_id = _id_str(batch[spec.id_column][i])
+        if row_id is None:
             raise _RowError("preprocess", spec.id_column, "null id")
         text = batch[spec.text_column][i]
         text = self.normalize_text(text) if isinstance(text, str) else ""
-        pixels, image_column = self._image(batch, i)
+        pixels, image_column = self._image(batch, i, fetched)
         if not text and pixels is None:
             raise _RowError("preprocess", f"{spec.text_column},{image_column}", "both modalities missing")
         if spec.missing_modality == "quarantine":
@@ -155,47 +186,88 @@ class Preprocessor:
         if text:
             texts[i] = text
             out[S.mask_key(S.TEXT)][i] = 1.0
-        return str(raw_id)
+        return row_id
 
-    def _image(self, batch, i) -> tuple[np.ndarray | None, str]:
+    def _image(self, batch, i, fetched: dict[int, bytes | _RowError]) -> tuple[np.ndarray | None, str]:
         spec = self.spec
         data, column = None, spec.image_column or spec.image_uri_column
         if spec.image_column is not None:
             data = batch[spec.image_column][i]
-        if not data and spec.image_uri_column is not None:
+        if not _present(data) and spec.image_uri_column is not None:
             column = spec.image_uri_column
-            uri = batch[spec.image_uri_column][i]
-            if uri:
-                data = self._fetch(uri, column)
-        if not data:
+            data = fetched.get(i)
+            if isinstance(data, _RowError):
+                raise data
+        if not _present(data):
             return None, column
         try:
-            img = decode_image(bytes(data), spec.image.max_pixels)
+            img = decode_image(bytes(data), spec.image.max_pixels, min_side=spec.image.size)
         except ImageDecodeError as e:
             raise _RowError("preprocess", column, str(e)) from None
         return resize_uint8(img, spec.image.size), column
 
-    def _fetch(self, uri: str, column: str, attempts: int = 3) -> bytes:
+    def _fetch_images(self, batch, n: int) -> dict[int, bytes | _RowError]:
+        """Reads every image URI this batch needs, concurrently: S3 latency, not bandwidth, dominates."""
+        spec = self.spec
+        if self._pool is None:
+            return {}
+        wanted = {}
+        for i in range(n):
+            if spec.image_column is not None and _present(batch[spec.image_column][i]):
+                continue  # bytes win over the URI
+            uri = batch[spec.image_uri_column][i]
+            if isinstance(uri, str) and uri.strip() and _id_str(batch[spec.id_column][i]) is not None:
+                wanted[i] = self._pool.submit(self._fetch, uri.strip())
+        return {i: future.result() for i, future in wanted.items()}
+
+    def _fetch(self, uri: str) -> bytes | _RowError:
         from mmray.data import storage as st
 
-        for attempt in range(attempts):
-            try:
-                return st.read_bytes(uri, self.spec.storage)
-            except FileNotFoundError:
-                raise _RowError("preprocess", column, f"image not found: {uri}") from None
-            except OSError as e:
-                if "not found" in str(e).lower() or "nosuchkey" in str(e).lower().replace(" ", ""):
-                    raise _RowError("preprocess", column, f"image not found: {uri}") from None
-                if attempt == attempts - 1:
-                    raise _RowError("preprocess", column, f"image fetch failed: {str(e)[:120]}") from None
-                time.sleep(0.2 * 2**attempt)  # transient S3 errors: back off and retry
-        raise AssertionError("unreachable")
+        column = self.spec.image_uri_column
+        shown = st.redact(uri)
+        if "://" not in uri and not os.path.isabs(uri):
+            # Relative to what? Actors run in their own working directory, on any node.
+            return _RowError("preprocess", column, f"relative image path {shown!r}: use an absolute path or s3://")
+        try:
+            return st.fetch_bytes(uri, self.spec.storage, attempts=self.fetch_attempts, max_bytes=self._max_image_bytes)
+        except FileNotFoundError:
+            return _RowError("preprocess", column, f"image not found: {shown}")
+        except Exception as e:  # OSError, ValueError, or anything else: this row's problem only
+            return _RowError("preprocess", column, f"image fetch failed: {shown}: {st.redact(str(e))}")
 
-    def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=length, return_tensors="np"
-        )
-        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """Token ids and attention masks; rows the tokenizer rejects come back in the third value."""
+        kwargs = {"padding": "max_length", "truncation": True, "max_length": length, "return_tensors": "np"}
+        try:
+            enc = self.tokenizer(texts, **kwargs)
+            return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64), {}
+        except Exception:  # find the culprit rows; the rest of the batch is fine
+            ids = np.zeros((len(texts), length), dtype=np.int64)
+            attn = np.zeros((len(texts), length), dtype=np.int64)
+            failed = {}
+            for i, text in enumerate(texts):
+                try:
+                    enc = self.tokenizer([text], **kwargs)
+                    ids[i], attn[i] = enc["input_ids"][0], enc["attention_mask"][0]
+                except Exception as e:
+                    failed[i] = f"tokenizer failed: {type(e).__name__}: {e}"
+            return ids, attn, failed
+
+
+def _present(data: Any) -> bool:
+    return data is not None and len(data) > 0
+
+
+def _id_str(raw: Any) -> str | None:
+    """A row id as a string; None when null (or NaN, as pandas writes a missing number)."""
+    if raw is None or (isinstance(raw, (float, np.floating)) and np.isnan(raw)):
+        return None
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw).decode("utf-8", "replace")
+    raw = raw.item() if isinstance(raw, np.generic) else raw
+    if isinstance(raw, float) and raw.is_integer():
+        return str(int(raw))  # an integer id column with nulls reaches numpy batches as float64
+    return str(raw)
 
 
 def _py(v: Any) -> Any:

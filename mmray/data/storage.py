@@ -2,16 +2,20 @@
 
 S3 credentials come from the standard AWS chain (environment, profile, instance role); only the
 endpoint and region may come from config (``storage.s3_endpoint_url``, ``storage.s3_region``).
-Nothing here logs or formats credentials.
+Credentials are never passed to pyarrow explicitly, so a pickled filesystem (shipped to Ray tasks,
+stored by Ray Train) carries none; URIs or endpoints that embed credentials are refused, and every
+error message this module builds goes through ``redact``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import posixpath
-import shutil
+import re
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -19,13 +23,30 @@ import pyarrow.fs as pafs
 from mmray.config import StorageConfig
 
 __all__ = [
-    "copy_dir_from", "copy_dir_to", "exists", "is_s3", "join", "list_parquet_files", "read_bytes",
-    "read_text", "resolve", "write_bytes", "write_text",
+    "copy_dir_from", "copy_dir_to", "exists", "fetch_bytes", "is_s3", "join", "list_parquet_files",
+    "read_bytes", "read_text", "redact", "resolve", "write_bytes", "write_text",
 ]  # fmt: skip
 
+_S3_ATTEMPTS = 3  # pyarrow's own retries of one S3 request (throttling, 5xx, dropped connections)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+# S3 errors that another attempt cannot fix; everything else (network, throttling, 5xx) is retried.
+_PERMANENT = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+              "Forbidden", "AccessDenied", "InvalidAccessKeyId", "NoSuchBucket")  # fmt: skip
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+
+def redact(text: str) -> str:
+    """``text`` with URL user-info and the values of AWS credential variables replaced by ``***``."""
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:  # a 1-3 character "secret" would redact half of every message
+            text = text.replace(value, "***")
+    return text
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -35,25 +56,53 @@ def join(uri: str, *parts: str) -> str:
 
 
 def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
-    """Returns ``(filesystem, path)``; the path is scheme-less for S3 (``bucket/key``)."""
+    """Returns ``(filesystem, path)``; the path is scheme-less for S3 (``bucket/key``).
+
+    Raises:
+        ValueError: an unsupported scheme, an S3 URI without a bucket, or one that embeds credentials.
+    """
     storage = storage or StorageConfig()
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"expected a local path or s3:// URI, got {uri!r}")
     if is_s3(uri):
-        kwargs = {}
-        endpoint = storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
-        )
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs["endpoint_override"] = host or endpoint
-            kwargs["scheme"] = scheme if host else "https"
-        region = storage.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+        path = uri[len("s3://") :].rstrip("/")
+        bucket = path.split("/", 1)[0]
+        if "@" in bucket or ":" in bucket:
+            # pyarrow would read s3://KEY:SECRET@bucket as credentials; we refuse, and never echo them.
+            raise ValueError("s3:// URIs must not embed credentials (use the AWS credential chain): "
+                             f"{redact(uri)}")  # fmt: skip
+        if not bucket:
+            raise ValueError(f"s3:// URI without a bucket: {uri!r}")
+        return _s3(*_s3_settings(storage)), path
     if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme in {uri!r} (use a local path or s3://)")
+        raise ValueError(f"unsupported URI scheme in {redact(uri)!r} (use a local path or s3://)")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _s3_settings(storage: StorageConfig) -> tuple[str | None, str | None, str | None]:
+    """(scheme, host[:port], region) from config, else the standard AWS environment variables."""
+    endpoint = storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    scheme = host = None
+    if endpoint:
+        if _USERINFO.match(endpoint):
+            raise ValueError(f"S3 endpoint must not embed credentials: {redact(endpoint)}")
+        scheme, _, rest = endpoint.partition("://")
+        scheme, host = (scheme, rest.rstrip("/")) if rest else ("https", endpoint.rstrip("/"))
+    region = storage.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return scheme, host, region
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(scheme: str | None, host: str | None, region: str | None) -> pafs.S3FileSystem:
+    # One client per process and endpoint: connection pools and the credential lookup are reused
+    # across the thousands of per-row image fetches an actor makes.
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_ATTEMPTS)}
+    if host:
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
 
 
 def exists(uri: str, storage: StorageConfig | None = None) -> bool:
@@ -61,10 +110,49 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
+    """Reads a whole object.
+
+    Args:
+        max_bytes: refuse objects larger than this (read stops at ``max_bytes + 1``), so a stray
+            multi-gigabyte object cannot exhaust an actor's memory.
+
+    Raises:
+        FileNotFoundError: the object does not exist.
+        ValueError: the object is larger than ``max_bytes``.
+    """
     fs, path = resolve(uri, storage)
     with fs.open_input_stream(path) as f:
-        return f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"object larger than {max_bytes} bytes")
+    return data
+
+
+def fetch_bytes(
+    uri: str, storage: StorageConfig | None = None, attempts: int = 3, backoff_s: float = 0.25,
+    max_bytes: int | None = None,
+) -> bytes:  # fmt: skip
+    """``read_bytes`` with retries (exponential backoff) on transient errors.
+
+    A missing object, a permission error or an oversized object is not retried. Error messages are
+    redacted.
+
+    Raises:
+        FileNotFoundError: the object does not exist.
+        OSError / ValueError: a permanent error, or a transient one that outlived ``attempts``.
+    """
+    for attempt in range(attempts):
+        try:
+            return read_bytes(uri, storage, max_bytes)
+        except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as e:
+            raise type(e)(redact(str(e))) from None
+        except OSError as e:
+            message = redact(str(e))
+            if attempt == attempts - 1 or not is_s3(uri) or any(p in message for p in _PERMANENT):
+                raise OSError(message) from None
+            time.sleep(backoff_s * 2**attempt)
+    raise ValueError(f"attempts must be >= 1, got {attempts}")
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
@@ -102,7 +190,7 @@ def list_parquet_files(uri: str, storage: StorageConfig | None = None) -> list[s
     if info is not None and info.type == pafs.FileType.File and not has_glob:
         return [path]
     if info is None or info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no Parquet data at {uri}")
+        raise FileNotFoundError(f"no Parquet data at {redact(uri)}")
     selector = pafs.FileSelector(base, recursive=True)
     files = []
     for f in fs.get_file_info(selector):
@@ -118,7 +206,7 @@ def list_parquet_files(uri: str, storage: StorageConfig | None = None) -> list[s
             continue
         files.append(f.path)
     if not files:
-        raise FileNotFoundError(f"no Parquet files at {uri}")
+        raise FileNotFoundError(f"no Parquet files at {redact(uri)}")
     return sorted(files)
 
 
@@ -136,9 +224,8 @@ def copy_dir_from(uri: str, storage: StorageConfig | None = None) -> str:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no directory at {uri}")
         return path
-    local = tempfile.mkdtemp(prefix="mmray-")
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        shutil.rmtree(local, ignore_errors=True)
-        raise FileNotFoundError(f"no directory at {uri}")
+        raise FileNotFoundError(f"no directory at {redact(uri)}")
+    local = tempfile.mkdtemp(prefix="mmray-")
     pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local

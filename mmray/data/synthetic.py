@@ -25,7 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-__all__ = ["LABELS", "make_dataset", "make_image", "make_rows", "make_text"]
+__all__ = [
+    "LABELS", "make_dataset", "make_image", "make_imbalanced_rows", "make_multitask_rows", "make_rows", "make_text",
+    "write_splits",
+]  # fmt: skip
 
 ANIMALS = {
     "cat": ["cat", "kitten", "kitty", "猫", "小猫", "猫咪"],
@@ -108,17 +111,82 @@ def make_dataset(out_dir: str | os.PathLike, rows: int = 2000, seed: int = 0, fi
     Returns:
         split name -> {"path": folder, "rows": count}.
     """
-    data = make_rows(rows, seed)
+    return write_splits(make_rows(rows, seed), out_dir, files_per_split, SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants for model tests: an imbalanced (one modality much easier) and a multi-task dataset.
+# --------------------------------------------------------------------------------------------------
+
+_SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zo", "pa", "ne", "vi", "su", "do", "fe", "gu", "ha", "ji", "wo"]
+
+
+def _pseudo_words(count: int, seed: int) -> list[str]:
+    """``count`` distinct made-up three-syllable words (rare tokens a tokenizer cannot know)."""
+    rng = np.random.default_rng(seed)
+    words: list[str] = []
+    while len(words) < count:
+        w = "".join(_SYLLABLES[j] for j in rng.integers(len(_SYLLABLES), size=3))
+        if w not in words:
+            words.append(w)
+    return words
+
+
+def make_imbalanced_rows(n: int, seed: int, id_prefix: str = "h", synonyms: int = 16,
+                         filler_words: int = 8) -> dict[str, list]:  # fmt: skip
+    """Like ``make_rows`` (label = animal_colour, text decides the animal, image the colour), but the
+    text is much harder to learn than the image: the animal is named by one of ``synonyms`` made-up
+    words per class, hidden among ``filler_words`` made-up filler words, while the image colour is
+    learned in a few steps. Each modality still carries half of the label, so a model that leans on
+    the image alone is capped at 50% accuracy.
+    """
+    vocab = _pseudo_words(2 * synonyms + 200, seed=12345)  # fixed: every split shares the vocabulary
+    names = {"cat": vocab[:synonyms], "dog": vocab[synonyms : 2 * synonyms]}
+    filler = vocab[2 * synonyms :]
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {"id": [], "text": [], "image": [], "label": []}
+    animals, colours = list(ANIMALS), list(COLOURS)
+    for i in range(n):
+        animal, colour = animals[i % 2], colours[(i // 2) % 2]
+        words = [filler[j] for j in rng.integers(len(filler), size=filler_words)]
+        words.insert(int(rng.integers(len(words) + 1)), names[animal][rng.integers(synonyms)])
+        rows["id"].append(f"{id_prefix}{i:07d}")
+        rows["text"].append(" ".join(words))
+        rows["image"].append(make_image(colour, rng))
+        rows["label"].append(f"{animal}_{colour}")
+    order = rng.permutation(n)
+    return {k: [v[j] for j in order] for k, v in rows.items()}
+
+
+def make_multitask_rows(n: int, seed: int, id_prefix: str = "m") -> dict[str, list]:
+    """``make_rows`` plus ``tags``, a multilabel column: the text's script (``en``/``zh``) and the
+    image's colour, so the two tasks (``label`` multiclass, ``tags`` multilabel) share both modalities."""
+    rows = make_rows(n, seed, id_prefix)
+    rows["tags"] = [
+        ["zh" if any("\u4e00" <= c <= "\u9fff" for c in text) else "en", label.split("_")[1]]
+        for text, label in zip(rows["text"], rows["label"])
+    ]
+    return rows
+
+
+def write_splits(data: dict[str, list], out_dir: str | os.PathLike, files_per_split: int = 2,
+                 schema: pa.Schema | None = None) -> dict:  # fmt: skip
+    """Writes rows (column -> values, already shuffled) as 70/15/15 ``train/``, ``val/``, ``test/`` Parquet.
+
+    Returns:
+        split name -> {"path": folder, "rows": count}.
+    """
+    rows = len(data["id"])
     n_train, n_val = int(rows * 0.7), int(rows * 0.15)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, rows)}
+    table = pa.table(data, schema=schema)
     out = {}
     for split, (lo, hi) in bounds.items():
         folder = Path(out_dir) / split
         folder.mkdir(parents=True, exist_ok=True)
-        table = pa.table({k: v[lo:hi] for k, v in data.items()}, schema=SCHEMA)
-        chunks = np.array_split(np.arange(table.num_rows), files_per_split)
-        for j, idx in enumerate(chunks):
+        part = table.slice(lo, hi - lo)
+        for j, idx in enumerate(np.array_split(np.arange(part.num_rows), files_per_split)):
             if len(idx):
-                pq.write_table(table.slice(int(idx[0]), len(idx)), folder / f"part-{j:05d}.parquet")
-        out[split] = {"path": str(folder), "rows": table.num_rows}
+                pq.write_table(part.slice(int(idx[0]), len(idx)), folder / f"part-{j:05d}.parquet")
+        out[split] = {"path": str(folder), "rows": part.num_rows}
     return out

@@ -6,14 +6,16 @@ pre-tokenizer, which isolates every CJK character, so Chinese, mixed-script and 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
 from mmray.config import StorageConfig, TextConfig
 
-__all__ = ["TextNormalizer", "load_tokenizer", "train_wordpiece"]
+__all__ = ["TextNormalizer", "load_stopwords", "load_tokenizer", "train_wordpiece"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -28,19 +30,28 @@ _SPACES = re.compile(r"\s+")
 
 
 class TextNormalizer:
-    """NFKC, whitespace cleanup, optional lowercasing and stopword removal; the same at train and score."""
+    """NFKC, whitespace cleanup, optional lowercasing and stopword removal; the same at train and score.
 
-    def __init__(self, cfg: TextConfig, storage: StorageConfig | None = None):
+    Args:
+        cfg: the ``data.text`` settings.
+        storage: where a user stopword file (``data.text.stopwords`` as a path or URI) is read from.
+        stopwords: the resolved word list, when the caller already has it (a checkpoint stores the
+            list itself, so scoring never depends on the training machine's file).
+    """
+
+    def __init__(self, cfg: TextConfig, storage: StorageConfig | None = None, stopwords: Iterable[str] | None = None):
         self.nfkc = cfg.nfkc
         self.lowercase = cfg.lowercase
-        self.stopwords = _load_stopwords(cfg.stopwords, storage)
+        words = load_stopwords(cfg.stopwords, storage) if stopwords is None else stopwords
+        self.stopwords = frozenset(w.lower() for w in words)
         # Multi-character CJK stopwords are removed by substring; longest first.
         self._cjk_stop = sorted((w for w in self.stopwords if _has_cjk(w)), key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         if self.nfkc:
             text = unicodedata.normalize("NFKC", text)
-        text = "".join(c if c.isprintable() or c.isspace() else " " for c in text)
+        if not text.isprintable():
+            text = "".join(_clean_char(c) for c in text)
         if self.lowercase:
             text = text.lower()
         if self.stopwords:
@@ -50,20 +61,40 @@ class TextNormalizer:
         return _SPACES.sub(" ", text).strip()
 
 
+def _clean_char(c: str) -> str:
+    """Whitespace and control characters -> a space; format (zero-width, BOM), surrogate, private-use
+    and unassigned code points -> dropped, as they carry no text and break some tokenizers."""
+    if c.isprintable():
+        return c
+    if c.isspace() or unicodedata.category(c) == "Cc":
+        return " "
+    return ""
+
+
 def _has_cjk(s: str) -> bool:
     return any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in s)
 
 
-def _load_stopwords(spec: str | None, storage: StorageConfig | None) -> frozenset[str]:
+def load_stopwords(spec: str | None, storage: StorageConfig | None = None) -> tuple[str, ...]:
+    """``data.text.stopwords`` -> sorted words: built-in ``en``/``zh``/``en+zh`` or a one-per-line file.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+    """
     if not spec:
-        return frozenset()
+        return ()
     names = spec.split("+")
     if all(n in _STOPWORDS for n in names):
-        return frozenset(w for n in names for w in _STOPWORDS[n])
+        return tuple(sorted({w for n in names for w in _STOPWORDS[n]}))
     from mmray.data import storage as st
 
-    text = st.read_text(spec, storage)
-    return frozenset(line.strip() for line in text.splitlines() if line.strip())
+    try:
+        text = st.read_text(spec, storage)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.text.stopwords: no stopword file at {st.redact(spec)} "
+                                f"(built-in lists: {' | '.join(sorted(_STOPWORDS))})") from None  # fmt: skip
+    words = {line.strip().lstrip("\ufeff") for line in text.splitlines()}
+    return tuple(sorted(w for w in words if w and not w.startswith("#")))
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
@@ -95,12 +126,34 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     return fast
 
 
-def load_tokenizer(name_or_dir: str, storage: StorageConfig | None = None):
-    """Loads a tokenizer from an HF hub id, a local directory or an ``s3://`` directory."""
+def load_tokenizer(name_or_dir: str | Path, storage: StorageConfig | None = None):
+    """Loads a tokenizer from an HF hub id (or its local cache), a local directory or an ``s3://`` directory.
+
+    Raises:
+        FileNotFoundError: a local or S3 directory that does not exist.
+        ValueError: anything else that cannot be loaded, naming the source.
+    """
+    from mmray.data import storage as st
+
+    name = str(name_or_dir)
+    if st.is_s3(name):
+        local = st.copy_dir_from(name, storage)
+        try:
+            return _from_pretrained(local, shown=name)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    path = os.path.expanduser(name.removeprefix("file://"))
+    if name.startswith(("/", "./", "../", "~", "file://")) and not os.path.isdir(path):
+        raise FileNotFoundError(f"no tokenizer directory at {name}")
+    return _from_pretrained(path, shown=name)
+
+
+def _from_pretrained(path: str, shown: str):
     from transformers import AutoTokenizer
 
     from mmray.data import storage as st
 
-    if st.is_s3(name_or_dir):
-        name_or_dir = st.copy_dir_from(name_or_dir, storage)
-    return AutoTokenizer.from_pretrained(name_or_dir)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # HF reports a bad id, a missing file or no network as these
+        raise ValueError(f"cannot load a tokenizer from {st.redact(shown)}: {st.redact(str(e))[:300]}") from None

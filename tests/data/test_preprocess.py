@@ -7,12 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
+from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_errors, keep_good
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
+from tests.data.corpus import encoded
 
 TASK = Task("label", "multiclass", ("cat_blue", "cat_red", "dog_blue", "dog_red"))
 
@@ -24,9 +29,9 @@ def tokenizer_files(tmp_path_factory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in Path(out).iterdir()}
 
 
-def spec(**data_kw) -> PreprocessSpec:
-    data = DataConfig(text=TextConfig(max_length=16), image=ImageConfig(size=24), **data_kw)
-    return PreprocessSpec.from_config(data, StorageConfig(), tasks=[TASK])
+def spec(store: StorageConfig | None = None, tasks=(TASK,), text: TextConfig | None = None, **data_kw) -> PreprocessSpec:
+    data = DataConfig(text=text or TextConfig(max_length=16), image=ImageConfig(size=24), **data_kw)
+    return PreprocessSpec.from_config(data, store or StorageConfig(), tasks=list(tasks))
 
 
 def batch_of(rows: dict[str, list]) -> dict[str, np.ndarray]:
@@ -54,7 +59,7 @@ def test_bad_rows_are_flagged_not_dropped(tokenizer_files):
     rows["text"][3], rows["image"][3] = None, None
     out = Preprocessor(spec(), tokenizer_files)(batch_of(rows))
     assert len(out[S.ID]) == 4
-    assert out[S.ERROR][0].startswith("undecodable image") and out[S.ERROR_COLUMN][0] == "image"
+    assert out[S.ERROR][0].startswith("unknown or unsupported image format") and out[S.ERROR_COLUMN][0] == "image"
     assert out[S.ERROR][1] == "null id" and out[S.ERROR_COLUMN][1] == "id"
     assert "not in the label map" in out[S.ERROR][2] and out[S.ERROR_STAGE][2] == "label"
     assert out[S.ERROR][3] == "both modalities missing"
@@ -79,3 +84,119 @@ def test_missing_modality_quarantine_policy(tokenizer_files):
     rows["text"][0] = None
     out = Preprocessor(spec(missing_modality="quarantine"), tokenizer_files)(batch_of(rows))
     assert out[S.ERROR][0] == "missing text" and out[S.ERROR][1] == ""
+
+
+def uri_rows(uris: list[str | None], images: list[bytes | None] | None = None) -> dict[str, list]:
+    n = len(uris)
+    return {"id": [f"u{i}" for i in range(n)], "text": ["a photo of my cat"] * n,
+            "image": images or [None] * n, "image_uri": uris, "label": ["cat_red"] * n}  # fmt: skip
+
+
+def test_images_by_local_uri_bytes_win_and_bad_uris_are_flagged(tokenizer_files, tmp_path):
+    (tmp_path / "red.png").write_bytes(encoded((200, 30, 30)))
+    blue = encoded((30, 60, 200))
+    uris = [str(tmp_path / "red.png"), f"file://{tmp_path}/red.png", str(tmp_path / "red.png"),
+            str(tmp_path / "missing.png"), "red.png", "http://example.com/x.png", str(tmp_path)]
+    rows = uri_rows(uris, images=[None, None, blue, None, None, None, None])
+    out = Preprocessor(spec(image_uri_column="image_uri"), tokenizer_files)(batch_of(rows))
+    assert list(out[S.ERROR][:3]) == ["", "", ""]
+    assert out[S.PIXELS][0, 0].mean() > 150 and out[S.PIXELS][2, 2].mean() > 150  # red by URI, blue by bytes
+    assert out[S.mask_key(S.IMAGE)][:3].tolist() == [1.0, 1.0, 1.0]
+    assert out[S.ERROR][3] == f"image not found: {tmp_path}/missing.png"
+    assert out[S.ERROR][4].startswith("relative image path 'red.png'")
+    assert "unsupported URI scheme" in out[S.ERROR][5]
+    assert out[S.ERROR][6].startswith("image fetch failed")
+    assert set(out[S.ERROR_COLUMN][3:]) == {"image_uri"} and set(out[S.ERROR_STAGE][3:]) == {"preprocess"}
+
+
+def test_images_by_s3_uri(tokenizer_files, s3_server, s3_bucket):
+    store = StorageConfig(s3_endpoint_url=s3_server)
+    storage.write_bytes(f"s3://{s3_bucket}/img/red.png", encoded((200, 30, 30)), store)
+    rows = uri_rows([f"s3://{s3_bucket}/img/red.png", f"s3://{s3_bucket}/img/nope.png", f"s3://{s3_bucket}-x/a.png"])
+    pre = Preprocessor(spec(store, image_column=None, image_uri_column="image_uri"), tokenizer_files, fetch_threads=2)
+    out = pre(batch_of({k: v for k, v in rows.items() if k != "image"}))
+    assert out[S.ERROR][0] == "" and out[S.PIXELS][0, 0].mean() > 150
+    assert out[S.ERROR][1] == f"image not found: s3://{s3_bucket}/img/nope.png"
+    assert out[S.ERROR][2].startswith("image not found")  # no such bucket
+
+
+def test_label_kinds_and_bad_labels_are_flagged(tokenizer_files):
+    tasks = [Task("tags", "multilabel", ("a", "b", "c")), Task("score", "regression")]
+    rows = make_rows(4, seed=6)
+    rows.pop("label")
+    rows["tags"] = [["a", "c"], "a", ["a", "zzz"], []]
+    rows["score"] = [0.5, 1.0, 2.0, "high"]
+    batch = batch_of(rows)
+    batch["tags"] = np.empty(4, dtype=object)  # Ray hands list cells over as arrays
+    for i, v in enumerate(rows["tags"]):
+        batch["tags"][i] = np.array(v, dtype=object) if isinstance(v, list) else v
+    out = Preprocessor(spec(tasks=tasks), tokenizer_files)(batch)
+    assert out[S.ERROR][0] == "" and out[S.label_key("tags")][0].tolist() == [1.0, 0.0, 1.0]
+    assert out[S.label_key("score")][0] == pytest.approx(0.5)
+    assert "is not a list of labels" in out[S.ERROR][1]
+    assert "'zzz' in column 'tags' is not in the label map" in out[S.ERROR][2]
+    assert "'high' in column 'score' is not a number" in out[S.ERROR][3] and out[S.ERROR_STAGE][3] == "label"
+
+
+class _PickyTokenizer:
+    """Wraps a tokenizer and rejects any batch containing "BOOM", as a broken tokenizer might."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, texts, **kw):
+        if any("BOOM" in t for t in texts):
+            raise ValueError("cannot tokenize BOOM")
+        return self.inner(texts, **kw)
+
+
+def test_a_row_the_tokenizer_rejects_is_quarantined_alone(tokenizer_files):
+    rows = make_rows(3, seed=7)
+    rows["text"][1] = "BOOM goes the cat"
+    pre = Preprocessor(spec(), tokenizer_files)
+    expected = pre(batch_of(make_rows(3, seed=7)))
+    pre.tokenizer = _PickyTokenizer(pre.tokenizer)
+    out = pre(batch_of(rows))
+    assert list(out[S.ERROR]) == ["", "tokenizer failed: ValueError: cannot tokenize BOOM", ""]
+    assert out[S.ERROR_STAGE][1] == "tokenize" and out[S.mask_key(S.TEXT)][1] == 0.0
+    for i in (0, 2):
+        assert out[S.INPUT_IDS][i].tolist() == expected[S.INPUT_IDS][i].tolist()
+
+
+def test_stopwords_are_resolved_into_the_spec_and_survive_a_round_trip(tmp_path, tokenizer_files):
+    words = tmp_path / "stop.txt"
+    words.write_text("\ufeffphoto\n# a comment\nmy\n\n")
+    s = spec(text=TextConfig(max_length=16, stopwords=str(words)))
+    assert s.stopword_list == ("my", "photo")
+    words.unlink()  # scoring must not need the file any more
+    restored = PreprocessSpec.from_dict(s.to_dict(), storage=StorageConfig())
+    assert restored == s and "storage" not in s.to_dict()
+    pre = Preprocessor(restored, tokenizer_files)
+    assert pre.normalize_text("A photo of my cat") == "A of cat"
+
+
+ids = st.one_of(st.none(), st.text(max_size=8), st.integers())
+texts = st.one_of(st.none(), st.text(max_size=60))
+images = st.one_of(st.none(), st.binary(max_size=64), st.sampled_from([encoded((200, 30, 30)), encoded((0, 0, 0), "JPEG")]))
+labels = st.one_of(st.none(), st.sampled_from(list(TASK.classes) + ["unicorn", ""]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(ids, texts, images, labels), min_size=1, max_size=12))
+def test_random_rows_never_crash_and_every_row_is_accounted_for(tokenizer_files, rows):
+    batch = {}
+    for key, values in zip(("id", "text", "image", "label"), zip(*rows)):
+        batch[key] = np.empty(len(values), dtype=object)
+        batch[key][:] = values
+    out = Preprocessor(spec(), tokenizer_files)(batch)
+    n = len(rows)
+    assert all(len(v) == n for v in out.values())
+    good, bad = keep_good(out), keep_errors(out)
+    assert len(good[S.ID]) + len(bad["id"]) == n
+    for i, (raw_id, text, image, label) in enumerate(rows):
+        if out[S.ERROR][i] == "":
+            assert out[S.ID][i] == str(raw_id) and label in TASK.classes
+            assert out[S.mask_key(S.TEXT)][i] + out[S.mask_key(S.IMAGE)][i] >= 1.0
+            assert (out[S.ATTENTION_MASK][i].sum() > 2) == (out[S.mask_key(S.TEXT)][i] == 1.0)
+        else:
+            assert out[S.ERROR_STAGE][i] in ("preprocess", "label", "tokenize") and len(out[S.ERROR][i]) <= 240

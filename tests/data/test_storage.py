@@ -1,0 +1,161 @@
+"""storage: one resolver for local paths and s3:// (against a real S3 API server), retries, redaction."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from mmray.config import ConfigError, StorageConfig, config_from_dict
+from mmray.data import storage
+
+SECRET = "s3cr3t-Never-Print-Me-7f2a"
+
+
+@pytest.fixture
+def s3(s3_server, s3_bucket) -> tuple[StorageConfig, str]:
+    return StorageConfig(s3_endpoint_url=s3_server), f"s3://{s3_bucket}"
+
+
+def test_resolve_local_paths(tmp_path):
+    fs, path = storage.resolve(f"file://{tmp_path}/x.parquet")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/x.parquet"
+    assert storage.resolve("~/x")[1] == os.path.expanduser("~/x")
+    assert storage.resolve("rel/x")[1] == os.path.abspath("rel/x")
+
+
+def test_resolve_s3_is_scheme_less_and_reuses_one_client(s3):
+    store, bucket = s3
+    fs, path = storage.resolve(f"{bucket}/a/b/", store)
+    assert isinstance(fs, pafs.S3FileSystem) and path == f"{bucket[5:]}/a/b"
+    assert storage.resolve(f"{bucket}/other", store)[0] is fs
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("gs://bucket/x", "unsupported URI scheme"),
+    ("s3://", "without a bucket"),
+    ("", "expected a local path or s3:// URI"),
+])  # fmt: skip
+def test_resolve_rejects_bad_uris(uri, message):
+    with pytest.raises(ValueError, match=message):
+        storage.resolve(uri)
+
+
+def test_credentials_in_a_uri_are_refused_and_never_echoed():
+    with pytest.raises(ValueError) as e:
+        storage.resolve(f"s3://AKIAEXAMPLE:{SECRET}@bucket/data")
+    assert SECRET not in str(e.value) and "must not embed credentials" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        storage.resolve("s3://bucket/x", StorageConfig(s3_endpoint_url=f"http://user:{SECRET}@minio:9000"))
+    assert SECRET not in str(e.value)
+
+
+def test_config_refuses_credentials_in_the_endpoint():
+    with pytest.raises(ConfigError, match="storage.s3_endpoint_url") as e:
+        config_from_dict({"storage": {"s3_endpoint_url": f"https://key:{SECRET}@s3.example.com"}})
+    assert SECRET not in str(e.value)
+
+
+def test_redact_scrubs_credential_env_values_and_userinfo(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    text = storage.redact(f"failed with key {SECRET} at https://u:{SECRET}@host/x and s3://id:pw@b/k")
+    assert SECRET not in text and "pw" not in text
+    assert "https://***@host/x" in text and "s3://***@b/k" in text
+
+
+def test_pickled_s3_filesystem_carries_no_credentials(monkeypatch, s3):
+    # Ray pickles the filesystem into every read task and into Train's run state.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    store, bucket = s3
+    fs, _ = storage.resolve(bucket, store)
+    assert SECRET.encode() not in pickle.dumps(fs)
+
+
+def test_s3_round_trip_and_listing(s3, tmp_path):
+    store, bucket = s3
+    storage.write_text(f"{bucket}/d/note.txt", "héllo 猫", store)
+    assert storage.read_text(f"{bucket}/d/note.txt", store) == "héllo 猫"
+    assert storage.exists(f"{bucket}/d/note.txt", store) and not storage.exists(f"{bucket}/d/nope", store)
+    table = pa.table({"x": [1, 2]})
+    fs, root = storage.resolve(f"{bucket}/data", store)
+    for rel in ("part-0.parquet", "sub/part-1.parquet", "_SUCCESS", ".hidden/part-2.parquet", "notes.txt",
+                "_staging/part-3.parquet"):  # fmt: skip
+        with fs.open_output_stream(f"{root}/{rel}") as f:
+            pq.write_table(table, f)
+    found = storage.list_parquet_files(f"{bucket}/data", store)
+    assert found == [f"{root}/part-0.parquet", f"{root}/sub/part-1.parquet"]
+    assert storage.list_parquet_files(f"{bucket}/data/sub/*.parquet", store) == [f"{root}/sub/part-1.parquet"]
+    assert storage.list_parquet_files(f"{bucket}/data/part-0.parquet", store) == [f"{root}/part-0.parquet"]
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/missing"):
+        storage.list_parquet_files(f"{bucket}/missing", store)
+
+
+def test_copy_dir_round_trip_through_s3(s3, tmp_path):
+    store, bucket = s3
+    (tmp_path / "src" / "nested").mkdir(parents=True)
+    (tmp_path / "src" / "a.json").write_text("{}")
+    (tmp_path / "src" / "nested" / "b.bin").write_bytes(b"\x00\x01")
+    storage.copy_dir_to(tmp_path / "src", f"{bucket}/tok", store)
+    local = storage.copy_dir_from(f"{bucket}/tok", store)
+    assert open(os.path.join(local, "a.json")).read() == "{}"
+    assert open(os.path.join(local, "nested", "b.bin"), "rb").read() == b"\x00\x01"
+    with pytest.raises(FileNotFoundError):
+        storage.copy_dir_from(f"{bucket}/nothing-here", store)
+
+
+def test_fetch_bytes_reads_local_and_s3_objects(s3, tmp_path):
+    store, bucket = s3
+    storage.write_bytes(f"{bucket}/img/a.png", b"pixels", store)
+    (tmp_path / "b.png").write_bytes(b"local")
+    assert storage.fetch_bytes(f"{bucket}/img/a.png", store) == b"pixels"
+    assert storage.fetch_bytes(str(tmp_path / "b.png")) == b"local"
+    with pytest.raises(FileNotFoundError):
+        storage.fetch_bytes(f"{bucket}/img/missing.png", store)
+    with pytest.raises(ValueError, match="larger than 3 bytes"):
+        storage.fetch_bytes(f"{bucket}/img/a.png", store, max_bytes=3)
+
+
+class _Flaky:
+    """Stands in for ``storage.read_bytes``: fails with ``error`` ``failures`` times, then succeeds."""
+
+    def __init__(self, error: Exception, failures: int):
+        self.error, self.failures, self.calls = error, failures, 0
+
+    def __call__(self, uri, store=None, max_bytes=None) -> bytes:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return b"ok"
+
+
+def test_fetch_bytes_retries_transient_s3_errors(monkeypatch):
+    flaky = _Flaky(OSError("AWS Error SLOW_DOWN during GetObject operation: please reduce your request rate"), 2)
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    assert storage.fetch_bytes("s3://b/k", attempts=3, backoff_s=0) == b"ok"
+    assert flaky.calls == 3
+
+
+def test_fetch_bytes_gives_up_after_attempts_with_a_redacted_error(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    flaky = _Flaky(OSError(f"AWS Error NETWORK_CONNECTION (signed with {SECRET})"), 5)
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    with pytest.raises(OSError) as e:
+        storage.fetch_bytes("s3://b/k", attempts=3, backoff_s=0)
+    assert flaky.calls == 3 and "NETWORK_CONNECTION" in str(e.value) and SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize("error", [
+    FileNotFoundError("Path does not exist 'b/k'"),
+    OSError("AWS Error ACCESS_DENIED during GetObject operation"),
+    PermissionError("denied"),
+])  # fmt: skip
+def test_fetch_bytes_does_not_retry_permanent_errors(monkeypatch, error):
+    flaky = _Flaky(error, 5)
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    with pytest.raises(type(error)):
+        storage.fetch_bytes("s3://b/k", attempts=3, backoff_s=0)
+    assert flaky.calls == 1

@@ -1,0 +1,106 @@
+"""Bad input end to end through the real CLI: every broken kind is quarantined with its reason, the
+counts reconcile in the final JSON line, metrics and the scoring marker, and mostly-garbage input
+aborts with a clear error after the quarantine was written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from tests.data.corpus import KEPT_PARTIAL, NULL_ID, QUARANTINED, UNKNOWN_LABEL, make_corpus
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.integration
+
+FAST = ["train.epochs=2", "train.num_workers=1", "data.image_uri_column=image_uri"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad")
+    return {
+        "root": root,
+        "train": make_corpus(root / "train", good=160, seed=1),
+        "val": make_corpus(root / "val", good=100, seed=2, unknown_label=True),
+        "test": make_corpus(root / "test", good=80, seed=3, with_labels=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, ray_address) -> dict:
+    proc = run_cli(["train", "--config", "configs/demo.yaml", f"data.train={corpus['train']['path']}",
+                    f"data.val={corpus['val']['path']}", f"train.storage_path={corpus['root'] / 'runs'}", *FAST],
+                   ray_address)  # fmt: skip
+    return proc.json
+
+
+def _records(path: Path | str) -> dict:
+    table = pads.dataset(str(path), format="parquet").to_table()
+    assert table.column_names == ["id", "stage", "column", "error"]
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def _assert_quarantine(records: dict, extra: dict) -> None:
+    expected = {**QUARANTINED, **extra}
+    assert set(records) == set(expected) | {None}, "every broken row, and nothing else, is quarantined"
+    for row_id, (stage, column, reason) in expected.items():
+        got = records[row_id]
+        assert (got["stage"], got["column"]) == (stage, column), got
+        assert got["error"].startswith(reason), got
+    _, stage, column, reason = NULL_ID
+    assert (records[None]["stage"], records[None]["column"], records[None]["error"]) == (stage, column, reason)
+
+
+def test_training_quarantines_every_broken_kind_and_counts_reconcile(trained, corpus):
+    data = trained["metrics"]["data"]
+    for split in ("train", "val"):
+        counts, made = data[split], corpus[split]
+        assert counts["rows_in"] == made["rows"]
+        assert counts["rows_quarantined"] == made["bad"]
+        assert counts["rows_used"] + counts["rows_quarantined"] == counts["rows_in"]
+    run_dir = Path(trained["run_dir"])
+    assert json.loads((run_dir / "metrics.json").read_text())["data"] == data
+    _assert_quarantine(_records(run_dir / "quarantine" / "train.parquet"), {})
+    unknown = {UNKNOWN_LABEL[0]: UNKNOWN_LABEL[1:]}
+    _assert_quarantine(_records(run_dir / "quarantine" / "val.parquet"), unknown)
+
+
+def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, ray_address):
+    out = corpus["root"] / "preds"
+    test = corpus["test"]
+    res = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", test["path"], "--output", str(out)],
+                  ray_address).json  # the image URI column comes from the checkpoint
+    assert res["rows_in"] == test["rows"]
+    assert res["rows_quarantined"] == test["bad"]
+    assert res["rows_scored"] + res["rows_quarantined"] == res["rows_in"]
+    scored = pads.dataset(str(out), format="parquet").to_table(columns=["id", "prediction"]).to_pylist()
+    assert sorted(r["id"] for r in scored) == sorted(test["good_ids"])  # partial rows too: by mask
+    assert set(KEPT_PARTIAL) <= {r["id"] for r in scored}
+    quarantine = {k: v for k, v in QUARANTINED.items() if k != "bad-null-label"}
+    records = {r["id"]: r for r in pq.read_table(out / "_quarantine").to_pylist()}
+    assert set(records) == set(quarantine) | {None}
+    for row_id, (stage, column, reason) in quarantine.items():
+        assert (records[row_id]["stage"], records[row_id]["column"]) == (stage, column)
+        assert records[row_id]["error"].startswith(reason)
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert (success["rows_in"], success["rows_quarantined"]) == (res["rows_in"], res["rows_quarantined"])
+
+
+def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address, tmp_path):
+    garbage = make_corpus(tmp_path / "garbage", good=4, seed=4)
+    runs = tmp_path / "runs"
+    proc = run_cli(["train", "--config", "configs/demo.yaml", f"data.train={garbage['path']}",
+                    f"data.val={corpus['val']['path']}", f"train.storage_path={runs}", "train.name=garbage", *FAST],
+                   ray_address, check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "data.max_bad_fraction=0.1" in message and f"{garbage['bad']} of {garbage['rows']} rows" in message
+    assert "most common:" in message
+    where = runs / "garbage" / "quarantine" / "train.parquet"
+    assert str(where) in message
+    assert pq.read_table(where).num_rows == garbage["bad"]
