@@ -1,42 +1,90 @@
 """The one builder: config + tasks -> ``FusionClassifier``. Owns hyperparameters, derives dimensions.
 
-``build_model`` is used both for training (pretrained weights may be loaded) and for scoring, where
-the checkpoint supplies every weight and ``pretrained=False`` builds the bare architecture.
+``build_model`` is used both for training (pretrained weights are loaded) and for scoring, where the
+checkpoint supplies every weight: given ``checkpoint_dir``, pretrained encoders are built bare from
+the architecture files ``save_architecture`` wrote there, so scoring never downloads anything.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from torch import nn
 
-from mmray.config import ImageConfig, ModelConfig, TextConfig
+from mmray.checkpoint import ARCHITECTURE_DIR
+from mmray.config import ImageConfig, ModelConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.models.classifier import FusionClassifier
 from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
-from mmray.models.fusion import FUSIONS
+from mmray.models.freeze import apply_freeze
+from mmray.models.fusion import BilinearFusion, ConcatFusion, CrossAttentionFusion, GatedFusion, LateFusion
 
-__all__ = ["build_model"]
+__all__ = ["build_fusion", "build_image_encoder", "build_model", "build_text_encoder",
+           "save_architecture"]  # fmt: skip
+
+def _architecture(checkpoint_dir: str | None, modality: str) -> str | None:
+    return os.path.join(checkpoint_dir, ARCHITECTURE_DIR, modality) if checkpoint_dir else None
 
 
 def build_text_encoder(
-    cfg: ModelConfig, text: TextConfig, vocab_size: int, checkpoint_dir: str | None = None
-) -> nn.Module:
+    cfg: ModelConfig, text: TextConfig, vocab_size: int, checkpoint_dir: str | None = None,
+    storage: StorageConfig | None = None,
+) -> nn.Module:  # fmt: skip
     enc = cfg.text_encoder
     if enc.kind == "tiny":
-        return TinyTextEncoder(vocab_size, enc.dim, enc.layers, enc.heads, text.max_length, enc.pooling)
-    raise ValueError(f"model.text_encoder.kind: unsupported {enc.kind!r}")
+        module = TinyTextEncoder(vocab_size, enc.dim, enc.layers, enc.heads, text.max_length, enc.pooling)
+    elif enc.kind == "hf":
+        from mmray.models.hf import HFTextEncoder, load_hf_model
+
+        module = HFTextEncoder(load_hf_model(enc.name, storage, _architecture(checkpoint_dir, S.TEXT)), enc.pooling)
+        limit = getattr(module.model.config, "max_position_embeddings", None)
+        if limit is not None and text.max_length > limit:
+            raise ValueError(f"data.text.max_length: {text.max_length} exceeds the {limit} positions of {enc.name}")
+    else:
+        raise ValueError(f"model.text_encoder.kind: unsupported {enc.kind!r}")
+    apply_freeze(module, module.block_list(), enc.freeze, "model.text_encoder.freeze")
+    return module
 
 
-def build_image_encoder(cfg: ModelConfig, checkpoint_dir: str | None = None) -> nn.Module:
+def build_image_encoder(
+    cfg: ModelConfig, image: ImageConfig, checkpoint_dir: str | None = None, storage: StorageConfig | None = None
+) -> nn.Module:
     enc = cfg.image_encoder
     if enc.kind == "tiny":
-        return TinyImageEncoder(enc.dim)
-    raise ValueError(f"model.image_encoder.kind: unsupported {enc.kind!r}")
+        module = TinyImageEncoder(enc.dim)
+    elif enc.kind == "torchvision":
+        from mmray.models.vision import build_torchvision_encoder
+
+        # From a checkpoint the architecture is the name alone; its weights come from the checkpoint.
+        weights = None if checkpoint_dir else enc.weights
+        module = build_torchvision_encoder(enc.name, image.size, weights, storage)
+    else:
+        raise ValueError(f"model.image_encoder.kind: unsupported {enc.kind!r}")
+    apply_freeze(module, module.block_list(), enc.freeze, "model.image_encoder.freeze")
+    return module
+
+
+def build_fusion(cfg: ModelConfig, encoders: nn.ModuleDict) -> nn.Module:
+    """The fusion named by ``cfg.fusion``, its input sizes taken from the encoders."""
+    dims = {m: e.out_dim for m, e in encoders.items()}
+    if cfg.fusion == "concat":
+        return ConcatFusion(dims, cfg.hidden_dim, cfg.dropout)
+    if cfg.fusion == "gated":
+        return GatedFusion(dims, cfg.hidden_dim, cfg.dropout)
+    if cfg.fusion == "bilinear":
+        return BilinearFusion(dims, cfg.hidden_dim, cfg.fusion_rank, cfg.dropout)
+    if cfg.fusion == "late":
+        return LateFusion(dims, cfg.hidden_dim, cfg.dropout)
+    if cfg.fusion == "cross_attention":
+        token_dims = {m: e.token_dim for m, e in encoders.items()}
+        return CrossAttentionFusion(token_dims, cfg.hidden_dim, cfg.fusion_layers, cfg.fusion_heads, cfg.dropout)
+    raise ValueError(f"model.fusion: unsupported {cfg.fusion!r}")
 
 
 def _head(in_dim: int, task: Task) -> nn.Module:
+    # Linear on purpose: LateFusion relies on it (a head of a weighted average = average of logits).
     return nn.Linear(in_dim, task.out_dim)
 
 
@@ -47,29 +95,38 @@ def build_model(
     tasks: Sequence[Task],
     vocab_size: int,
     checkpoint_dir: str | None = None,
+    storage: StorageConfig | None = None,
 ) -> FusionClassifier:
     """Assembles encoders, fusion and heads.
 
     Args:
         cfg: the ``model`` config section.
-        text, image: preprocessing settings the model depends on (max length; pixel mean/std).
+        text, image: preprocessing settings the model depends on (max length; image size, pixel mean/std).
         tasks: one head per task, output sizes from each task's label map.
-        vocab_size: size of the tokenizer's vocabulary.
+        vocab_size: size of the tokenizer's vocabulary (tiny text encoder).
         checkpoint_dir: when rebuilding from a checkpoint, pretrained encoders are built bare from the
             architecture files stored there (weights come from the checkpoint, nothing is downloaded).
+        storage: S3 endpoint/region for ``s3://`` model directories and weight files.
     """
     encoders = nn.ModuleDict(
         {
-            S.TEXT: build_text_encoder(cfg, text, vocab_size, checkpoint_dir),
-            S.IMAGE: build_image_encoder(cfg, checkpoint_dir),
+            S.TEXT: build_text_encoder(cfg, text, vocab_size, checkpoint_dir, storage),
+            S.IMAGE: build_image_encoder(cfg, image, checkpoint_dir, storage),
         }
     )
-    in_dims = {m: e.out_dim for m, e in encoders.items()}
-    fusion = FUSIONS[cfg.fusion](in_dims, cfg.hidden_dim, cfg.dropout)
+    fusion = build_fusion(cfg, encoders)
     heads = nn.ModuleDict({t.name: _head(fusion.out_dim, t) for t in tasks})
     aux = nn.ModuleDict()
     if cfg.aux_loss_weight > 0:
         aux = nn.ModuleDict(
-            {m: nn.ModuleDict({t.name: _head(d, t) for t in tasks}) for m, d in sorted(in_dims.items())}
+            {m: nn.ModuleDict({t.name: _head(e.out_dim, t) for t in tasks}) for m, e in sorted(encoders.items())}
         )
-    return FusionClassifier(encoders, fusion, heads, aux, image.mean, image.std, cfg.modality_dropout)
+    model = FusionClassifier(encoders, fusion, heads, aux, image.mean, image.std, cfg.modality_dropout)
+    return model.train()  # applies FrozenEvalMixin: frozen encoder parts stay in eval mode
+
+
+def save_architecture(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Writes what rebuilds each pretrained encoder without its source (e.g. an HF ``config.json``)."""
+    for modality, encoder in model.encoders.items():
+        if hasattr(encoder, "save_architecture"):
+            encoder.save_architecture(os.path.join(directory, ARCHITECTURE_DIR, modality))

@@ -2,7 +2,11 @@
 
 Mirrors torchmultimodal's ``LateFusion``: the model knows nothing about config; ``builder.py`` does.
 Optional auxiliary unimodal heads (one per modality and task) read each encoder's pooled output; their
-losses (gradient blending, Wang et al. 2020) keep the weaker modality's encoder learning.
+losses (gradient blending, Wang et al. 2020) keep the weaker modality's encoder learning when the
+fused head alone would lean on the easier modality.
+
+``forward`` = ``encode`` (run every encoder once) + ``masks`` + ``predict`` (fusion + heads), so a
+modality ablation re-runs only ``predict`` with other masks (``mmray.evaluate``).
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from torch import Tensor, nn
 
 from mmray.data import schema as S
 from mmray.data.image import normalize
+from mmray.models.encoders import Encoded
 
 __all__ = ["FusionClassifier", "ModelOutput"]
 
-ModelOutput = dict[str, dict]  # {"logits": {task: Tensor}, "aux": {modality: {task: Tensor}}}
+ModelOutput = dict[str, dict]  # {"logits": {task: T}, "aux": {modality: {task: T}}, "masks": {modality: T}}
 
 
 class FusionClassifier(nn.Module):
@@ -48,6 +53,7 @@ class FusionClassifier(nn.Module):
         self.modality_dropout = modality_dropout
 
     def masks(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Modality presence per row (1/0) from the batch; with modality dropout while training."""
         ref = batch[S.INPUT_IDS] if S.INPUT_IDS in batch else batch[S.PIXELS]
         ones = torch.ones(ref.shape[0], device=ref.device)
         masks = {m: batch.get(S.mask_key(m), ones).float() for m in sorted(self.encoders)}
@@ -65,15 +71,22 @@ class FusionClassifier(nn.Module):
         kept = kept * (1 - empty) + present * empty
         return {k: kept[:, i] for i, k in enumerate(keys)}
 
-    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, Encoded]:
+        """Every encoder's output (uint8 pixels are normalised here, on the batch's device)."""
         if S.PIXELS in batch and batch[S.PIXELS].dtype == torch.uint8:
             batch = {**batch, S.PIXELS: normalize(batch[S.PIXELS], self.pixel_mean, self.pixel_std)}
-        masks = self.masks(batch)
-        features = {m: self.encoders[m](batch) for m in sorted(self.encoders)}
+        return {m: self.encoders[m](batch) for m in sorted(self.encoders)}
+
+    def predict(self, features: dict[str, Encoded], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Task logits from encoder outputs and modality masks (fusion + heads)."""
         fused = self.fusion(features, masks)
-        logits = {task: head(fused) for task, head in self.heads.items()}
-        aux = {
-            m: {task: head(features[m].pooled) for task, head in self.aux_heads[m].items()}
-            for m in sorted(self.aux_heads)
-        }
-        return {"logits": logits, "aux": aux, "masks": masks}
+        return {task: head(fused) for task, head in self.heads.items()}
+
+    def aux_logits(self, features: dict[str, Encoded]) -> dict[str, dict[str, Tensor]]:
+        """Unimodal logits: modality -> task -> logits from that encoder's pooled vector alone."""
+        return {m: {t: head(features[m].pooled) for t, head in self.aux_heads[m].items()} for m in sorted(self.aux_heads)}
+
+    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        features = self.encode(batch)
+        masks = self.masks(batch)
+        return {"logits": self.predict(features, masks), "aux": self.aux_logits(features), "masks": masks}

@@ -1,7 +1,9 @@
 """Modality encoders. Each maps the batch to an ``Encoded`` (pooled vector + token/patch grid).
 
-Contract: ``encoder(batch) -> Encoded`` and an ``out_dim`` attribute, so builders derive the fusion's
-input sizes from the encoders instead of asking the user.
+Contract: ``encoder(batch) -> Encoded``, an ``out_dim`` (pooled width) and a ``token_dim`` (token
+width) attribute, so builders derive fusion input sizes from the encoders instead of asking the user,
+and ``block_list()`` (repeated units in forward order) for ``freeze: N``. Pretrained encoders live in
+``hf.py`` (text) and ``vision.py`` (image).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from mmray.data import schema as S
+from mmray.models.freeze import FrozenEvalMixin
 
 __all__ = ["Encoded", "TinyImageEncoder", "TinyTextEncoder", "masked_mean"]
 
 
 class Encoded(NamedTuple):
-    pooled: Tensor  # [B, D]
-    tokens: Tensor  # [B, T, D]: text tokens or image grid/patches, for cross-attention
+    pooled: Tensor  # [B, out_dim]
+    tokens: Tensor  # [B, T, token_dim]: text tokens or image grid/patches, for cross-attention
     token_mask: Tensor  # [B, T] bool, True where a token is real
 
 
@@ -27,36 +30,51 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class TinyTextEncoder(nn.Module):
+def keep_one_key(mask: Tensor) -> Tensor:
+    """Rows without any token have an all-False mask; attending to nothing gives NaN, so keep the
+    first position visible. Outputs of such rows are discarded downstream (modality mask 0)."""
+    safe = mask.clone()
+    safe[:, 0] = True
+    return safe
+
+
+class TinyTextEncoder(FrozenEvalMixin, nn.Module):
     """Embedding + small Transformer encoder, mean or CLS pooled. For tests, demos and small data."""
 
     def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_length: int, pooling: str):
         super().__init__()
-        self.out_dim, self.pooling = dim, pooling
+        self.out_dim = self.token_dim = dim
+        self.pooling = pooling
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.position = nn.Embedding(max_length, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
+        # BERT's init: nn.Embedding's default N(0, 1) drowns a sentence's few informative tokens in
+        # positional and filler noise that AdamW (steps ~lr) takes thousands of updates to shrink.
+        for emb in (self.embed, self.position):
+            nn.init.normal_(emb.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()  # padding
+
+    def block_list(self) -> list[nn.Module]:
+        return list(self.blocks.layers)
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
         ids, mask = batch[S.INPUT_IDS], batch[S.ATTENTION_MASK].bool()
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.embed(ids) + self.position(pos)
-        # Rows without any text have an all-False mask; keep one key so attention stays finite.
-        safe = mask.clone()
-        safe[:, 0] = True
-        x = self.norm(self.blocks(x, src_key_padding_mask=~safe))
+        x = self.norm(self.blocks(x, src_key_padding_mask=~keep_one_key(mask)))
         pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
         return Encoded(pooled, x, mask)
 
 
-class TinyImageEncoder(nn.Module):
+class TinyImageEncoder(FrozenEvalMixin, nn.Module):
     """Three conv blocks; the last feature map is the grid, its average the pooled vector."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.out_dim = dim
+        self.out_dim = self.token_dim = dim
         chans = [3, dim // 4, dim // 2, dim]
 
         def block(i: int) -> nn.Sequential:
@@ -66,6 +84,9 @@ class TinyImageEncoder(nn.Module):
             )  # fmt: skip
 
         self.features = nn.Sequential(*(block(i) for i in range(3)))
+
+    def block_list(self) -> list[nn.Module]:
+        return list(self.features)
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
         grid = self.features(batch[S.PIXELS])  # [B, D, h, w]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmray.config import ImageConfig, ModelConfig, TextConfig, TextEncoderConfig, ImageEncoderConfig
@@ -53,3 +54,52 @@ def test_deterministic_under_a_seed():
     torch.manual_seed(0)
     b = tiny_model().eval()(tiny_batch())["logits"]["label"]
     assert torch.equal(a, b)
+
+
+def pretrained_cfg(tiny_bert_dir: str, weights: str | None = None, fusion: str = "concat") -> ModelConfig:
+    text = TextEncoderConfig(kind="hf", name=tiny_bert_dir, freeze=1)
+    image = ImageEncoderConfig(kind="torchvision", name="mobilenet_v3_small", weights=weights)
+    return ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, text_encoder=text, image_encoder=image)
+
+
+def test_pretrained_encoders_give_the_fusion_its_sizes(tiny_bert_dir, seed):
+    model = build_model(pretrained_cfg(tiny_bert_dir), TextConfig(max_length=8), ImageConfig(size=32), TASKS, vocab_size=60)
+    assert model.fusion.mlp[0].in_features == 16 + 1024  # BERT hidden + MobileNetV3's pooled width
+    xattn = build_model(pretrained_cfg(tiny_bert_dir, fusion="cross_attention"), TextConfig(max_length=8),
+                        ImageConfig(size=32), TASKS, vocab_size=60)  # fmt: skip
+    assert {m: p.in_features for m, p in xattn.fusion.proj.items()} == {S.TEXT: 16, S.IMAGE: 576}  # token widths
+    assert xattn.aux_heads[S.IMAGE]["label"].in_features == 1024
+
+
+def test_checkpoint_rebuilds_pretrained_encoders_without_their_sources(tiny_bert_dir, tmp_path, seed):
+    """Scoring needs neither the HF model directory nor the image weights file: the checkpoint has both."""
+    import json
+    import shutil
+
+    import torchvision
+
+    from mmray.checkpoint import load_model, save_checkpoint
+    from mmray.data.preprocess import PreprocessSpec
+
+    bert = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, bert)
+    weights = tmp_path / "mnv3.pt"
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", weights=None).state_dict(), weights)
+    cfg = pretrained_cfg(str(bert), weights=str(weights))
+    text, image = TextConfig(max_length=8), ImageConfig(size=32)
+    model = build_model(cfg, text, image, TASKS, 60).eval()
+    spec = PreprocessSpec(tasks=tuple(TASKS), text=text, image=image)
+    save_checkpoint(tmp_path / "ckpt", model, cfg, spec.to_dict(), TASKS, 60, {}, 0, {})
+    shutil.rmtree(bert)
+    weights.unlink()
+    assert json.loads((tmp_path / "ckpt" / "architecture" / "text" / "config.json").read_text())["hidden_size"] == 16
+    rebuilt = load_model(tmp_path / "ckpt")
+    batch = tiny_batch(size=32)
+    with torch.no_grad():
+        for task, logits in model(batch)["logits"].items():
+            torch.testing.assert_close(rebuilt(batch)["logits"][task], logits)
+
+
+def test_text_longer_than_the_pretrained_positions_names_the_key(tiny_bert_dir):
+    with pytest.raises(ValueError, match=r"data\.text\.max_length: 64 exceeds the 32 positions"):
+        build_model(pretrained_cfg(tiny_bert_dir), TextConfig(max_length=64), ImageConfig(size=32), TASKS, 60)

@@ -1,0 +1,193 @@
+"""``mmray evaluate``: metrics of a checkpoint on labelled Parquet, for the full model AND with each
+modality masked, so a user sees how much each modality contributes.
+
+Variants (each with training's metrics: ``loss``, ``accuracy``, ``macro_f1``, ``auroc``, ``mae`` ...):
+    full           the model as trained
+    text_masked    every row's text marked missing (the fusion's "missing text" path)
+    image_masked   every row's image marked missing
+    unimodal.<m>   the auxiliary unimodal head of modality m on the rows that have m (when the model
+                   has auxiliary heads): how well that encoder alone learned the task
+
+Encoders run once per batch; only fusion and heads re-run per variant. The masked variants are
+most meaningful for models trained with ``model.modality_dropout > 0`` (they then know how to
+predict from one modality). Metric sums (``MetricAccumulator`` state) are computed per batch in an
+actor pool and added on the driver, so the result equals a single-process evaluation.
+
+Example:
+    mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+
+from mmray.checkpoint import TOKENIZER_DIR, load_info, load_model
+from mmray.config import Config, ModelConfig, StorageConfig
+from mmray.data import pipeline
+from mmray.data import schema as S
+from mmray.data.labels import Task
+from mmray.data.preprocess import PreprocessSpec
+from mmray.metrics import MetricAccumulator, per_row_loss
+
+__all__ = ["AblationEvaluator", "VARIANTS", "run_evaluation", "summarize", "variant_masks", "variant_names"]
+
+VARIANTS = ("full", "text_masked", "image_masked")
+_MASKED = {"text_masked": S.TEXT, "image_masked": S.IMAGE}
+_INPUT_KEYS = (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
+_MAX_QUARANTINE_SAMPLES = 20
+
+
+def variant_masks(masks: dict[str, torch.Tensor], variant: str) -> dict[str, torch.Tensor]:
+    """The modality masks of an ablation variant: the named modality marked missing on every row."""
+    if variant == "full":
+        return masks
+    return {m: torch.zeros_like(v) if m == _MASKED[variant] else v for m, v in masks.items()}
+
+
+def _loss_sum(tasks: list[Task], logits: dict, targets: dict, loss_weights: dict[str, float]) -> float:
+    """Summed training loss of the fused heads (``val_loss`` in training means the same)."""
+    return float(sum(loss_weights.get(t.name, 1.0) * per_row_loss(t, logits[t.name], targets[t.name]).sum()
+                     for t in tasks))  # fmt: skip
+
+
+class AblationEvaluator:
+    """Callable class for ``map_batches``: one summary row per batch (metric state of every variant).
+
+    Args:
+        checkpoint_uri: local or ``s3://`` checkpoint; each actor fetches its own copy.
+        store: S3 endpoint/region.
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(self, checkpoint_uri: str, store: StorageConfig, device: str = "cpu"):
+        from mmray.score.predictor import fetch_checkpoint
+
+        self.device = torch.device(device)
+        with fetch_checkpoint(checkpoint_uri, store) as local:
+            self.info = load_info(local)
+            self.model = load_model(local, self.info).to(self.device)
+        self.tasks = list(self.info.tasks)
+        self.names = variant_names(self.info.model)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        good = np.flatnonzero(batch[S.ERROR] == "")
+        states = [MetricAccumulator(self.tasks) for _ in self.names]
+        bad = [
+            {"id": batch[S.ID][i], "stage": batch[S.ERROR_STAGE][i], "column": batch[S.ERROR_COLUMN][i],
+             "error": batch[S.ERROR][i]}  # fmt: skip
+            for i in np.flatnonzero(batch[S.ERROR] != "")
+        ]
+        if len(good):
+            self._update(batch, good, states)
+        return {
+            "state": np.stack([s.state().numpy() for s in states])[None],  # [1, variants, state]
+            "quarantine": np.array([json.dumps(bad, default=str)], dtype=object),
+        }
+
+    def _update(self, batch: dict[str, np.ndarray], rows: np.ndarray, states: list[MetricAccumulator]) -> None:
+        def tensor(k: str) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(self.device)
+
+        inputs = {k: tensor(k) for k in _INPUT_KEYS if k in batch}
+        targets = {t.name: tensor(S.label_key(t.name)) for t in self.tasks}
+        features = self.model.encode(inputs)
+        masks = self.model.masks(inputs)
+        weights = self.info.model.loss_weights
+        for name, acc in zip(self.names, states):
+            if name in VARIANTS:
+                logits = self.model.predict(features, variant_masks(masks, name))
+                acc.update(logits, targets, _loss_sum(self.tasks, logits, targets, weights))
+                continue
+            modality = name.split(".", 1)[1]  # unimodal.<modality>: that modality's rows only
+            present = masks[modality] > 0
+            logits = {t: v[present] for t, v in self.model.aux_logits(features)[modality].items()}
+            sub = {t: v[present] for t, v in targets.items()}
+            acc.update(logits, sub, _loss_sum(self.tasks, logits, sub, weights))
+
+
+def variant_names(model_cfg: ModelConfig) -> list[str]:
+    """The reported variants; ``unimodal.<m>`` when the model has auxiliary heads (builder's rule)."""
+    aux = sorted(S.MODALITIES) if model_cfg.aux_loss_weight > 0 else []
+    return [*VARIANTS, *(f"unimodal.{m}" for m in aux)]
+
+
+def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, Any]:
+    """Evaluates ``checkpoint`` on the labelled Parquet at ``input_uri``; Ray must be initialised.
+
+    Returns:
+        ``{"checkpoint", "input", "rows_in", "rows_evaluated", "rows_quarantined", "metrics":
+        {variant: {metric: value}}, "quarantine": [up to 20 records], "quarantine_reasons"}``.
+    """
+    from mmray.data import storage
+    from mmray.score.predictor import fetch_checkpoint
+
+    with fetch_checkpoint(checkpoint, cfg.storage) as local:
+        info = load_info(local)
+        tokenizer_files = {p.name: p.read_bytes() for p in Path(local, TOKENIZER_DIR).iterdir() if p.is_file()}
+    names = variant_names(info.model)
+    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=True, storage=cfg.storage)
+    files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)
+    sc = cfg.score
+    summaries = pipeline.preprocess(
+        pipeline.read_input(input_uri, files, cfg.storage, list(spec.input_columns())), spec, tokenizer_files,
+        cfg.data.preprocess,
+    ).map_batches(
+        AblationEvaluator,
+        fn_constructor_args=(checkpoint, cfg.storage, "cuda" if sc.num_gpus > 0 else "cpu"),
+        batch_size=sc.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
+        num_cpus=sc.num_cpus,
+        num_gpus=sc.num_gpus,
+    )
+    metrics, quarantine = summarize(names, info.tasks, summaries.iter_rows())
+    evaluated = int(metrics["full"]["rows"])
+    return {
+        "checkpoint": storage.redact(checkpoint),
+        "input": storage.redact(input_uri),
+        "rows_in": evaluated + len(quarantine),
+        "rows_evaluated": evaluated,
+        "rows_quarantined": len(quarantine),
+        "metrics": metrics,
+        "quarantine": quarantine[:_MAX_QUARANTINE_SAMPLES],
+        "quarantine_reasons": _reasons(quarantine),
+    }
+
+
+def summarize(
+    names: list[str], tasks: Sequence[Task], summaries: Iterable[dict]
+) -> tuple[dict[str, dict], list[dict]]:
+    """Adds the per-batch summary rows of ``AblationEvaluator``.
+
+    Returns:
+        (variant -> metrics, every quarantine record).
+    """
+    total, quarantine = None, []
+    for row in summaries:
+        state = torch.as_tensor(np.asarray(row["state"], dtype=np.float64)).reshape(len(names), -1)
+        total = state if total is None else total + state
+        quarantine += json.loads(row["quarantine"])
+    metrics = {}
+    for i, name in enumerate(names):
+        acc = MetricAccumulator(tasks)
+        if total is not None:
+            acc.load_state(total[i])
+        metrics[name] = acc.compute()
+    return metrics, quarantine
+
+
+def _reasons(records: list[dict]) -> dict[str, int]:
+    """``"column: error" -> count`` over every quarantined row."""
+    counts: dict[str, int] = {}
+    for r in records:
+        key = f"{r['column']}: {str(r['error'])[:60]}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,88 @@
+"""Pretrained text encoders from Hugging Face ``transformers`` (``model.text_encoder.kind: hf``).
+
+Any ``AutoModel`` (BERT, RoBERTa, MiniLM, XLM-R, Chinese BERT ...) from a hub id, a local directory
+or an ``s3://`` directory. Training loads the pretrained weights; scoring rebuilds the bare
+architecture from the ``config.json`` stored in the checkpoint (``save_architecture``), so it needs
+neither the network nor the original model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from torch import Tensor, nn
+
+from mmray.config import StorageConfig
+from mmray.data import schema as S
+from mmray.models.encoders import Encoded, keep_one_key, masked_mean
+from mmray.models.freeze import FrozenEvalMixin
+
+__all__ = ["HFTextEncoder", "load_hf_model"]
+
+
+def load_hf_model(name: str, storage: StorageConfig | None = None, architecture_dir: str | None = None) -> nn.Module:
+    """Loads ``AutoModel`` weights from ``name`` or, given ``architecture_dir``, builds it bare.
+
+    Args:
+        name: hub id, local directory or ``s3://`` directory (``model.text_encoder.name``).
+        storage: S3 endpoint/region for ``s3://`` names.
+        architecture_dir: a directory with the model's ``config.json`` (from a checkpoint); when given,
+            no weights are loaded (the checkpoint supplies them) and ``name`` is not read.
+
+    Raises:
+        ValueError: naming ``model.text_encoder.name`` when the model cannot be loaded.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    from mmray.data import storage as st
+
+    if architecture_dir is not None:
+        return AutoModel.from_config(AutoConfig.from_pretrained(architecture_dir), dtype=torch.float32)
+    local = st.copy_dir_from(name, storage) if st.is_s3(name) else os.path.expanduser(name)
+    try:
+        # dtype pinned: transformers 5 defaults to the file's dtype, and fp16 master weights do not train.
+        return AutoModel.from_pretrained(local if os.path.isdir(local) else name, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # missing dir / unknown hub id (offline: OSError), bad id
+        raise ValueError(f"model.text_encoder.name: cannot load {name!r}: {str(e)[:300]}") from None
+    finally:
+        if st.is_s3(name):
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def _largest_module_list(model: nn.Module) -> list[nn.Module]:
+    """The model's Transformer layers: its longest ``ModuleList`` (``encoder.layer`` in BERT ...)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+class HFTextEncoder(FrozenEvalMixin, nn.Module):
+    """Wraps an ``AutoModel``: token states from ``last_hidden_state``, pooled by ``cls`` or ``mean``.
+
+    Args:
+        model: a transformers base model (no task head).
+        pooling: ``cls`` (first token) or ``mean`` (over real tokens; sentence-transformers' choice).
+    """
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        if getattr(model, "pooler", None) is not None:
+            # BERT-style poolers are not used (we pool last_hidden_state); unused trainable
+            # parameters would make DDP fail, so drop them.
+            model.pooler = None
+        self.model, self.pooling = model, pooling
+        self.out_dim = self.token_dim = int(model.config.hidden_size)
+
+    def block_list(self) -> list[nn.Module]:
+        return _largest_module_list(self.model)
+
+    def save_architecture(self, directory: str) -> None:
+        """Writes ``config.json`` so ``load_hf_model(architecture_dir=...)`` rebuilds this model."""
+        self.model.config.save_pretrained(directory)
+
+    def forward(self, batch: dict[str, Tensor]) -> Encoded:
+        ids, mask = batch[S.INPUT_IDS], batch[S.ATTENTION_MASK].bool()
+        hidden = self.model(input_ids=ids, attention_mask=keep_one_key(mask).long()).last_hidden_state
+        pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, mask)
+        return Encoded(pooled, hidden, mask)

@@ -1,0 +1,92 @@
+"""FusionClassifier: forward = encode + masks + predict; modality dropout; aux heads; gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
+from mmray.data import schema as S
+from mmray.data.labels import Task
+from mmray.models.builder import build_model
+from mmray.models.fusion import FUSIONS
+from tests.models.conftest import make_batch
+
+TASKS = [Task("label", "multiclass", ("a", "b", "c")), Task("tags", "multilabel", ("x", "y")),
+         Task("flag", "binary", ("false", "true")), Task("score", "regression")]  # fmt: skip
+
+
+def model(fusion: str = "concat", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, text_encoder=TextEncoderConfig(dim=16, heads=2),
+                      image_encoder=ImageEncoderConfig(dim=16), **kw)  # fmt: skip
+    return build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
+
+
+def test_one_head_per_task_with_the_task_width():
+    out = model().eval()(make_batch())
+    shapes = {t: tuple(v.shape) for t, v in out["logits"].items()}
+    assert shapes == {"label": (6, 3), "tags": (6, 2), "flag": (6, 1), "score": (6, 1)}
+    assert {m: set(h) for m, h in out["aux"].items()} == {S.IMAGE: set(out["logits"]), S.TEXT: set(out["logits"])}
+
+
+def test_forward_equals_encode_then_predict():
+    m, batch = model().eval(), make_batch()
+    with torch.no_grad():
+        out = m(batch)
+        features = m.encode(batch)
+        logits = m.predict(features, m.masks(batch))
+    for task in logits:
+        torch.testing.assert_close(out["logits"][task], logits[task])
+
+
+def test_masks_come_from_the_batch_in_eval_mode():
+    m, batch = model(modality_dropout=0.9).eval(), make_batch()
+    masks = m.masks(batch)
+    assert masks[S.TEXT].tolist() == batch[S.mask_key(S.TEXT)].tolist()
+    assert masks[S.IMAGE].tolist() == batch[S.mask_key(S.IMAGE)].tolist()
+
+
+def test_modality_dropout_drops_whole_modalities_but_never_all_of_a_row():
+    m = model(modality_dropout=0.5).train()
+    b = 4000
+    batch = {S.INPUT_IDS: torch.ones(b, 4, dtype=torch.long), S.mask_key(S.TEXT): torch.ones(b),
+             S.mask_key(S.IMAGE): torch.ones(b)}  # fmt: skip
+    batch[S.mask_key(S.IMAGE)][:100] = 0.0  # text-only rows must keep their text
+    torch.manual_seed(0)
+    masks = m.masks(batch)
+    kept = masks[S.TEXT] + masks[S.IMAGE]
+    assert (kept >= 1).all()
+    assert (masks[S.TEXT][:100] == 1).all() and (masks[S.IMAGE][:100] == 0).all()
+    dropped_text = 1 - masks[S.TEXT][100:].mean().item()
+    assert 0.2 < dropped_text < 0.35  # P(drop) = 0.5, minus the rows where both would go
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_gradients_reach_every_trainable_parameter(fusion):
+    m = model(fusion).train()
+    out = m(make_batch())
+    loss = sum(v.pow(2).sum() for v in out["logits"].values())
+    loss = loss + sum(v.pow(2).sum() for heads in out["aux"].values() for v in heads.values())
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_a_masked_modality_never_reaches_the_fused_logits(fusion):
+    m, batch = model(fusion).eval(), make_batch()
+    other = {**batch, S.INPUT_IDS: batch[S.INPUT_IDS].clone(), S.PIXELS: batch[S.PIXELS].clone()}
+    other[S.INPUT_IDS][1] = (other[S.INPUT_IDS][1] + 5) % 50  # row 1 has no text
+    other[S.PIXELS][2] = 255 - other[S.PIXELS][2]  # row 2 has no image
+    with torch.no_grad():
+        a, b = m(batch)["logits"], m(other)["logits"]
+    for task in a:
+        torch.testing.assert_close(a[task], b[task])
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_whole_model_is_deterministic_under_a_seed(fusion):
+    a = model(fusion).eval()(make_batch())["logits"]["label"]
+    b = model(fusion).eval()(make_batch())["logits"]["label"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
