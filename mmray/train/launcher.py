@@ -2,9 +2,17 @@
 
 Steps: list + schema-check the input, build label maps and the tokenizer, preprocess train/val in a
 bounded actor pool, quarantine bad rows (counts reconcile: ``rows_in == rows_used + rows_quarantined``),
-cache the usable rows in the object store, and launch ``train_loop_per_worker`` on N workers.
-A run lives in ``train.storage_path/train.name``; a fresh run gets a unique name and rerunning with the
-same name resumes its last checkpoint (Ray Train V2 restores the run's snapshot).
+keep the usable rows in the object store or stream them (``data.cache``, see ``mmray.train.ingest``),
+and launch ``train_loop_per_worker`` on ``train.num_workers`` workers.
+
+A run lives in ``train.storage_path/train.name``. A fresh run gets a unique name; rerunning with the
+same name (e.g. after the driver died) resumes from its latest checkpoint, because Ray Train V2
+restores the run's checkpoint manager from that directory. Worker deaths are absorbed by
+``train.max_failures`` restarts of the worker group, which also resume from the latest checkpoint.
+
+Example:
+    mmray train --config configs/demo.yaml data.train=work/data/train data.val=work/data/val \
+        train.name=nightly train.max_failures=2
 """
 
 from __future__ import annotations
@@ -17,19 +25,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from mmray.checkpoint import BUNDLE_FILE
 from mmray.config import Config, config_to_dict
 from mmray.data import pipeline, storage
 from mmray.data import schema as S
-from mmray.data.labels import Task, build_task, infer_kind
+from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import TextNormalizer, load_tokenizer, train_wordpiece
+from mmray.train import faults, ingest
 from mmray.train.loop import train_loop_per_worker
+from mmray.train.tracking import check_trackers_available
 
-__all__ = ["TrainResult", "fresh_run_name", "run_training"]
+__all__ = ["TrainResult", "fresh_run_name", "loop_inputs", "run_training", "scaling_config"]
 
 TrainResult = dict[str, Any]  # {"run_dir", "checkpoint", "metrics"}
 _TOKENIZER_SAMPLE_ROWS = 200_000  # texts used to train a WordPiece vocabulary
@@ -45,16 +56,24 @@ def storage_root(cfg: Config) -> str:
 
 
 def build_tasks(cfg: Config, uri: str, files: list[str]) -> list[Task]:
-    """One task per label column; label maps from the training data (sorted, deterministic)."""
+    """One task per label column; label maps from the training data (sorted, deterministic).
+
+    Streams the label columns file by file, keeping only their distinct values.
+    """
+    collectors = {name: LabelCollector(name) for name in cfg.data.label_columns}
+    for batch in _batches(cfg, uri, files, list(collectors)):
+        for name, collector in collectors.items():
+            collector.add(batch.column(name))
+    return [c.task(cfg.model.tasks.get(name)) for name, c in collectors.items()]
+
+
+def _batches(cfg: Config, uri: str, files: list[str], columns: list[str]):
+    """Record batches of ``columns``, file by file (each file keeps its own schema: an all-null
+    column is typed null in one file and string in the next)."""
     fs, _ = storage.resolve(uri, cfg.storage)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=cfg.data.label_columns)
-    tasks = []
-    for name in cfg.data.label_columns:
-        column = table.column(name)
-        values = column.to_pylist()
-        kind = cfg.model.tasks.get(name) or infer_kind(column.type, len({str(v) for v in values if v is not None}))
-        tasks.append(build_task(name, kind, values))
-    return tasks
+    for path in files:
+        with fs.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(columns=columns)
 
 
 def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> dict[str, bytes]:
@@ -66,7 +85,16 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
     with tempfile.TemporaryDirectory() as tmp:
         source = enc.tokenizer or (enc.name if enc.kind == "hf" else None)
         if source:
-            load_tokenizer(source, cfg.storage).save_pretrained(tmp)
+            key = "model.text_encoder.tokenizer" if enc.tokenizer else "model.text_encoder.name"
+            try:
+                tokenizer = load_tokenizer(source, cfg.storage)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"{key}: {e}") from None
+            if tokenizer.pad_token is None:  # GPT-style vocabularies: any token works under the attention mask
+                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
+            if tokenizer.pad_token is None:
+                raise ValueError(f"{key}: tokenizer {source!r} has no pad, eos, unk or sep token to pad with")
+            tokenizer.save_pretrained(tmp)
         else:
             normalize = TextNormalizer(cfg.data.text, cfg.storage)
             train_wordpiece(_texts(cfg, uri, files, normalize), cfg.data.text.vocab_size, tmp)
@@ -75,12 +103,12 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
 
 
 def _texts(cfg: Config, uri: str, files: list[str], normalize: TextNormalizer):
-    fs, _ = storage.resolve(uri, cfg.storage)
     seen = 0
-    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=[cfg.data.text_column]):
+    for batch in _batches(cfg, uri, files, [cfg.data.text_column]):
         for text in batch.column(0).to_pylist():
+            text = normalize(text) if isinstance(text, str) else ""
             if text:
-                yield normalize(text)
+                yield text
                 seen += 1
         if seen >= _TOKENIZER_SAMPLE_ROWS:
             return
@@ -100,7 +128,7 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec, tokenizer_files
     rows_in = processed.count()
     where = storage.join(run_dir, "quarantine", f"{split}.parquet")
     pipeline.write_quarantine(quarantine, where, cfg.storage)
-    pipeline.check_bad_fraction(rows_in, quarantine.num_rows, cfg.data.max_bad_fraction, where)
+    pipeline.check_bad_fraction(rows_in, quarantine.num_rows, cfg.data.max_bad_fraction, where, quarantine)
     usable = pipeline.usable_rows(processed).drop_columns([S.ID]).materialize()
     counts = {"rows_in": rows_in, "rows_used": usable.count(), "rows_quarantined": quarantine.num_rows}
     if counts["rows_used"] + counts["rows_quarantined"] != rows_in:
@@ -108,10 +136,61 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec, tokenizer_files
     return usable, counts
 
 
+def prepare_datasets(cfg: Config, spec: PreprocessSpec, tasks: list[Task], tokenizer_files: dict[str, bytes],
+                     run_dir: str, inputs: dict[str, tuple[str, list[str]]]) -> tuple[dict, dict, bool]:  # fmt: skip
+    """Preprocesses every split, cached or streamed per ``data.cache``; returns (datasets, counts, cached).
+
+    Args:
+        inputs: split name -> (URI, its Parquet files).
+    """
+    rows = {name: ingest.count_rows(uri, files, cfg) for name, (uri, files) in inputs.items()}
+    cache, why = ingest.cache_decision(
+        cfg.data.cache, sum(rows.values()) * ingest.row_bytes(cfg, tasks), ingest.object_store_bytes(),
+        cfg.data.cache_max_fraction,
+    )  # fmt: skip
+    print(f"mmray: {why}: {'caching' if cache else 'streaming'} the preprocessed splits", flush=True)
+    prepare = prepare_split if cache else ingest.stream_split
+    datasets, counts = {}, {}
+    with ingest.ordered_blocks():
+        for name, (uri, files) in inputs.items():
+            datasets[name], counts[name] = prepare(cfg, uri, files, spec, tokenizer_files, run_dir, name)
+    return datasets, counts, cache
+
+
+def loop_inputs(cfg: Config, tasks: list[Task], spec: PreprocessSpec, tokenizer_files: dict[str, bytes],
+                vocab_size: int, train_rows: int, run_dir: str, name: str) -> dict[str, Any]:  # fmt: skip
+    """What every worker receives: plain data only (the config as a dict, tokenizer files as bytes)."""
+    return {
+        "config": config_to_dict(cfg),
+        "tasks": [t.to_dict() for t in tasks],
+        "preprocess": spec.to_dict(),
+        "tokenizer_files": tokenizer_files,
+        "vocab_size": vocab_size,
+        "train_rows": train_rows,
+        "run_dir": run_dir,
+        "run_name": name,
+        # Test-only fault injection (mmray.train.faults); read on the driver, where tests set it.
+        "fault_file": os.environ.get(faults.ENV_VAR),
+    }
+
+
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    """``train.num_workers`` x (``train.resources_per_worker`` + 1 GPU each when ``train.use_gpu``)."""
+    return ray.train.ScalingConfig(
+        num_workers=cfg.train.num_workers,
+        use_gpu=cfg.train.use_gpu,
+        resources_per_worker=dict(cfg.train.resources_per_worker),
+    )
+
+
 def run_training(cfg: Config) -> TrainResult:
     """Runs one training job end to end; Ray must already be initialised."""
     if not cfg.data.train or not cfg.data.val:
         raise ValueError("data.train and data.val must be set")
+    check_trackers_available(cfg)
+    if cfg.train.resume_from and not storage.exists(storage.join(cfg.train.resume_from, BUNDLE_FILE), cfg.storage):
+        raise FileNotFoundError(f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray "
+                                f"checkpoint (no {BUNDLE_FILE})")  # fmt: skip
     name = cfg.train.name or fresh_run_name()
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
@@ -127,36 +206,24 @@ def run_training(cfg: Config) -> TrainResult:
             Path(tmp, fname).write_bytes(data)
         vocab_size = len(load_tokenizer(tmp))
 
-    train_ds, train_counts = prepare_split(cfg, cfg.data.train, train_files, spec, tokenizer_files, run_dir, "train")
-    val_ds, val_counts = prepare_split(cfg, cfg.data.val, val_files, spec, tokenizer_files, run_dir, "val")
-
-    inputs = {
-        "config": config_to_dict(cfg),
-        "tasks": [t.to_dict() for t in tasks],
-        "preprocess": spec.to_dict(),
-        "tokenizer_files": tokenizer_files,
-        "vocab_size": vocab_size,
-        "train_rows": train_counts["rows_used"],
-        "run_dir": run_dir,
-        "resume_from": _local_checkpoint(cfg.train.resume_from, cfg),
-    }
+    splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
+    datasets, counts, cached = prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
+    inputs = loop_inputs(cfg, tasks, spec, tokenizer_files, vocab_size, counts["train"]["rows_used"], run_dir, name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=inputs,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker=dict(cfg.train.resources_per_worker),
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=_run_config(cfg, root, name),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets=datasets,
+        dataset_config=ingest.ShardConfig(equal_splits=("train",)),
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = _uri(best.path, root)
     metrics = {k[len("val_"):]: v for k, v in result.metrics.items() if k.startswith("val_")}
     metrics.update(epoch=result.metrics["epoch"], train_loss=result.metrics["train_loss"])
-    metrics["data"] = {"train": train_counts, "val": val_counts}
+    metrics["data"] = counts
+    metrics["data_cached"] = cached
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2), cfg.storage)
     pointer = {"run_dir": run_dir, "checkpoint": checkpoint_uri, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     storage.write_text(storage.join(root, "latest.json"), json.dumps(pointer, indent=2), cfg.storage)
@@ -184,7 +251,3 @@ def _run_config(cfg: Config, root: str, name: str) -> ray.train.RunConfig:
 def _uri(path: str, root: str) -> str:
     """Ray reports scheme-less S3 paths; give users back a URI they can pass to ``mmray score``."""
     return f"s3://{path}" if storage.is_s3(root) and not path.startswith("s3://") else path
-
-
-def _local_checkpoint(uri: str | None, cfg: Config) -> str | None:
-    return storage.copy_dir_from(uri, cfg.storage) if uri else None

@@ -1,41 +1,59 @@
 """The per-worker training loop, run by ``TorchTrainer`` on every worker (``train_loop_per_worker``).
 
-It rebuilds config and tasks from plain data, builds the model, wraps it with DDP through
-``prepare_model``, streams batches from this worker's dataset shard, validates with metrics
-all-reduced across workers, and reports a self-describing checkpoint from rank 0 every epoch.
-Resuming (worker restart, rerun of the same ``train.name``, or ``train.resume_from``) restores model,
-optimizer, scheduler, scaler, epoch, step, RNG and history from the checkpoint.
+One epoch is: stream this worker's shard of the training set (``iter_torch_batches`` with
+prefetching, onto ``ray.train.torch.get_device()``), step AdamW with gradient accumulation, clipping
+and mixed precision, then validate with metric sums all-reduced over every worker, and report the
+epoch's record with a checkpoint that rank 0 alone writes. Resuming (a restarted worker group, a
+rerun of the same ``train.name``, or ``train.resume_from``) restores model, optimizer, scheduler,
+scaler, epoch, step, RNG and history (``mmray.train.state``).
+
+The pieces (``build_parts``, ``train_epoch``, ``evaluate``, ``epoch_record``) take plain objects and
+run without Ray, so the unit tests drive them directly; only ``train_loop_per_worker`` talks to Ray.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import random
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmray.checkpoint import TRAIN_STATE_FILE, save_checkpoint, unwrap
+from mmray.checkpoint import save_checkpoint, unwrap
 from mmray.config import Config, config_from_dict
 from mmray.data import schema as S
+from mmray.data import storage
 from mmray.data.image import augment
 from mmray.data.labels import Task, task_from_dict
 from mmray.metrics import MetricAccumulator, per_row_loss
 from mmray.models.builder import build_model
+from mmray.train import optim
+from mmray.train.faults import Fault, maybe_fail
+from mmray.train.state import (
+    Progress,
+    early_stopping_update,
+    get_rng_state,
+    require_metric,
+    restore,
+    seed_everything,
+    train_state,
+)
+from mmray.train.tracking import Tracker, make_trackers
 
-__all__ = ["LoopInputs", "train_loop_per_worker"]
+__all__ = [
+    "EpochTotals", "LoopInputs", "Parts", "build_parts", "compute_loss", "epoch_record", "evaluate",
+    "train_epoch", "train_loop_per_worker",
+]  # fmt: skip
 
 LoopInputs = dict[str, Any]  # built by mmray.train.launcher.loop_inputs; plain data, pickles cheaply
+T = TypeVar("T")
 
 
 def print0(*args: Any) -> None:
@@ -44,40 +62,41 @@ def print0(*args: Any) -> None:
         print(*args, flush=True)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class Parts:
+    """What one worker trains with. A plain bundle, passed to the loop's functions."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    precision: str  # fp32 | bf16 | fp16 (resolved from "auto")
+    device: torch.device
 
 
-def lr_lambda(total_steps: int, warmup_fraction: float):
-    """Linear warm-up then cosine decay to 0, as a multiplier of the base learning rate."""
-    warmup = max(1, int(total_steps * warmup_fraction))
+def build_parts(cfg: Config, tasks: list[Task], vocab_size: int, train_rows: int, world_size: int,
+                device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Parts:  # fmt: skip
+    """Model (wrapped for DDP by ``wrap``), optimizer, schedule and scaler for one worker.
 
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
-def param_groups(model: nn.Module, lr: float, encoder_lr: float | None, weight_decay: float) -> list[dict]:
-    enc, rest = [], []
-    for name, p in unwrap(model).named_parameters():
-        if p.requires_grad:
-            (enc if name.startswith("encoders.") else rest).append(p)
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-    if enc:
-        groups.append({"params": enc, "lr": encoder_lr or lr, "weight_decay": weight_decay})
-    return groups
+    Every rank builds the model from the same seed; DDP also broadcasts rank 0's weights.
+    """
+    t = cfg.train
+    seed_everything(t.seed)
+    model = wrap(build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage).to(device))
+    optimizer = optim.build_optimizer(model, t)
+    total = optim.steps_per_epoch(train_rows, world_size, t.batch_size, t.grad_accum_steps) * t.epochs
+    precision = optim.resolve_precision(t.precision, device)
+    return Parts(model, optimizer, optim.build_scheduler(optimizer, total, t.warmup_fraction),
+                 optim.make_scaler(precision, device), precision, device)  # fmt: skip
 
 
 def compute_loss(
     out: dict, batch: dict[str, Tensor], tasks: list[Task], loss_weights: dict[str, float], aux_weight: float
 ) -> tuple[Tensor, Tensor]:
-    """Returns (mean training loss incl. auxiliary heads, per-row fused loss for metrics)."""
+    """Returns (mean training loss incl. auxiliary heads, per-row fused loss for metrics).
+
+    Auxiliary (unimodal) head losses count only rows that have that modality.
+    """
     fused_rows = sum(
         loss_weights.get(t.name, 1.0) * per_row_loss(t, out["logits"][t.name], batch[S.label_key(t.name)])
         for t in tasks
@@ -91,58 +110,191 @@ def compute_loss(
     return loss, fused_rows
 
 
-def autocast_ctx(precision: str, device: torch.device):
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return nullcontext()
+def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """Yields ``(item, is_last)``: the loop must know the last batch before running it (see below)."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for upcoming in it:
+        yield current, False
+        current = upcoming
+    yield current, True
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+def batch_rows(batch: dict[str, Tensor]) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+@dataclass(frozen=True)
+class EpochTotals:
+    loss_sum: float  # sum over rows of the training loss (mean-per-batch loss x batch rows)
+    rows: int
+    steps: int  # optimizer steps taken
+
+
+def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config, tasks: list[Task],
+                before_step: Callable[[int], None] | None = None) -> EpochTotals:  # fmt: skip
+    """One pass over this worker's batches.
+
+    Gradients accumulate over ``train.grad_accum_steps`` batches; DDP all-reduces only on the batch
+    that ends a window (``no_sync`` on the others). The last batch always ends a window, so a partial
+    window is stepped with synchronised gradients: every rank has the same number of batches
+    (``equal=True`` split), hence the same windows and collectives.
+
+    Args:
+        before_step: called with the epoch's step index before each optimizer step (fault hook).
+    """
+    model, t = parts.model, cfg.train
+    model.train()
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss_sum, rows, steps, window = torch.zeros((), device=parts.device), 0, 0, 0
+    for batch, last in with_last(batches):
+        if cfg.data.image.augment and S.PIXELS in batch:
+            batch[S.PIXELS] = augment(batch[S.PIXELS])  # per epoch, on the cached uint8 pixels
+        window += 1
+        boundary = window == t.grad_accum_steps or last
+        sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with optim.autocast(parts.precision, parts.device):
+                out = model(batch)
+                loss, _ = compute_loss(out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight)
+            scaled = loss / t.grad_accum_steps
+            (parts.scaler.scale(scaled) if parts.scaler else scaled).backward()
+        if boundary:
+            if before_step is not None:
+                before_step(steps)
+            optim.optimizer_step(model, parts.optimizer, parts.scheduler, parts.scaler, t.grad_clip)
+            steps, window = steps + 1, 0
+        n = batch_rows(batch)
+        rows += n
+        loss_sum += loss.detach().float() * n  # stays on the device: no sync per batch
+    return EpochTotals(float(loss_sum), rows, steps)
 
 
 def all_reduce(t: Tensor) -> Tensor:
+    """Sums ``t`` over all workers (identity in one process); returns it on the CPU."""
     if dist.is_available() and dist.is_initialized():
-        # gloo and nccl both reduce float64 correctly; move to the backend's device.
+        # nccl reduces CUDA tensors only; gloo takes CPU tensors. float64 keeps counts exact.
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
         t = t.to(device)
         dist.all_reduce(t)
     return t.cpu()
 
 
-def evaluate(model: nn.Module, batches, tasks: list[Task], loss_weights: dict[str, float]) -> dict[str, float]:
-    """Validation metrics over this worker's shard, all-reduced over every worker."""
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copies rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last batch each rank
+    holds its own update; without this, ranks would validate slightly different models, none of them
+    exactly the one rank 0 checkpoints.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf.data, src=0)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], tasks: list[Task],
+             loss_weights: dict[str, float], precision: str = "fp32", device: torch.device | None = None,
+             reduce: Callable[[Tensor], Tensor] = all_reduce) -> dict[str, float]:  # fmt: skip
+    """Validation metrics over every worker's shard.
+
+    Pass the bare model (``unwrap``), not the DDP wrapper: shards may hold different numbers of
+    batches, and DDP's forward takes part in collectives. Each worker accumulates sums (loss, row count, confusion matrices, score histograms); ``reduce``
+    adds them up across workers before any ratio is taken, so the result is the single-process
+    result on the union of the shards, not an average of per-worker averages.
+    """
     model.eval()
     acc = MetricAccumulator(tasks)
     with torch.no_grad():
         for batch in batches:
-            out = model(batch)
+            with optim.autocast(precision, device or torch.device("cpu")):
+                out = model(batch)
             _, rows = compute_loss(out, batch, tasks, loss_weights, 0.0)
             acc.update(out["logits"], {t.name: batch[S.label_key(t.name)] for t in tasks}, rows.sum().item())
-    acc.load_state(all_reduce(acc.state()))
+    acc.load_state(reduce(acc.state()))
     return acc.compute()
 
 
-def _restore(model, optimizer, scheduler, scaler, checkpoint) -> dict:
-    from safetensors.torch import load_file
+def epoch_record(epoch: int, train: Tensor, val: dict[str, float], train_s: float, val_s: float,
+                 parts: Parts, progress: Progress) -> dict[str, Any]:  # fmt: skip
+    """One line of ``history.jsonl`` (also the metrics reported to Ray Train).
 
-    with checkpoint.as_directory() as d:
-        unwrap(model).load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-        state_path = os.path.join(d, TRAIN_STATE_FILE)
-        if not os.path.exists(state_path):  # an inference-only bundle: weights only, fresh optimizer
-            return {}
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") and scaler is not None:
-        scaler.load_state_dict(state["scaler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return state
+    Args:
+        train: ``[loss_sum, rows]`` summed over workers.
+    """
+    rates = {g.get("name", str(i)): g["lr"] for i, g in enumerate(parts.optimizer.param_groups)}
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": float(train[0] / max(float(train[1]), 1.0)),
+        **{f"val_{k}": v for k, v in val.items()},
+        "train_rows": int(train[1]),
+        "rows_per_s": float(train[1]) / max(train_s, 1e-9),
+        "epoch_s": train_s,
+        "eval_s": val_s,
+        "lr": rates.get("head", next(iter(rates.values()), 0.0)),
+        "step": int(parts.scheduler.last_epoch),
+        "resumed_from_epoch": progress.resumed_from_epoch,
+    }
+    if "encoder" in rates:
+        record["encoder_lr"] = rates["encoder"]
+    if parts.device.type == "cuda":
+        record["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2**30
+    return record
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """Distinct augmentation/dropout streams per rank; per epoch when a resume cannot restore them."""
+    return seed + 7919 * rank + 104_729 * epoch
+
+
+def _resume(parts: Parts, cfg: Config, rank: int, world: int) -> Progress:
+    """From Ray Train's latest checkpoint (restart / rerun), else ``train.resume_from``, else fresh."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            progress = restore(d, parts.model, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
+        source = checkpoint.path
+    elif cfg.train.resume_from:
+        source = cfg.train.resume_from
+        local = storage.copy_dir_from(source, cfg.storage)
+        progress = restore(local, parts.model, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
+    else:
+        seed_everything(_rank_seed(cfg.train.seed, rank, 0))
+        return Progress()
+    if not progress.rng_restored:
+        seed_everything(_rank_seed(cfg.train.seed, rank, progress.next_epoch))  # weights only
+    print0(f"mmray: resumed from {source} at epoch {progress.next_epoch}")
+    return progress
+
+
+def _report(parts: Parts, cfg: Config, tasks: list[Task], inputs: LoopInputs, progress: Progress,
+            record: dict[str, Any], rank: int, trackers: list[Tracker]) -> None:  # fmt: skip
+    """Every worker reports the record; rank 0 alone writes and attaches the checkpoint."""
+    rng_states = gather_objects(get_rng_state())  # each rank's own stream, restored per rank
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(
+                tmp, parts.model, cfg.model, inputs["preprocess"], tasks, inputs["vocab_size"],
+                inputs["tokenizer_files"], progress.epoch, record,
+                train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rng_states),
+            )  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        # Returns once the checkpoint is persisted, so history never runs ahead of the checkpoints.
+        ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{progress.epoch:04d}")
+    for tracker in trackers:
+        tracker.log_epoch(record, progress.history)
 
 
 def train_loop_per_worker(inputs: LoopInputs) -> None:
@@ -152,121 +304,48 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
-    seed_everything(t.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     device = ray.train.torch.get_device()
-    precision = resolve_precision(t.precision, device)
-
-    model = build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, inputs["vocab_size"])
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.encoder_lr, t.weight_decay))
-    steps_per_epoch = max(1, math.ceil(inputs["train_rows"] / (world * t.batch_size * t.grad_accum_steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps_per_epoch * t.epochs, t.warmup_fraction))
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    state: dict = {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and inputs.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(inputs["resume_from"])
-    if checkpoint is not None:
-        state = _restore(model, optimizer, scheduler, scaler, checkpoint)
-        print0(f"resumed from {checkpoint.path} at epoch {state.get('epoch', -1) + 1}")
-    start_epoch = state.get("epoch", -1) + 1
-    history: list[dict] = state.get("history", [])
-    best, bad_epochs = state.get("best"), state.get("bad_epochs", 0)
-    stop_cfg = t.early_stopping
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    iter_kwargs = {"batch_size": t.batch_size, "device": device, "drop_last": False}
-    for epoch in range(start_epoch, t.epochs):
-        model.train()
-        started, rows_seen, loss_sum = time.perf_counter(), 0, 0.0
-        batches = train_shard.iter_torch_batches(
-            **iter_kwargs, local_shuffle_buffer_size=max(256, 4 * t.batch_size), local_shuffle_seed=t.seed + epoch
-        )
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(batches):
-            if cfg.data.image.augment:
-                batch[S.PIXELS] = augment(batch[S.PIXELS])
-            last_micro = (i + 1) % t.grad_accum_steps == 0
-            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, autocast_ctx(precision, device):
-                out = model(batch)
-                loss, _ = compute_loss(out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight)
-            scaled = loss / t.grad_accum_steps
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            if last_micro:
-                _optimizer_step(model, optimizer, scheduler, scaler, t.grad_clip)
-            n = batch[S.PIXELS].shape[0]
-            rows_seen += n
-            loss_sum += loss.item() * n
-        if (i + 1) % t.grad_accum_steps:
-            _optimizer_step(model, optimizer, scheduler, scaler, t.grad_clip)
-        seconds = time.perf_counter() - started
-        totals = all_reduce(torch.tensor([loss_sum, rows_seen], dtype=torch.float64))
-        val = evaluate(model, val_shard.iter_torch_batches(**iter_kwargs), tasks, cfg.model.loss_weights)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": float(totals[0] / max(totals[1], 1)),
-            **{f"val_{k}": v for k, v in val.items()},
-            "rows_per_s": float(totals[1]) / max(seconds, 1e-9),
-            "epoch_s": seconds,
-            "lr": scheduler.get_last_lr()[0],
-        }
-        history.append(metrics)
-        if stop_cfg.metric:
-            value = metrics[stop_cfg.metric]
-            improved = best is None or (value < best if stop_cfg.mode == "min" else value > best)
-            best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
-        stop = bool(stop_cfg.metric) and bad_epochs >= stop_cfg.patience
-        step = int(scheduler.last_epoch)
-        _report(model, optimizer, scheduler, scaler, cfg, tasks, inputs, epoch, step, history, best, bad_epochs, metrics, rank)
-        if stop:
-            print0(f"early stopping at epoch {epoch}: {stop_cfg.metric} did not improve for {bad_epochs} epochs")
-            break
-
-
-def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip) -> None:
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-
-
-def _report(model, optimizer, scheduler, scaler, cfg, tasks, inputs, epoch, step, history, best, bad_epochs, metrics, rank):
-    """Every worker reports the metrics; rank 0 alone attaches the checkpoint and writes history."""
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            train_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None,
-                "epoch": epoch,
-                "step": step,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                "history": history,
-                "best": best,
-                "bad_epochs": bad_epochs,
-            }
-            save_checkpoint(
-                tmp, model, cfg.model, inputs["preprocess"], tasks, inputs["vocab_size"], inputs["tokenizer_files"],
-                epoch, metrics, train_state,
-            )  # fmt: skip
-            _write_history(inputs["run_dir"], history, cfg)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _write_history(run_dir: str, history: list[dict], cfg: Config) -> None:
-    from mmray.data import storage
-
-    text = "".join(json.dumps(h) + "\n" for h in history)
-    storage.write_text(storage.join(run_dir, "history.jsonl"), text, cfg.storage)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+    parts = build_parts(cfg, tasks, inputs["vocab_size"], inputs["train_rows"], world, device,
+                        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))  # fmt: skip
+    progress = _resume(parts, cfg, rank, world)
+    if progress.next_epoch >= t.epochs or (t.early_stopping.metric and progress.bad_epochs >= t.early_stopping.patience):
+        # Already finished (e.g. the driver died after the last epoch): report where it ended.
+        print0(f"mmray: run already finished at epoch {progress.epoch}")
+        ray.train.report(progress.history[-1] if progress.history else {"epoch": progress.epoch})
+        return
+    trackers = make_trackers(cfg, inputs["run_dir"], inputs["run_name"]) if rank == 0 else []
+    fault = Fault(inputs["fault_file"]) if inputs.get("fault_file") else None
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    iter_kwargs = {"batch_size": t.batch_size, "device": device, "prefetch_batches": t.prefetch_batches}
+    try:
+        for epoch in range(progress.next_epoch, t.epochs):
+            started = time.perf_counter()
+            batches = train_shard.iter_torch_batches(
+                **iter_kwargs, local_shuffle_buffer_size=max(256, 4 * t.batch_size), local_shuffle_seed=t.seed + epoch
+            )
+            totals = train_epoch(parts, batches, cfg, tasks, lambda step: maybe_fail(fault, rank, epoch, step))
+            train_s = time.perf_counter() - started
+            summed = all_reduce(torch.tensor([totals.loss_sum, totals.rows], dtype=torch.float64))
+            broadcast_buffers(parts.model)
+            # The bare module: DDP's forward runs collectives (buffer broadcasts), and validation shards
+            # may differ in length, so a wrapped forward could wait forever for a rank with no rows left.
+            val = evaluate(unwrap(parts.model), val_shard.iter_torch_batches(**iter_kwargs), tasks,
+                           cfg.model.loss_weights, parts.precision, device)  # fmt: skip
+            progress.epoch, progress.step = epoch, int(parts.scheduler.last_epoch)
+            record = epoch_record(epoch, summed, val, train_s, time.perf_counter() - started - train_s, parts, progress)
+            require_metric(record, t.checkpoint_metric, "train.checkpoint_metric")
+            progress.best, progress.bad_epochs, stop = early_stopping_update(
+                t.early_stopping, record, progress.best, progress.bad_epochs
+            )
+            progress.history.append(record)
+            _report(parts, cfg, tasks, inputs, progress, record, rank, trackers)
+            if stop:
+                print0(f"mmray: early stopping at epoch {epoch}: {t.early_stopping.metric} did not improve "
+                       f"for {progress.bad_epochs} epochs")  # fmt: skip
+                break
+    finally:
+        for tracker in trackers:
+            tracker.close()

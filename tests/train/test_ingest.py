@@ -1,0 +1,103 @@
+"""Cache-or-stream decision, the streaming split's counts, and exact validation sharding."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmray.config import config_from_dict
+from mmray.data.labels import Task
+from mmray.data.preprocess import PreprocessSpec
+from mmray.data.synthetic import make_rows
+from mmray.data.text import train_wordpiece
+from mmray.train import ingest
+
+TASK = Task("label", "multiclass", ("cat_blue", "cat_red", "dog_blue", "dog_red"))
+
+
+def test_row_bytes_counts_pixels_tokens_masks_and_labels():
+    cfg = config_from_dict({"data": {"image": {"size": 32}, "text": {"max_length": 24}}})
+    tags = Task("tags", "multilabel", ("x", "y", "z"))
+    # 3*32*32 uint8 + 2*24 int64 + 2 float32 masks + int64 class + 3 float32 tags + overhead
+    assert ingest.row_bytes(cfg, [TASK, tags]) == 3072 + 384 + 8 + 8 + 12 + 64
+
+
+@pytest.mark.parametrize(
+    "mode,nbytes,expected",
+    [("auto", 299, True), ("auto", 300, True), ("auto", 301, False), ("always", 10**12, True), ("never", 1, False)],
+)
+def test_cache_decision(mode, nbytes, expected):
+    cache, why = ingest.cache_decision(mode, nbytes, store_bytes=1000, max_fraction=0.3)
+    assert cache is expected
+    assert why.startswith(f"data.cache={mode}")
+
+
+def test_auto_reason_names_the_sizes():
+    _, why = ingest.cache_decision("auto", 3 * 2**30, store_bytes=4 * 2**30, max_fraction=0.5)
+    assert "3072.0 MiB" in why and "exceeds 50% of the 4.0 GiB object store" in why
+
+
+def bad_dataset(folder: Path) -> tuple[str, set[str]]:
+    """30 rows in two files; three are unusable (undecodable image x2, null label)."""
+    rows = make_rows(30, seed=3)
+    rows["image"][4] = b"not an image"
+    rows["image"][17] = b"\x89PNG\r\n\x1a\n truncated"
+    rows["label"][22] = None
+    folder.mkdir()
+    table = pa.table(rows)
+    pq.write_table(table.slice(0, 15), folder / "part-0.parquet")
+    pq.write_table(table.slice(15), folder / "part-1.parquet")
+    return str(folder), {rows["id"][i] for i in (4, 17, 22)}
+
+
+@pytest.mark.integration
+def test_streaming_split_counts_and_quarantines_every_bad_row(ray_session, tmp_path):
+    from mmray.data import pipeline
+
+    uri, bad_ids = bad_dataset(tmp_path / "train")
+    cfg = config_from_dict({"data": {"text": {"max_length": 16}, "image": {"size": 24}, "max_bad_fraction": 0.2}})
+    tok = tmp_path / "tok"
+    train_wordpiece(make_rows(50, seed=1)["text"], vocab_size=200, out_dir=tok)
+    tokenizer_files = {p.name: p.read_bytes() for p in tok.iterdir()}
+    spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=[TASK])
+    files = pipeline.input_files(uri, {**spec.input_columns()}, cfg.storage)
+    assert ingest.count_rows(uri, files, cfg) == 30
+
+    usable, counts = ingest.stream_split(cfg, uri, files, spec, tokenizer_files, str(tmp_path / "run"), "train")
+    assert counts == {"rows_in": 30, "rows_used": 27, "rows_quarantined": 3}
+    quarantine = pq.read_table(tmp_path / "run" / "quarantine" / "train.parquet")
+    assert set(quarantine.column("id").to_pylist()) == bad_ids
+    assert set(quarantine.column("column").to_pylist()) == {"image", "label"}
+    # Lazy: each pass re-runs preprocessing and yields exactly the usable rows.
+    assert usable.count() == counts["rows_used"]
+
+
+def consume(iterators) -> list[int]:
+    """Reads every shard concurrently (a streaming split starts when all shards ask for data)."""
+    counts = [0] * len(iterators)
+
+    def read(i):
+        counts[i] = sum(len(b["id"]) for b in iterators[i].iter_batches(batch_size=None))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(iterators))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return counts
+
+
+@pytest.mark.integration
+def test_train_shards_are_equal_and_validation_shards_lose_no_row(ray_session):
+    import ray.data
+
+    datasets = {name: ray.data.range(10, override_num_blocks=5) for name in ("train", "val")}
+    shards = ingest.ShardConfig(equal_splits=("train",)).configure(datasets, 3, None, None)
+    train = consume([s["train"] for s in shards])
+    val = consume([s["val"] for s in shards])
+    assert train == [3, 3, 3]  # equal: one row dropped so every rank takes the same DDP steps
+    assert sum(val) == 10  # every validation row is evaluated exactly once

@@ -1,0 +1,253 @@
+"""The loop's pieces without Ray: accumulation, precision, validation aggregation, epoch records."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from mmray.config import config_from_dict, config_to_dict
+from mmray.data import schema as S
+from mmray.data.labels import Task
+from mmray.train import optim
+from mmray.train.loop import Parts, build_parts, epoch_record, evaluate, train_epoch, with_last
+from mmray.train.state import Progress
+
+CPU = torch.device("cpu")
+LN2 = math.log(2.0)
+CLS = Task("label", "multiclass", ("a", "b", "c"))
+REG = Task("score", "regression")
+
+
+class Passthrough(nn.Module):
+    """A 'model' whose logits are given in the batch, so metrics can be computed by hand."""
+
+    def forward(self, batch):
+        logits = {"label": batch["cls_logits"]}
+        if "reg" in batch:
+            logits["score"] = batch["reg"]
+        return {"logits": logits, "aux": {}, "masks": {}}
+
+
+class Linear(nn.Module):
+    """One linear head on a feature vector: no batch statistics, so accumulation is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, batch):
+        return {"logits": {"label": self.lin(batch["x"])}, "aux": {}, "masks": {}}
+
+
+def cfg_with(**train):
+    return config_from_dict({"model": {"aux_loss_weight": 0.0}, "train": {"grad_clip": None, "warmup_fraction": 0.0, **train}})
+
+
+def linear_parts(cfg, model=None, total_steps=10) -> Parts:
+    torch.manual_seed(0)
+    model = model or Linear()
+    opt = optim.build_optimizer(model, cfg.train)
+    return Parts(model, opt, optim.build_scheduler(opt, total_steps, 0.0), None, "fp32", CPU)
+
+
+def xy_batches(n_batches: int, rows: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(rows, 3, generator=g), S.label_key("label"): torch.randint(0, 3, (rows,), generator=g)}
+            for _ in range(n_batches)]  # fmt: skip
+
+
+def test_with_last_flags_only_the_final_item():
+    assert list(with_last([1, 2, 3])) == [(1, False), (2, False), (3, True)]
+    assert list(with_last([])) == []
+
+
+def test_two_accumulated_batches_equal_one_batch_of_both():
+    halves = xy_batches(2, 4)
+    whole = [{k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0]}]
+    accumulated = linear_parts(cfg_with(grad_accum_steps=2))
+    single = linear_parts(cfg_with(grad_accum_steps=1))
+    totals_acc = train_epoch(accumulated, halves, cfg_with(grad_accum_steps=2), [CLS])
+    totals_one = train_epoch(single, whole, cfg_with(grad_accum_steps=1), [CLS])
+    assert totals_acc.steps == totals_one.steps == 1
+    for a, b in zip(accumulated.model.parameters(), single.model.parameters()):
+        torch.testing.assert_close(a, b)
+    assert totals_acc.rows == totals_one.rows == 8
+    assert totals_acc.loss_sum == pytest.approx(totals_one.loss_sum, rel=1e-6)
+
+
+def test_partial_last_window_is_stepped_and_hooks_see_each_step():
+    cfg = cfg_with(grad_accum_steps=2)
+    parts = linear_parts(cfg)
+    seen: list[int] = []
+    totals = train_epoch(parts, xy_batches(5, 4), cfg, [CLS], before_step=seen.append)
+    assert totals.steps == 3 and seen == [0, 1, 2]  # windows of 2, 2 and a final 1
+    assert parts.scheduler.last_epoch == 3
+    assert all(p.grad is None for p in parts.model.parameters())  # nothing left over for next epoch
+
+
+def test_empty_shard_takes_no_step():
+    cfg = cfg_with()
+    parts = linear_parts(cfg)
+    totals = train_epoch(parts, [], cfg, [CLS])
+    assert (totals.rows, totals.steps, totals.loss_sum) == (0, 0, 0.0)
+
+
+def tiny_cfg(**train):
+    return config_from_dict({
+        "data": {"text": {"max_length": 8}, "image": {"size": 16}},
+        "model": {"hidden_dim": 16, "dropout": 0.0, "text_encoder": {"dim": 8, "heads": 2},
+                  "image_encoder": {"dim": 8}},
+        "train": {"lr": 0.01, "warmup_fraction": 0.0, **train},
+    })  # fmt: skip
+
+
+def fusion_batches(n: int = 2, rows: int = 8):
+    """A learnable toy: the class is the image's mean brightness bucket, text is noise."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        y = torch.randint(0, 3, (rows,), generator=g)
+        pixels = (y.view(-1, 1, 1, 1) * 100 + torch.randint(0, 30, (rows, 3, 16, 16), generator=g)).to(torch.uint8)
+        out.append({
+            S.INPUT_IDS: torch.randint(1, 30, (rows, 8), generator=g), S.ATTENTION_MASK: torch.ones(rows, 8, dtype=torch.long),
+            S.PIXELS: pixels, S.mask_key(S.TEXT): torch.ones(rows), S.mask_key(S.IMAGE): torch.ones(rows),
+            S.label_key("label"): y,
+        })  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fusion_model_learns_in_each_precision(precision):
+    cfg = tiny_cfg(precision=precision, epochs=8, batch_size=8)
+    parts = build_parts(cfg, [CLS], vocab_size=30, train_rows=16, world_size=1, device=CPU)
+    assert parts.precision == precision and (parts.scaler is not None) == (precision == "fp16")
+    batches = fusion_batches()
+    losses = [train_epoch(parts, batches, cfg, [CLS]).loss_sum / 16 for _ in range(8)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0]
+    assert parts.scheduler.last_epoch == 16  # 2 steps x 8 epochs: the schedule's full length
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached 0
+
+
+def test_build_parts_is_deterministic_under_the_seed():
+    a = build_parts(tiny_cfg(seed=3), [CLS], 30, 16, 1, CPU).model.state_dict()
+    b = build_parts(tiny_cfg(seed=3), [CLS], 30, 16, 1, CPU).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation aggregation, by hand. softmax([ln2, 0, 0]) = [1/2, 1/4, 1/4], so each row's
+# cross-entropy is ln 2 when the ln2-logit is the target and ln 4 otherwise.
+#   worker 0: [ln2,0,0]->t0 (pred 0, ok, ln2)  [0,ln2,0]->t1 (pred 1, ok, ln2)  [ln2,0,0]->t2 (pred 0, ln4)
+#   worker 1: [0,ln2,0]->t2 (pred 1, ln4)
+# All four rows: accuracy 2/4 = 0.5 (the mean of per-worker accuracies would be (2/3 + 0)/2 = 1/3);
+# loss (ln2 + ln2 + ln4 + ln4)/4 = 1.5 ln2. Confusion: class a P=1/2 R=1, b P=1/2 R=1, c P=R=0,
+# so macro-F1 = (2/3 + 2/3 + 0)/3 = 4/9. Regression head: predictions 1, 2, 0 | 3 against 1.5, 2, 1 | 1
+# give |errors| 0.5, 0, 1 | 2: MAE 3.5/4 = 0.875, RMSE sqrt(5.25/4); its MSE adds 5.25/4 to the loss.
+# ---------------------------------------------------------------------------------------------
+SHARDS = [
+    {"cls_logits": torch.tensor([[LN2, 0, 0], [0, LN2, 0], [LN2, 0, 0]]), S.label_key("label"): torch.tensor([0, 1, 2]),
+     "reg": torch.tensor([[1.0], [2.0], [0.0]]), S.label_key("score"): torch.tensor([1.5, 2.0, 1.0])},
+    {"cls_logits": torch.tensor([[0, LN2, 0]]), S.label_key("label"): torch.tensor([2]),
+     "reg": torch.tensor([[3.0]]), S.label_key("score"): torch.tensor([1.0])},
+]  # fmt: skip
+
+
+def test_validation_sums_counts_across_workers_before_dividing():
+    one = [{k: v for k, v in shard.items() if k not in ("reg", S.label_key("score"))} for shard in SHARDS]
+    other_state: list[torch.Tensor] = []
+    evaluate(Passthrough(), [one[1]], [CLS], {}, reduce=lambda s: other_state.append(s) or s)
+    # What all_reduce does for worker 0: its own sums plus worker 1's.
+    m = evaluate(Passthrough(), [one[0]], [CLS], {}, reduce=lambda s: s + other_state[0])
+    assert m["rows"] == 4
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["loss"] == pytest.approx(1.5 * LN2)
+    assert m["macro_f1"] == pytest.approx(4 / 9)
+    alone = evaluate(Passthrough(), [one[0]], [CLS], {}, reduce=lambda s: s)
+    assert alone["accuracy"] == pytest.approx(2 / 3) and alone["rows"] == 3  # worker 0 on its own
+
+
+def test_validation_reports_each_task_by_name():
+    other_state: list[torch.Tensor] = []
+    evaluate(Passthrough(), [SHARDS[1]], [CLS, REG], {}, reduce=lambda s: other_state.append(s) or s)
+    m = evaluate(Passthrough(), [SHARDS[0]], [CLS, REG], {}, reduce=lambda s: s + other_state[0])
+    assert m["label/accuracy"] == pytest.approx(0.5) and m["label/macro_f1"] == pytest.approx(4 / 9)
+    assert m["score/mae"] == pytest.approx(0.875) and m["score/rmse"] == pytest.approx(math.sqrt(5.25 / 4))
+    assert m["loss"] == pytest.approx(1.5 * LN2 + 5.25 / 4)
+    assert "accuracy" not in m  # unprefixed names only for a single task
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _eval_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        metrics = evaluate(Passthrough(), [SHARDS[rank]], [CLS, REG], {})  # the real all_reduce
+        torch.save(metrics, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration  # spawns two processes that import torch and Ray (~15 s here)
+def test_two_processes_all_reduce_to_the_hand_computed_metrics(tmp_path):
+    mp.start_processes(_eval_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):  # every rank ends with the same, global numbers
+        m = torch.load(tmp_path / f"rank{rank}.pt")
+        assert m["rows"] == 4
+        assert m["label/accuracy"] == pytest.approx(0.5)
+        assert m["score/mae"] == pytest.approx(0.875)
+        assert m["loss"] == pytest.approx(1.5 * LN2 + 5.25 / 4)
+
+
+def test_epoch_record_has_the_history_fields():
+    parts = build_parts(tiny_cfg(lr=0.01, encoder_lr=0.001), [CLS], 30, 16, 1, CPU)
+    record = epoch_record(2, torch.tensor([30.0, 20.0], dtype=torch.float64), {"loss": 1.2, "accuracy": 0.5},
+                          train_s=4.0, val_s=1.0, parts=parts, progress=Progress(epoch=2, resumed_from_epoch=0))  # fmt: skip
+    assert record["epoch"] == 2 and record["train_loss"] == pytest.approx(1.5)
+    assert record["val_loss"] == 1.2 and record["val_accuracy"] == 0.5
+    assert record["rows_per_s"] == pytest.approx(5.0) and record["epoch_s"] == 4.0 and record["eval_s"] == 1.0
+    assert record["lr"] == pytest.approx(0.01) and record["encoder_lr"] == pytest.approx(0.001)
+    assert record["resumed_from_epoch"] == 0 and record["step"] == 0
+
+
+def test_resume_from_a_given_checkpoint_unless_ray_train_has_one(tmp_path, monkeypatch):
+    from mmray.checkpoint import save_checkpoint
+    from mmray.train import loop
+    from mmray.train.state import get_rng_state, train_state
+
+    cfg = tiny_cfg(batch_size=8)
+    trained = build_parts(cfg, [CLS], 30, 16, 1, CPU)
+    train_epoch(trained, fusion_batches(), cfg, [CLS])
+    history = [{"epoch": 0}, {"epoch": 1}]
+    save_checkpoint(tmp_path / "given", trained.model, cfg.model, {"text": {}, "image": {}}, [CLS], 30, {}, 1, {},
+                    train_state(trained.optimizer, trained.scheduler, None, Progress(epoch=1, history=history),
+                                [get_rng_state()]))  # fmt: skip
+    monkeypatch.setattr(loop, "print0", lambda *a: None)
+    monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)
+    resumed_cfg = config_from_dict({**config_to_dict(cfg), "train": {**config_to_dict(cfg)["train"],
+                                                                      "resume_from": str(tmp_path / "given")}})  # fmt: skip
+    fresh = build_parts(resumed_cfg, [CLS], 30, 16, 1, CPU)
+    progress = loop._resume(fresh, resumed_cfg, 0, 1)
+    assert progress.next_epoch == 2 and progress.history == history and progress.resumed_from_epoch == 1
+    assert all(torch.equal(v, trained.model.state_dict()[k]) for k, v in fresh.model.state_dict().items())
+
+    # After a restart Ray Train's latest checkpoint wins: it is newer than where the run started from.
+    save_checkpoint(tmp_path / "latest", trained.model, cfg.model, {"text": {}, "image": {}}, [CLS], 30, {}, 4, {},
+                    train_state(trained.optimizer, trained.scheduler, None, Progress(epoch=4), [get_rng_state()]))  # fmt: skip
+    monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: loop.ray.train.Checkpoint(str(tmp_path / "latest")))
+    assert loop._resume(build_parts(resumed_cfg, [CLS], 30, 16, 1, CPU), resumed_cfg, 0, 1).next_epoch == 5
+
+    monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)
+    assert loop._resume(build_parts(cfg, [CLS], 30, 16, 1, CPU), cfg, 0, 1) == Progress()  # fresh run
