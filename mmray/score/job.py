@@ -1,37 +1,133 @@
-"""Batch scoring: Parquet in -> preprocessing pool -> predictor pool -> committed Parquet out.
+"""Batch scoring: Parquet in -> preprocessing pool -> predictor pool -> hidden staging -> committed output.
 
-Every input row ends up either in the output or in ``<output>/_quarantine/``; the counts are
-reconciled and recorded in the ``_SUCCESS`` marker (see ``mmray.score.commit``).
+1. The checkpoint is fetched once on the driver for its label maps, tokenizer and ``model_id`` (content
+   hash); the input is listed, schema-checked and fingerprinted (paths, sizes, mtimes).
+2. A commit of the same (input, model, settings, partition) at the target makes the run a no-op
+   ("already scored"); a commit of a different one is replaced only with ``overwrite``.
+3. Rows stream through the preprocessing and predictor actor pools into ``<staging>/_raw``.
+4. ``finalize`` cuts sized part files with lineage, the quarantine and the metrics; the counts must
+   reconcile with the input's Parquet metadata: ``rows_in == rows_scored + rows_quarantined``.
+5. With more bad rows than ``data.max_bad_fraction``, the quarantine is written and the run fails
+   without committing; otherwise ``commit.publish`` makes the result visible (markers last).
+
+Every input row ends up either in the output or in ``<target>/_quarantine/``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
 import ray.data
 
 from mmray.checkpoint import TOKENIZER_DIR, load_info, model_id
 from mmray.config import Config
 from mmray.data import pipeline, storage
-from mmray.data import schema as S
+from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.runtime import init_ray
 from mmray.score import commit
-from mmray.score.predictor import Predictor, output_columns
+from mmray.score.evaluate import Evaluation, LabeledPreprocessor
+from mmray.score.finalize import Finalized, finalize
+from mmray.score.predictor import Predictor, fetch_checkpoint, output_schema
 
-__all__ = ["run_scoring"]
+__all__ = ["MANIFEST_FORMAT", "count_rows", "run_scoring"]
+
+MANIFEST_FORMAT = 1
 
 
-def _lineage(batch: dict[str, np.ndarray], columns: list[str], lineage: dict[str, str]) -> dict[str, np.ndarray]:
-    """Scored rows only, with the output columns and lineage columns."""
-    good = batch[S.ERROR] == ""
-    out = {"id": batch[S.ID][good]}
-    out.update({c: batch[c][good] for c in columns})
-    out.update({k: np.full(int(good.sum()), v, dtype=object) for k, v in lineage.items()})
-    return out
+def _log(message: str) -> None:
+    print(f"mmray score: {message}", file=sys.stderr, flush=True)
+
+
+def count_rows(files: list[str], fs: pafs.FileSystem) -> int:
+    """Rows in Parquet files, from their footers (read in parallel: S3 latency, not bytes, dominates)."""
+    if not files:
+        return 0
+    with ThreadPoolExecutor(min(16, len(files))) as pool:
+        return sum(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, files))
+
+
+def _gpus_per_actor(requested: float) -> float:
+    """``score.num_gpus`` when the cluster has GPUs; CPU scoring (with a warning) when it has none."""
+    if requested > 0 and not ray.cluster_resources().get("GPU", 0):
+        _log(f"score.num_gpus={requested} but the Ray cluster has no GPU; scoring on CPU")
+        return 0.0
+    return requested
+
+
+def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[str], spec: PreprocessSpec,
+                   tokenizer_files: dict[str, bytes], checkpoint: str, mid: str,
+                   label_tasks: tuple[Task, ...]) -> ray.data.Dataset:  # fmt: skip
+    pre, sc = cfg.data.preprocess, cfg.score
+    num_gpus = _gpus_per_actor(sc.num_gpus)
+    return (
+        pipeline.read_input(input_uri, files, cfg.storage, columns)
+        .map_batches(
+            LabeledPreprocessor,
+            fn_constructor_args=(spec, tokenizer_files, label_tasks),
+            fn_constructor_kwargs={"fetch_threads": pre.fetch_threads, "fetch_attempts": pre.fetch_attempts},
+            batch_size=pre.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pre.concurrency),
+            num_cpus=pre.num_cpus,
+        )
+        .map_batches(
+            Predictor,
+            fn_constructor_args=(checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks)),
+            batch_size=sc.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
+            num_cpus=sc.num_cpus,
+            num_gpus=num_gpus,
+        )
+    )
+
+
+def _manifest(run_id: str, scored_at: dt.datetime, checkpoint: str, mid: str, tasks: tuple[Task, ...],
+              identity: dict, result: Finalized, counts: dict[str, int], evaluate: bool) -> dict[str, Any]:  # fmt: skip
+    return {
+        "format_version": MANIFEST_FORMAT,
+        "run_id": run_id,
+        "scored_at": scored_at.isoformat(),
+        "checkpoint": checkpoint,
+        "model_id": mid,
+        "tasks": [t.to_dict() for t in tasks],  # class order of the probabilities columns
+        "partition": identity["partition"],
+        "identity": identity,
+        "files": result.files,
+        "quarantine": {"name": commit.QUARANTINE_FILE, "rows": counts["rows_quarantined"]},
+        "metrics": commit.METRICS if evaluate else None,
+        **counts,
+    }
+
+
+def _already_scored(target: commit.Target, identity: dict) -> dict[str, Any] | None:
+    """The no-op result when ``target`` holds a commit of this identity; None when nothing is committed.
+
+    Raises:
+        OutputExistsError: a commit of a different identity is there (only --overwrite replaces it).
+    """
+    existing = commit.committed_run(target)
+    if existing is None:
+        return None
+    if existing["identity"]["digest"] != identity["digest"]:
+        raise commit.OutputExistsError(
+            f"{target.uri} already holds a committed result (run {existing['run_id']}) that differs: "
+            f"{'; '.join(commit.identity_differences(existing['identity'], identity))}. Pass --overwrite to replace it."
+        )
+    commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's
+    _log(f"already scored: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do")
+    counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
+    return {"output": target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
 
 
 def run_scoring(
@@ -41,49 +137,77 @@ def run_scoring(
     output_uri: str,
     partition: dict[str, str] | None = None,
     overwrite: bool = False,
+    evaluate: bool = False,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Scores ``input_uri`` with ``checkpoint`` into ``output_uri`` (optionally a ``key=value`` partition).
 
-    Returns:
-        ``{"output", "rows_in", "rows_scored", "rows_quarantined", "model_id", "status"}``;
-        status is ``"committed"`` or ``"already scored"`` (an identical committed run exists).
-    """
-    local_ckpt = storage.copy_dir_from(checkpoint, cfg.storage)
-    info = load_info(local_ckpt)
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False, storage=cfg.storage)
-    tokenizer_files = {p.name: p.read_bytes() for p in Path(local_ckpt, TOKENIZER_DIR).iterdir() if p.is_file()}
-    files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)
-    mid = model_id(local_ckpt)
-    target = commit.Target(output_uri, partition or {}, cfg.storage)
-    identity = commit.run_identity(input_uri, files, mid, cfg, target)
-    if not overwrite and commit.is_committed(target, identity):
-        return {"output": target.uri, "status": "already scored", "model_id": mid, **commit.committed_counts(target)}
+    Args:
+        overwrite: replace a committed result (atomically on local disk).
+        evaluate: the input has the checkpoint's label columns; also write ``_metrics.json``.
+        address: Ray address, used only when there is work to do (None: ``mmray.runtime.init_ray``).
 
+    Returns:
+        ``{"output", "status", "run_id", "model_id", "rows_in", "rows_scored", "rows_quarantined", ...}``;
+        status is ``"committed"`` or ``"already scored"`` (an identical commit exists; nothing was done).
+
+    Raises:
+        OutputExistsError: the target holds a commit of a different input/model/settings.
+        DataQualityError: too many rows were quarantined (the quarantine is written, nothing committed).
+    """
+    target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
+    with fetch_checkpoint(checkpoint, cfg.storage) as local:
+        info = load_info(local)
+        mid = model_id(local)
+        tokenizer_files = {p.name: p.read_bytes() for p in Path(local, TOKENIZER_DIR).iterdir() if p.is_file()}
+    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False, storage=cfg.storage)
+    columns = spec.input_columns()
+    label_tasks = info.tasks if evaluate else ()
+    columns.update({t.name: "label" for t in label_tasks})
+    files = pipeline.input_files(input_uri, columns, cfg.storage)
+    in_fs, _ = storage.resolve(input_uri, cfg.storage)
+    inputs = commit.fingerprint_inputs(files, in_fs)
+    settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
+    identity = commit.run_identity(inputs, mid, settings, target.partition)
+
+    if not overwrite and (done := _already_scored(target, identity)) is not None:
+        return {**done, "model_id": mid}
+    commit.check_replaceable(target)
+    rows_in = count_rows(files, in_fs)
     run_id = uuid.uuid4().hex[:12]
-    scored_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    sc = cfg.score
-    predicted = pipeline.preprocess(
-        pipeline.read_input(input_uri, files, cfg.storage, list(spec.input_columns())), spec, tokenizer_files,
-        cfg.data.preprocess,
-    ).map_batches(
-        Predictor,
-        fn_constructor_args=(local_ckpt,),
-        batch_size=sc.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
-        num_cpus=sc.num_cpus,
-        num_gpus=sc.num_gpus,
-    ).materialize()
-    rows_in = predicted.count()
-    quarantine = pipeline.quarantine_table(predicted)
-    columns = output_columns(info.tasks)
-    lineage = {"model_id": mid, "scored_at": scored_at, "run_id": run_id}
-    scored = predicted.map_batches(
-        _lineage, fn_args=(columns, lineage), batch_format="numpy", batch_size=None
-    ).materialize()
-    counts = {"rows_in": rows_in, "rows_scored": scored.count(), "rows_quarantined": quarantine.num_rows}
-    if counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
-        raise AssertionError(f"scoring row counts do not reconcile: {counts}")  # never lose a row
-    commit.commit(target, run_id, scored, quarantine, identity, counts, sc.rows_per_file)
-    pipeline.check_bad_fraction(rows_in, quarantine.num_rows, cfg.data.max_bad_fraction, target.quarantine_uri)
-    return {"output": target.uri, "status": "committed", "model_id": mid, "run_id": run_id, **counts}
+    scored_at = dt.datetime.now(dt.timezone.utc)
+    stage = commit.open_staging(target, run_id)
+    try:
+        if rows_in:
+            init_ray(address)
+            stream = _scored_stream(cfg, input_uri, files, list(columns), spec, tokenizer_files, checkpoint, mid,
+                                    label_tasks)  # fmt: skip
+            stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
+        evaluation = Evaluation(info.tasks, info.model.loss_weights) if evaluate else None
+        result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation)
+        counts = {"rows_in": rows_in, "rows_scored": result.rows_scored, "rows_quarantined": result.quarantine.num_rows}
+        if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
+            raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
+        if commit.fingerprint_inputs(files, in_fs) != inputs:
+            raise RuntimeError(f"input {input_uri} changed while it was being scored; nothing committed, rerun")
+        bad, limit = counts["rows_quarantined"], cfg.data.max_bad_fraction
+        if rows_in and bad / rows_in > limit:
+            where = commit.write_rejected_quarantine(target, result.quarantine, run_id)
+            pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
+        if result.metrics is not None:
+            with stage.fs.open_output_stream(stage.file(commit.METRICS)) as f:
+                f.write(json.dumps(result.metrics, indent=2, sort_keys=True).encode())
+        manifest = _manifest(run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate)
+        committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
+        commit.publish(stage, manifest, {"run_id": run_id, "committed_at": committed_at, **counts})
+    except BaseException:
+        stage.discard()
+        raise
+    _log(f"committed {counts['rows_scored']} rows in {len(result.files)} files to {target.uri} "
+         f"({counts['rows_quarantined']} quarantined)")  # fmt: skip
+    out = {"output": target.uri, "status": "committed", "run_id": run_id, "model_id": mid,
+           "scored_at": scored_at.isoformat(), "files": len(result.files),
+           "quarantine": target.child_uri(commit.QUARANTINE_FILE), **counts}  # fmt: skip
+    if result.metrics is not None:
+        out["metrics"] = result.metrics
+    return out

@@ -2,90 +2,157 @@
 
 Rows that failed preprocessing pass through with their error so the job can quarantine them; a row
 whose prediction is not finite is marked with stage ``predict``. No row is dropped here.
+
+Output columns per task (suffixed ``_<task>`` when the model has several tasks): ``prediction``
+(class name, list of class names for multilabel, float for regression), ``confidence`` and
+``probabilities`` (aligned with the task's classes, which the manifest records).
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator, Sequence
+
 import numpy as np
+import pyarrow as pa
 import torch
 
-from mmray.checkpoint import load_info, load_model
+from mmray.checkpoint import load_info, load_model, model_id
+from mmray.config import StorageConfig
 from mmray.data import schema as S
+from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.metrics import task_probabilities
 
-__all__ = ["Predictor", "output_columns"]
+__all__ = ["LABEL_ERROR", "Predictor", "fetch_checkpoint", "logits_key", "output_columns", "output_schema"]
+
+LABEL_ERROR = "_label_error"  # --evaluate: why a row's label cannot be used ("" when it can)
+_LOGITS_PREFIX = "_logits__"
+_INPUT_KEYS = (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
 
 
-def output_columns(tasks: tuple[Task, ...] | list[Task]) -> list[str]:
-    """Prediction columns: ``prediction, confidence, probabilities`` (suffixed ``_<task>`` if multi-task)."""
-    return [c for t in tasks for c in _names(t, len(tasks) > 1).values()]
+def logits_key(task: str) -> str:
+    """Hidden column with a row's raw logits (``--evaluate`` only; never in the committed output)."""
+    return f"{_LOGITS_PREFIX}{task}"
 
 
 def _names(task: Task, multi: bool) -> dict[str, str]:
     suffix = f"_{task.name}" if multi else ""
     if task.kind == "regression":
         return {"prediction": f"prediction{suffix}"}
-    names = ("prediction", "confidence", "probabilities")
-    return {n: f"{n}{suffix}" for n in names}
+    return {n: f"{n}{suffix}" for n in ("prediction", "confidence", "probabilities")}
+
+
+def output_columns(tasks: Sequence[Task]) -> list[str]:
+    """Prediction columns: ``prediction, confidence, probabilities`` (suffixed ``_<task>`` if multi-task)."""
+    return [c for t in tasks for c in _names(t, len(tasks) > 1).values()]
+
+
+def output_schema(tasks: Sequence[Task]) -> pa.Schema:
+    """Arrow schema of the scored rows (``id`` + prediction columns), the same in every output file."""
+    fields = [pa.field("id", pa.string())]
+    for t in tasks:
+        names = _names(t, len(tasks) > 1)
+        if t.kind == "regression":
+            fields.append(pa.field(names["prediction"], pa.float64()))
+            continue
+        pred = pa.list_(pa.string()) if t.kind == "multilabel" else pa.string()
+        fields += [pa.field(names["prediction"], pred), pa.field(names["confidence"], pa.float64()),
+                   pa.field(names["probabilities"], pa.list_(pa.float64()))]  # fmt: skip
+    return pa.schema(fields)
+
+
+@contextlib.contextmanager
+def fetch_checkpoint(uri: str, store: StorageConfig) -> Iterator[str]:
+    """A local directory holding the checkpoint; an S3 checkpoint is downloaded and removed afterwards."""
+    local = storage.copy_dir_from(uri, store)
+    try:
+        yield local
+    finally:
+        if storage.is_s3(uri):
+            shutil.rmtree(local, ignore_errors=True)
 
 
 class Predictor:
-    """Callable class for ``map_batches(Predictor, fn_constructor_args=(checkpoint_dir, device))``.
+    """Callable class for ``map_batches(Predictor, fn_constructor_args=(uri, storage, model_id, device))``.
 
     Args:
-        checkpoint_dir: a local mmray checkpoint directory.
-        device: "cuda", "cpu" or None (CUDA when this actor was given a GPU).
-        keep_labels: pass the encoded label columns through (for ``--evaluate``).
+        checkpoint_uri: an mmray checkpoint directory, local or ``s3://`` (each actor fetches it, so
+            actors on any node work without shared storage).
+        store: endpoint/region for S3.
+        expected_model_id: refuse to run when the fetched checkpoint's content hash differs from the
+            one the driver recorded (the lineage column must name the model that actually predicted).
+        device: ``"cpu"`` or ``"cuda"`` (the job passes ``"cuda"`` when the actor was given GPUs).
+        evaluate: pass the encoded label columns through and add the hidden logits columns.
     """
 
-    def __init__(self, checkpoint_dir: str, device: str | None = None, keep_labels: bool = False):
-        self.info = load_info(checkpoint_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(checkpoint_dir, self.info).to(self.device)
-        self.keep_labels = keep_labels
+    def __init__(self, checkpoint_uri: str, store: StorageConfig, expected_model_id: str | None = None,
+                 device: str = "cpu", evaluate: bool = False):  # fmt: skip
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"predictor actor asked for device {device!r} but sees no CUDA device")
+        self.device = torch.device(device)
+        with fetch_checkpoint(checkpoint_uri, store) as local:
+            found = model_id(local)
+            if expected_model_id is not None and found != expected_model_id:
+                raise RuntimeError(
+                    f"checkpoint {checkpoint_uri} changed during scoring: model_id {found}, "
+                    f"expected {expected_model_id}"
+                )
+            self.info = load_info(local)
+            self.model = load_model(local, self.info).to(self.device)
+        self.tasks = self.info.tasks
+        self.evaluate = evaluate
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[S.ID])
-        good = batch[S.ERROR] == ""
-        out = {S.ID: batch[S.ID], S.ERROR: batch[S.ERROR].copy(), S.ERROR_COLUMN: batch[S.ERROR_COLUMN].copy(),
-               S.ERROR_STAGE: batch[S.ERROR_STAGE].copy()}  # fmt: skip
-        if self.keep_labels:
-            out.update({k: v for k, v in batch.items() if S.task_of_label_key(k) is not None})
-        multi = len(self.info.tasks) > 1
-        columns = {t.name: {c: np.full(n, None, dtype=object) for c in _names(t, multi).values()} for t in self.info.tasks}
-        if good.any():
-            inputs = {k: torch.from_numpy(np.ascontiguousarray(batch[k][good])).to(self.device) for k in self._input_keys()}
+        out = {k: np.asarray(batch[k]).copy() for k in (S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE)}
+        if self.evaluate:
+            out.update({k: v for k, v in batch.items() if S.task_of_label_key(k) is not None or k == LABEL_ERROR})
+        multi = len(self.tasks) > 1
+        columns = {c: np.full(n, None, dtype=object) for c in output_columns(self.tasks)}
+        if self.evaluate:
+            columns.update({logits_key(t.name): np.full(n, None, dtype=object) for t in self.tasks})
+        rows = np.flatnonzero(out[S.ERROR] == "")
+        if len(rows):
+            inputs = {k: torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(self.device)
+                      for k in _INPUT_KEYS if k in batch}  # fmt: skip
             logits = self.model(inputs)["logits"]
-            rows = np.flatnonzero(good)
             finite = np.ones(len(rows), dtype=bool)
-            for t in self.info.tasks:
-                probs = task_probabilities(t, logits[t.name]).cpu().numpy()
+            for t in self.tasks:
+                raw = logits[t.name].float().cpu()
+                probs = task_probabilities(t, raw).numpy()
                 finite &= np.isfinite(probs.reshape(len(rows), -1)).all(1)
-                self._fill(t, _names(t, multi), probs, rows, columns[t.name])
+                _fill(t, _names(t, multi), probs, rows, columns)
+                if self.evaluate:
+                    _put_rows(columns[logits_key(t.name)], rows, raw.reshape(len(rows), -1).numpy())
             for r in rows[~finite]:
                 out[S.ERROR][r], out[S.ERROR_COLUMN][r], out[S.ERROR_STAGE][r] = "non-finite prediction", "", "predict"
-        for cols in columns.values():
-            out.update(cols)
+                for col in columns.values():
+                    col[r] = None
+        out.update(columns)
         return out
 
-    @staticmethod
-    def _input_keys() -> list[str]:
-        return [S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT)]
 
-    @staticmethod
-    def _fill(task: Task, names: dict[str, str], probs: np.ndarray, rows: np.ndarray, cols: dict) -> None:
-        for j, r in enumerate(rows):
-            p = probs[j]
-            if task.kind == "regression":
-                cols[names["prediction"]][r] = float(p)
-                continue
-            if task.kind == "multilabel":
-                cols[names["prediction"]][r] = [c for c, q in zip(task.classes, p) if q >= 0.5]
-                cols[names["confidence"]][r] = float(np.maximum(p, 1 - p).mean())
-            else:
-                k = int(p.argmax())
-                cols[names["prediction"]][r] = task.classes[k]
-                cols[names["confidence"]][r] = float(p[k])
-            cols[names["probabilities"]][r] = [float(x) for x in p]
+def _put_rows(column: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """One Python list per row (numpy would broadcast a 2-D assignment into an object array)."""
+    for j, r in enumerate(rows):
+        column[r] = values[j].tolist()
+
+
+def _fill(task: Task, names: dict[str, str], probs: np.ndarray, rows: np.ndarray, cols: dict) -> None:
+    if task.kind == "regression":
+        cols[names["prediction"]][rows] = probs.astype(np.float64).reshape(-1)
+        return
+    if task.kind == "multilabel":
+        preds = [[c for c, q in zip(task.classes, p) if q >= 0.5] for p in probs]
+        conf = np.maximum(probs, 1 - probs).mean(1)
+    else:
+        k = probs.argmax(1)
+        preds = [task.classes[i] for i in k]
+        conf = probs[np.arange(len(k)), k]
+    for j, r in enumerate(rows):
+        cols[names["prediction"]][r] = preds[j]
+    cols[names["confidence"]][rows] = conf.astype(np.float64)
+    _put_rows(cols[names["probabilities"]], rows, probs.astype(np.float64))

@@ -1,0 +1,104 @@
+"""The predictor actor on batches, called directly (no Ray): outputs, bad rows, multi-task, model_id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmray.checkpoint import TOKENIZER_DIR, load_info, model_id
+from mmray.config import StorageConfig
+from mmray.data import schema as S
+from mmray.data import storage
+from mmray.data.labels import Task
+from mmray.data.preprocess import PreprocessSpec
+from mmray.data.synthetic import make_rows
+from mmray.score.evaluate import LabeledPreprocessor
+from mmray.score.predictor import LABEL_ERROR, Predictor, fetch_checkpoint, logits_key, output_columns, output_schema
+from tests.score.conftest import CLASSES, TASK, make_checkpoint
+
+
+def preprocessed(ckpt: Path, rows: dict[str, list], label_tasks=()) -> dict[str, np.ndarray]:
+    info = load_info(ckpt)
+    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False)
+    tokenizer = {p.name: p.read_bytes() for p in (ckpt / TOKENIZER_DIR).iterdir()}
+    return LabeledPreprocessor(spec, tokenizer, label_tasks)({k: np.array(v, dtype=object) for k, v in rows.items()})
+
+
+def test_good_rows_get_predictions_and_bad_rows_pass_through_with_their_error(tiny_checkpoint):
+    rows = make_rows(6, seed=3)
+    rows["image"][1], rows["text"][1] = b"not an image", None
+    predict = Predictor(str(tiny_checkpoint), StorageConfig(), model_id(tiny_checkpoint))
+    out = predict(preprocessed(tiny_checkpoint, rows))
+
+    assert list(out[S.ID]) == rows["id"]
+    assert out[S.ERROR][1] != "" and out[S.ERROR_STAGE][1] == "preprocess"
+    assert out["prediction"][1] is None and out["probabilities"][1] is None
+    for i in (0, 2, 3, 4, 5):
+        probs = np.array(out["probabilities"][i])
+        assert out[S.ERROR][i] == "" and probs.shape == (4,) and probs.sum() == pytest.approx(1.0, abs=1e-6)
+        assert out["prediction"][i] == CLASSES[int(probs.argmax())]
+        assert out["confidence"][i] == pytest.approx(probs.max())
+    table = pa.table({c: pa.array(list(out[c])) for c in output_schema([TASK]).names})
+    assert table.cast(output_schema([TASK])).num_rows == 6  # what finalize does with Ray's blocks
+
+
+def test_a_rows_prediction_does_not_depend_on_its_batch(tiny_checkpoint):
+    rows = make_rows(8, seed=4)
+    predict = Predictor(str(tiny_checkpoint), StorageConfig())
+    together = predict(preprocessed(tiny_checkpoint, rows))
+    for i in range(8):
+        alone = predict(preprocessed(tiny_checkpoint, {k: v[i : i + 1] for k, v in rows.items()}))
+        assert alone["prediction"][0] == together["prediction"][i]
+        np.testing.assert_allclose(alone["probabilities"][0], together["probabilities"][i], rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_that_changed_since_the_driver_hashed_it_is_refused(tiny_checkpoint):
+    with pytest.raises(RuntimeError, match="changed during scoring"):
+        Predictor(str(tiny_checkpoint), StorageConfig(), expected_model_id="0" * 16)
+
+
+def test_multi_task_columns_are_suffixed_and_typed(tmp_path):
+    tasks = [TASK, Task("tags", "multilabel", ("a", "b", "c")), Task("flag", "binary", ("false", "true")),
+             Task("score", "regression")]  # fmt: skip
+    ckpt = make_checkpoint(tmp_path, tasks)
+    assert output_columns(tasks) == [
+        "prediction_label", "confidence_label", "probabilities_label", "prediction_tags", "confidence_tags",
+        "probabilities_tags", "prediction_flag", "confidence_flag", "probabilities_flag", "prediction_score",
+    ]  # fmt: skip
+    schema = output_schema(tasks)
+    assert schema.field("prediction_tags").type == pa.list_(pa.string())
+    assert schema.field("prediction_score").type == pa.float64()
+    out = Predictor(str(ckpt), StorageConfig())(preprocessed(ckpt, make_rows(5, seed=6)))
+    table = pa.table({c: pa.array(list(out[c])) for c in schema.names}).cast(schema)
+    assert table.num_rows == 5
+    for row in table.to_pylist():
+        assert set(row["prediction_tags"]) <= {"a", "b", "c"} and len(row["probabilities_tags"]) == 3
+        assert row["prediction_flag"] in ("false", "true") and sum(row["probabilities_flag"]) == pytest.approx(1)
+        assert isinstance(row["prediction_score"], float)
+
+
+def test_evaluate_keeps_encoded_labels_and_logits_but_never_quarantines_for_a_label(tiny_checkpoint):
+    rows = make_rows(4, seed=7)
+    rows["label"][0], rows["label"][1] = "unicorn", None
+    batch = preprocessed(tiny_checkpoint, rows, label_tasks=[TASK])
+    out = Predictor(str(tiny_checkpoint), StorageConfig(), evaluate=True)(batch)
+    assert list(out[S.ERROR]) == [""] * 4  # a bad label is not a bad row: every row is scored
+    assert "not in the label map" in out[LABEL_ERROR][0] and "null label" in out[LABEL_ERROR][1]
+    assert list(out[LABEL_ERROR][2:]) == ["", ""]
+    assert [CLASSES[i] for i in out[S.label_key("label")][2:]] == rows["label"][2:]
+    assert all(len(v) == 4 for v in out[logits_key("label")])
+
+
+def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(tiny_checkpoint, s3_server, s3_bucket):
+    store = StorageConfig(s3_endpoint_url=s3_server)
+    uri = f"s3://{s3_bucket}/ckpt"
+    storage.copy_dir_to(tiny_checkpoint, uri, store)
+    with fetch_checkpoint(uri, store) as local:
+        assert model_id(local) == model_id(tiny_checkpoint)
+    assert not os.path.exists(local)
+    out = Predictor(uri, store, model_id(tiny_checkpoint))(preprocessed(tiny_checkpoint, make_rows(2, seed=8)))
+    assert all(p in CLASSES for p in out["prediction"])
