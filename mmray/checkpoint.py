@@ -6,6 +6,7 @@ Layout of a checkpoint directory::
                         settings, tasks with label maps), vocab size, epoch, metrics
     model.safetensors   weights (unwrapped from DDP)
     tokenizer/          AutoTokenizer.from_pretrained-loadable files
+    architecture/       per modality, what rebuilds a pretrained encoder bare (HF config.json)
     train_state.pt      optimizer, scheduler, scaler, epoch, step, RNG, history (resume only)
 
 ``load_for_inference`` rebuilds tokenizer spec and model from the directory alone.
@@ -37,6 +38,7 @@ BUNDLE_FILE = "mmray.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_FILE = "train_state.pt"
+ARCHITECTURE_DIR = "architecture"  # <modality>/ config files of pretrained encoders (models.builder)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ def save_checkpoint(
     save_file(state, str(d / WEIGHTS_FILE))
     for name, data in tokenizer_files.items():
         (d / TOKENIZER_DIR / name).write_bytes(data)
+    from mmray.models.builder import save_architecture
+
+    save_architecture(unwrap(model), d)  # pretrained encoders' configs: scoring rebuilds them offline
     preprocess = {k: v for k, v in preprocess.items() if k not in ("tokenizer", "tasks", "with_labels")}
     bundle = {
         "format_version": FORMAT_VERSION,
@@ -118,7 +123,8 @@ def model_id(directory: str | os.PathLike) -> str:
     """Content hash of the inference bundle (weights, bundle, tokenizer): stable across copies."""
     d = Path(directory)
     h = hashlib.sha256()
-    files = [d / BUNDLE_FILE, d / WEIGHTS_FILE, *sorted((d / TOKENIZER_DIR).rglob("*"))]
+    files = [d / BUNDLE_FILE, d / WEIGHTS_FILE, *sorted((d / TOKENIZER_DIR).rglob("*")),
+             *sorted((d / ARCHITECTURE_DIR).rglob("*"))]  # fmt: skip
     for f in files:
         if f.is_file():
             h.update(str(f.relative_to(d)).encode())

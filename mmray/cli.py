@@ -4,17 +4,21 @@ Examples:
     mmray make-data work/data --rows 2000
     mmray train --config configs/demo.yaml data.train=work/data/train data.val=work/data/val
     mmray score --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/preds
+    mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
     mmray demo --workdir work/demo
 
 Each command prints its result as one JSON object on the LAST line of stdout. Errors in user input
-(config, schema, missing data, too many bad rows) exit with status 2 and a message naming the culprit.
+(config, schema, missing data, too many bad rows) exit with status 2 and a message naming the culprit;
+``MMRAY_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from typing import Any
 
 __all__ = ["main"]
@@ -36,6 +40,8 @@ def _partition(values: list[str]) -> dict[str, str]:
         if "=" not in v:
             raise ValueError(f"--partition {v!r}: expected KEY=VALUE")
         k, val = v.split("=", 1)
+        if k in out:
+            raise ValueError(f"--partition {v!r}: key {k!r} given twice")
         out[k] = val
     return out
 
@@ -58,13 +64,23 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     from mmray.config import load_config
-    from mmray.runtime import init_ray
     from mmray.score.job import run_scoring
 
     cfg = load_config(args.config, args.overrides)
     partition = _partition(args.partition)
+    # Ray is started only when there is work: an "already scored" rerun returns in a second.
+    _emit(run_scoring(cfg, args.checkpoint, args.input, args.output, partition, overwrite=args.overwrite,
+                      evaluate=args.evaluate, address=args.address))  # fmt: skip
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from mmray.config import load_config
+    from mmray.evaluate import run_evaluation
+    from mmray.runtime import init_ray
+
+    cfg = load_config(args.config, args.overrides)
     init_ray(args.address)
-    _emit(run_scoring(cfg, args.checkpoint, args.input, args.output, partition, overwrite=args.overwrite))
+    _emit(run_evaluation(cfg, args.checkpoint, args.input))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -97,9 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True)
     sp.add_argument("--output", required=True)
     sp.add_argument("--partition", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--overwrite", action="store_true", help="replace an already committed output")
+    sp.add_argument("--overwrite", action="store_true", help="replace an already committed output (atomically)")
+    sp.add_argument("--evaluate", action="store_true", help="the input has labels: also write _metrics.json")
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_score)
+
+    sp = sub.add_parser("evaluate", help="metrics of a checkpoint on labelled Parquet: full, text masked, image masked")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--input", required=True)
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("demo", help="make-data -> train -> score on an embedded Ray")
     sp.add_argument("--workdir", default="work/demo")
@@ -119,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (ConfigError, SchemaError, LabelError, DataQualityError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("MMRAY_DEBUG"):
+            traceback.print_exc()
         print(f"mmray {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

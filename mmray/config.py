@@ -61,6 +61,8 @@ class PreprocessConfig:
     concurrency: int = 1  # preprocessing actors in the pool
     batch_size: int = 64  # rows per map_batches call
     num_cpus: float = 0.5  # CPUs reserved per actor; fractional so small machines never deadlock
+    fetch_threads: int = 8  # concurrent image-URI reads per actor (S3 latency, not CPU, bounds them)
+    fetch_attempts: int = 3  # tries per image URI on transient errors (exponential backoff)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,11 @@ class DataConfig:
         return [self.label_column] if isinstance(self.label_column, str) else list(self.label_column)
 
 
+def _check_freeze(value: bool | int, key: str) -> None:
+    if not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"{key}: expected true, false or a number of blocks >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     kind: Literal["tiny", "hf"] = "tiny"
@@ -112,8 +119,11 @@ class TextEncoderConfig:
     dim: int = 64  # tiny only; hf derives it from the model
     layers: int = 1  # tiny only
     heads: int = 4  # tiny only
-    pooling: Literal["cls", "mean"] = "mean"
-    freeze: bool | int = False  # True, False, or N = train only the last N blocks
+    pooling: Literal["cls", "mean"] = "mean"  # mean suits sentence-transformers models (MiniLM)
+    freeze: bool | int = False  # True, False, or N = train only the last N blocks (and what follows them)
+
+    def __post_init__(self) -> None:
+        _check_freeze(self.freeze, "model.text_encoder.freeze")
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,10 @@ class ImageEncoderConfig:
     name: str = "resnet18"  # torchvision.models builder name
     weights: str | None = None  # local file, s3:// file, or a torchvision weights name
     dim: int = 64  # tiny only; torchvision derives it from the model
-    freeze: bool | int = False
+    freeze: bool | int = False  # True, False, or N = train only the last N blocks (ResNet: stages)
+
+    def __post_init__(self) -> None:
+        _check_freeze(self.freeze, "model.image_encoder.freeze")
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,21 @@ class ModelConfig:
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     tasks: dict[str, str] = field(default_factory=dict)  # label column -> multiclass|multilabel|binary|regression
     loss_weights: dict[str, float] = field(default_factory=dict)  # label column -> weight (default 1)
+    fusion_layers: int = 2  # cross_attention: rounds of text <-> image attention
+    fusion_heads: int = 4  # cross_attention: attention heads; must divide hidden_dim
+    fusion_rank: int = 4  # bilinear: rank of the low-rank factors (LMF)
+
+    def __post_init__(self) -> None:
+        for key in ("fusion_layers", "fusion_heads", "fusion_rank"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}: must be > 0, got {getattr(self, key)!r}")
+        if self.fusion == "cross_attention" and self.hidden_dim % self.fusion_heads:
+            raise ConfigError(f"model.fusion_heads: {self.fusion_heads} must divide model.hidden_dim={self.hidden_dim}")
+        if self.aux_loss_weight < 0:
+            raise ConfigError(f"model.aux_loss_weight: must be >= 0, got {self.aux_loss_weight!r}")
+        for task, weight in self.loss_weights.items():
+            if weight < 0:
+                raise ConfigError(f"model.loss_weights.{task}: must be >= 0, got {weight!r}")
 
 
 @dataclass(frozen=True)
@@ -168,6 +196,10 @@ class TrainConfig:
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    prefetch_batches: int = 2  # batches each worker prefetches from its dataset shard
+    tensorboard_dir: str | None = None  # rank 0 writes scalars to <dir>/<run name>; needs tensorboard(X)
+    mlflow_tracking_uri: str | None = None  # log params + epoch metrics to MLflow; needs mlflow
+    mlflow_experiment: str = "mmray"
 
 
 @dataclass(frozen=True)
@@ -176,7 +208,16 @@ class ScoreConfig:
     batch_size: int = 128
     num_gpus: float = 0.0  # per predictor actor
     num_cpus: float = 0.5  # per predictor actor
-    rows_per_file: int = 100_000
+    rows_per_file: int = 100_000  # rows per committed output file (the last one smaller)
+    # Nightly job (jobs/nightly_score.py): scores <input>/date=D into <output>/date=D.
+    checkpoint: str | None = None  # None: the `checkpoint` in <train.storage_path>/latest.json
+    input: str | None = None  # root holding date=YYYY-MM-DD partitions; local path or s3://
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("num_gpus", "num_cpus"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"score.{key}: must be >= 0, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)
@@ -193,11 +234,12 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 
 _POSITIVE = {
-    "data.preprocess.concurrency", "data.preprocess.batch_size", "data.text.max_length",
+    "data.preprocess.concurrency", "data.preprocess.batch_size", "data.preprocess.fetch_threads",
+    "data.preprocess.fetch_attempts", "data.text.max_length",
     "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
     "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
     "model.image_encoder.dim", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
-    "train.grad_accum_steps", "train.num_to_keep", "score.concurrency", "score.batch_size",
+    "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience", "score.concurrency", "score.batch_size",
     "score.rows_per_file",
 }  # fmt: skip
 _FRACTIONS = {
@@ -304,8 +346,20 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"model.tasks.{task}: {kind!r} is not one of {list(_TASK_KINDS)}")
     if cfg.data.image_column is None and cfg.data.image_uri_column is None:
         raise ConfigError("data.image_column / data.image_uri_column: at least one must be set")
+    if cfg.storage.s3_endpoint_url and "@" in cfg.storage.s3_endpoint_url.split("://", 1)[-1].split("/", 1)[0]:
+        # Credentials come from the AWS chain only: a config can be logged, copied and stored.
+        raise ConfigError("storage.s3_endpoint_url: must not embed credentials (user:password@host)")
     if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
         raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
+    for res, amount in cfg.train.resources_per_worker.items():
+        if amount < 0:
+            raise ConfigError(f"train.resources_per_worker.{res}: must be >= 0, got {amount!r}")
+    if cfg.train.max_failures < -1:
+        raise ConfigError(f"train.max_failures: must be >= 0 (or -1: retry forever), got {cfg.train.max_failures}")
+    if cfg.train.prefetch_batches < 0:
+        raise ConfigError(f"train.prefetch_batches: must be >= 0, got {cfg.train.prefetch_batches}")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip: must be > 0 or null (no clipping), got {cfg.train.grad_clip}")
     if cfg.model.text_encoder.dim % cfg.model.text_encoder.heads:
         raise ConfigError("model.text_encoder.dim: must be divisible by model.text_encoder.heads")
 
