@@ -84,7 +84,8 @@ def test_nightly_scores_three_dated_partitions_and_reruns_safely(trained, ray_ad
     inputs = {d: write_input(tmp_path / "in" / f"date={d}", 40, seed=20 + i, prefix=f"n{i}-", bad=BAD_ROWS.get(d, 0))
               for i, d in enumerate(DATES)}  # fmt: skip
     out = tmp_path / "out"
-    overrides = [f"train.storage_path={trained['storage_path']}", "data.preprocess.batch_size=64", "score.batch_size=64"]
+    overrides = [f"train.storage_path={trained['storage_path']}", "data.preprocess.batch_size=64",
+                 "score.batch_size=64"]  # fmt: skip
     common = ["--input", str(tmp_path / "in"), "--output", str(out), *overrides]
 
     proc = nightly(["--date", DATES[0], *common], ray_address)  # the real entrypoint, once

@@ -95,9 +95,10 @@ def source(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(trained, source, ray_address, tmp_path_factory) -> dict:
-    """One uninterrupted run: the baseline for the rerun, kill and overwrite tests."""
+    """One uninterrupted run (with --evaluate: the input is labelled): the baseline for the other tests."""
     out = tmp_path_factory.mktemp("reference") / "preds"
-    result = run_cli(score_args(trained["checkpoint"], source["path"], str(out), *FAST), ray_address).json
+    args = score_args(trained["checkpoint"], source["path"], str(out), "--evaluate", *FAST)
+    result = run_cli(args, ray_address).json
     target = commit.Target(str(out), {"date": DATE})
     return {"out": out, "target": target, "result": result, "table": commit.read_committed(target)}
 
@@ -107,7 +108,7 @@ def test_committed_output_has_every_id_once_in_sized_files_with_lineage(referenc
     partition = out / f"date={DATE}"
     assert result["status"] == "committed" and result["rows_in"] == result["rows_scored"] == ROWS
     assert sorted(os.listdir(out)) == [f"date={DATE}"]  # no staging left behind
-    assert sorted(os.listdir(partition)) == ["_SUCCESS", "_manifest.json", "_quarantine",
+    assert sorted(os.listdir(partition)) == ["_SUCCESS", "_manifest.json", "_metrics.json", "_quarantine",
                                              *(f"part-{i:05d}.parquet" for i in range(FILES))]  # fmt: skip
     assert [pq.read_metadata(partition / f"part-{i:05d}.parquet").num_rows for i in range(FILES)] == [50] * FILES
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()  # a plain reader
@@ -128,7 +129,7 @@ def test_committed_output_has_every_id_once_in_sized_files_with_lineage(referenc
 def test_rerun_is_a_noop_that_says_so(reference, source, trained, capfd):
     partition = reference["out"] / f"date={DATE}"
     before = {p.name: p.stat().st_mtime_ns for p in partition.rglob("*")}
-    result = score_here(trained["checkpoint"], source["path"], str(reference["out"]), *FAST)
+    result = score_here(trained["checkpoint"], source["path"], str(reference["out"]), *FAST, evaluate=True)
     assert result["status"] == "already scored" and result["run_id"] == reference["result"]["run_id"]
     assert "already scored" in capfd.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in partition.rglob("*")} == before
@@ -222,19 +223,17 @@ def test_overwrite_replaces_the_partition_atomically(reference, source, trained,
     assert_same_predictions(commit.read_committed(commit.Target(str(out), {"date": DATE})), reference["table"])
 
 
-def test_evaluate_writes_training_metrics_next_to_the_output(trained, tmp_path):
-    labelled = write_input(tmp_path / "labelled", 60, seed=12, prefix="e")
-    out = tmp_path / "preds"
-    result = run_scoring(load_config(None), trained["checkpoint"], labelled["path"], str(out), evaluate=True)
-    metrics = json.loads((out / "_metrics.json").read_text())
-    assert metrics == pytest.approx(result["metrics"])
-    assert metrics["rows"] == 60 and metrics["rows_unlabeled"] == 0
+def test_evaluate_writes_training_metrics_next_to_the_output(reference, source):
+    partition = reference["out"] / f"date={DATE}"
+    metrics = json.loads((partition / "_metrics.json").read_text())
+    assert metrics == pytest.approx(reference["result"]["metrics"])
+    assert metrics["rows"] == ROWS and metrics["rows_unlabeled"] == 0
     assert {"loss", "accuracy", "macro_f1", "label/accuracy"} <= set(metrics)
-    table = commit.read_committed(commit.Target(str(out)))
-    labels = dict(zip(labelled["ids"], pq.read_table(labelled["path"]).column("label").to_pylist()))
-    correct = [labels[r["id"]] == r["prediction"] for r in table.to_pylist()]
+    truth = pq.read_table(source["path"], columns=["id", "label"])
+    labels = dict(zip(truth.column("id").to_pylist(), truth.column("label").to_pylist()))
+    correct = [labels[r["id"]] == r["prediction"] for r in reference["table"].to_pylist()]
     assert metrics["accuracy"] == pytest.approx(np.mean(correct))
-    assert json.loads((out / "_manifest.json").read_text())["metrics"] == "_metrics.json"
+    assert json.loads((partition / "_manifest.json").read_text())["metrics"] == "_metrics.json"
 
 
 def test_too_many_bad_rows_writes_the_quarantine_and_commits_nothing(trained, tmp_path):
