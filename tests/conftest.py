@@ -39,8 +39,16 @@ def ray_session():
     """One local Ray for the whole session (2 CPUs, like this machine and CI)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray waits a hard-coded 30 s for its raylet; on a loaded 2-core machine that can run out, so retry.
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 
