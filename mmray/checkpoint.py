@@ -78,7 +78,7 @@ def save_checkpoint(
     from mmray.models.builder import save_architecture
 
     save_architecture(unwrap(model), d)  # pretrained encoders' configs: scoring rebuilds them offline
-    preprocess = {k: v for k, v in preprocess.items() if k not in ("tokenizer", "tasks", "with_labels")}
+    preprocess = {k: v for k, v in preprocess.items() if k not in ("tasks", "with_labels")}
     bundle = {
         "format_version": FORMAT_VERSION,
         "model": config_to_dict(model_cfg),
@@ -107,14 +107,12 @@ def load_info(directory: str | os.PathLike) -> CheckpointInfo:
 
 def load_model(directory: str | os.PathLike, info: CheckpointInfo | None = None) -> nn.Module:
     """Rebuilds the model from the checkpoint's config and loads its weights (eval mode, CPU)."""
-    from mmray.config import ImageConfig, TextConfig
+    from mmray.data.preprocess import PreprocessSpec
     from mmray.models.builder import build_model
 
     info = info or load_info(directory)
-    pre = info.preprocess
-    text = TextConfig(**pre["text"])
-    image = ImageConfig(**{**pre["image"], "mean": tuple(pre["image"]["mean"]), "std": tuple(pre["image"]["std"])})
-    model = build_model(info.model, text, image, info.tasks, info.vocab_size, checkpoint_dir=str(directory))
+    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks)
+    model = build_model(info.model, spec.text, spec.image, info.tasks, info.vocab_size, checkpoint_dir=str(directory))
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
     return model.eval()
 
