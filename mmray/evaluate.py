@@ -30,11 +30,12 @@ import torch
 
 from mmray.checkpoint import TOKENIZER_DIR, load_info, load_model
 from mmray.config import Config, ModelConfig, StorageConfig
-from mmray.data import pipeline
+from mmray.data import pipeline, storage
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.metrics import MetricAccumulator, per_row_loss
+from mmray.metrics import MetricAccumulator, weighted_row_loss
+from mmray.score.predictor import fetch_checkpoint
 
 __all__ = ["AblationEvaluator", "VARIANTS", "run_evaluation", "summarize", "variant_masks", "variant_names"]
 
@@ -51,12 +52,6 @@ def variant_masks(masks: dict[str, torch.Tensor], variant: str) -> dict[str, tor
     return {m: torch.zeros_like(v) if m == _MASKED[variant] else v for m, v in masks.items()}
 
 
-def _loss_sum(tasks: list[Task], logits: dict, targets: dict, loss_weights: dict[str, float]) -> float:
-    """Summed training loss of the fused heads (``val_loss`` in training means the same)."""
-    return float(sum(loss_weights.get(t.name, 1.0) * per_row_loss(t, logits[t.name], targets[t.name]).sum()
-                     for t in tasks))  # fmt: skip
-
-
 class AblationEvaluator:
     """Callable class for ``map_batches``: one summary row per batch (metric state of every variant).
 
@@ -67,8 +62,6 @@ class AblationEvaluator:
     """
 
     def __init__(self, checkpoint_uri: str, store: StorageConfig, device: str = "cpu"):
-        from mmray.score.predictor import fetch_checkpoint
-
         self.device = torch.device(device)
         with fetch_checkpoint(checkpoint_uri, store) as local:
             self.info = load_info(local)
@@ -100,17 +93,17 @@ class AblationEvaluator:
         targets = {t.name: tensor(S.label_key(t.name)) for t in self.tasks}
         features = self.model.encode(inputs)
         masks = self.model.masks(inputs)
-        weights = self.info.model.loss_weights
+        aux = self.model.aux_logits(features)
         for name, acc in zip(self.names, states):
             if name in VARIANTS:
-                logits = self.model.predict(features, variant_masks(masks, name))
-                acc.update(logits, targets, _loss_sum(self.tasks, logits, targets, weights))
-                continue
-            modality = name.split(".", 1)[1]  # unimodal.<modality>: that modality's rows only
-            present = masks[modality] > 0
-            logits = {t: v[present] for t, v in self.model.aux_logits(features)[modality].items()}
-            sub = {t: v[present] for t, v in targets.items()}
-            acc.update(logits, sub, _loss_sum(self.tasks, logits, sub, weights))
+                logits, rows_targets = self.model.predict(features, variant_masks(masks, name)), targets
+            else:
+                modality = name.split(".", 1)[1]  # unimodal.<modality>: that modality's rows only
+                present = masks[modality] > 0
+                logits = {t: v[present] for t, v in aux[modality].items()}
+                rows_targets = {t: v[present] for t, v in targets.items()}
+            loss = weighted_row_loss(self.tasks, logits, rows_targets, self.info.model.loss_weights)
+            acc.update(logits, rows_targets, float(loss.sum()))
 
 
 def variant_names(model_cfg: ModelConfig) -> list[str]:
@@ -126,9 +119,6 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, An
         ``{"checkpoint", "input", "rows_in", "rows_evaluated", "rows_quarantined", "metrics":
         {variant: {metric: value}}, "quarantine": [up to 20 records], "quarantine_reasons"}``.
     """
-    from mmray.data import storage
-    from mmray.score.predictor import fetch_checkpoint
-
     with fetch_checkpoint(checkpoint, cfg.storage) as local:
         info = load_info(local)
         tokenizer_files = {p.name: p.read_bytes() for p in Path(local, TOKENIZER_DIR).iterdir() if p.is_file()}

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mmray.data.labels import Task
 
-__all__ = ["MetricAccumulator", "per_row_loss", "task_probabilities"]
+__all__ = ["MetricAccumulator", "per_row_loss", "task_probabilities", "weighted_row_loss"]
 
 _BINS = 200
 
@@ -30,6 +30,15 @@ def per_row_loss(task: Task, logits: Tensor, target: Tensor) -> Tensor:
     if task.kind == "binary":
         return F.binary_cross_entropy_with_logits(logits.squeeze(-1), target.float(), reduction="none")
     return F.mse_loss(logits.squeeze(-1), target.float(), reduction="none")
+
+
+def weighted_row_loss(
+    tasks: Sequence[Task], logits: dict[str, Tensor], targets: dict[str, Tensor], loss_weights: dict[str, float]
+) -> Tensor:
+    """The fused heads' training loss per row ``[B]``: ``per_row_loss`` weighted by ``model.loss_weights``
+    (default 1), summed over tasks. The one definition, so that the ``loss`` of training, ``mmray
+    evaluate`` and ``score --evaluate`` means the same; ``MetricAccumulator.update`` takes its ``.sum()``."""
+    return sum(loss_weights.get(t.name, 1.0) * per_row_loss(t, logits[t.name], targets[t.name]) for t in tasks)
 
 
 def task_probabilities(task: Task, logits: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ missing or unknown label does not quarantine the row: it is scored all the same 
 the metrics (``_label_error`` says why), so ``--evaluate`` never changes what gets scored.
 
 The predictor adds each task's logits as a hidden column; the driver folds them into a
-``MetricAccumulator`` with the training loss (``per_row_loss`` weighted by ``model.loss_weights``),
+``MetricAccumulator`` with the training loss (``metrics.weighted_row_loss``, per ``model.loss_weights``),
 so the numbers mean exactly what the training metrics mean.
 """
 
@@ -22,7 +22,7 @@ import torch
 from mmray.data import schema as S
 from mmray.data.labels import LabelError, Task
 from mmray.data.preprocess import PreprocessSpec, Preprocessor
-from mmray.metrics import MetricAccumulator, per_row_loss
+from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.score.predictor import LABEL_ERROR, logits_key
 
 __all__ = ["Evaluation", "LabeledPreprocessor"]
@@ -81,8 +81,7 @@ class Evaluation:
             logits[t.name] = torch.tensor(rows[logits_key(t.name)].to_pylist(), dtype=torch.float32)
             target = rows[S.label_key(t.name)].to_pylist()
             targets[t.name] = torch.tensor(target, dtype=torch.int64 if t.kind == "multiclass" else torch.float32)
-        loss = sum(self.loss_weights.get(t.name, 1.0) * per_row_loss(t, logits[t.name], targets[t.name])
-                   for t in self.tasks)  # fmt: skip
+        loss = weighted_row_loss(self.tasks, logits, targets, self.loss_weights)
         self.acc.update(logits, targets, float(loss.sum()))
 
     def result(self) -> dict[str, float]:

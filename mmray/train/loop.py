@@ -32,7 +32,7 @@ from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.image import augment
 from mmray.data.labels import Task, task_from_dict
-from mmray.metrics import MetricAccumulator, per_row_loss
+from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.models.builder import build_model
 from mmray.train import optim
 from mmray.train.faults import Fault, maybe_fail
@@ -97,16 +97,13 @@ def compute_loss(
 
     Auxiliary (unimodal) head losses count only rows that have that modality.
     """
-    fused_rows = sum(
-        loss_weights.get(t.name, 1.0) * per_row_loss(t, out["logits"][t.name], batch[S.label_key(t.name)])
-        for t in tasks
-    )
+    targets = {t.name: batch[S.label_key(t.name)] for t in tasks}
+    fused_rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights)
     loss = fused_rows.mean()
     for m, heads in out["aux"].items():
         present = out["masks"][m]
-        for t in tasks:
-            rows = per_row_loss(t, heads[t.name], batch[S.label_key(t.name)])
-            loss = loss + aux_weight * loss_weights.get(t.name, 1.0) * (rows * present).sum() / present.sum().clamp_min(1)
+        rows = weighted_row_loss(tasks, heads, targets, loss_weights)
+        loss = loss + aux_weight * (rows * present).sum() / present.sum().clamp_min(1)
     return loss, fused_rows
 
 

@@ -15,7 +15,7 @@ from mmray.config import config_from_dict, config_to_dict
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.train import optim
-from mmray.train.loop import Parts, build_parts, epoch_record, evaluate, train_epoch, with_last
+from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, evaluate, train_epoch, with_last
 from mmray.train.state import Progress
 
 CPU = torch.device("cpu")
@@ -181,6 +181,20 @@ def test_validation_reports_each_task_by_name():
     assert m["score/mae"] == pytest.approx(0.875) and m["score/rmse"] == pytest.approx(math.sqrt(5.25 / 4))
     assert m["loss"] == pytest.approx(1.5 * LN2 + 5.25 / 4)
     assert "accuracy" not in m  # unprefixed names only for a single task
+
+
+def test_aux_head_loss_counts_only_rows_that_have_the_modality():
+    # Fused head right on both rows (ln2 each, x weight 2); the text head is right on row 0 (ln2) and
+    # wrong on row 1 (ln4), but row 1 has no text, so only row 0 counts: 2ln2 + 0.5 * 2ln2 = 3 ln2.
+    out = {"logits": {"label": torch.tensor([[LN2, 0, 0], [LN2, 0, 0]])},
+           "aux": {S.TEXT: {"label": torch.tensor([[LN2, 0, 0], [0, LN2, 0]])}},
+           "masks": {S.TEXT: torch.tensor([1.0, 0.0])}}  # fmt: skip
+    batch = {S.label_key("label"): torch.tensor([0, 0])}
+    loss, rows = compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)
+    assert loss.item() == pytest.approx(3 * LN2)
+    torch.testing.assert_close(rows, torch.tensor([2 * LN2, 2 * LN2]))
+    out["masks"][S.TEXT] = torch.zeros(2)  # no row has text: the aux head adds nothing (no 0/0)
+    assert compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)[0].item() == pytest.approx(2 * LN2)
 
 
 def _free_port() -> int:
