@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from mmray.models.encoders import Encoded, masked_mean
 
 __all__ = [
-    "FUSIONS", "BilinearFusion", "ConcatFusion", "CrossAttentionFusion", "GatedFusion", "LateFusion",
-    "presence_weights", "zero_missing",
+    "BilinearFusion", "ConcatFusion", "CrossAttentionFusion", "GatedFusion", "LateFusion", "presence_weights",
+    "zero_missing",
 ]  # fmt: skip
 
 def presence_weights(logits: Tensor, masks: Tensor) -> Tensor:
@@ -44,6 +44,12 @@ def zero_missing(features: dict[str, Encoded], masks: dict[str, Tensor]) -> dict
     return {m: features[m].pooled * masks[m].unsqueeze(-1).to(features[m].pooled.dtype) for m in sorted(features)}
 
 
+def _or_missing(x: Tensor, mask: Tensor, missing: Tensor) -> Tensor:
+    """``x`` [B, D] where the row has the modality (mask 1), the learned ``missing`` [D] where not."""
+    keep = mask.unsqueeze(-1).to(x.dtype)
+    return x * keep + missing * (1 - keep)
+
+
 class _MissingAware(nn.Module):
     """Replaces a missing modality's pooled vector with a learned 'missing' embedding."""
 
@@ -52,11 +58,7 @@ class _MissingAware(nn.Module):
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m, d in sorted(in_dims.items())})
 
     def pooled(self, features: dict[str, Encoded], masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = {}
-        for m in sorted(features):
-            keep = masks[m].unsqueeze(-1).to(features[m].pooled.dtype)
-            out[m] = features[m].pooled * keep + self.missing[m] * (1 - keep)
-        return out
+        return {m: _or_missing(features[m].pooled, masks[m], self.missing[m]) for m in sorted(features)}
 
 
 class ConcatFusion(_MissingAware):
@@ -153,11 +155,10 @@ class CrossAttentionFusion(nn.Module):
         for layer in self.layers:
             contexts = {m: self._context(x, visible, m) for m in self.keys}  # from the previous round
             x = {m: layer[m](x[m], *contexts[m]) for m in self.keys}
-        pooled = []
-        for m in self.keys:
-            keep = masks[m].unsqueeze(-1).to(x[m].dtype)
-            p = masked_mean(self.norm(x[m]), features[m].token_mask)
-            pooled.append(p * keep + self.missing[m] * (1 - keep))
+        pooled = [
+            _or_missing(masked_mean(self.norm(x[m]), features[m].token_mask), masks[m], self.missing[m])
+            for m in self.keys
+        ]
         return self.out(torch.cat(pooled, -1))
 
 
@@ -214,12 +215,3 @@ class LateFusion(nn.Module):
         present = torch.stack([masks[m] for m in self.keys], 1)
         w = presence_weights(self.weight_logits.expand(h.shape[0], -1), present)  # [B, M]
         return (w.unsqueeze(-1) * h).sum(1)
-
-
-FUSIONS: dict[str, type[nn.Module]] = {
-    "bilinear": BilinearFusion,
-    "concat": ConcatFusion,
-    "cross_attention": CrossAttentionFusion,
-    "gated": GatedFusion,
-    "late": LateFusion,
-}

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
+from mmray.config import ModelConfig
 from mmray.data import schema as S
+
+# Every fusion the config accepts (``model.fusion``), so a new one is covered by the shared tests.
+FUSION_NAMES = sorted(typing.get_args(typing.get_type_hints(ModelConfig)["fusion"]))
 
 
 def make_batch(b: int = 6, length: int = 8, size: int = 16, vocab: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,19 +9,9 @@ from mmray.config import ImageConfig, ModelConfig, TextConfig, TextEncoderConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.models.builder import build_model
+from tests.models.conftest import make_batch
 
 TASKS = [Task("label", "multiclass", ("a", "b", "c")), Task("tags", "multilabel", ("x", "y"))]
-
-
-def tiny_batch(b: int = 4, length: int = 8, size: int = 16) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        S.INPUT_IDS: torch.randint(1, 50, (b, length), generator=g),
-        S.ATTENTION_MASK: torch.ones(b, length, dtype=torch.long),
-        S.PIXELS: torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8),
-        S.mask_key(S.TEXT): torch.ones(b),
-        S.mask_key(S.IMAGE): torch.ones(b),
-    }
 
 
 def tiny_model(**kw):
@@ -31,7 +21,7 @@ def tiny_model(**kw):
 
 
 def test_output_shapes_per_task(seed):
-    out = tiny_model()(tiny_batch())
+    out = tiny_model()(make_batch(b=4))
     assert out["logits"]["label"].shape == (4, 3)
     assert out["logits"]["tags"].shape == (4, 2)
     assert set(out["aux"]) == {S.IMAGE, S.TEXT}
@@ -46,14 +36,6 @@ def test_fusion_input_size_is_derived_from_encoders(seed):
 
 def test_no_aux_heads_when_weight_is_zero(seed):
     assert len(tiny_model(aux_loss_weight=0.0).aux_heads) == 0
-
-
-def test_deterministic_under_a_seed():
-    torch.manual_seed(0)
-    a = tiny_model().eval()(tiny_batch())["logits"]["label"]
-    torch.manual_seed(0)
-    b = tiny_model().eval()(tiny_batch())["logits"]["label"]
-    assert torch.equal(a, b)
 
 
 def pretrained_cfg(tiny_bert_dir: str, weights: str | None = None, fusion: str = "concat") -> ModelConfig:
@@ -94,7 +76,7 @@ def test_checkpoint_rebuilds_pretrained_encoders_without_their_sources(tiny_bert
     weights.unlink()
     assert json.loads((tmp_path / "ckpt" / "architecture" / "text" / "config.json").read_text())["hidden_size"] == 16
     rebuilt = load_model(tmp_path / "ckpt")
-    batch = tiny_batch(size=32)
+    batch = make_batch(b=4, size=32)
     with torch.no_grad():
         for task, logits in model(batch)["logits"].items():
             torch.testing.assert_close(rebuilt(batch)["logits"][task], logits)

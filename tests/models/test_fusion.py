@@ -10,9 +10,9 @@ from mmray.config import ConfigError, ModelConfig
 from mmray.data import schema as S
 from mmray.models.builder import build_fusion
 from mmray.models.encoders import Encoded
-from mmray.models.fusion import FUSIONS, presence_weights
+from mmray.models.fusion import presence_weights
+from tests.models.conftest import FUSION_NAMES
 
-NAMES = sorted(FUSIONS)
 B, HIDDEN = 5, 16
 POOLED = {S.IMAGE: 12, S.TEXT: 8}
 TOKENS = {S.IMAGE: (4, 10), S.TEXT: (6, 8)}  # (count, width): token width may differ from pooled width
@@ -59,7 +59,7 @@ def perturb(features: dict[str, Encoded], modality: str, row: int) -> dict[str, 
     return {**features, modality: Encoded(pooled, tokens, f.token_mask)}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FUSION_NAMES)
 def test_output_shape_and_width(name):
     fusion = make_fusion(name)
     out = fusion(make_features(), all_present())
@@ -67,7 +67,7 @@ def test_output_shape_and_width(name):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FUSION_NAMES)
 def test_gradients_reach_every_parameter_and_both_modalities(name):
     fusion = make_fusion(name).train()
     features = make_features(requires_grad=True)
@@ -82,7 +82,7 @@ def test_gradients_reach_every_parameter_and_both_modalities(name):
         assert grads and sum(g.abs().sum() for g in grads) > 0, m
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FUSION_NAMES)
 @pytest.mark.parametrize("modality", sorted(POOLED))
 def test_a_masked_modality_has_no_influence_on_its_row(name, modality):
     fusion, features, row = make_fusion(name), make_features(), 3
@@ -94,7 +94,7 @@ def test_a_masked_modality_has_no_influence_on_its_row(name, modality):
     torch.testing.assert_close(after, before)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FUSION_NAMES)
 @pytest.mark.parametrize("modality", sorted(POOLED))
 def test_masking_changes_only_the_masked_row(name, modality):
     fusion, features, row = make_fusion(name), make_features(), 3
@@ -110,13 +110,13 @@ def test_masking_changes_only_the_masked_row(name, modality):
     assert not torch.allclose(changed[row], full[row])  # a present modality does matter
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FUSION_NAMES)
 def test_a_row_with_every_modality_missing_stays_finite(name):
     masks = {m: torch.zeros(B) for m in POOLED}
     assert torch.isfinite(make_fusion(name)(make_features(), masks)).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FUSION_NAMES)
 def test_deterministic_under_a_seed(name):
     a = make_fusion(name, seed=7)(make_features(), all_present())
     b = make_fusion(name, seed=7)(make_features(), all_present())
