@@ -3,6 +3,10 @@
 Decoding happens in preprocessing actors and ships uint8 ``[3, S, S]`` pixels through the object store
 (4x less than float32); normalisation and random augmentation run on the training/scoring device.
 
+torchvision is imported where it is used: its import pulls ``torchvision.models`` and ``torch._dynamo``
+(~2 CPU-s), which every process importing this module (CLI drivers, scoring actors via ``normalize``)
+would otherwise pay without ever resizing an image.
+
 Only the formats in ``FORMATS`` are opened: Pillow can parse dozens more (EPS hands the file to
 Ghostscript, PSD/FITS/... are rarely what a dataset means), and each extra parser is attack surface
 for bytes that come from users.
@@ -17,7 +21,6 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
-from torchvision.transforms import v2
 
 __all__ = ["FORMATS", "ImageDecodeError", "augment", "decode_image", "normalize", "resize_uint8"]
 
@@ -120,9 +123,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
     """Resizes the shorter side to ``size`` and center-crops: uint8 ``[3, size, size]``."""
-    t = v2.functional.pil_to_tensor(img)
-    t = v2.functional.resize(t, [size], antialias=True)
-    t = v2.functional.center_crop(t, [size, size])
+    from torchvision.transforms.v2 import functional as F
+
+    t = F.pil_to_tensor(img)
+    t = F.resize(t, [size], antialias=True)
+    t = F.center_crop(t, [size, size])
     return t.numpy()
 
 
@@ -136,6 +141,8 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 def augment(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random resized crop (scale 0.6-1) and horizontal flip per sample, on uint8 or float batches."""
+    from torchvision.transforms.v2 import functional as F
+
     b, _, h, w = pixels.shape
     out = torch.empty_like(pixels)
     rand = torch.rand(b, 4, generator=generator)
@@ -144,6 +151,6 @@ def augment(pixels: torch.Tensor, generator: torch.Generator | None = None) -> t
         ch, cw = max(1, int(h * scale**0.5)), max(1, int(w * scale**0.5))
         top = int(rand[i, 1].item() * (h - ch + 1))
         left = int(rand[i, 2].item() * (w - cw + 1))
-        crop = v2.functional.resized_crop(pixels[i], top, left, ch, cw, [h, w], antialias=True)
-        out[i] = v2.functional.horizontal_flip(crop) if rand[i, 3] < 0.5 else crop
+        crop = F.resized_crop(pixels[i], top, left, ch, cw, [h, w], antialias=True)
+        out[i] = F.horizontal_flip(crop) if rand[i, 3] < 0.5 else crop
     return out

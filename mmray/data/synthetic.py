@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "LABELS", "make_dataset", "make_image", "make_imbalanced_rows", "make_multitask_rows", "make_rows", "make_text",
-    "write_splits",
+    "LABELS", "SCHEMA", "make_dataset", "make_image", "make_imbalanced_rows", "make_multitask_rows", "make_rows",
+    "make_text", "write_splits",
 ]  # fmt: skip
 
 ANIMALS = {
@@ -89,13 +90,18 @@ def make_image(colour: str, rng: np.random.Generator) -> bytes:
 
 def make_rows(n: int, seed: int, id_prefix: str = "r") -> dict[str, list]:
     """Generates ``n`` rows (columns id, text, image, label) deterministically from ``seed``."""
+    return _rows(n, seed, id_prefix, make_text)
+
+
+def _rows(n: int, seed: int, id_prefix: str, text: Callable[[str, np.random.Generator], str]) -> dict[str, list]:
+    """Balanced, shuffled rows whose text names the animal (``text(animal, rng)``) and image shows the colour."""
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {"id": [], "text": [], "image": [], "label": []}
     animals, colours = list(ANIMALS), list(COLOURS)
     for i in range(n):
         animal, colour = animals[i % 2], colours[(i // 2) % 2]  # exactly balanced classes
         rows["id"].append(f"{id_prefix}{i:07d}")
-        rows["text"].append(make_text(animal, rng))
+        rows["text"].append(text(animal, rng))
         rows["image"].append(make_image(colour, rng))
         rows["label"].append(f"{animal}_{colour}")
     order = rng.permutation(n)
@@ -143,19 +149,13 @@ def make_imbalanced_rows(n: int, seed: int, id_prefix: str = "h", synonyms: int 
     vocab = _pseudo_words(2 * synonyms + 200, seed=12345)  # fixed: every split shares the vocabulary
     names = {"cat": vocab[:synonyms], "dog": vocab[synonyms : 2 * synonyms]}
     filler = vocab[2 * synonyms :]
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {"id": [], "text": [], "image": [], "label": []}
-    animals, colours = list(ANIMALS), list(COLOURS)
-    for i in range(n):
-        animal, colour = animals[i % 2], colours[(i // 2) % 2]
+
+    def text(animal: str, rng: np.random.Generator) -> str:
         words = [filler[j] for j in rng.integers(len(filler), size=filler_words)]
         words.insert(int(rng.integers(len(words) + 1)), names[animal][rng.integers(synonyms)])
-        rows["id"].append(f"{id_prefix}{i:07d}")
-        rows["text"].append(" ".join(words))
-        rows["image"].append(make_image(colour, rng))
-        rows["label"].append(f"{animal}_{colour}")
-    order = rng.permutation(n)
-    return {k: [v[j] for j in order] for k, v in rows.items()}
+        return " ".join(words)
+
+    return _rows(n, seed, id_prefix, text)
 
 
 def make_multitask_rows(n: int, seed: int, id_prefix: str = "m") -> dict[str, list]:
