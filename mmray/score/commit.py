@@ -109,10 +109,6 @@ class Target:
         base = self.base_uri.rstrip("/") or self.base_uri
         return storage.join(base, *(f"{k}={v}" for k, v in self.partition.items()))
 
-    @property
-    def is_local(self) -> bool:
-        return not storage.is_s3(self.base_uri)
-
     def resolve(self) -> tuple[pafs.FileSystem, str]:
         return storage.resolve(self.uri, self.storage)
 
@@ -199,22 +195,24 @@ def committed_run(target: Target) -> dict | None:
     return manifest
 
 
+def _required_run(target: Target) -> dict:
+    manifest = committed_run(target)
+    if manifest is None:
+        raise FileNotFoundError(f"no committed scoring output at {target.uri} (no {SUCCESS})")
+    return manifest
+
+
 def committed_files(target: Target) -> list[str]:
     """URIs of the committed data files, from the manifest; raises when nothing is committed.
 
     mmray's own readers use this instead of listing, so they never see a partial S3 publish.
     """
-    manifest = committed_run(target)
-    if manifest is None:
-        raise FileNotFoundError(f"no committed scoring output at {target.uri} (no {SUCCESS})")
-    return [target.child_uri(f["name"]) for f in manifest["files"]]
+    return [target.child_uri(f["name"]) for f in _required_run(target)["files"]]
 
 
 def read_committed(target: Target, columns: list[str] | None = None) -> pa.Table:
     """The committed rows (exactly the manifest's files) as one table."""
-    manifest = committed_run(target)
-    if manifest is None:
-        raise FileNotFoundError(f"no committed scoring output at {target.uri} (no {SUCCESS})")
+    manifest = _required_run(target)
     fs, path = target.resolve()
     tables = [pq.read_table(f"{path}/{f['name']}", filesystem=fs, columns=columns) for f in manifest["files"]]
     return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.null()) for c in columns or []})
@@ -279,7 +277,7 @@ def _owner_alive(owner: dict | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, owned by another user
     return True
 
 
@@ -304,28 +302,30 @@ class Staging:
     def file(self, name: str) -> str:
         return f"{self.path}/{name}"
 
+    def write_json(self, name: str, obj: dict) -> None:
+        _write_json(self.fs, self.file(name), obj)
+
     def discard(self) -> None:
         """Best effort: removes this run's staging (a killed run's is removed by a later run)."""
         with contextlib.suppress(OSError):
             self.fs.delete_dir(self.path)
 
 
-def _staging_location(fs: pafs.FileSystem, final: str, run_id: str) -> tuple[str, str]:
-    """(parent directory, staging directory name) for a run.
+def _staging_parent(fs: pafs.FileSystem, final: str) -> tuple[str, str | None]:
+    """(directory holding a target's staging directories, target name their names end with).
 
-    Local: a sibling of the target, so the final step is a rename within one filesystem. S3: inside
-    the target, where listing it is cheap and it is hidden from readers.
+    Local: siblings of the target (``_staging-<run>-<name>``), so the final step is a rename within one
+    filesystem. S3: inside the target (``_staging-<run>``; no name), where listing is cheap and readers
+    skip it.
     """
     if isinstance(fs, pafs.LocalFileSystem):
-        parent, name = os.path.split(final)
-        return parent, f"_staging-{run_id}-{name}"
-    return final, f"_staging-{run_id}"
+        return os.path.split(final)
+    return final, None
 
 
 def _staging_dirs(fs: pafs.FileSystem, final: str) -> list[str]:
     """This target's staging directories (any run)."""
-    local = isinstance(fs, pafs.LocalFileSystem)
-    parent, name = os.path.split(final) if local else (final, None)
+    parent, name = _staging_parent(fs, final)
     try:
         entries = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
@@ -357,8 +357,8 @@ def open_staging(target: Target, run_id: str) -> Staging:
         raise ValueError(f"run_id must be 12 hex digits, got {run_id!r}")
     clean_stale_staging(target)
     fs, final = target.resolve()
-    parent, name = _staging_location(fs, final, run_id)
-    path = f"{parent}/{name}"
+    parent, name = _staging_parent(fs, final)
+    path = f"{parent}/_staging-{run_id}" + (f"-{name}" if name is not None else "")
     fs.create_dir(path, recursive=True)
     _write_json(fs, f"{path}/{_OWNER}", _owner_record())
     return Staging(target, run_id, fs, path, final)
@@ -387,8 +387,8 @@ def publish(st: Staging, manifest: dict, success: dict) -> None:
 
 def _publish_local(st: Staging, manifest: dict, success: dict) -> None:
     st.fs.delete_file(st.file(_OWNER))
-    _write_json(st.fs, st.file(MANIFEST), manifest)
-    _write_json(st.fs, st.file(SUCCESS), success)
+    st.write_json(MANIFEST, manifest)
+    st.write_json(SUCCESS, success)
     _fsync_tree(st.path)
     _rename_into_place(st.path, st.final)
 
@@ -452,10 +452,11 @@ def _rename_into_place(staging: str, final: str) -> None:
             os.rename(final, old)
             os.rename(staging, final)
             shutil.rmtree(old)
-    _fsync_dir(parent)
+    _fsync(parent)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Best effort: flushes one file or directory entry list to disk."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -468,13 +469,8 @@ def _fsync_tree(path: str) -> None:
     """Flushes staged files before the rename makes them visible (a crash must not expose torn files)."""
     for root, _, files in os.walk(path):
         for name in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        _fsync_dir(root)
+            _fsync(os.path.join(root, name))
+        _fsync(root)
 
 
 def write_rejected_quarantine(target: Target, table: pa.Table, run_id: str) -> str:

@@ -16,7 +16,6 @@ Every input row ends up either in the output or in ``<target>/_quarantine/``.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -195,8 +194,7 @@ def run_scoring(
             where = commit.write_rejected_quarantine(target, result.quarantine, run_id)
             pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
         if result.metrics is not None:
-            with stage.fs.open_output_stream(stage.file(commit.METRICS)) as f:
-                f.write(json.dumps(result.metrics, indent=2, sort_keys=True).encode())
+            stage.write_json(commit.METRICS, result.metrics)
         manifest = _manifest(run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate)
         committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
         commit.publish(stage, manifest, {"run_id": run_id, "committed_at": committed_at, **counts})

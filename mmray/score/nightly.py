@@ -16,9 +16,11 @@ import json
 import re
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from mmray.config import Config
 from mmray.data import storage
-from mmray.score.job import count_rows, run_scoring
+from mmray.score.job import run_scoring
 
 __all__ = ["PARTITION_KEY", "NightlyError", "input_partition", "latest_checkpoint", "parse_date", "run_nightly",
            "yesterday_utc"]  # fmt: skip
@@ -71,18 +73,20 @@ def input_partition(root: str, date: str) -> str:
     return storage.join(root.rstrip("/"), f"{PARTITION_KEY}={date}")
 
 
-def _check_input(uri: str, cfg: Config) -> int:
-    """Rows in the input partition; a clear error when it is missing or empty."""
+def _check_input(uri: str, cfg: Config) -> None:
+    """A clear error when the input partition is missing or empty.
+
+    Reads footers only until a file with rows turns up: ``run_scoring`` lists and counts the input again.
+    """
     if not storage.exists(uri, cfg.storage):
         raise NightlyError(f"input partition {uri} does not exist (has upstream delivered this date?)")
     try:
         files = storage.list_parquet_files(uri, cfg.storage)
     except FileNotFoundError:
         raise NightlyError(f"input partition {uri} is empty: no Parquet files") from None
-    rows = count_rows(files, storage.resolve(uri, cfg.storage)[0])
-    if rows == 0:
+    fs, _ = storage.resolve(uri, cfg.storage)
+    if not any(pq.read_metadata(f, filesystem=fs).num_rows for f in files):
         raise NightlyError(f"input partition {uri} is empty: 0 rows in {len(files)} Parquet file(s)")
-    return rows
 
 
 def run_nightly(

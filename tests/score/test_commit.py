@@ -60,23 +60,16 @@ def test_valid_partitions_become_hive_paths(tmp_path, partition):
     assert target.uri == os.path.join(tmp_path, "out", *(f"{k}={v}" for k, v in partition.items()))
 
 
+BAD_VALUES = {  # partition value -> what the error names
+    "../../etc": "'/'", "..": "'..'", "a..b": "'..'", "2024/05": "'/'", "a\\b": "'\\\\'", "x\ny": "'\\n'",
+    "x\x00": "'\\x00'", "a=b": "'='", "2024-*": "'*'", "": "non-empty",
+}  # fmt: skip
+BAD_KEYS = ("_date", "da/te", "")
+
+
 @pytest.mark.parametrize(
     "partition, fragment",
-    [
-        ({"date": "../../etc"}, "'/'"),
-        ({"date": ".."}, "'..'"),
-        ({"date": "a..b"}, "'..'"),
-        ({"date": "2024/05"}, "'/'"),
-        ({"date": "a\\b"}, "'\\\\'"),
-        ({"date": "x\ny"}, "'\\n'"),
-        ({"date": "x\x00"}, "'\\x00'"),
-        ({"date": "a=b"}, "'='"),
-        ({"date": "2024-*"}, "'*'"),
-        ({"date": ""}, "non-empty"),
-        ({"_date": "1"}, "invalid partition key"),
-        ({"da/te": "1"}, "invalid partition key"),
-        ({"": "1"}, "invalid partition key"),
-    ],
+    [*(({"date": v}, f) for v, f in BAD_VALUES.items()), *(({k: "1"}, "invalid partition key") for k in BAD_KEYS)],
 )
 def test_invalid_partitions_are_refused_before_any_path_is_built(partition, fragment):
     with pytest.raises(ValueError) as e:
