@@ -32,7 +32,6 @@ from ray.train.torch import TorchTrainer
 from mmray.checkpoint import BUNDLE_FILE
 from mmray.config import Config, config_to_dict
 from mmray.data import pipeline, storage
-from mmray.data import schema as S
 from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import TextNormalizer, load_tokenizer, train_wordpiece
@@ -118,45 +117,6 @@ def _read_dir(directory: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
 
 
-def prepare_split(cfg: Config, uri: str, files: list[str], spec, tokenizer_files, run_dir: str, split: str):
-    """Preprocesses one split; writes its quarantine; returns (usable dataset, counts)."""
-    columns = list(spec.input_columns())
-    processed = pipeline.preprocess(
-        pipeline.read_input(uri, files, cfg.storage, columns), spec, tokenizer_files, cfg.data.preprocess
-    ).materialize()
-    quarantine = pipeline.quarantine_table(processed)
-    rows_in = processed.count()
-    where = storage.join(run_dir, "quarantine", f"{split}.parquet")
-    pipeline.write_quarantine(quarantine, where, cfg.storage)
-    pipeline.check_bad_fraction(rows_in, quarantine.num_rows, cfg.data.max_bad_fraction, where, quarantine)
-    usable = pipeline.usable_rows(processed).drop_columns([S.ID]).materialize()
-    counts = {"rows_in": rows_in, "rows_used": usable.count(), "rows_quarantined": quarantine.num_rows}
-    if counts["rows_used"] + counts["rows_quarantined"] != rows_in:
-        raise AssertionError(f"{split}: row counts do not reconcile: {counts}")  # never lose a row
-    return usable, counts
-
-
-def prepare_datasets(cfg: Config, spec: PreprocessSpec, tasks: list[Task], tokenizer_files: dict[str, bytes],
-                     run_dir: str, inputs: dict[str, tuple[str, list[str]]]) -> tuple[dict, dict, bool]:  # fmt: skip
-    """Preprocesses every split, cached or streamed per ``data.cache``; returns (datasets, counts, cached).
-
-    Args:
-        inputs: split name -> (URI, its Parquet files).
-    """
-    rows = {name: ingest.count_rows(uri, files, cfg) for name, (uri, files) in inputs.items()}
-    cache, why = ingest.cache_decision(
-        cfg.data.cache, sum(rows.values()) * ingest.row_bytes(cfg, tasks), ingest.object_store_bytes(),
-        cfg.data.cache_max_fraction,
-    )  # fmt: skip
-    print(f"mmray: {why}: {'caching' if cache else 'streaming'} the preprocessed splits", flush=True)
-    prepare = prepare_split if cache else ingest.stream_split
-    datasets, counts = {}, {}
-    with ingest.ordered_blocks():
-        for name, (uri, files) in inputs.items():
-            datasets[name], counts[name] = prepare(cfg, uri, files, spec, tokenizer_files, run_dir, name)
-    return datasets, counts, cache
-
-
 def loop_inputs(cfg: Config, tasks: list[Task], spec: PreprocessSpec, tokenizer_files: dict[str, bytes],
                 vocab_size: int, train_rows: int, run_dir: str, name: str) -> dict[str, Any]:  # fmt: skip
     """What every worker receives: plain data only (the config as a dict, tokenizer files as bytes)."""
@@ -207,7 +167,7 @@ def run_training(cfg: Config) -> TrainResult:
         vocab_size = len(load_tokenizer(tmp))
 
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
-    datasets, counts, cached = prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
+    datasets, counts, cached = ingest.prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
     inputs = loop_inputs(cfg, tasks, spec, tokenizer_files, vocab_size, counts["train"]["rows_used"], run_dir, name)
     trainer = TorchTrainer(
         train_loop_per_worker,

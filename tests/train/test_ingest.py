@@ -1,4 +1,4 @@
-"""Cache-or-stream decision, the streaming split's counts, and exact validation sharding."""
+"""Cache-or-stream decision, a split's counts and quarantine either way, and exact validation sharding."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def bad_dataset(folder: Path) -> tuple[str, set[str]]:
 
 
 @pytest.mark.integration
-def test_streaming_split_counts_and_quarantines_every_bad_row(ray_session, tmp_path):
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
+def test_split_counts_and_quarantines_every_bad_row(ray_session, tmp_path, cache):
     from mmray.data import pipeline
 
     uri, bad_ids = bad_dataset(tmp_path / "train")
@@ -65,14 +66,16 @@ def test_streaming_split_counts_and_quarantines_every_bad_row(ray_session, tmp_p
     tokenizer_files = {p.name: p.read_bytes() for p in tok.iterdir()}
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=[TASK])
     files = pipeline.input_files(uri, {**spec.input_columns()}, cfg.storage)
-    assert ingest.count_rows(uri, files, cfg) == 30
+    rows_in = ingest.count_rows(uri, files, cfg)
+    assert rows_in == 30
 
-    usable, counts = ingest.stream_split(cfg, uri, files, spec, tokenizer_files, str(tmp_path / "run"), "train")
+    usable, counts = ingest.prepare_split(cfg, uri, files, spec, tokenizer_files, str(tmp_path / "run"), "train",
+                                          rows_in, cache)  # fmt: skip
     assert counts == {"rows_in": 30, "rows_used": 27, "rows_quarantined": 3}
     quarantine = pq.read_table(tmp_path / "run" / "quarantine" / "train.parquet")
     assert set(quarantine.column("id").to_pylist()) == bad_ids
     assert set(quarantine.column("column").to_pylist()) == {"image", "label"}
-    # Lazy: each pass re-runs preprocessing and yields exactly the usable rows.
+    # Streamed, each pass re-runs preprocessing; either way a pass yields exactly the usable rows.
     assert usable.count() == counts["rows_used"]
 
 
