@@ -1,18 +1,16 @@
 """Training survives what clusters do to it, and its numbers do not depend on how it was run.
 
-Three runs on the session's Ray, all with the same data, tokenizer, seed and effective batch (64):
+Three runs on the session's Ray, all with the same data, seed and effective batch (64). Each builds
+its own WordPiece tokenizer from the training data, as a fresh run does:
 
 * ``reference``: one worker, two accumulated batches of 32 per step, uninterrupted.
 * ``restarted``: the same through the real CLI; the ``mmray train`` process is killed after the
   first checkpoint, then the same command is run again. It must resume (history.jsonl says so) and
-  end with exactly the reference's metrics: resuming restores model, optimizer, schedule and RNG,
-  and a fixed seed makes runs repeatable.
+  end with exactly the reference's metrics: the tokenizer is a function of the data, resuming
+  restores model, optimizer, schedule and RNG, and a fixed seed makes two fresh runs repeatable.
 * ``two_workers``: DDP on two workers (batch 32 each); one worker process is killed mid-epoch by the
   test-only fault hook. ``train.max_failures`` restarts the group from the last checkpoint, and the
   metrics match the one-worker reference within tolerance (different batch composition only).
-
-The tokenizer is trained once here and passed by directory: WordPiece training itself is not
-reproducible from run to run, and this file tests the training loop, not the tokenizer.
 """
 
 from __future__ import annotations
@@ -40,22 +38,10 @@ EPOCHS = 3
 METRICS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_rows", "train_rows", "step")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(demo_data, tmp_path_factory) -> str:
-    import pyarrow.dataset as pads
-
-    from mmray.data.text import train_wordpiece
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    texts = pads.dataset(demo_data["train"]["path"]).to_table(columns=["text"]).column("text").to_pylist()
-    train_wordpiece(texts, vocab_size=1000, out_dir=out)
-    return str(out)
-
-
-def overrides(demo_data, tokenizer_dir, root: Path, name: str, **extra) -> list[str]:
+def overrides(demo_data, root: Path, name: str, **extra) -> list[str]:
     return tiny_overrides(demo_data, root, **{
-        "model.text_encoder.tokenizer": tokenizer_dir, "train.epochs": EPOCHS, "train.batch_size": 32,
-        "train.seed": 0, "train.name": name, "train.num_to_keep": EPOCHS, **extra,
+        "train.epochs": EPOCHS, "train.batch_size": 32, "train.seed": 0, "train.name": name,
+        "train.num_to_keep": EPOCHS, **extra,
     })  # fmt: skip
 
 
@@ -63,9 +49,9 @@ ONE_WORKER = {"train.num_workers": 1, "train.grad_accum_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, demo_data, tokenizer_dir, tmp_path_factory) -> dict:
+def reference(ray_session, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("reference")
-    cfg = load_config("configs/demo.yaml", overrides(demo_data, tokenizer_dir, root, "reference", **ONE_WORKER))
+    cfg = load_config("configs/demo.yaml", overrides(demo_data, root, "reference", **ONE_WORKER))
     result = run_training(cfg)
     return {"result": result, "history": read_history(result["run_dir"])}
 
@@ -88,10 +74,9 @@ def test_reference_run_learns_and_checkpoints_every_epoch(reference, demo_data):
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == [f"checkpoint_epoch{e:04d}" for e in range(EPOCHS)]
 
 
-def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_address, demo_data, tokenizer_dir,
-                                                                tmp_path):  # fmt: skip
+def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_address, demo_data, tmp_path):
     root, name = tmp_path / "runs", "restarted"
-    args = ["train", "--config", "configs/demo.yaml", *overrides(demo_data, tokenizer_dir, root, name, **ONE_WORKER)]
+    args = ["train", "--config", "configs/demo.yaml", *overrides(demo_data, root, name, **ONE_WORKER)]
     # Hold rank 0 at the start of epoch 1, so the kill lands after the first checkpoint and before
     # the end however slow the machine is; the held worker dies with its driver.
     hold = tmp_path / "hold.json"
@@ -118,12 +103,14 @@ def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     assert history[0] == before[0]  # epoch 0 was not trained again
     assert [h["resumed_from_epoch"] for h in history] == [None, 0, 0]
+    tokenizer = Path(result["run_dir"], "tokenizer", "tokenizer.json").read_bytes()
+    assert tokenizer == Path(reference["result"]["run_dir"], "tokenizer", "tokenizer.json").read_bytes()
     for mine, ref in zip(history, reference["history"]):
         assert {k: mine[k] for k in METRICS} == {k: ref[k] for k in METRICS}, f"epoch {mine['epoch']}"
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_session, demo_data, tokenizer_dir, tmp_path_factory) -> dict:
+def two_workers(ray_session, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("two_workers")
     fault = root / "fault.json"
     # Rank 1 dies mid-epoch 1, once Ray Train has recorded epoch 0's checkpoint (a worker that dies
@@ -133,7 +120,7 @@ def two_workers(ray_session, demo_data, tokenizer_dir, tmp_path_factory) -> dict
         "wait_for": str(root / "two_workers" / "checkpoint_manager_snapshot.json"), "wait_for_text": "checkpoint_epoch0000",
     }))  # fmt: skip
     cfg = load_config("configs/demo.yaml", overrides(
-        demo_data, tokenizer_dir, root, "two_workers", **{"train.num_workers": 2, "train.max_failures": 1},
+        demo_data, root, "two_workers", **{"train.num_workers": 2, "train.max_failures": 1},
     ))  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENV_VAR, str(fault))

@@ -1,6 +1,6 @@
 """Text normalisation and tokenizers (pretrained via ``AutoTokenizer`` or a CJK-aware WordPiece).
 
-Whitespace tokenizers fail on Chinese, which has no spaces. The WordPiece trained here uses the BERT
+Whitespace tokenizers fail on Chinese, which has no spaces. The WordPiece built here uses the BERT
 pre-tokenizer, which isolates every CJK character, so Chinese, mixed-script and emoji text get real ids.
 """
 
@@ -10,14 +10,16 @@ import os
 import re
 import shutil
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from mmray.config import StorageConfig, TextConfig
 
-__all__ = ["TextNormalizer", "load_stopwords", "load_tokenizer", "train_wordpiece"]
+__all__ = ["TextNormalizer", "load_stopwords", "load_tokenizer", "train_wordpiece", "wordpiece_vocab"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MAX_WORD_CHARS = 100  # BERT's limit: a longer "word" is [UNK]
 
 # Short built-in lists; a user file (one word per line) replaces them via data.text.stopwords.
 _STOPWORDS = {
@@ -98,24 +100,30 @@ def load_stopwords(spec: str | None, storage: StorageConfig | None = None) -> tu
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Trains a WordPiece tokenizer (BERT pre-tokenizer, CJK-aware) and saves it to ``out_dir``.
+    """Builds a WordPiece tokenizer (BERT pre-tokenizer, CJK-aware) from ``texts``; saves it to ``out_dir``.
+
+    The vocabulary is a pure function of the corpus (``wordpiece_vocab``), so two runs on the same data
+    get the same ids and a fixed seed gives the same model. (The ``tokenizers`` WordPiece trainer does
+    not: it breaks frequency ties in hash-map order, and its vocabulary changes from run to run.)
 
     Returns:
         The tokenizer as a ``PreTrainedTokenizerFast``, reloadable with ``load_tokenizer(out_dir)``.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # NFKC is applied by TextNormalizer before; here only BERT's CJK-splitting pre-tokenizer.
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator(texts, trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=False)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = wordpiece_vocab(words, vocab_size)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=MAX_WORD_CHARS))  # fmt: skip
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
@@ -124,6 +132,27 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def wordpiece_vocab(words: Counter[str], vocab_size: int) -> list[str]:
+    """At most ``vocab_size`` tokens: the special tokens, every character seen (in both its word-initial
+    and its ``##`` continuation form), then the most frequent whole words; ties go alphabetically.
+
+    WordPiece splits a word greedily into the longest known prefix and ``##`` pieces, so a word outside
+    the vocabulary becomes a known word prefix plus characters, and only unseen characters become
+    ``[UNK]``. CJK text is pre-tokenized into single characters, so Chinese is covered character by
+    character (as in BERT's Chinese models). Subword-rich languages do better with a pretrained
+    tokenizer (``model.text_encoder.tokenizer``).
+    """
+    chars: Counter[str] = Counter()
+    kept = {w: n for w, n in words.items() if len(w) <= MAX_WORD_CHARS}  # longer words are [UNK] whole
+    for word, n in kept.items():
+        for c in word:
+            chars[c] += n
+    both_forms = [(form, n) for c, n in chars.items() for form in (c, "##" + c)]  # a word may start with any
+    by_frequency = sorted(both_forms, key=lambda kv: (-kv[1], kv[0]))
+    by_frequency += sorted(((w, n) for w, n in kept.items() if len(w) > 1), key=lambda kv: (-kv[1], kv[0]))
+    return (SPECIAL_TOKENS + [t for t, _ in by_frequency])[: max(vocab_size, len(SPECIAL_TOKENS))]
 
 
 def load_tokenizer(name_or_dir: str | Path, storage: StorageConfig | None = None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -115,6 +117,38 @@ def test_wordpiece_trained_on_no_text_still_tokenizes(tmp_path):
     tok = load_tokenizer(str(tmp_path))
     ids = tok("anything 猫")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+
+
+def test_vocab_is_characters_then_frequent_words_with_ties_alphabetical():
+    from collections import Counter
+
+    from mmray.data.text import SPECIAL_TOKENS, wordpiece_vocab
+
+    words = Counter({"cat": 3, "dog": 3, "cow": 1, "猫": 2, "x" * 101: 9})  # over 100 chars: [UNK] whole
+    vocab = wordpiece_vocab(words, vocab_size=100)
+    # characters by (-count, token), each twice: c o 4 (cat+cow, dog+cow), a d g t 3, 猫 2, w 1; then words
+    chars = ["##c", "##o", "c", "o", "##a", "##d", "##g", "##t", "a", "d", "g", "t", "##猫", "猫", "##w", "w"]
+    vocab = wordpiece_vocab(words, vocab_size=100)
+    assert vocab == [*SPECIAL_TOKENS, *chars, "cat", "dog", "cow"]
+    assert wordpiece_vocab(words, vocab_size=8) == vocab[:8]
+
+
+def test_words_outside_the_vocab_fall_back_to_a_known_prefix_and_characters(tokenizer):
+    assert tokenizer.tokenize("cats") == ["cat", "##s"]
+    assert tokenizer.tokenize("photos") == ["photo", "##s"]
+
+
+def test_the_same_corpus_gives_the_same_tokenizer_in_another_process(tmp_path):
+    """Hash seeds differ between processes; the files (vocabulary, ids) must not."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from mmray.data.text import train_wordpiece; from tests.data.test_text import CORPUS; "
+              "train_wordpiece(CORPUS, vocab_size=120, out_dir=sys.argv[1])")  # fmt: skip
+    for i, seed in enumerate(["1", "2"]):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, timeout=120)
+    assert (tmp_path / "0" / "tokenizer.json").read_bytes() == (tmp_path / "1" / "tokenizer.json").read_bytes()
 
 
 def test_normalizer_drops_format_characters_and_turns_controls_into_spaces():
