@@ -106,11 +106,6 @@ class DataConfig:
         return [self.label_column] if isinstance(self.label_column, str) else list(self.label_column)
 
 
-def _check_freeze(value: bool | int, key: str) -> None:
-    if not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"{key}: expected true, false or a number of blocks >= 0, got {value!r}")
-
-
 @dataclass(frozen=True)
 class TextEncoderConfig:
     kind: Literal["tiny", "hf"] = "tiny"
@@ -122,9 +117,6 @@ class TextEncoderConfig:
     pooling: Literal["cls", "mean"] = "mean"  # mean suits sentence-transformers models (MiniLM)
     freeze: bool | int = False  # True, False, or N = train only the last N blocks (and what follows them)
 
-    def __post_init__(self) -> None:
-        _check_freeze(self.freeze, "model.text_encoder.freeze")
-
 
 @dataclass(frozen=True)
 class ImageEncoderConfig:
@@ -133,9 +125,6 @@ class ImageEncoderConfig:
     weights: str | None = None  # local file, s3:// file, or a torchvision weights name
     dim: int = 64  # tiny only; torchvision derives it from the model
     freeze: bool | int = False  # True, False, or N = train only the last N blocks (ResNet: stages)
-
-    def __post_init__(self) -> None:
-        _check_freeze(self.freeze, "model.image_encoder.freeze")
 
 
 @dataclass(frozen=True)
@@ -152,18 +141,6 @@ class ModelConfig:
     fusion_layers: int = 2  # cross_attention: rounds of text <-> image attention
     fusion_heads: int = 4  # cross_attention: attention heads; must divide hidden_dim
     fusion_rank: int = 4  # bilinear: rank of the low-rank factors (LMF)
-
-    def __post_init__(self) -> None:
-        for key in ("fusion_layers", "fusion_heads", "fusion_rank"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key}: must be > 0, got {getattr(self, key)!r}")
-        if self.fusion == "cross_attention" and self.hidden_dim % self.fusion_heads:
-            raise ConfigError(f"model.fusion_heads: {self.fusion_heads} must divide model.hidden_dim={self.hidden_dim}")
-        if self.aux_loss_weight < 0:
-            raise ConfigError(f"model.aux_loss_weight: must be >= 0, got {self.aux_loss_weight!r}")
-        for task, weight in self.loss_weights.items():
-            if weight < 0:
-                raise ConfigError(f"model.loss_weights.{task}: must be >= 0, got {weight!r}")
 
 
 @dataclass(frozen=True)
@@ -214,11 +191,6 @@ class ScoreConfig:
     input: str | None = None  # root holding date=YYYY-MM-DD partitions; local path or s3://
     output: str | None = None
 
-    def __post_init__(self) -> None:
-        for key in ("num_gpus", "num_cpus"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"score.{key}: must be >= 0, got {getattr(self, key)!r}")
-
 
 @dataclass(frozen=True)
 class Config:
@@ -239,8 +211,14 @@ _POSITIVE = {
     "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
     "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
     "model.image_encoder.dim", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
-    "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience", "score.concurrency", "score.batch_size",
-    "score.rows_per_file",
+    "model.fusion_layers", "model.fusion_heads", "model.fusion_rank", "train.epochs", "train.batch_size", "train.lr",
+    "train.num_workers", "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience",
+    "score.concurrency", "score.batch_size", "score.rows_per_file",
+}  # fmt: skip
+# A key ending in ".*" covers every entry of that mapping. Freeze: false/true/N blocks (bools are 0/1).
+_NON_NEGATIVE = {
+    "model.aux_loss_weight", "model.loss_weights.*", "model.text_encoder.freeze", "model.image_encoder.freeze",
+    "train.resources_per_worker.*", "train.prefetch_batches", "score.num_gpus", "score.num_cpus",
 }  # fmt: skip
 _FRACTIONS = {
     "data.max_bad_fraction", "data.cache_max_fraction", "model.dropout", "model.modality_dropout",
@@ -335,12 +313,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _validate(cfg: Config) -> None:
     flat = _flatten(config_to_dict(cfg))
-    for key in _POSITIVE:
-        if flat[key] <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
-    for key in _FRACTIONS:
-        if not 0.0 <= flat[key] <= 1.0:
-            raise ConfigError(f"{key}: must be within [0, 1], got {flat[key]!r}")
+    for keys, ok, rule in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (_FRACTIONS, lambda v: 0 <= v <= 1, "within [0, 1]")):  # fmt: skip
+        for key in sorted(k for pattern in keys for k in _matching(flat, pattern)):
+            if not ok(flat[key]):
+                raise ConfigError(f"{key}: must be {rule}, got {flat[key]!r}")
     for task, kind in cfg.model.tasks.items():
         if kind not in _TASK_KINDS:
             raise ConfigError(f"model.tasks.{task}: {kind!r} is not one of {list(_TASK_KINDS)}")
@@ -351,24 +328,29 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("storage.s3_endpoint_url: must not embed credentials (user:password@host)")
     if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
         raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
-    for res, amount in cfg.train.resources_per_worker.items():
-        if amount < 0:
-            raise ConfigError(f"train.resources_per_worker.{res}: must be >= 0, got {amount!r}")
     if cfg.train.max_failures < -1:
         raise ConfigError(f"train.max_failures: must be >= 0 (or -1: retry forever), got {cfg.train.max_failures}")
-    if cfg.train.prefetch_batches < 0:
-        raise ConfigError(f"train.prefetch_batches: must be >= 0, got {cfg.train.prefetch_batches}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip: must be > 0 or null (no clipping), got {cfg.train.grad_clip}")
     if cfg.model.text_encoder.dim % cfg.model.text_encoder.heads:
         raise ConfigError("model.text_encoder.dim: must be divisible by model.text_encoder.heads")
+    if cfg.model.fusion == "cross_attention" and cfg.model.hidden_dim % cfg.model.fusion_heads:
+        raise ConfigError(f"model.fusion_heads: {cfg.model.fusion_heads} must divide model.hidden_dim="
+                          f"{cfg.model.hidden_dim}")  # fmt: skip
+
+
+def _matching(flat: dict[str, Any], pattern: str) -> list[str]:
+    """The flattened keys a validation pattern names: itself, or every entry under ``prefix.*``."""
+    if pattern.endswith(".*"):
+        return [k for k in flat if k.startswith(pattern[:-1])]
+    return [pattern]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and k not in ("tasks", "loss_weights", "resources_per_worker"):
+        if isinstance(v, dict):
             out.update(_flatten(v, key))
         else:
             out[key] = v

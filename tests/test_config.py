@@ -53,6 +53,12 @@ def test_config_is_frozen():
         ("train.use_gpu=maybe", "train.use_gpu"),
         ("data.image.mean=[0.5, 0.5]", "data.image.mean"),
         ("model.tasks={label: ranking}", "model.tasks.label"),
+        ("model.fusion_rank=0", "model.fusion_rank: must be > 0"),
+        ("model.aux_loss_weight=-0.1", "model.aux_loss_weight: must be >= 0"),
+        ("model.loss_weights={label: 1, tags: -2}", "model.loss_weights.tags: must be >= 0, got -2.0"),
+        ("train.resources_per_worker={CPU: -1}", "train.resources_per_worker.CPU: must be >= 0"),
+        ("model.image_encoder.freeze=-1", "model.image_encoder.freeze: must be >= 0"),
+        ("score.num_gpus=-1", "score.num_gpus: must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmray.config import ConfigError, ModelConfig
+from mmray.config import ConfigError, ModelConfig, load_config
 from mmray.data import schema as S
 from mmray.models.builder import build_fusion
 from mmray.models.encoders import Encoded
@@ -155,8 +155,8 @@ def test_gated_fusion_is_a_gmu_convex_combination():
 
 
 def test_cross_attention_heads_must_divide_hidden_dim():
-    with pytest.raises(ConfigError, match="model.fusion_heads"):
-        ModelConfig(fusion="cross_attention", hidden_dim=30, fusion_heads=4)
+    with pytest.raises(ConfigError, match="model.fusion_heads: 4 must divide model.hidden_dim=30"):
+        load_config(None, ["model.fusion=cross_attention", "model.hidden_dim=30", "model.fusion_heads=4"])
 
 
 def test_cross_attention_projects_token_widths_from_the_encoders():
