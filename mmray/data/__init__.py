@@ -1,4 +1,4 @@
 """The data layer: storage (local / S3), schema check, text and image preprocessing, labels, the Ray
 Data pipeline with its quarantine, and synthetic demo data. Never imports a model."""
 
-__all__ = ["image", "labels", "pipeline", "preprocess", "schema", "storage", "synthetic", "text"]
+__all__ = ["image", "labels", "pipeline", "preprocess", "schema", "storage", "synthetic", "text", "transforms"]

@@ -1,11 +1,9 @@
-"""Image decoding (any common format and mode -> RGB uint8) and device-side normalisation/augmentation.
+"""Image decoding (any common format and mode -> RGB uint8 ``[3, S, S]``) for preprocessing actors.
 
-Decoding happens in preprocessing actors and ships uint8 ``[3, S, S]`` pixels through the object store
-(4x less than float32); normalisation and random augmentation run on the training/scoring device.
-
-torchvision is imported where it is used: its import pulls ``torchvision.models`` and ``torch._dynamo``
-(~2 CPU-s), which every process importing this module (CLI drivers, scoring actors via ``normalize``)
-would otherwise pay without ever resizing an image.
+Decoding happens in preprocessing actors and ships uint8 pixels through the object store (4x less
+than float32); normalisation and random augmentation run on the training/scoring device
+(``mmray.data.transforms``). This module needs only Pillow and numpy: an actor that imported torch
+and torchvision would pay ~7 CPU-s and ~0.7 GB before its first row.
 
 Only the formats in ``FORMATS`` are opened: Pillow can parse dozens more (EPS hands the file to
 Ghostscript, PSD/FITS/... are rarely what a dataset means), and each extra parser is attack surface
@@ -19,10 +17,9 @@ import struct
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
 
-__all__ = ["FORMATS", "ImageDecodeError", "augment", "decode_image", "normalize", "resize_uint8"]
+__all__ = ["FORMATS", "ImageDecodeError", "decode_image", "resize_uint8"]
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 Image.init()
@@ -122,35 +119,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_uint8(img: Image.Image, size: int) -> np.ndarray:
-    """Resizes the shorter side to ``size`` and center-crops: uint8 ``[3, size, size]``."""
-    from torchvision.transforms.v2 import functional as F
+    """Resizes the shorter side to ``size`` (antialiased bilinear) and center-crops: uint8 ``[3, size, size]``.
 
-    t = F.pil_to_tensor(img)
-    t = F.resize(t, [size], antialias=True)
-    t = F.center_crop(t, [size, size])
-    return t.numpy()
-
-
-def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float ``[B, 3, H, W]`` normalised, on the tensor's device."""
-    x = pixels.float().div_(255.0)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
-def augment(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random resized crop (scale 0.6-1) and horizontal flip per sample, on uint8 or float batches."""
-    from torchvision.transforms.v2 import functional as F
-
-    b, _, h, w = pixels.shape
-    out = torch.empty_like(pixels)
-    rand = torch.rand(b, 4, generator=generator)
-    for i in range(b):
-        scale = 0.6 + 0.4 * rand[i, 0].item()
-        ch, cw = max(1, int(h * scale**0.5)), max(1, int(w * scale**0.5))
-        top = int(rand[i, 1].item() * (h - ch + 1))
-        left = int(rand[i, 2].item() * (w - cw + 1))
-        crop = F.resized_crop(pixels[i], top, left, ch, cw, [h, w], antialias=True)
-        out[i] = F.horizontal_flip(crop) if rand[i, 3] < 0.5 else crop
-    return out
+    The same geometry as torchvision's ``resize([size])`` + ``center_crop``: the longer side is
+    truncated to ``int(size * long / short)``, the crop offset rounded.
+    """
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, max(size, int(size * h / w))
+    else:
+        new_w, new_h = max(size, int(size * w / h)), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    pixels = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)  # [S, S, 3]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))

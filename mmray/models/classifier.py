@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmray.data import schema as S
-from mmray.data.image import normalize
+from mmray.data.transforms import normalize
 from mmray.models.encoders import Encoded
 
 __all__ = ["FusionClassifier", "ModelOutput"]

@@ -30,7 +30,7 @@ from mmray.checkpoint import save_checkpoint, unwrap
 from mmray.config import Config, config_from_dict
 from mmray.data import schema as S
 from mmray.data import storage
-from mmray.data.image import augment
+from mmray.data.transforms import augment
 from mmray.data.labels import Task, task_from_dict
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.models.builder import build_model

@@ -51,6 +51,20 @@ def test_one_batch_shapes_and_types(tokenizer_files):
     assert out[S.PIXELS].max() > 0
 
 
+def test_the_actor_never_imports_torch_or_transformers(tokenizer_files, tmp_path):
+    """Each actor that imported them would pay ~7 CPU-s and ~0.7 GB before its first row."""
+    import pickle
+    import subprocess
+    import sys
+
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps((spec(), tokenizer_files, batch_of(make_rows(3, seed=2)))))
+    code = ("import pickle, sys; from mmray.data.preprocess import Preprocessor; "
+            "spec, files, batch = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "assert list(Preprocessor(spec, files)(batch)['_error']) == [''] * 3; "
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "args.pkl")], check=True, timeout=120)
+
+
 def test_bad_rows_are_flagged_not_dropped(tokenizer_files):
     rows = make_rows(4, seed=3)
     rows["image"][0] = b"not an image"
@@ -144,10 +158,10 @@ class _PickyTokenizer:
     def __init__(self, inner):
         self.inner = inner
 
-    def __call__(self, texts, **kw):
+    def __call__(self, texts):
         if any("BOOM" in t for t in texts):
             raise ValueError("cannot tokenize BOOM")
-        return self.inner(texts, **kw)
+        return self.inner(texts)
 
 
 def test_a_row_the_tokenizer_rejects_is_quarantined_alone(tokenizer_files):
@@ -155,7 +169,7 @@ def test_a_row_the_tokenizer_rejects_is_quarantined_alone(tokenizer_files):
     rows["text"][1] = "BOOM goes the cat"
     pre = Preprocessor(spec(), tokenizer_files)
     expected = pre(batch_of(make_rows(3, seed=7)))
-    pre.tokenizer = _PickyTokenizer(pre.tokenizer)
+    pre.tokenize = _PickyTokenizer(pre.tokenize)
     out = pre(batch_of(rows))
     assert list(out[S.ERROR]) == ["", "tokenizer failed: ValueError: cannot tokenize BOOM", ""]
     assert out[S.ERROR_STAGE][1] == "tokenize" and out[S.mask_key(S.TEXT)][1] == 0.0

