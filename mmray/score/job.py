@@ -34,8 +34,9 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.runtime import init_ray
 from mmray.score import commit
-from mmray.score.evaluate import Evaluation, LabeledPreprocessor
+from mmray.score.evaluate import Evaluation
 from mmray.score.finalize import Finalized, finalize
+from mmray.score.labeled import LabeledPreprocessor
 from mmray.score.predictor import Predictor, fetch_checkpoint, output_schema
 
 __all__ = ["MANIFEST_FORMAT", "count_rows", "run_scoring"]

@@ -24,10 +24,10 @@ from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.metrics import task_probabilities
+from mmray.score.labeled import LABEL_ERROR
 
-__all__ = ["LABEL_ERROR", "Predictor", "fetch_checkpoint", "logits_key", "output_columns", "output_schema"]
+__all__ = ["Predictor", "fetch_checkpoint", "logits_key", "output_columns", "output_schema"]
 
-LABEL_ERROR = "_label_error"  # --evaluate: why a row's label cannot be used ("" when it can)
 _LOGITS_PREFIX = "_logits__"
 _INPUT_KEYS = (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
 

@@ -16,8 +16,8 @@ from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.synthetic import make_rows
-from mmray.score.evaluate import LabeledPreprocessor
-from mmray.score.predictor import LABEL_ERROR, Predictor, fetch_checkpoint, logits_key, output_columns, output_schema
+from mmray.score.labeled import LABEL_ERROR, LabeledPreprocessor
+from mmray.score.predictor import Predictor, fetch_checkpoint, logits_key, output_columns, output_schema
 from tests.score.conftest import CLASSES, TASK, make_checkpoint
 
 
