@@ -15,6 +15,9 @@ What it measures (each line compares two runs of the same code that differ in on
 4. JPEG decode time for a 1024x768 photo to a 32 px model input, with and without DCT draft scaling.
 5. Image-URI fetch time per batch with ``fetch_threads`` 1 vs 8, against a local S3 API server (moto)
    that adds 20 ms of latency per request (as a real object store would).
+6. A preprocessing actor's start-up: wall time and peak RSS of a fresh process that builds a
+   ``Preprocessor`` and maps one batch, against the same process that first imports what an actor
+   used to (torch, torchvision's transforms, transformers' AutoTokenizer).
 
 Absolute numbers depend on the machine (and its load); the ratios are what the results record.
 """
@@ -228,6 +231,41 @@ def bench_fetch_threads(base: dict, n: int = 64, latency_s: float = 0.02) -> dic
         WSGIRequestHandler.handle_one_request = original
 
 
+_ACTOR = """
+import pickle, sys, time
+t = time.perf_counter()
+if sys.argv[2] == "with-torch":
+    import torch, torchvision.transforms.v2.functional, transformers
+    transformers.AutoTokenizer
+from mmray.data.preprocess import Preprocessor
+spec, files, batch = pickle.loads(open(sys.argv[1], "rb").read())
+Preprocessor(spec, files)(batch)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this benchmark).
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(time.perf_counter() - t, hwm * 1024)
+"""
+
+
+def bench_actor_start(spec, tok: dict[str, bytes], base: dict, repeats: int = 3) -> dict:
+    """Median wall seconds and peak RSS bytes of an actor-like process, torch-free vs importing torch."""
+    import pickle
+    import subprocess
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = Path(tmp, "args.pkl")
+        batch = {k: np.array(v[:32], dtype=object) for k, v in base.items()}
+        args.write_bytes(pickle.dumps((spec, tok, batch)))
+        for mode in ("torch-free", "with-torch"):
+            runs = []
+            for _ in range(repeats):
+                proc = subprocess.run([sys.executable, "-c", _ACTOR, str(args), mode], capture_output=True, text=True,
+                                      check=True)  # fmt: skip
+                runs.append(tuple(float(x) for x in proc.stdout.split()))
+            out[mode] = {"start_s": sorted(r[0] for r in runs)[repeats // 2], "peak_rss_bytes": max(r[1] for r in runs)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=3000, help="N; the large run uses 4N rows")
@@ -244,6 +282,7 @@ def main() -> None:
             streaming = bench_streaming(uris, spec, tok)
             driver = bench_driver(uris)
             dtype = bench_uint8_vs_float32(uris[small], spec, tok)
+            actor = bench_actor_start(spec, tok, base)
         jpeg = bench_jpeg_draft()
         fetch = bench_fetch_threads(base)
     finally:
@@ -258,11 +297,14 @@ def main() -> None:
         / (driver[small]["peak_rss_growth_bytes"] + (1 << 20)),  # +1 MiB: growth can be ~0 at N
         "float32_over_uint8_object_store_bytes": dtype["float32_bytes"] / dtype["uint8_bytes"],
         "jpeg_full_over_draft_decode_time": jpeg["full_decode_s"] / jpeg["draft_decode_s"],
+        "actor_start_time_with_torch_over_torch_free": actor["with-torch"]["start_s"] / actor["torch-free"]["start_s"],
+        "actor_peak_rss_with_torch_over_torch_free": actor["with-torch"]["peak_rss_bytes"]
+        / actor["torch-free"]["peak_rss_bytes"],
     }
     if fetch:
         ratios["fetch_1_thread_over_8_threads_time"] = fetch["threads_1_s"] / fetch["threads_8_s"]
     result = {"rows": {"N": small, "4N": large}, "ratios": ratios, "streaming": streaming, "driver": driver,
-              "uint8_vs_float32": dtype, "jpeg": jpeg, "fetch": fetch, "cpus": os.cpu_count()}  # fmt: skip
+              "uint8_vs_float32": dtype, "jpeg": jpeg, "fetch": fetch, "actor_start": actor, "cpus": os.cpu_count()}  # fmt: skip
     print(f"\nmmray data-layer benchmark (N={small}, 4N={large}):")
     for name, value in ratios.items():
         print(f"  {name:<45} {value:6.2f}")

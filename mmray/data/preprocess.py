@@ -1,10 +1,13 @@
 """Preprocessing actors: raw Parquet rows -> token ids, uint8 pixels, modality masks, encoded labels.
 
 ``Preprocessor`` is a class-based ``map_batches`` UDF: it loads the tokenizer once per actor and then
-maps batches. It never imports torch or transformers (``TokenEncoder`` runs the tokenizer's Rust
-backend, Pillow resizes), so an actor starts in about a second and holds ~0.2 GB instead of ~0.9 GB. A row it cannot use is not dropped and does not crash the job: it comes out with a
+maps batches. A row it cannot use is not dropped and does not crash the job: it comes out with a
 non-empty ``_error`` (and the column and stage), and ``keep_errors`` turns it into a quarantine record.
 Image URIs are fetched concurrently per batch, with retries on transient storage errors.
+
+It never imports torch or transformers (``TokenEncoder`` runs the tokenizer's Rust backend, Pillow
+resizes): a fresh actor process maps its first batch after 0.5 s with an 81 MB peak RSS, against
+7.2 s and 773 MB when it imports them (``bench/bench_preprocess.py``).
 """
 
 from __future__ import annotations
