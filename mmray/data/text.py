@@ -124,6 +124,7 @@ class TokenEncoder:
         if "tokenizer.json" not in files:
             raise ValueError(f"tokenizer has no tokenizer.json (files: {sorted(files)}); save a fast tokenizer")
         self.backend = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        self.max_length = max_length
         config = json.loads(files.get("tokenizer_config.json", b"{}"))
         pad = config.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
@@ -137,8 +138,8 @@ class TokenEncoder:
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 ``[N, max_length]`` token ids and attention mask."""
         encodings = self.backend.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(texts), -1)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.max_length)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(texts), self.max_length)
         return ids, mask
 
 
@@ -178,8 +179,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
 
 
 def wordpiece_vocab(words: Counter[str], vocab_size: int) -> list[str]:
-    """At most ``vocab_size`` tokens: the special tokens, every character seen (in both its word-initial
-    and its ``##`` continuation form), then the most frequent whole words; ties go alphabetically.
+    """At most ``vocab_size`` tokens: the special tokens, every character seen (word-initial, and as a
+    ``##`` continuation where it was seen inside a word), then the most frequent whole words; ranked
+    by frequency, ties alphabetically.
 
     WordPiece splits a word greedily into the longest known prefix and ``##`` pieces, so a word outside
     the vocabulary becomes a known word prefix plus characters, and only unseen characters become
@@ -188,12 +190,14 @@ def wordpiece_vocab(words: Counter[str], vocab_size: int) -> list[str]:
     tokenizer (``model.text_encoder.tokenizer``).
     """
     chars: Counter[str] = Counter()
+    inner: set[str] = set()  # seen after a word's first character (never CJK: each is a word of its own)
     kept = {w: n for w, n in words.items() if len(w) <= MAX_WORD_CHARS}  # longer words are [UNK] whole
     for word, n in kept.items():
         for c in word:
             chars[c] += n
-    both_forms = [(form, n) for c, n in chars.items() for form in (c, "##" + c)]  # a word may start with any
-    by_frequency = sorted(both_forms, key=lambda kv: (-kv[1], kv[0]))
+        inner.update(word[1:])
+    forms = [*chars.items(), *(("##" + c, n) for c, n in chars.items() if c in inner)]  # any may start a word
+    by_frequency = sorted(forms, key=lambda kv: (-kv[1], kv[0]))
     by_frequency += sorted(((w, n) for w, n in kept.items() if len(w) > 1), key=lambda kv: (-kv[1], kv[0]))
     return (SPECIAL_TOKENS + [t for t, _ in by_frequency])[: max(vocab_size, len(SPECIAL_TOKENS))]
 

@@ -127,9 +127,9 @@ def test_vocab_is_characters_then_frequent_words_with_ties_alphabetical():
     from mmray.data.text import SPECIAL_TOKENS, wordpiece_vocab
 
     words = Counter({"cat": 3, "dog": 3, "cow": 1, "猫": 2, "x" * 101: 9})  # over 100 chars: [UNK] whole
-    vocab = wordpiece_vocab(words, vocab_size=100)
-    # characters by (-count, token), each twice: c o 4 (cat+cow, dog+cow), a d g t 3, 猫 2, w 1; then words
-    chars = ["##c", "##o", "c", "o", "##a", "##d", "##g", "##t", "a", "d", "g", "t", "##猫", "猫", "##w", "w"]
+    # Characters by (-count, token): c o 4 (cat+cow, dog+cow), a d g t 3, 猫 2, w 1; a "##" form only for
+    # those seen inside a word (not c, d, 猫); then the words.
+    chars = ["##o", "c", "o", "##a", "##g", "##t", "a", "d", "g", "t", "猫", "##w", "w"]
     vocab = wordpiece_vocab(words, vocab_size=100)
     assert vocab == [*SPECIAL_TOKENS, *chars, "cat", "dog", "cow"]
     assert wordpiece_vocab(words, vocab_size=8) == vocab[:8]
@@ -173,6 +173,11 @@ def test_token_encoder_gives_the_ids_transformers_gives(source, tokenizer, tmp_p
         expected = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=length, return_tensors="np")
         np.testing.assert_array_equal(ids, expected["input_ids"])
         np.testing.assert_array_equal(mask, expected["attention_mask"])
+
+
+def test_token_encoder_takes_an_empty_batch(tokenizer, tmp_path):
+    ids, mask = TokenEncoder(_saved(tokenizer, tmp_path), 8)([])
+    assert ids.shape == mask.shape == (0, 8)
 
 
 def test_token_encoder_refuses_a_tokenizer_it_cannot_pad_with(tokenizer, tmp_path):
