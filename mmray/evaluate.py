@@ -34,6 +34,7 @@ from mmray.data import pipeline, storage
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.data.text import read_tokenizer_dir
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.score.predictor import fetch_checkpoint
 
@@ -121,7 +122,7 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, An
     """
     with fetch_checkpoint(checkpoint, cfg.storage) as local:
         info = load_info(local)
-        tokenizer_files = {p.name: p.read_bytes() for p in Path(local, TOKENIZER_DIR).iterdir() if p.is_file()}
+        tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
     names = variant_names(info.model)
     spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=True, storage=cfg.storage)
     files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)

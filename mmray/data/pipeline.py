@@ -60,6 +60,16 @@ def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> lis
     return files
 
 
+def count_rows(uri: str, files: list[str], store: StorageConfig) -> int:
+    """Rows in the input's Parquet files, from their footers (read in parallel: on S3 latency, not
+    bytes, dominates). Preprocessing maps each input row to one output row, so this is ``rows_in``."""
+    if not files:
+        return 0
+    fs, _ = storage.resolve(uri, store)
+    with ThreadPoolExecutor(min(_FOOTER_READERS, len(files))) as pool:
+        return sum(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, files))
+
+
 def read_input(uri: str, files: list[str], store: StorageConfig, columns: list[str]) -> ray.data.Dataset:
     fs, _ = storage.resolve(uri, store)
     return ray.data.read_parquet(files, filesystem=fs, columns=columns)

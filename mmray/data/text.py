@@ -19,7 +19,10 @@ import numpy as np
 
 from mmray.config import StorageConfig, TextConfig
 
-__all__ = ["TextNormalizer", "TokenEncoder", "load_stopwords", "load_tokenizer", "train_wordpiece", "wordpiece_vocab"]
+__all__ = [
+    "TextNormalizer", "TokenEncoder", "load_stopwords", "load_tokenizer", "read_tokenizer_dir", "train_wordpiece",
+    "wordpiece_vocab",
+]  # fmt: skip
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_WORD_CHARS = 100  # BERT's limit: a longer "word" is [UNK]
@@ -102,6 +105,12 @@ def load_stopwords(spec: str | None, storage: StorageConfig | None = None) -> tu
     return tuple(sorted(w for w in words if w and not w.startswith("#")))
 
 
+def read_tokenizer_dir(directory: str | Path) -> dict[str, bytes]:
+    """A saved tokenizer's files (``save_pretrained`` output) as name -> bytes: the form actors receive
+    (shipped by value, so no node needs shared storage) and ``TokenEncoder`` takes."""
+    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+
 class TokenEncoder:
     """A saved tokenizer's ``tokenizer.json`` run directly by the Rust ``tokenizers`` library: token ids
     and attention masks padded and truncated to ``max_length``.
@@ -134,6 +143,11 @@ class TokenEncoder:
         self.backend.enable_truncation(max_length, direction=config.get("truncation_side", "right"))
         self.backend.enable_padding(direction=config.get("padding_side", "right"), pad_id=pad_id, pad_token=pad,
                                     length=max_length)  # fmt: skip
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the model's embedding must hold: the vocabulary plus added (special) tokens."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 ``[N, max_length]`` token ids and attention mask."""

