@@ -109,6 +109,36 @@ def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_
         assert {k: mine[k] for k in METRICS} == {k: ref[k] for k in METRICS}, f"epoch {mine['epoch']}"
 
 
+def test_resume_from_a_checkpoint_continues_it_exactly(reference, demo_data, tmp_path):
+    """``train.resume_from`` in a new run: model, optimizer, schedule, RNG and tokenizer come from the
+    reference's epoch-0 checkpoint, so epochs 1 and 2 reproduce the reference's."""
+    source = Path(reference["result"]["run_dir"]) / "checkpoint_epoch0000"
+    cfg = load_config("configs/demo.yaml", overrides(demo_data, tmp_path, "from_checkpoint", **ONE_WORKER,
+                                                     **{"train.resume_from": str(source)}))  # fmt: skip
+    result = run_training(cfg)
+    history = [h for h in read_history(result["run_dir"]) if h["epoch"] > 0]
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["resumed_from_epoch"] == 0 for h in history)
+    for mine, ref in zip(history, reference["history"][1:]):
+        assert {k: mine[k] for k in METRICS} == {k: ref[k] for k in METRICS}, f"epoch {mine['epoch']}"
+
+
+def test_early_stopping_ends_the_run_and_only_the_best_checkpoints_are_kept(ray_session, demo_data, tmp_path):
+    """After warm-up the cosine schedule lowers ``lr`` every epoch, so with mode ``max`` it never
+    improves again: patience 1 must stop the run after epoch 1 of 5. ``num_to_keep=1`` keeps only
+    the checkpoint with the lowest ``val_loss`` (``train.checkpoint_metric``)."""
+    cfg = load_config("configs/demo.yaml", overrides(demo_data, tmp_path, "early_stop", **ONE_WORKER, **{
+        "train.epochs": 5, "train.num_to_keep": 1, "train.early_stopping.metric": "lr",
+        "train.early_stopping.mode": "max", "train.early_stopping.patience": 1,
+    }))  # fmt: skip
+    result = run_training(cfg)
+    history = read_history(result["run_dir"])
+    assert [h["epoch"] for h in history] == [0, 1]
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    kept = sorted(p.name for p in Path(result["run_dir"]).glob("checkpoint_epoch*"))
+    assert kept == [f"checkpoint_epoch{best:04d}"]
+    assert Path(result["checkpoint"]).name == kept[0]
+
+
 @pytest.fixture(scope="module")
 def two_workers(ray_session, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("two_workers")

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 import os
+import shutil
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mmray.checkpoint import BUNDLE_FILE
+from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
 from mmray.config import Config, config_to_dict
 from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
@@ -76,18 +77,19 @@ def _batches(cfg: Config, uri: str, files: list[str], columns: list[str]):
 
 
 def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> dict[str, bytes]:
-    """The tokenizer's files: reused from the run dir (resume), loaded (pretrained) or trained."""
-    saved = storage.join(run_dir, "tokenizer")
+    """The tokenizer's files: reused from the run dir (resume), else ``train.resume_from``'s (the
+    checkpoint's embedding rows are indexed by that vocabulary), else loaded (pretrained) or trained.
+    """
+    saved = storage.join(run_dir, TOKENIZER_DIR)
     if storage.exists(storage.join(saved, "tokenizer_config.json"), cfg.storage):
-        local = storage.copy_dir_from(saved, cfg.storage)
-        try:
-            return read_tokenizer_dir(local)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
+        return _read_tokenizer(saved, cfg)
     enc = cfg.model.text_encoder
     with tempfile.TemporaryDirectory() as tmp:
         source = enc.tokenizer or (enc.name if enc.kind == "hf" else None)
-        if source:
+        if cfg.train.resume_from:
+            for name, data in _read_tokenizer(storage.join(cfg.train.resume_from, TOKENIZER_DIR), cfg).items():
+                Path(tmp, name).write_bytes(data)
+        elif source:
             key = "model.text_encoder.tokenizer" if enc.tokenizer else "model.text_encoder.name"
             try:
                 tokenizer = load_tokenizer(source, cfg.storage)
@@ -103,6 +105,14 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
             train_wordpiece(_texts(cfg, uri, files, normalize), cfg.data.text.vocab_size, tmp)
         storage.copy_dir_to(tmp, saved, cfg.storage)
         return read_tokenizer_dir(tmp)
+
+
+def _read_tokenizer(uri: str, cfg: Config) -> dict[str, bytes]:
+    local = storage.copy_dir_from(uri, cfg.storage)
+    try:
+        return read_tokenizer_dir(local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _texts(cfg: Config, uri: str, files: list[str], normalize: TextNormalizer):
