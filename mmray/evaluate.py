@@ -36,7 +36,6 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import read_tokenizer_dir
 from mmray.metrics import MetricAccumulator, weighted_row_loss
-from mmray.score.predictor import fetch_checkpoint
 
 __all__ = ["AblationEvaluator", "VARIANTS", "run_evaluation", "summarize", "variant_masks", "variant_names"]
 
@@ -64,7 +63,7 @@ class AblationEvaluator:
 
     def __init__(self, checkpoint_uri: str, store: StorageConfig, device: str = "cpu"):
         self.device = torch.device(device)
-        with fetch_checkpoint(checkpoint_uri, store) as local:
+        with storage.local_dir(checkpoint_uri, store) as local:
             self.info = load_info(local)
             self.model = load_model(local, self.info).to(self.device)
         self.tasks = list(self.info.tasks)
@@ -120,7 +119,7 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, An
         ``{"checkpoint", "input", "rows_in", "rows_evaluated", "rows_quarantined", "metrics":
         {variant: {metric: value}}, "quarantine": [up to 20 records], "quarantine_reasons"}``.
     """
-    with fetch_checkpoint(checkpoint, cfg.storage) as local:
+    with storage.local_dir(checkpoint, cfg.storage) as local:
         info = load_info(local)
         tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
     names = variant_names(info.model)

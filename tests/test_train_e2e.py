@@ -116,6 +116,7 @@ def test_resume_from_a_checkpoint_continues_it_exactly(reference, demo_data, tmp
     cfg = load_config("configs/demo.yaml", overrides(demo_data, tmp_path, "from_checkpoint", **ONE_WORKER,
                                                      **{"train.resume_from": str(source)}))  # fmt: skip
     result = run_training(cfg)
+    assert (source / "model.safetensors").exists()  # a local source is read in place, never removed
     history = [h for h in read_history(result["run_dir"]) if h["epoch"] > 0]
     assert [h["epoch"] for h in history] == [1, 2] and all(h["resumed_from_epoch"] == 0 for h in history)
     for mine, ref in zip(history, reference["history"][1:]):

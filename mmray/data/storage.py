@@ -9,13 +9,16 @@ error message this module builds goes through ``redact``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -23,7 +26,7 @@ import pyarrow.fs as pafs
 from mmray.config import StorageConfig
 
 __all__ = [
-    "copy_dir_from", "copy_dir_to", "exists", "fetch_bytes", "is_s3", "join", "list_parquet_files",
+    "copy_dir_from", "copy_dir_to", "exists", "fetch_bytes", "is_s3", "join", "list_parquet_files", "local_dir",
     "read_bytes", "read_text", "redact", "resolve", "write_bytes", "write_text",
 ]  # fmt: skip
 
@@ -215,6 +218,18 @@ def copy_dir_to(local_dir: str | Path, uri: str, storage: StorageConfig | None =
     fs, path = resolve(uri, storage)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@contextlib.contextmanager
+def local_dir(uri: str, storage: StorageConfig | None = None) -> Iterator[str]:
+    """A local directory with the contents of ``uri``: the directory itself when it is local, else a
+    download (``copy_dir_from``) that is removed on exit. Never deletes a caller's own directory."""
+    local = copy_dir_from(uri, storage)
+    try:
+        yield local
+    finally:
+        if is_s3(uri):
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def copy_dir_from(uri: str, storage: StorageConfig | None = None) -> str:

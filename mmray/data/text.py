@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
@@ -227,11 +226,8 @@ def load_tokenizer(name_or_dir: str | Path, storage: StorageConfig | None = None
 
     name = str(name_or_dir)
     if st.is_s3(name):
-        local = st.copy_dir_from(name, storage)
-        try:
+        with st.local_dir(name, storage) as local:
             return _from_pretrained(local, shown=name)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
     path = os.path.expanduser(name.removeprefix("file://"))
     if name.startswith(("/", "./", "../", "~", "file://")) and not os.path.isdir(path):
         raise FileNotFoundError(f"no tokenizer directory at {name}")

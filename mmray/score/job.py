@@ -35,7 +35,7 @@ from mmray.score import commit
 from mmray.score.evaluate import Evaluation
 from mmray.score.finalize import Finalized, finalize
 from mmray.score.labeled import LabeledPreprocessor
-from mmray.score.predictor import Predictor, fetch_checkpoint, output_schema
+from mmray.score.predictor import Predictor, output_schema
 
 __all__ = ["MANIFEST_FORMAT", "run_scoring"]
 
@@ -146,7 +146,7 @@ def run_scoring(
         DataQualityError: too many rows were quarantined (the quarantine is written, nothing committed).
     """
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
-    with fetch_checkpoint(checkpoint, cfg.storage) as local:
+    with storage.local_dir(checkpoint, cfg.storage) as local:
         info = load_info(local)
         mid = model_id(local)
         tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))

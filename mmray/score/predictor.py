@@ -10,9 +10,7 @@ Output columns per task (suffixed ``_<task>`` when the model has several tasks):
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +24,7 @@ from mmray.data.labels import Task
 from mmray.metrics import task_probabilities
 from mmray.score.labeled import LABEL_ERROR
 
-__all__ = ["Predictor", "fetch_checkpoint", "logits_key", "output_columns", "output_schema"]
+__all__ = ["Predictor", "logits_key", "output_columns", "output_schema"]
 
 _LOGITS_PREFIX = "_logits__"
 _INPUT_KEYS = (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
@@ -63,17 +61,6 @@ def output_schema(tasks: Sequence[Task]) -> pa.Schema:
     return pa.schema(fields)
 
 
-@contextlib.contextmanager
-def fetch_checkpoint(uri: str, store: StorageConfig) -> Iterator[str]:
-    """A local directory holding the checkpoint; an S3 checkpoint is downloaded and removed afterwards."""
-    local = storage.copy_dir_from(uri, store)
-    try:
-        yield local
-    finally:
-        if storage.is_s3(uri):
-            shutil.rmtree(local, ignore_errors=True)
-
-
 class Predictor:
     """Callable class for ``map_batches(Predictor, fn_constructor_args=(uri, storage, model_id, device))``.
 
@@ -92,7 +79,7 @@ class Predictor:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"predictor actor asked for device {device!r} but sees no CUDA device")
         self.device = torch.device(device)
-        with fetch_checkpoint(checkpoint_uri, store) as local:
+        with storage.local_dir(checkpoint_uri, store) as local:
             found = model_id(local)
             if expected_model_id is not None and found != expected_model_id:
                 raise RuntimeError(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -108,11 +107,8 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
 
 
 def _read_tokenizer(uri: str, cfg: Config) -> dict[str, bytes]:
-    local = storage.copy_dir_from(uri, cfg.storage)
-    try:
+    with storage.local_dir(uri, cfg.storage) as local:
         return read_tokenizer_dir(local)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
 
 
 def _texts(cfg: Config, uri: str, files: list[str], normalize: TextNormalizer):

@@ -13,7 +13,6 @@ run without Ray, so the unit tests drive them directly; only ``train_loop_per_wo
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -265,11 +264,8 @@ def _resume(parts: Parts, cfg: Config, rank: int, world: int) -> Progress:
         source = checkpoint.path
     elif cfg.train.resume_from:
         source = cfg.train.resume_from
-        local = storage.copy_dir_from(source, cfg.storage)
-        try:
+        with storage.local_dir(source, cfg.storage) as local:
             progress = restore(local, parts.model, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
     else:
         seed_everything(_rank_seed(cfg.train.seed, rank, 0))
         return Progress()

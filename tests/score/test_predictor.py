@@ -17,7 +17,7 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.synthetic import make_rows
 from mmray.score.labeled import LABEL_ERROR, LabeledPreprocessor
-from mmray.score.predictor import Predictor, fetch_checkpoint, logits_key, output_columns, output_schema
+from mmray.score.predictor import Predictor, logits_key, output_columns, output_schema
 from tests.score.conftest import CLASSES, TASK, make_checkpoint
 
 
@@ -97,7 +97,7 @@ def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(tiny_checkpoin
     store = StorageConfig(s3_endpoint_url=s3_server)
     uri = f"s3://{s3_bucket}/ckpt"
     storage.copy_dir_to(tiny_checkpoint, uri, store)
-    with fetch_checkpoint(uri, store) as local:
+    with storage.local_dir(uri, store) as local:
         assert model_id(local) == model_id(tiny_checkpoint)
     assert not os.path.exists(local)
     out = Predictor(uri, store, model_id(tiny_checkpoint))(preprocessed(tiny_checkpoint, make_rows(2, seed=8)))
