@@ -76,12 +76,17 @@ def read_input(uri: str, files: list[str], store: StorageConfig, columns: list[s
 
 
 def preprocess(
-    ds: ray.data.Dataset, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], pcfg: PreprocessConfig
+    ds: ray.data.Dataset, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], pcfg: PreprocessConfig,
+    actor: type = Preprocessor, extra_args: tuple = (),
 ) -> ray.data.Dataset:
-    """Maps raw rows to model inputs in a bounded actor pool (one output row per input row)."""
+    """Maps raw rows to model inputs in a bounded actor pool (one output row per input row).
+
+    ``actor`` may extend ``Preprocessor`` (scoring's ``LabeledPreprocessor``); it is constructed with
+    ``(spec, tokenizer_files, *extra_args)`` and the pool settings of ``pcfg``.
+    """
     return ds.map_batches(
-        Preprocessor,
-        fn_constructor_args=(spec, tokenizer_files),
+        actor,
+        fn_constructor_args=(spec, tokenizer_files, *extra_args),
         fn_constructor_kwargs={"fetch_threads": pcfg.fetch_threads, "fetch_attempts": pcfg.fetch_attempts},
         batch_size=pcfg.batch_size,
         batch_format="numpy",

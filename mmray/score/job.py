@@ -57,19 +57,11 @@ def _gpus_per_actor(requested: float) -> float:
 def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[str], spec: PreprocessSpec,
                    tokenizer_files: dict[str, bytes], checkpoint: str, mid: str,
                    label_tasks: tuple[Task, ...]) -> ray.data.Dataset:  # fmt: skip
-    pre, sc = cfg.data.preprocess, cfg.score
+    sc = cfg.score
     num_gpus = _gpus_per_actor(sc.num_gpus)
     return (
-        pipeline.read_input(input_uri, files, cfg.storage, columns)
-        .map_batches(
-            LabeledPreprocessor,
-            fn_constructor_args=(spec, tokenizer_files, label_tasks),
-            fn_constructor_kwargs={"fetch_threads": pre.fetch_threads, "fetch_attempts": pre.fetch_attempts},
-            batch_size=pre.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pre.concurrency),
-            num_cpus=pre.num_cpus,
-        )
+        pipeline.preprocess(pipeline.read_input(input_uri, files, cfg.storage, columns), spec, tokenizer_files,
+                            cfg.data.preprocess, actor=LabeledPreprocessor, extra_args=(label_tasks,))  # fmt: skip
         .map_batches(
             Predictor,
             fn_constructor_args=(checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks)),

@@ -217,8 +217,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], tasks: list
         for batch in batches:
             with optim.autocast(precision, device or torch.device("cpu")):
                 out = model(batch)
-            _, rows = compute_loss(out, batch, tasks, loss_weights, 0.0)
-            acc.update(out["logits"], {t.name: batch[S.label_key(t.name)] for t in tasks}, rows.sum().item())
+            targets = {t.name: batch[S.label_key(t.name)] for t in tasks}
+            rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights)  # the fused heads only
+            acc.update(out["logits"], targets, rows.sum().item())
     acc.load_state(reduce(acc.state()))
     return acc.compute()
 
