@@ -137,3 +137,42 @@ def test_minilm_text_encoder_trains_and_scores_offline(ray_address, tmp_path):
     assert scored["rows_scored"] == splits["test"]["rows"]
     assert set(pads.dataset(str(out), format="parquet").to_table().column("prediction").to_pylist()) <= {
         "cat_blue", "cat_red", "dog_blue", "dog_red"}  # fmt: skip
+
+
+def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(ray_address, s3_server, s3_bucket, demo_data,
+                                                                    tmp_path):  # fmt: skip
+    """A torchvision image encoder whose weights come from an S3 object (the real S3 API server), frozen:
+    the trained checkpoint must hold exactly those weights, and scoring rebuilds it from the checkpoint."""
+    import io
+
+    import torch
+    import torchvision
+    from safetensors.torch import load_file
+
+    from mmray.config import StorageConfig
+    from mmray.data import storage
+
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v3_small(weights=None)
+    buf = io.BytesIO()
+    torch.save(reference.state_dict(), buf)
+    weights = f"s3://{s3_bucket}/weights/mobilenet.pth"
+    storage.write_bytes(weights, buf.getvalue(), StorageConfig(s3_endpoint_url=s3_server))
+    res = train(ray_address, demo_data, tmp_path, **{
+        "storage.s3_endpoint_url": s3_server, "train.epochs": 2, "model.image_encoder.kind": "torchvision",
+        "model.image_encoder.name": "mobilenet_v3_small", "model.image_encoder.weights": weights,
+        "model.image_encoder.freeze": "true",
+    })  # fmt: skip
+    ckpt = Path(res["checkpoint"])
+    assert json.loads((ckpt / "mmray.json").read_text())["model"]["image_encoder"]["kind"] == "torchvision"
+    trained = load_file(str(ckpt / "model.safetensors"))
+    for name, param in reference.named_parameters():
+        if name.startswith("classifier."):
+            continue  # dropped: the encoder exposes features
+        (key,) = [k for k in trained if k.endswith("." + name) and ".image." in f".{k}"]
+        torch.testing.assert_close(trained[key], param.detach(), msg=name)
+
+    out = tmp_path / "preds"
+    scored = run_cli(["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"], "--output", str(out),
+                      f"storage.s3_endpoint_url={s3_server}"], ray_address).json  # fmt: skip
+    assert scored["rows_scored"] == demo_data["test"]["rows"]
