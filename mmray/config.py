@@ -323,9 +323,14 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"model.tasks.{task}: {kind!r} is not one of {list(_TASK_KINDS)}")
     if cfg.data.image_column is None and cfg.data.image_uri_column is None:
         raise ConfigError("data.image_column / data.image_uri_column: at least one must be set")
-    if cfg.storage.s3_endpoint_url and "@" in cfg.storage.s3_endpoint_url.split("://", 1)[-1].split("/", 1)[0]:
-        # Credentials come from the AWS chain only: a config can be logged, copied and stored.
-        raise ConfigError("storage.s3_endpoint_url: must not embed credentials (user:password@host)")
+    # Credentials never live in a config: it is logged (MLflow params), copied and stored in checkpoints.
+    endpoint = cfg.storage.s3_endpoint_url
+    if endpoint and _embeds_credentials(endpoint if "://" in endpoint else f"https://{endpoint}"):  # a bare host
+        raise ConfigError("storage.s3_endpoint_url: must not embed credentials (user:password@host); "
+                          "S3 credentials come from the AWS chain")  # fmt: skip
+    if _embeds_credentials(cfg.train.mlflow_tracking_uri):
+        raise ConfigError("train.mlflow_tracking_uri: must not embed credentials (user:password@host); "
+                          "use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")  # fmt: skip
     if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
         raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
     if cfg.train.max_failures < -1:
@@ -337,6 +342,14 @@ def _validate(cfg: Config) -> None:
     if cfg.model.fusion == "cross_attention" and cfg.model.hidden_dim % cfg.model.fusion_heads:
         raise ConfigError(f"model.fusion_heads: {cfg.model.fusion_heads} must divide model.hidden_dim="
                           f"{cfg.model.hidden_dim}")  # fmt: skip
+
+
+def _embeds_credentials(uri: str | None) -> bool:
+    """True for ``scheme://user:secret@host`` with ANY ``@`` after the scheme: a secret may hold ``/``,
+    so the authority cannot be trusted to end at the first slash. Local paths (no scheme, ``file://``)
+    have no user-info."""
+    scheme, sep, rest = (uri or "").partition("://")
+    return bool(sep) and scheme.lower() != "file" and "@" in rest
 
 
 def _matching(flat: dict[str, Any], pattern: str) -> list[str]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
+from mmray.data import storage
 from mmray.data.image import ImageDecodeError, decode_image, resize_uint8
 from mmray.data.labels import LabelError, Task, task_from_dict
 from mmray.data.text import TextNormalizer, TokenEncoder, load_stopwords
@@ -88,7 +89,9 @@ class PreprocessSpec:
 class _RowError(Exception):
     def __init__(self, stage: str, column: str, reason: str):
         super().__init__(reason)
-        self.stage, self.column, self.reason = stage, column, reason[:_MAX_REASON]
+        # Every quarantine reason passes here: redacted (URIs, labels and exceptions may carry user-info),
+        # then cut, never the other way round (a cut could separate a secret from its "@").
+        self.stage, self.column, self.reason = stage, column, storage.redact(reason)[:_MAX_REASON]
 
 
 _MAX_REASON = 240  # quarantine reasons are short: the id says which row, the reason what went wrong

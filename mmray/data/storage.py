@@ -32,14 +32,21 @@ __all__ = [
 
 _S3_ATTEMPTS = 3  # pyarrow's own retries of one S3 request (throttling, 5xx, dropped connections)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+# Everything from "scheme://" to the LAST "@" before whitespace is user-info. Secrets hold "/" (about
+# half of AWS secret keys do), "?", "#" or ":", so the RFC's authority (which ends at the first "/")
+# cannot be trusted to find it; an "@" in a path (``s3://b/img@2x.png``) is over-redacted instead.
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)\S*@")
 # S3 errors that another attempt cannot fix; everything else (network, throttling, 5xx) is retried.
 _PERMANENT = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
               "Forbidden", "AccessDenied", "InvalidAccessKeyId", "NoSuchBucket")  # fmt: skip
 
 
 def redact(text: str) -> str:
-    """``text`` with URL user-info and the values of AWS credential variables replaced by ``***``."""
+    """``text`` with URL user-info and the values of AWS credential variables replaced by ``***``.
+
+    User-info is everything between ``scheme://`` and the last ``@`` of that whitespace-free run, for
+    every scheme: ``s3://AKIA:ab/c+d@bucket/k`` -> ``s3://***@bucket/k``.
+    """
     text = _USERINFO.sub(r"\g<scheme>***@", text)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
@@ -88,7 +95,7 @@ def _s3_settings(storage: StorageConfig) -> tuple[str | None, str | None, str | 
     endpoint = storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     scheme = host = None
     if endpoint:
-        if _USERINFO.match(endpoint):
+        if "@" in endpoint:  # user-info, with or without a scheme; no endpoint has another use for "@"
             raise ValueError(f"S3 endpoint must not embed credentials: {redact(endpoint)}")
         scheme, _, rest = endpoint.partition("://")
         scheme, host = (scheme, rest.rstrip("/")) if rest else ("https", endpoint.rstrip("/"))

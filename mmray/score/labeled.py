@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mmray.data import schema as S
+from mmray.data import storage
 from mmray.data.labels import LabelError, Task
 from mmray.data.preprocess import PreprocessSpec, Preprocessor
 
@@ -47,7 +48,7 @@ class LabeledPreprocessor:
                     value = t.encode(raw)  # numpy scalars/arrays from Ray encode like Python values
                 except LabelError as e:
                     value = t.empty_target()  # keeps the column typed; the row is excluded by LABEL_ERROR
-                    errors[i] = errors[i] or str(e)
+                    errors[i] = errors[i] or storage.redact(str(e))
                 column[i] = value.tolist() if isinstance(value, np.ndarray) else value
             out[S.label_key(t.name)] = column
         out[LABEL_ERROR] = errors

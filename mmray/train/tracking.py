@@ -82,7 +82,11 @@ class TensorBoardTracker:
 
 
 class MlflowTracker:
-    """One MLflow run per training process: the flattened config as params, epoch metrics by step."""
+    """One MLflow run per training process: the flattened, redacted config as params, epoch metrics by step.
+
+    The tracking URI itself never carries credentials (config validation refuses them): MLflow reads
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN`` instead.
+    """
 
     def __init__(self, cfg: Config, run_name: str):
         import mlflow
@@ -108,7 +112,8 @@ def _flat_params(d: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict) and v:
             out.update(_flat_params(v, key))
         else:
-            out[key] = str(v)[:500]  # MLflow caps param values; configs never need more
+            # Redacted first, then cut (a cut could split a secret from its "@"); MLflow caps values at 500.
+            out[key] = storage.redact(str(v))[:500]
     return out
 
 

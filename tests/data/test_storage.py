@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmray.config import ConfigError, StorageConfig, config_from_dict
 from mmray.data import storage
@@ -65,6 +67,34 @@ def test_redact_scrubs_credential_env_values_and_userinfo(monkeypatch):
     text = storage.redact(f"failed with key {SECRET} at https://u:{SECRET}@host/x and s3://id:pw@b/k")
     assert SECRET not in text and "pw" not in text
     assert "https://***@host/x" in text and "s3://***@b/k" in text
+
+
+_SCHEMES = st.sampled_from(["s3", "https", "http", "file", "postgresql", "mlflow+https", "git+ssh"])
+_USERINFO = st.text(st.characters(codec="utf-8").filter(lambda c: not c.isspace()), min_size=1, max_size=40)
+_HOST = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}(:[0-9]{1,5})?", fullmatch=True)
+_PATH = st.from_regex(r"(/[A-Za-z0-9._-]{0,12}){0,4}", fullmatch=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_SCHEMES, _USERINFO, _HOST, _PATH)
+def test_redact_removes_any_userinfo_of_any_scheme(scheme, userinfo, host, path):
+    """Half of AWS secret keys hold a '/', some passwords '@', ':', '?', '#' or quotes: whatever sits
+    between 'scheme://' and the last '@' is user-info and never survives, whatever the scheme."""
+    message = f"cannot read '{scheme}://{userinfo}@{host}{path}': access denied"
+    assert storage.redact(message) == f"cannot read '{scheme}://***@{host}{path}': access denied"
+    assert storage.redact(f"{scheme}://{userinfo}@{host}") == f"{scheme}://***@{host}"
+
+
+def test_redact_keeps_uris_without_userinfo_and_catches_slashed_aws_secrets():
+    assert storage.redact("s3://bucket/a/b.png and /local/x.png") == "s3://bucket/a/b.png and /local/x.png"
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the AWS documentation's example: two '/'
+    assert secret not in storage.redact(f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@bucket/key")
+    with pytest.raises(ValueError) as e:
+        storage.resolve(f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@bucket/key")
+    assert "K7MDENG" not in str(e.value) and "must not embed credentials" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"storage": {"s3_endpoint_url": f"https://AKIAIOSFODNN7EXAMPLE:{secret}@minio:9000"}})
+    assert "K7MDENG" not in str(e.value)
 
 
 def test_pickled_s3_filesystem_carries_no_credentials(monkeypatch, s3):

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from mmray.config import config_from_dict
+from mmray.config import ConfigError, config_from_dict
 from mmray.train import tracking
 
 RECORDS = [
@@ -87,3 +87,34 @@ def test_missing_packages_fail_naming_the_key(monkeypatch):
     with pytest.raises(ValueError, match="train.mlflow_tracking_uri"):
         tracking.check_trackers_available(config_from_dict({"train": {"mlflow_tracking_uri": "file:///x"}}))
     tracking.check_trackers_available(config_from_dict({}))  # nothing configured: nothing needed
+
+
+SLASHED_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("uri", [f"https://admin:{SLASHED_SECRET}@mlflow.internal:5000",
+                                 "http://token@mlflow.internal", f"postgresql://u:{SLASHED_SECRET}@db/mlflow"])
+def test_credentials_in_the_mlflow_uri_are_refused_and_not_echoed(uri):
+    with pytest.raises(ConfigError, match="train.mlflow_tracking_uri: must not embed credentials") as e:
+        config_from_dict({"train": {"mlflow_tracking_uri": uri}})
+    assert "K7MDENG" not in str(e.value) and "token@" not in str(e.value)
+    for fine in ("http://mlflow.internal:5000", "file:///tmp/me@corp/mlruns", "./mlruns", "databricks://profile"):
+        assert config_from_dict({"train": {"mlflow_tracking_uri": fine}}).train.mlflow_tracking_uri == fine
+
+
+def test_mlflow_params_are_the_redacted_config(tmp_path, monkeypatch):
+    fake = FakeMlflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    monkeypatch.setattr(tracking, "check_trackers_available", lambda cfg: None)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEJr-session-token")
+    cfg = config_from_dict({
+        "train": {"mlflow_tracking_uri": "http://mlflow:5000", "name": "FwoGZXIvYXdzEJr-session-token"},
+        "data": {"train": f"s3://AKIAIOSFODNN7EXAMPLE:{SLASHED_SECRET}@bucket/train"},
+        "model": {"text_encoder": {"tokenizer": f"https://user:{SLASHED_SECRET}@hub.internal/tok"}},
+    })  # fmt: skip
+    run_trackers(cfg, tmp_path)
+    params = next(c[1][0] for c in fake.calls if c[0] == "log_params")
+    logged = repr(params)
+    assert "K7MDENG" not in logged and "AKIAIOSFODNN7EXAMPLE" not in logged and "FwoGZXIvYXdzEJr" not in logged
+    assert params["data.train"] == "s3://***@bucket/train" and params["train.name"] == "***"
+    assert params["model.text_encoder.tokenizer"] == "https://***@hub.internal/tok"
