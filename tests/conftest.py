@@ -13,6 +13,9 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+from tests.helpers import FAKE_SECRET
 
 # Before Ray starts: workers inherit this environment.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -22,9 +25,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Fake credentials for the local S3 API server (never a real AWS account).
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+# A unique secret, set before the session's Ray starts, so that Ray workers and every CLI run hold it
+# too: tests/test_s3_e2e.py scans what they wrote (objects, stdout, Ray's session logs) for it.
+os.environ["AWS_SECRET_ACCESS_KEY"] = FAKE_SECRET
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_PROFILE", None)
+
+# CI replays the same examples every run (a red build is reproducible, never a new random draw);
+# local runs keep exploring. HYPOTHESIS_PROFILE picks either explicitly.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev"))
 
 @pytest.fixture
 def seed() -> int:
@@ -71,12 +82,10 @@ def s3_server():
     """A real S3 API server (moto) on 127.0.0.1; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    from tests.helpers import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks a free port
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
     server.stop()
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT = 600  # seconds; an end-to-end run that hangs (e.g. a resource deadlock) fails instead
+# The session's AWS secret key (tests/conftest.py sets it before Ray starts): fake, and unique enough
+# that finding it anywhere in a log or a written object means it leaked.
+FAKE_SECRET = "mmray-test-SECRET-9f86d081884c7d65"
 
 
 def tiny_overrides(data: dict, storage_path: Path | str, **extra: object) -> list[str]:
@@ -43,6 +46,8 @@ def run_cli(args: list[str], ray_address: str | None = None, timeout: int = CLI_
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Another process may take it before the caller binds it:
+    prefer letting the server bind port 0 and report its port, as the S3 fixture does."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

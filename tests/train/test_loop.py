@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -197,16 +196,11 @@ def test_aux_head_loss_counts_only_rows_that_have_the_modality():
     assert compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)[0].item() == pytest.approx(2 * LN2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _eval_worker(rank: int, port: int, out_dir: str) -> None:
+def _eval_worker(rank: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file rendezvous: no port chosen in advance that another process could take first.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         metrics = evaluate(Passthrough(), [SHARDS[rank]], [CLS, REG], {})  # the real all_reduce
         torch.save(metrics, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -216,7 +210,7 @@ def _eval_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.integration  # spawns two processes that import torch and Ray (~15 s here)
 def test_two_processes_all_reduce_to_the_hand_computed_metrics(tmp_path):
-    mp.start_processes(_eval_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_eval_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in (0, 1):  # every rank ends with the same, global numbers
         m = torch.load(tmp_path / f"rank{rank}.pt")
         assert m["rows"] == 4
