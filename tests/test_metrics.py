@@ -1,13 +1,18 @@
-"""Losses and metrics: the weighted training loss that every metric report's ``loss`` means."""
+"""Losses and metrics: the weighted training loss that every metric report's ``loss`` means, and every
+metric checked against scikit-learn (a test-only dependency), never against mmray's own maths."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
 import torch
+from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, mean_absolute_error, roc_auc_score,
+                             root_mean_squared_error)  # fmt: skip
 
 from mmray.data.labels import Task
-from mmray.metrics import weighted_row_loss
+from mmray.metrics import MetricAccumulator, weighted_row_loss
 
 
 def test_weighted_row_loss_weights_each_task_and_defaults_to_one():
@@ -18,3 +23,102 @@ def test_weighted_row_loss_weights_each_task_and_defaults_to_one():
     # cross-entropy of [2, 0] -> class 0 is log(1 + e^-2), of [0, 0] is log 2; squared errors 1 and 4
     expected = torch.tensor([2 * math.log1p(math.exp(-2)) + 1.0, 2 * math.log(2) + 4.0])
     torch.testing.assert_close(loss, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every metric against an independent computation (scikit-learn), on data split over two "workers"
+# whose states are summed as the all-reduce does.
+# --------------------------------------------------------------------------------------------------
+
+BINS = 200  # the accumulator's AUROC histogram; scores at bin centres make its AUROC exact
+
+
+def _accumulate(tasks, logits: dict, targets: dict) -> dict[str, float]:
+    """Two halves in two accumulators, states summed: what validation on two workers reports."""
+    halves = []
+    for part in (slice(0, 37), slice(37, None)):
+        acc = MetricAccumulator(tasks)
+        acc.update({k: v[part] for k, v in logits.items()}, {k: v[part] for k, v in targets.items()}, 0.0)
+        halves.append(acc.state())
+    total = MetricAccumulator(tasks)
+    total.load_state(halves[0] + halves[1])
+    return total.compute()
+
+
+def _bin_centre_logits(rng: np.random.Generator, y: np.ndarray) -> np.ndarray:
+    """Logits whose sigmoid is a histogram bin's centre, positives 60 bins higher (informative, not
+    perfect); repeats make ties, which both sides score 1/2."""
+    p = (np.minimum(rng.integers(0, BINS - 60, size=y.shape) + 60 * y, BINS - 1) + 0.5) / BINS
+    return np.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_accuracy_f1_and_auroc_match_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=90)
+    logits = _bin_centre_logits(rng, y)
+    task = Task("flag", "binary", ("no", "yes"))
+    m = _accumulate([task], {"flag": torch.tensor(logits).unsqueeze(-1)}, {"flag": torch.tensor(y, dtype=torch.float32)})
+    scores = 1 / (1 + np.exp(-logits))
+    pred = (scores >= 0.5).astype(int)
+    assert m["rows"] == 90
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred))  # the positive class's F1
+    # Scores snap to bin centres only up to float rounding: allow that, nothing like a bin's width.
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, scores), abs=1e-9)
+    assert 0.5 < m["auroc"] < 1.0
+
+
+def test_auroc_of_arbitrary_scores_is_within_the_same_bin_ties_of_the_exact_value():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, size=400)
+    scores = np.clip(rng.normal(0.45 + 0.1 * y, 0.2), 1e-4, 1 - 1e-4)
+    task = Task("flag", "binary", ("no", "yes"))
+    logits = torch.tensor(np.log(scores / (1 - scores))).unsqueeze(-1)
+    m = _accumulate([task], {"flag": logits}, {"flag": torch.tensor(y, dtype=torch.float32)})
+    bins = np.minimum((scores * BINS).astype(int), BINS - 1)
+    pos, neg = bins[y == 1], bins[y == 0]
+    same_bin_pairs = (pos[:, None] == neg[None, :]).sum()
+    # Pairs in different bins are ordered exactly; a pair inside one bin counts 1/2 instead of 0 or 1.
+    bound = 0.5 * same_bin_pairs / (len(pos) * len(neg))
+    assert abs(m["auroc"] - roc_auc_score(y, scores)) <= bound + 1e-12
+    assert bound < 0.01
+
+
+def test_multilabel_f1_accuracy_and_auroc_match_scikit_learn():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=(80, 4))
+    y[:, 3] = 0  # a label nobody has: AUROC undefined (skipped), F1 1.0 when never predicted either
+    logits = _bin_centre_logits(rng, y)
+    logits[:, 3] = -5.0
+    task = Task("tags", "multilabel", ("a", "b", "c", "d"))
+    m = _accumulate([task], {"tags": torch.tensor(logits)}, {"tags": torch.tensor(y, dtype=torch.float32)})
+    scores = 1 / (1 + np.exp(-logits))
+    pred = (scores >= 0.5).astype(int)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=1.0))
+    assert m["accuracy"] == pytest.approx(1 - hamming_loss(y, pred))
+    per_label_auroc = [roc_auc_score(y[:, j], scores[:, j]) for j in range(3)]
+    assert m["auroc"] == pytest.approx(np.mean(per_label_auroc), abs=1e-9)
+
+
+def test_multiclass_accuracy_and_macro_f1_match_scikit_learn():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, size=100)
+    y[y == 3] = 2  # class 3 never occurs ...
+    logits = rng.normal(size=(100, 4))
+    logits[np.arange(100), y] += 1.0
+    logits[:5, 3] = 10.0  # ... but is predicted five times: a present class with F1 0
+    task = Task("label", "multiclass", ("a", "b", "c", "d"))
+    m = _accumulate([task], {"label": torch.tensor(logits)}, {"label": torch.tensor(y)})
+    pred = logits.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))  # classes in y or pred
+
+
+def test_regression_mae_and_rmse_match_scikit_learn():
+    rng = np.random.default_rng(5)
+    y, out = rng.normal(size=70), rng.normal(size=70)
+    task = Task("score", "regression")
+    m = _accumulate([task], {"score": torch.tensor(out).unsqueeze(-1)}, {"score": torch.tensor(y)})
+    assert m["mae"] == pytest.approx(mean_absolute_error(y, out))
+    assert m["rmse"] == pytest.approx(root_mean_squared_error(y, out))
