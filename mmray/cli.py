@@ -5,6 +5,8 @@ Examples:
     mmray train --config configs/demo.yaml data.train=work/data/train data.val=work/data/val
     mmray score --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/preds
     mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
+    mmray nightly --date yesterday --tz Europe/Berlin score.input=s3://b/events score.output=s3://b/preds
+    mmray nightly --from 2024-05-01 --to 2024-05-31 score.input=s3://b/events score.output=s3://b/preds
     mmray demo --workdir work/demo
 
 Each command prints its result as one JSON object on the LAST line of stdout. Errors in user input
@@ -46,6 +48,17 @@ def _partition(values: list[str]) -> dict[str, str]:
     return out
 
 
+def _config(args: argparse.Namespace):
+    """Loads the config and logs it, resolved and redacted, to stderr: a job's log says what it ran with."""
+    from mmray.config import config_to_dict, load_config
+    from mmray.data.storage import redact
+
+    cfg = load_config(args.config, args.overrides)
+    resolved = json.dumps(config_to_dict(cfg), ensure_ascii=False, sort_keys=True, default=str)
+    print(f"mmray {args.command}: config {redact(resolved)}", file=sys.stderr, flush=True)
+    return cfg
+
+
 def cmd_make_data(args: argparse.Namespace) -> None:
     from mmray.data.synthetic import make_dataset
 
@@ -53,24 +66,42 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mmray.config import load_config
     from mmray.runtime import init_ray
     from mmray.train.launcher import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     init_ray(args.address)
     _emit(run_training(cfg))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from mmray.config import load_config
     from mmray.score.job import run_scoring
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     partition = _partition(args.partition)
     # Ray is started only when there is work: an "already scored" rerun returns in a second.
     _emit(run_scoring(cfg, args.checkpoint, args.input, args.output, partition, overwrite=args.overwrite,
                       evaluate=args.evaluate, address=args.address))  # fmt: skip
+
+
+def cmd_nightly(args: argparse.Namespace) -> None:
+    from mmray.score.nightly import NightlyError, run_backfill, run_nightly
+
+    if (args.date_from is None) != (args.date_to is None):
+        raise NightlyError("a backfill needs both --from and --to")
+    if args.date_from is not None and args.date is not None:
+        raise NightlyError("give either --date or --from/--to, not both")
+    cfg = _config(args)
+    where = {"checkpoint": args.checkpoint, "input_root": args.input, "output_root": args.output,
+             "overwrite": args.overwrite, "address": args.address, "tz": args.tz}  # fmt: skip
+    if args.date_from is None:
+        _emit(run_nightly(cfg, args.date, **where))
+        return
+    result = run_backfill(cfg, args.date_from, args.date_to, **where)
+    _emit(result)
+    if result["failed"]:
+        raise NightlyError(f"backfill: {len(result['failed'])} of {len(result['partitions'])} dates failed: "
+                           f"{', '.join(result['failed'])} (the others are committed; rerun to retry)")  # fmt: skip
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -117,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--evaluate", action="store_true", help="the input has labels: also write _metrics.json")
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_score)
+
+    sp = sub.add_parser("nightly", help="score date=YYYY-MM-DD partitions: one date, or a --from/--to backfill")
+    sp.add_argument("--date", default=None, help="YYYY-MM-DD or 'yesterday' (default) in --tz")
+    sp.add_argument("--from", dest="date_from", default=None, metavar="DATE", help="backfill: first date")
+    sp.add_argument("--to", dest="date_to", default=None, metavar="DATE", help="backfill: last date (included)")
+    sp.add_argument("--tz", default="UTC", help="IANA time zone that 'yesterday' is in (default UTC)")
+    sp.add_argument("--checkpoint", default=None, help="default: score.checkpoint, else <train.storage_path>/latest.json")
+    sp.add_argument("--input", default=None, help="root holding date=... partitions (default: score.input)")
+    sp.add_argument("--output", default=None, help="output root (default: score.output)")
+    sp.add_argument("--overwrite", action="store_true", help="replace committed partitions (a backfill rescores them)")
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_nightly)
 
     sp = sub.add_parser("evaluate", help="metrics of a checkpoint on labelled Parquet: full, text masked, image masked")
     sp.add_argument("--checkpoint", required=True)
