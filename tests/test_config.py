@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
@@ -23,8 +24,26 @@ def test_defaults_have_the_required_keys():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
+    """Every value the file sets is the value the run gets (nothing dropped, renamed or defaulted over),
+    and the typed config survives the dict round trip that checkpoints and MLflow params use."""
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
+    loaded = config_to_dict(cfg)
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "resources_per_worker":
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    written = dict(leaves(yaml.safe_load(path.read_text())))
+    assert written, path
+    for key, value in written.items():
+        got = loaded
+        for part in key.split("."):
+            got = got[part]
+        assert got == value, f"{path.name}: {key} is {got!r}, the file says {value!r}"
+    assert config_from_dict(loaded) == cfg
 
 
 def test_overrides_parse_yaml_scalars_and_nest():
