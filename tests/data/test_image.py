@@ -42,6 +42,7 @@ GREY_OF_RED = RGB.convert("L").getpixel((0, 0))  # ITU-R 601 luma of RED
 CASES = [
     ("PNG", RGB, RED), ("JPEG", RGB, RED), ("WEBP", RGB, RED), ("GIF", RGB, RED), ("BMP", RGB, RED),
     ("TIFF", RGB, RED),
+    ("AVIF", RGB, RED), ("AVIF", RGB.convert("RGBA"), RED), ("AVIF", RGB.convert("L"), grey(GREY_OF_RED)),
     ("PNG", RGB.convert("L"), grey(GREY_OF_RED)), ("JPEG", RGB.convert("L"), grey(GREY_OF_RED)),
     ("PNG", RGB.convert("LA"), grey(GREY_OF_RED)), ("TIFF", RGB.convert("LA"), grey(GREY_OF_RED)),
     ("PNG", RGB.convert("P"), RED), ("BMP", RGB.convert("P"), RED), ("TIFF", RGB.convert("P"), RED),
