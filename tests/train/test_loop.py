@@ -134,6 +134,29 @@ def test_fusion_model_learns_in_each_precision(precision):
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs wherever one is visible")
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.bfloat16), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])  # fmt: skip
+def test_fusion_model_learns_on_cuda_in_mixed_precision(precision, dtype):
+    """On a GPU ``auto`` means bf16; layers really run in the reduced dtype, fp32 master weights learn,
+    and fp16 scales its loss."""
+    device = torch.device("cuda", 0)
+    cfg = tiny_cfg(precision=precision, epochs=8, batch_size=8)
+    parts = build_parts(cfg, [CLS], vocab_size=30, train_rows=16, world_size=1, device=device)
+    assert parts.precision == ("bf16" if precision == "auto" else precision)
+    assert (parts.scaler is not None) == (dtype == torch.float16)
+    seen: set[torch.dtype] = set()
+    linears = [m for m in parts.model.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for m in linears]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in fusion_batches()]  # as iter_torch_batches does
+    losses = [train_epoch(parts, batches, cfg, [CLS]).loss_sum / 16 for _ in range(8)]
+    for h in hooks:
+        h.remove()
+    assert dtype in seen, seen
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in parts.model.parameters())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0], losses
+
+
 def test_build_parts_is_deterministic_under_the_seed():
     a = build_parts(tiny_cfg(seed=3), [CLS], 30, 16, 1, CPU).model.state_dict()
     b = build_parts(tiny_cfg(seed=3), [CLS], 30, 16, 1, CPU).model.state_dict()
