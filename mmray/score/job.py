@@ -1,20 +1,25 @@
 """Batch scoring: Parquet in -> preprocessing pool -> predictor pool -> hidden staging -> committed output.
 
 1. The checkpoint is fetched once on the driver for its label maps, tokenizer and ``model_id`` (content
-   hash); the input is listed, schema-checked and fingerprinted (paths, sizes, mtimes).
+   hash); the input is listed, schema-checked and fingerprinted (paths, sizes, content: S3 ETags or
+   Parquet footer hashes).
 2. A commit of the same (input, model, settings, partition) at the target makes the run a no-op
    ("already scored"); a commit of a different one is replaced only with ``overwrite``.
-3. Rows stream through the preprocessing and predictor actor pools into ``<staging>/_raw``.
-4. ``finalize`` cuts sized part files with lineage, the quarantine and the metrics; the counts must
+3. The run takes the target's lease (another live run holding it: ``LeaseHeldError``, nothing done)
+   and decides step 2 again under it: another run may have committed meanwhile.
+4. Rows stream through the preprocessing and predictor actor pools into ``<staging>/_raw``.
+5. ``finalize`` cuts sized part files with lineage, the quarantine and the metrics; the counts must
    reconcile with the input's Parquet metadata: ``rows_in == rows_scored + rows_quarantined``.
-5. With more bad rows than ``data.max_bad_fraction``, the quarantine is written and the run fails
-   without committing; otherwise ``commit.publish`` makes the result visible (markers last).
+6. With more bad rows than ``data.max_bad_fraction``, the quarantine is written and the run fails
+   without committing; otherwise, after checking that the lease is still held and the committed run
+   is still the one seen in step 3, ``commit.publish`` makes the result visible (markers last).
 
 Every input row ends up either in the output or in ``<target>/_quarantine/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 import uuid
@@ -106,7 +111,6 @@ def _already_scored(target: commit.Target, identity: dict) -> dict[str, Any] | N
             f"{target.uri} already holds a committed result (run {existing['run_id']}) that differs: "
             f"{'; '.join(commit.identity_differences(existing['identity'], identity))}. Pass --overwrite to replace it."
         )
-    commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's
     _log(f"already scored: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do")
     counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
     return {"output": target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
@@ -142,53 +146,67 @@ def run_scoring(
         info = load_info(local)
         mid = model_id(local)
         tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False, storage=cfg.storage)
+    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False, storage=cfg.storage,
+                                    image_uri_roots=cfg.data.image_uri_roots)  # fmt: skip
     columns = spec.input_columns()
     label_tasks = info.tasks if evaluate else ()
     columns.update({t.name: "label" for t in label_tasks})
     files = pipeline.input_files(input_uri, columns, cfg.storage)
     in_fs, _ = storage.resolve(input_uri, cfg.storage)
-    inputs = commit.fingerprint_inputs(files, in_fs)
+    inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
     identity = commit.run_identity(inputs, mid, settings, target.partition)
 
     if not overwrite and (done := _already_scored(target, identity)) is not None:
+        with contextlib.suppress(commit.LeaseHeldError), commit.lease(target):
+            commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's; only when nobody works here
         return {**done, "model_id": mid}
     commit.check_replaceable(target)
-    rows_in = pipeline.count_rows(input_uri, files, cfg.storage)
-    run_id = uuid.uuid4().hex[:12]
-    scored_at = dt.datetime.now(dt.timezone.utc)
-    stage = commit.open_staging(target, run_id)
-    try:
-        if rows_in:
-            init_ray(address)
-            stream = _scored_stream(cfg, input_uri, files, list(columns), spec, tokenizer_files, checkpoint, mid,
-                                    label_tasks)  # fmt: skip
-            stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
-        evaluation = Evaluation(info.tasks, info.model.loss_weights) if evaluate else None
-        result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation)
-        counts = {"rows_in": rows_in, "rows_scored": result.rows_scored, "rows_quarantined": result.quarantine.num_rows}
-        if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
-            raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
-        if commit.fingerprint_inputs(files, in_fs) != inputs:
-            raise RuntimeError(f"input {input_uri} changed while it was being scored; nothing committed, rerun")
-        bad, limit = counts["rows_quarantined"], cfg.data.max_bad_fraction
-        if rows_in and bad / rows_in > limit:
-            where = commit.write_rejected_quarantine(target, result.quarantine, run_id)
-            pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
+    with commit.lease(target) as held:
+        commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
+        if not overwrite and (done := _already_scored(target, identity)) is not None:
+            return {**done, "model_id": mid}  # the run that held the lease before us committed the same
+        commit.check_replaceable(target)
+        seen_run = (commit.committed_run(target) or {}).get("run_id")  # re-checked before publishing
+        rows_in = pipeline.count_rows(input_uri, files, cfg.storage)
+        run_id = uuid.uuid4().hex[:12]
+        scored_at = dt.datetime.now(dt.timezone.utc)
+        stage = commit.open_staging(target, run_id)
+        try:
+            if rows_in:
+                init_ray(address)
+                stream = _scored_stream(cfg, input_uri, files, list(columns), spec, tokenizer_files, checkpoint, mid,
+                                        label_tasks)  # fmt: skip
+                stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
+            evaluation = Evaluation(info.tasks, info.model.loss_weights) if evaluate else None
+            result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation)
+            counts = {"rows_in": rows_in, "rows_scored": result.rows_scored, "rows_quarantined": result.quarantine.num_rows}
+            if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
+                raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
+            if commit.fingerprint_inputs(files, in_fs, cfg.storage) != identity["inputs"]:
+                raise RuntimeError(f"input {input_uri} changed while it was being scored; nothing committed, rerun")
+            bad, limit = counts["rows_quarantined"], cfg.data.max_bad_fraction
+            if rows_in and bad / rows_in > limit:
+                where = commit.write_rejected_quarantine(target, result.quarantine, run_id)
+                pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
+            if result.metrics is not None:
+                stage.write_json(commit.METRICS, result.metrics)
+            manifest = _manifest(run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate)
+            held.check()
+            if (now := (commit.committed_run(target) or {}).get("run_id")) != seen_run:
+                raise commit.ConcurrentCommitError(
+                    f"{target.uri} changed while this run was scoring (committed run {seen_run} -> {now}); "
+                    "nothing was committed: rerun (with --overwrite to replace it)")  # fmt: skip
+            committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
+            commit.publish(stage, manifest, {"run_id": run_id, "committed_at": committed_at, **counts}, held)
+        except BaseException:
+            stage.discard()
+            raise
+        _log(f"committed {counts['rows_scored']} rows in {len(result.files)} files to {target.uri} "
+             f"({counts['rows_quarantined']} quarantined)")  # fmt: skip
+        out = {"output": target.uri, "status": "committed", "run_id": run_id, "model_id": mid,
+               "scored_at": scored_at.isoformat(), "files": len(result.files),
+               "quarantine": target.child_uri(commit.QUARANTINE_FILE), **counts}  # fmt: skip
         if result.metrics is not None:
-            stage.write_json(commit.METRICS, result.metrics)
-        manifest = _manifest(run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate)
-        committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
-        commit.publish(stage, manifest, {"run_id": run_id, "committed_at": committed_at, **counts})
-    except BaseException:
-        stage.discard()
-        raise
-    _log(f"committed {counts['rows_scored']} rows in {len(result.files)} files to {target.uri} "
-         f"({counts['rows_quarantined']} quarantined)")  # fmt: skip
-    out = {"output": target.uri, "status": "committed", "run_id": run_id, "model_id": mid,
-           "scored_at": scored_at.isoformat(), "files": len(result.files),
-           "quarantine": target.child_uri(commit.QUARANTINE_FILE), **counts}  # fmt: skip
-    if result.metrics is not None:
-        out["metrics"] = result.metrics
-    return out
+            out["metrics"] = result.metrics
+        return out
