@@ -63,6 +63,7 @@ class PreprocessConfig:
     num_cpus: float = 0.5  # CPUs reserved per actor; fractional so small machines never deadlock
     fetch_threads: int = 8  # concurrent image-URI reads per actor (S3 latency, not CPU, bounds them)
     fetch_attempts: int = 3  # tries per image URI on transient errors (exponential backoff)
+    fetch_timeout_s: float = 30.0  # one image fetch, all attempts; a slower one is quarantined
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class TextConfig:
     lowercase: bool = False
     stopwords: str | None = None  # None | "en" | "zh" | "en+zh" | path to a one-word-per-line file
     vocab_size: int = 4000  # only for the WordPiece tokenizer trained when no tokenizer is given
+    # A row's text is cut to max_chars characters before normalising and tokenising (max_length
+    # tokens never need more); text above max_bytes (UTF-8) is quarantined, naming its size.
+    max_chars: int = 20_000
+    max_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,15 @@ class ImageConfig:
     size: int = 32  # square side after resize + center crop
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    max_pixels: int = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+    # Decompression-bomb guard: pixels an image may decode to (JPEG: at its draft scale). None:
+    # max(4096^2, (16 * size)^2), which bounds one decode to ~64 MB at 4 bytes a pixel.
+    max_pixels: int | None = None
+    max_bytes: int = 32 << 20  # encoded image size (inline bytes, or a URI's stat size before reading)
     augment: bool = False  # random resized crop + horizontal flip, training only
+
+    @property
+    def pixel_limit(self) -> int:
+        return self.max_pixels if self.max_pixels is not None else max(4096**2, (16 * self.size) ** 2)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,9 @@ class DataConfig:
     text_column: str = "text"
     image_column: str | None = "image"  # image bytes; None when images come by URI only
     image_uri_column: str | None = None  # local path or s3:// URI per row
+    # Local directories image URIs may be read from (s3:// is always allowed). None: no local path
+    # is read, so a URI column cannot make an actor read /etc/passwd, a FIFO or /dev/zero.
+    image_uri_roots: list[str] | None = None
     label_column: str | list[str] = "label"  # a list means one head per task
     missing_modality: Literal["allow", "quarantine"] = "allow"
     max_bad_fraction: float = 0.1  # abort when more rows than this are quarantined
@@ -207,7 +222,8 @@ class Config:
 
 _POSITIVE = {
     "data.preprocess.concurrency", "data.preprocess.batch_size", "data.preprocess.fetch_threads",
-    "data.preprocess.fetch_attempts", "data.text.max_length",
+    "data.preprocess.fetch_attempts", "data.preprocess.fetch_timeout_s", "data.text.max_length",
+    "data.text.max_chars", "data.text.max_bytes", "data.image.max_bytes",
     "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
     "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
     "model.image_encoder.dim", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
@@ -316,13 +332,17 @@ def _validate(cfg: Config) -> None:
     for keys, ok, rule in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
                            (_FRACTIONS, lambda v: 0 <= v <= 1, "within [0, 1]")):  # fmt: skip
         for key in sorted(k for pattern in keys for k in _matching(flat, pattern)):
-            if not ok(flat[key]):
+            if flat[key] is not None and not ok(flat[key]):  # None: "derived" or "off", where a key allows it
                 raise ConfigError(f"{key}: must be {rule}, got {flat[key]!r}")
     for task, kind in cfg.model.tasks.items():
         if kind not in _TASK_KINDS:
             raise ConfigError(f"model.tasks.{task}: {kind!r} is not one of {list(_TASK_KINDS)}")
     if cfg.data.image_column is None and cfg.data.image_uri_column is None:
         raise ConfigError("data.image_column / data.image_uri_column: at least one must be set")
+    for root in cfg.data.image_uri_roots or ():
+        if "://" in root or not root.startswith("/"):
+            raise ConfigError(f"data.image_uri_roots: {root!r} must be an absolute local directory "
+                              "(s3:// image URIs are always allowed)")  # fmt: skip
     # Credentials never live in a config: it is logged (MLflow params), copied and stored in checkpoints.
     endpoint = cfg.storage.s3_endpoint_url
     if endpoint and _embeds_credentials(endpoint if "://" in endpoint else f"https://{endpoint}"):  # a bare host

@@ -123,7 +123,8 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, An
         info = load_info(local)
         tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
     names = variant_names(info.model)
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=True, storage=cfg.storage)
+    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=True, storage=cfg.storage,
+                                    image_uri_roots=cfg.data.image_uri_roots)  # fmt: skip
     files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)
     sc = cfg.score
     summaries = pipeline.preprocess(

@@ -31,11 +31,16 @@ def corpus(tmp_path_factory) -> dict:
     }
 
 
+def roots(root: Path) -> str:
+    """Local image URIs are read only under data.image_uri_roots (none by default)."""
+    return f"data.image_uri_roots=[{root}]"
+
+
 @pytest.fixture(scope="module")
 def trained(corpus, ray_address) -> dict:
     proc = run_cli(["train", "--config", "configs/demo.yaml", f"data.train={corpus['train']['path']}",
-                    f"data.val={corpus['val']['path']}", f"train.storage_path={corpus['root'] / 'runs'}", *FAST],
-                   ray_address)  # fmt: skip
+                    f"data.val={corpus['val']['path']}", f"train.storage_path={corpus['root'] / 'runs'}", *FAST,
+                    roots(corpus["root"])], ray_address)  # fmt: skip
     return proc.json
 
 
@@ -73,8 +78,8 @@ def test_training_quarantines_every_broken_kind_and_counts_reconcile(trained, co
 def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, ray_address):
     out = corpus["root"] / "preds"
     test = corpus["test"]
-    res = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", test["path"], "--output", str(out)],
-                  ray_address).json  # the image URI column comes from the checkpoint
+    res = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", test["path"], "--output", str(out),
+                   roots(corpus["root"])], ray_address).json  # the image URI column comes from the checkpoint
     assert res["rows_in"] == test["rows"]
     assert res["rows_quarantined"] == test["bad"]
     assert res["rows_scored"] + res["rows_quarantined"] == res["rows_in"]
@@ -95,8 +100,8 @@ def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address,
     garbage = make_corpus(tmp_path / "garbage", good=4, seed=4)
     runs = tmp_path / "runs"
     proc = run_cli(["train", "--config", "configs/demo.yaml", f"data.train={garbage['path']}",
-                    f"data.val={corpus['val']['path']}", f"train.storage_path={runs}", "train.name=garbage", *FAST],
-                   ray_address, check=False)  # fmt: skip
+                    f"data.val={corpus['val']['path']}", f"train.storage_path={runs}", "train.name=garbage", *FAST,
+                    roots(tmp_path)], ray_address, check=False)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert "data.max_bad_fraction=0.1" in message and f"{garbage['bad']} of {garbage['rows']} rows" in message

@@ -78,6 +78,12 @@ def test_config_is_frozen():
         ("train.resources_per_worker={CPU: -1}", "train.resources_per_worker.CPU: must be >= 0"),
         ("model.image_encoder.freeze=-1", "model.image_encoder.freeze: must be >= 0"),
         ("score.num_gpus=-1", "score.num_gpus: must be >= 0"),
+        ("data.text.max_chars=0", "data.text.max_chars: must be > 0"),
+        ("data.image.max_bytes=-1", "data.image.max_bytes: must be > 0"),
+        ("data.image.max_pixels=0", "data.image.max_pixels: must be > 0"),
+        ("data.preprocess.fetch_timeout_s=0", "data.preprocess.fetch_timeout_s: must be > 0"),
+        ("data.image_uri_roots=[images]", "data.image_uri_roots: 'images' must be an absolute local directory"),
+        ("data.image_uri_roots=[/ok, s3://b/x]", "data.image_uri_roots: 's3://b/x' must be an absolute"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

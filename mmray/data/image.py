@@ -17,7 +17,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 __all__ = ["FORMATS", "ImageDecodeError", "decode_image", "resize_uint8"]
 
@@ -33,44 +33,52 @@ class ImageDecodeError(ValueError):
 def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> Image.Image:
     """Decodes image bytes to an RGB PIL image, applying EXIF orientation.
 
+    Memory stays near one decoded copy of the image: JPEG decodes at a reduced DCT scale (``draft``),
+    other formats are box-reduced (``Image.reduce``) right after decoding, before any mode conversion,
+    and conversions never make float64 copies. So a small file that declares a huge float or RGBA
+    canvas costs at most ``max_pixels`` x 4 bytes, plus conversion of the (reduced) result.
+
     Args:
         data: encoded image (PNG, JPEG, WebP, GIF (first frame), BMP, TIFF, AVIF).
-        max_pixels: refuse images with more pixels than this (decompression bombs); checked from the
-            header, before any pixel is decoded.
+        max_pixels: refuse images that would decode to more pixels than this (decompression bombs);
+            checked from the header, before any pixel is decoded. For JPEG it is the pixels decoded
+            at the draft scale, so a large photo reduced to ``min_side`` passes.
         min_side: the caller only needs this many pixels on the shorter side; lets JPEG decode at a
-            reduced scale (DCT scaling), several times faster for photos.
+            reduced scale (DCT scaling) and other formats be reduced by an integer factor, keeping
+            the shorter side at least ``2 * min_side`` (the final antialiased resize does the rest).
 
     Raises:
         ImageDecodeError: empty, unknown-format, undecodable, truncated or oversized input.
     """
     if not data:
         raise ImageDecodeError("empty image bytes")
-    # Pillow's own guard raises above twice MAX_IMAGE_PIXELS (and only warns above it); tie it to ours,
-    # which checks the exact limit below, for this call only.
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    # Pillow's own guard (a warning above MAX_IMAGE_PIXELS, an error above twice that) checks the
+    # declared size; ours checks the size that will really be decoded (after a JPEG draft), exactly.
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our exact check follows
             warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: not fatal
             img = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageDecodeError(f"invalid image size {w}x{h}")
-            if w * h > max_pixels:
-                raise ImageDecodeError(f"decompression bomb: {w}x{h} exceeds max_pixels={max_pixels}")
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated GIF/WebP/APNG, multi-page TIFF: the first frame
             if min_side and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (min_side, min_side))  # keeps both sides >= min_side
+            if img.size[0] * img.size[1] > max_pixels:
+                raise ImageDecodeError(f"decompression bomb: {w}x{h} exceeds max_pixels={max_pixels}")
             img.load()
-            img = _orient(img)
-            return _to_rgb(img)
+            orientation = _orientation(img)  # before reducing: a reduced copy has lost TIFF's tags
+            if min_side:
+                img = _reduce(_reducible(img), min_side)
+            return _to_rgb(_orient(img, orientation))
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError:
-        raise ImageDecodeError(f"decompression bomb: more than twice max_pixels={max_pixels}") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(f"unknown or unsupported image format (supported: {', '.join(FORMATS)})") from None
+    except MemoryError:
+        raise ImageDecodeError("image too large to decode in memory") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error ...)
         raise ImageDecodeError(_reason(e, data)) from None
     finally:
@@ -91,31 +99,77 @@ def _declared_longer(data: bytes) -> bool:
     return False
 
 
-def _orient(img: Image.Image) -> Image.Image:
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # fmt: skip
+
+
+def _orientation(img: Image.Image) -> int:
     try:
-        return ImageOps.exif_transpose(img)
+        return int(img.getexif().get(0x0112, 1))
     except Exception:  # a malformed EXIF block: the pixels are fine, keep them unrotated
-        return img
+        return 1
+
+
+def _orient(img: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSE.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
+def _reducible(img: Image.Image) -> Image.Image:
+    """The same pixels in a mode ``Image.reduce`` averages meaningfully (not palette indices, not bits)."""
+    if img.mode.startswith("I;16"):
+        # 16-bit greyscale: full-range scaling (65535 -> 255), the same for every image. Integer
+        # arithmetic in place: round(x / 257) == (x + 128) // 257, never a float64 copy.
+        arr = np.asarray(img).astype(np.uint32)
+        arr += 128
+        arr //= 257
+        return Image.fromarray(arr.astype(np.uint8), mode="L")
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    return img
+
+
+def _reduce(img: Image.Image, min_side: int) -> Image.Image:
+    """Box-reduces by the largest integer factor that keeps the shorter side >= ``2 * min_side``."""
+    factor = min(img.size) // (2 * min_side)
+    return img.reduce(factor) if factor >= 2 else img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode.startswith("I;16"):
-        # 16-bit greyscale: full-range scaling (65535 -> 255), the same for every image.
-        arr = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-    elif img.mode in ("I", "F"):
-        # 32-bit integer / float pixels have no fixed range: stretch the image's finite range to 8 bit.
-        arr = np.asarray(img, dtype=np.float64)
-        finite = arr[np.isfinite(arr)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(np.clip(np.nan_to_num(arr, nan=0.0), 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+    img = _reducible(img)
+    if img.mode in ("I", "F"):
+        img = _stretch_to_l(img)
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
         # Transparent pixels become white, not whatever colour their (meaningless) RGB values hold.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def _stretch_to_l(img: Image.Image) -> Image.Image:
+    """32-bit integer / float pixels have no fixed range: the image's finite range stretched to 8 bit.
+
+    One float32 copy, operated on in place (no float64, no masked copies of the finite values).
+    """
+    arr = np.asarray(img, dtype=np.float32)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    finite = np.isfinite(arr)
+    lo = float(np.min(arr, where=finite, initial=np.inf))
+    hi = float(np.max(arr, where=finite, initial=-np.inf))
+    if hi > lo:
+        arr -= lo
+        arr *= 255.0 / (hi - lo)
+        np.nan_to_num(arr, copy=False, nan=0.0)  # NaN -> 0, +inf -> 255 and -inf -> 0 after the clip
+        np.clip(arr, 0, 255, out=arr)
+    else:
+        arr[...] = 0
+    return Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
 def resize_uint8(img: Image.Image, size: int) -> np.ndarray:

@@ -87,7 +87,8 @@ def preprocess(
     return ds.map_batches(
         actor,
         fn_constructor_args=(spec, tokenizer_files, *extra_args),
-        fn_constructor_kwargs={"fetch_threads": pcfg.fetch_threads, "fetch_attempts": pcfg.fetch_attempts},
+        fn_constructor_kwargs={"fetch_threads": pcfg.fetch_threads, "fetch_attempts": pcfg.fetch_attempts,
+                               "fetch_timeout_s": pcfg.fetch_timeout_s},  # fmt: skip
         batch_size=pcfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=pcfg.concurrency),

@@ -13,7 +13,8 @@ resizes): a fresh actor process maps its first batch after 0.5 s with an 81 MB p
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,7 +45,10 @@ class PreprocessSpec:
     image: ImageConfig = field(default_factory=ImageConfig)
     # data.text.stopwords resolved to its words, so a checkpoint never depends on the stopword file.
     stopword_list: tuple[str, ...] | None = None
+    # Deployment details, never persisted (scoring passes its own): where S3 is, and the local
+    # directories image URIs may be read from (None or empty: no local path is read).
     storage: StorageConfig = field(default_factory=StorageConfig)
+    image_uri_roots: tuple[str, ...] | None = None
 
     @classmethod
     def from_config(cls, data: DataConfig, storage: StorageConfig, tasks, with_labels: bool = True):
@@ -53,12 +57,13 @@ class PreprocessSpec:
             text_column=data.text_column, image_column=data.image_column,
             image_uri_column=data.image_uri_column, missing_modality=data.missing_modality,
             text=data.text, image=data.image, stopword_list=load_stopwords(data.text.stopwords, storage),
-            storage=storage,
+            storage=storage, image_uri_roots=tuple(data.image_uri_roots) if data.image_uri_roots else None,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("storage")  # deployment detail, never persisted (and never credentials)
+        d.pop("storage")  # deployment details, never persisted (and never credentials)
+        d.pop("image_uri_roots")
         return d
 
     @classmethod
@@ -72,6 +77,8 @@ class PreprocessSpec:
         d["image"] = img
         if d.get("stopword_list") is not None:
             d["stopword_list"] = tuple(d["stopword_list"])
+        if d.get("image_uri_roots") is not None:
+            d["image_uri_roots"] = tuple(d["image_uri_roots"])
         return cls(**d)
 
     def input_columns(self) -> dict[str, str]:
@@ -100,23 +107,31 @@ _MAX_REASON = 240  # quarantine reasons are short: the id says which row, the re
 class Preprocessor:
     """Callable class for ``map_batches(Preprocessor, fn_constructor_args=(spec, tokenizer_files))``.
 
+    Hostile input is bounded row by row: text is checked against ``data.text.max_bytes`` and cut to
+    ``data.text.max_chars`` before normalising; image bytes against ``data.image.max_bytes`` before
+    decoding; image URIs are read only from S3 or under ``spec.image_uri_roots`` (regular files, size
+    checked before reading), each fetch within ``fetch_timeout_s``, at most ``fetch_threads`` in flight,
+    and each image is decoded as its fetch completes, so an actor holds at most ``fetch_threads``
+    encoded images and one decode at a time, never a whole batch's bytes.
+
     Args:
         spec: what to read and how to transform it.
         tokenizer_files: file name -> bytes of a saved tokenizer (as in a checkpoint's ``tokenizer/``);
             shipped by value so actors on any node rebuild it without shared storage.
         fetch_threads: concurrent image-URI reads (``data.preprocess.fetch_threads``).
         fetch_attempts: tries per image URI on transient errors (``data.preprocess.fetch_attempts``).
+        fetch_timeout_s: one image URI's time, all attempts (``data.preprocess.fetch_timeout_s``).
     """
 
     def __init__(self, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], fetch_threads: int = 8,
-                 fetch_attempts: int = 3):  # fmt: skip
+                 fetch_attempts: int = 3, fetch_timeout_s: float = 30.0):  # fmt: skip
         self.spec = spec
         self.tokenize = TokenEncoder(tokenizer_files, spec.text.max_length)
         self.normalize_text = TextNormalizer(spec.text, spec.storage, stopwords=spec.stopword_list)
-        self.fetch_attempts = fetch_attempts
+        self.fetch_threads, self.fetch_attempts, self.fetch_timeout_s = fetch_threads, fetch_attempts, fetch_timeout_s
         self._pool = ThreadPoolExecutor(fetch_threads) if spec.image_uri_column else None
-        # No legitimate image within max_pixels is larger than 8 bytes a pixel (16-bit RGBA, uncompressed).
-        self._max_image_bytes = spec.image.max_pixels * 8 + (1 << 20)
+        # Resolved on this node: a symlinked root is compared with the resolved paths of the files.
+        self._roots = tuple(os.path.realpath(r) for r in spec.image_uri_roots or ())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec, n = self.spec, len(batch[self.spec.id_column])
@@ -162,8 +177,7 @@ class Preprocessor:
         row_id = _id_str(batch[spec.id_column][i])
         if row_id is None:
             raise _RowError("preprocess", spec.id_column, "null id")
-        text = batch[spec.text_column][i]
-        text = self.normalize_text(text) if isinstance(text, str) else ""
+        text = self._text(batch[spec.text_column][i])
         pixels, image_column = self._image(batch, i, fetched)
         if not text and pixels is None:
             raise _RowError("preprocess", f"{spec.text_column},{image_column}", "both modalities missing")
@@ -186,52 +200,102 @@ class Preprocessor:
             out[S.mask_key(S.TEXT)][i] = 1.0
         return row_id
 
-    def _image(self, batch, i, fetched: dict[int, bytes | _RowError]) -> tuple[np.ndarray | None, str]:
+    def _text(self, raw: Any) -> str:
+        """The normalised text; a value above ``max_bytes`` is refused, a long one cut to ``max_chars``
+        first (NFKC, stopwords and the tokenizer's pre-tokenizer all scale with the input)."""
+        if not isinstance(raw, str):
+            return ""
+        cfg = self.spec.text
+        if len(raw) > cfg.max_bytes // 4:  # below that, even 4-byte characters fit: skip counting
+            size = _utf8_size(raw)
+            if size > cfg.max_bytes:
+                raise _RowError("preprocess", self.spec.text_column,
+                                f"text is {size} bytes, above data.text.max_bytes={cfg.max_bytes}")  # fmt: skip
+        return self.normalize_text(raw[: cfg.max_chars])
+
+    def _image(self, batch, i, fetched: dict[int, np.ndarray | _RowError]) -> tuple[np.ndarray | None, str]:
         spec = self.spec
         data, column = None, spec.image_column or spec.image_uri_column
         if spec.image_column is not None:
             data = batch[spec.image_column][i]
-        if not _present(data) and spec.image_uri_column is not None:
-            column = spec.image_uri_column
-            data = fetched.get(i)
-            if isinstance(data, _RowError):
-                raise data
-        if not _present(data):
-            return None, column
-        try:
-            img = decode_image(bytes(data), spec.image.max_pixels, min_side=spec.image.size)
-        except ImageDecodeError as e:
-            raise _RowError("preprocess", column, str(e)) from None
-        return resize_uint8(img, spec.image.size), column
+        if _present(data):
+            result = self._decode(data, column)
+        elif spec.image_uri_column is not None:
+            column, result = spec.image_uri_column, fetched.get(i)
+        else:
+            result = None
+        if isinstance(result, _RowError):
+            raise result
+        return result, column
 
-    def _fetch_images(self, batch, n: int) -> dict[int, bytes | _RowError]:
-        """Reads every image URI this batch needs, concurrently: S3 latency, not bandwidth, dominates."""
+    def _decode(self, data: bytes, column: str) -> np.ndarray | _RowError:
+        image = self.spec.image
+        if len(data) > image.max_bytes:
+            return _RowError("preprocess", column, f"image is {len(data)} bytes, above data.image.max_bytes="
+                                                   f"{image.max_bytes}")  # fmt: skip
+        try:
+            img = decode_image(bytes(data), image.pixel_limit, min_side=image.size)
+        except ImageDecodeError as e:
+            return _RowError("preprocess", column, str(e))
+        return resize_uint8(img, image.size)
+
+    def _fetch_images(self, batch, n: int) -> dict[int, np.ndarray | _RowError]:
+        """Reads and decodes every image URI this batch needs: ``fetch_threads`` reads in flight (S3
+        latency, not bandwidth, dominates), each decoded on this thread as soon as it arrives.
+
+        A fetch still running after ``fetch_timeout_s`` is quarantined and abandoned (a thread cannot be
+        killed); the pool is replaced so that later fetches are not queued behind it.
+        """
         spec = self.spec
         if self._pool is None:
             return {}
-        wanted = {}
+        todo = []
         for i in range(n):
             if spec.image_column is not None and _present(batch[spec.image_column][i]):
                 continue  # bytes win over the URI
             uri = batch[spec.image_uri_column][i]
             if isinstance(uri, str) and uri.strip() and _id_str(batch[spec.id_column][i]) is not None:
-                wanted[i] = self._pool.submit(self._fetch, uri.strip())
-        return {i: future.result() for i, future in wanted.items()}
+                todo.append((i, uri.strip()))
+        todo.reverse()  # pop() from the end: rows in order
+        results: dict[int, np.ndarray | _RowError] = {}
+        running: dict[Future, tuple[int, str, float]] = {}  # future -> (row, uri, deadline)
+        while todo or running:
+            while todo and len(running) < self.fetch_threads:
+                i, uri = todo.pop()
+                running[self._pool.submit(self._fetch, uri)] = (i, uri, time.monotonic() + self.fetch_timeout_s)
+            wait_s = max(0.0, min(deadline for _, _, deadline in running.values()) - time.monotonic())
+            done, _ = wait(running, timeout=wait_s, return_when=FIRST_COMPLETED)
+            for future in done:
+                i, uri, _ = running.pop(future)
+                data = future.result()
+                results[i] = data if isinstance(data, _RowError) else self._decode(data, spec.image_uri_column)
+                del data  # the encoded bytes go as soon as they are decoded
+            late = [f for f, (_, _, deadline) in running.items() if deadline <= time.monotonic()]
+            for future in late:
+                i, uri, _ = running.pop(future)
+                results[i] = _RowError("preprocess", spec.image_uri_column,
+                                       f"image fetch timed out after {self.fetch_timeout_s:g}s: {uri}")  # fmt: skip
+            if late:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = ThreadPoolExecutor(self.fetch_threads)
+        return results
 
     def _fetch(self, uri: str) -> bytes | _RowError:
-        from mmray.data import storage as st
-
-        column = self.spec.image_uri_column
-        shown = st.redact(uri)
+        column, limit = self.spec.image_uri_column, self.spec.image.max_bytes
         if "://" not in uri and not os.path.isabs(uri):
             # Relative to what? Actors run in their own working directory, on any node.
-            return _RowError("preprocess", column, f"relative image path {shown!r}: use an absolute path or s3://")
+            return _RowError("preprocess", column, f"relative image path {uri!r}: use an absolute path or s3://")
         try:
-            return st.fetch_bytes(uri, self.spec.storage, attempts=self.fetch_attempts, max_bytes=self._max_image_bytes)
+            return storage.fetch_bytes(uri, self.spec.storage, attempts=self.fetch_attempts, max_bytes=limit,
+                                       local_roots=self._roots)  # fmt: skip
+        except storage.NotAllowedError as e:
+            return _RowError("preprocess", column, f"image URI {e}: {uri}")
         except FileNotFoundError:
-            return _RowError("preprocess", column, f"image not found: {shown}")
-        except Exception as e:  # OSError, ValueError, or anything else: this row's problem only
-            return _RowError("preprocess", column, f"image fetch failed: {shown}: {st.redact(str(e))}")
+            return _RowError("preprocess", column, f"image not found: {uri}")
+        except storage.TooLargeError as e:
+            return _RowError("preprocess", column, f"image above data.image.max_bytes={limit} ({e}): {uri}")
+        except Exception as e:  # OSError, or anything else: this row's problem only
+            return _RowError("preprocess", column, f"image fetch failed: {uri}: {e}")
 
     def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Token ids and attention masks; rows the tokenizer rejects come back in the third value."""
@@ -248,6 +312,13 @@ class Preprocessor:
                 except Exception as e:
                     failed[i] = f"tokenizer failed: {type(e).__name__}: {e}"
             return ids, attn, failed
+
+
+def _utf8_size(text: str, chunk: int = 1 << 20) -> int:
+    """UTF-8 length of ``text`` without one whole encoded copy of a huge value."""
+    if text.isascii():
+        return len(text)
+    return sum(len(text[j : j + chunk].encode("utf-8", "surrogatepass")) for j in range(0, len(text), chunk))
 
 
 def _present(data: Any) -> bool:

@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,16 +27,13 @@ import pyarrow.fs as pafs
 from mmray.config import StorageConfig
 
 __all__ = [
-    "copy_dir_from", "copy_dir_to", "exists", "fetch_bytes", "is_s3", "join", "list_parquet_files", "local_dir",
-    "read_bytes", "read_text", "redact", "resolve", "write_bytes", "write_text",
+    "NotAllowedError", "TooLargeError", "copy_dir_from", "copy_dir_to", "exists", "fetch_bytes", "is_s3", "join", "list_parquet_files",
+    "local_dir", "read_bytes", "read_local_file", "read_text", "redact", "resolve", "write_bytes", "write_text",
 ]  # fmt: skip
 
 _S3_ATTEMPTS = 3  # pyarrow's own retries of one S3 request (throttling, 5xx, dropped connections)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN")
-# Everything from "scheme://" to the LAST "@" before whitespace is user-info. Secrets hold "/" (about
-# half of AWS secret keys do), "?", "#" or ":", so the RFC's authority (which ends at the first "/")
-# cannot be trusted to find it; an "@" in a path (``s3://b/img@2x.png``) is over-redacted instead.
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)\S*@")
+_SPACE = re.compile(r"\s")
 # S3 errors that another attempt cannot fix; everything else (network, throttling, 5xx) is retried.
 _PERMANENT = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
               "Forbidden", "AccessDenied", "InvalidAccessKeyId", "NoSuchBucket")  # fmt: skip
@@ -44,10 +42,23 @@ _PERMANENT = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_
 def redact(text: str) -> str:
     """``text`` with URL user-info and the values of AWS credential variables replaced by ``***``.
 
-    User-info is everything between ``scheme://`` and the last ``@`` of that whitespace-free run, for
-    every scheme: ``s3://AKIA:ab/c+d@bucket/k`` -> ``s3://***@bucket/k``.
+    User-info is everything between ``://`` and the LAST ``@`` before the next whitespace, whatever
+    the scheme: ``s3://AKIA:ab/c+d@bucket/k`` -> ``s3://***@bucket/k``. Secrets hold ``/`` (about half
+    of AWS secret keys), ``:``, ``?``, ``#`` or quotes, so the RFC authority (which ends at the first
+    ``/``) cannot be trusted to find them; an ``@`` in a path (``s3://b/img@2x.png``) is over-redacted
+    instead. Linear in ``len(text)``: no backtracking regex over a hostile megabyte-long value.
     """
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    out, pos = [], 0
+    while (scheme_end := text.find("://", pos)) != -1:
+        start = scheme_end + 3
+        space = _SPACE.search(text, start)
+        end = space.start() if space else len(text)
+        at = text.rfind("@", start, end)
+        # No "@" in this run means none for a later "://" in it either: go on after the run.
+        out += [text[pos:start], text[start:end]] if at == -1 else [text[pos:start], "***", text[at:end]]
+        pos = end
+    out.append(text[pos:])
+    text = "".join(out)
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:  # a 1-3 character "secret" would redact half of every message
@@ -129,29 +140,96 @@ def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | 
 
     Raises:
         FileNotFoundError: the object does not exist.
-        ValueError: the object is larger than ``max_bytes``.
+        TooLargeError: the object is larger than ``max_bytes``.
     """
     fs, path = resolve(uri, storage)
     with fs.open_input_stream(path) as f:
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
-        raise ValueError(f"object larger than {max_bytes} bytes")
+        raise TooLargeError(f"more than {max_bytes} bytes")
     return data
+
+
+class TooLargeError(ValueError):
+    """An object above the caller's ``max_bytes``: refused before (local) or while (S3) reading it."""
+
+
+class NotAllowedError(PermissionError):
+    """A local path that may not be read: outside the allowed roots, or not a regular file.
+
+    The message is always the same, so that it never tells which paths exist on the node.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("not allowed (local paths must be regular files under data.image_uri_roots)")
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def read_local_file(path: str, roots: tuple[str, ...], max_bytes: int | None = None) -> bytes:
+    """Reads a regular file under one of ``roots`` (directories already ``os.path.realpath``-ed).
+
+    The path is resolved (symlinks, ``..``) before the root check; the file is opened non-blocking
+    (a FIFO never hangs the reader) and without following a final symlink, and its size is checked
+    with ``fstat`` on the open descriptor, before a byte is read, so ``/dev/zero`` or a FIFO are
+    refused without reading and a file swapped after the check is never the one read.
+
+    Raises:
+        NotAllowedError: outside ``roots``, not a regular file, or not readable (one message for all).
+        FileNotFoundError: under a root but absent (paths under a root are the user's own to know).
+        TooLargeError: larger than ``max_bytes``.
+    """
+    real = os.path.realpath(path)
+    if not any(_within(real, root) for root in roots):
+        raise NotAllowedError()
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError("no such file") from None
+    except OSError:  # EACCES, ELOOP (a symlink swapped in), ENXIO (a socket) ...
+        raise NotAllowedError() from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAllowedError()
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise TooLargeError(f"{info.st_size} bytes, above the limit of {max_bytes}")
+        limit = info.st_size if max_bytes is None else max_bytes
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):  # a file that grows stops at limit + 1
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise TooLargeError(f"file grew while read, above the limit of {limit}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def fetch_bytes(
     uri: str, storage: StorageConfig | None = None, attempts: int = 3, backoff_s: float = 0.25,
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, local_roots: tuple[str, ...] | None = None,
 ) -> bytes:  # fmt: skip
     """``read_bytes`` with retries (exponential backoff) on transient errors.
 
     A missing object, a permission error or an oversized object is not retried. Error messages are
     redacted.
 
+    Args:
+        local_roots: when given, a local path (or ``file://``) is read only through
+            ``read_local_file`` under these roots; ``()`` refuses every local path. For URIs that
+            come from data rather than from the operator.
+
     Raises:
         FileNotFoundError: the object does not exist.
+        NotAllowedError: a local path refused by ``local_roots``.
         OSError / ValueError: a permanent error, or a transient one that outlived ``attempts``.
     """
+    if local_roots is not None and not is_s3(uri) and ("://" not in uri or uri.startswith("file://")):
+        return read_local_file(uri.removeprefix("file://"), local_roots, max_bytes)
     for attempt in range(attempts):
         try:
             return read_bytes(uri, storage, max_bytes)

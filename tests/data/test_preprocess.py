@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -106,21 +108,115 @@ def uri_rows(uris: list[str | None], images: list[bytes | None] | None = None) -
             "image": images or [None] * n, "image_uri": uris, "label": ["cat_red"] * n}  # fmt: skip
 
 
+NOT_ALLOWED = "image URI not allowed (local paths must be regular files under data.image_uri_roots): "
+
+
 def test_images_by_local_uri_bytes_win_and_bad_uris_are_flagged(tokenizer_files, tmp_path):
     (tmp_path / "red.png").write_bytes(encoded((200, 30, 30)))
     blue = encoded((30, 60, 200))
     uris = [str(tmp_path / "red.png"), f"file://{tmp_path}/red.png", str(tmp_path / "red.png"),
             str(tmp_path / "missing.png"), "red.png", "http://example.com/x.png", str(tmp_path)]
     rows = uri_rows(uris, images=[None, None, blue, None, None, None, None])
-    out = Preprocessor(spec(image_uri_column="image_uri"), tokenizer_files)(batch_of(rows))
+    out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(tmp_path)]), tokenizer_files)(
+        batch_of(rows))  # fmt: skip
     assert list(out[S.ERROR][:3]) == ["", "", ""]
     assert out[S.PIXELS][0, 0].mean() > 150 and out[S.PIXELS][2, 2].mean() > 150  # red by URI, blue by bytes
     assert out[S.mask_key(S.IMAGE)][:3].tolist() == [1.0, 1.0, 1.0]
     assert out[S.ERROR][3] == f"image not found: {tmp_path}/missing.png"
     assert out[S.ERROR][4].startswith("relative image path 'red.png'")
     assert "unsupported URI scheme" in out[S.ERROR][5]
-    assert out[S.ERROR][6].startswith("image fetch failed")
+    assert out[S.ERROR][6] == f"{NOT_ALLOWED}{tmp_path}"  # a directory
     assert set(out[S.ERROR_COLUMN][3:]) == {"image_uri"} and set(out[S.ERROR_STAGE][3:]) == {"preprocess"}
+
+
+def test_local_image_uris_outside_the_roots_are_refused_alike(tokenizer_files, tmp_path):
+    """Without data.image_uri_roots no local path is read; with them, only regular files under them, and
+    every refusal reads the same, so the quarantine never tells what exists on the node."""
+    images, private = tmp_path / "images", tmp_path / "private"
+    images.mkdir(), private.mkdir()
+    (images / "red.png").write_bytes(encoded((200, 30, 30)))
+    (private / "key.png").write_bytes(encoded((0, 0, 0)))
+    (images / "link.png").symlink_to(private / "key.png")
+    os.mkfifo(images / "fifo.png")
+    uris = [str(images / "red.png"), "/etc/passwd", "/etc/no-such-file", "file:///etc/passwd", "/dev/zero",
+            str(images / "link.png"), str(images / "fifo.png"), f"{images}/../private/key.png"]
+    out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(images)]), tokenizer_files)(
+        batch_of(uri_rows(uris)))  # fmt: skip
+    assert out[S.ERROR][0] == ""
+    assert list(out[S.ERROR][1:]) == [f"{NOT_ALLOWED}{u}" for u in uris[1:]]
+    closed = Preprocessor(spec(image_uri_column="image_uri"), tokenizer_files)(batch_of(uri_rows(uris[:1])))
+    assert list(closed[S.ERROR]) == [f"{NOT_ALLOWED}{uris[0]}"]  # default: no local roots at all
+
+
+def test_oversized_images_are_refused_before_decoding(tokenizer_files, tmp_path):
+    big = encoded((200, 30, 30), size=(400, 300))
+    (tmp_path / "big.png").write_bytes(big)
+    image = ImageConfig(size=24, max_bytes=len(big) - 1)
+    s = PreprocessSpec.from_config(DataConfig(image=image, image_uri_column="image_uri",
+                                              image_uri_roots=[str(tmp_path)]), StorageConfig(), tasks=[TASK])  # fmt: skip
+    rows = uri_rows([None, str(tmp_path / "big.png")], images=[big, None])
+    rows["image"][1] = None
+    out = Preprocessor(s, tokenizer_files)(batch_of(rows))
+    assert out[S.ERROR][0] == f"image is {len(big)} bytes, above data.image.max_bytes={len(big) - 1}"
+    assert out[S.ERROR_COLUMN][0] == "image"
+    assert out[S.ERROR][1].startswith(f"image above data.image.max_bytes={len(big) - 1} ({len(big)} bytes")
+    assert out[S.ERROR_COLUMN][1] == "image_uri"
+
+
+def test_a_fetch_that_hangs_is_quarantined_after_the_timeout(tokenizer_files, tmp_path, monkeypatch):
+    (tmp_path / "red.png").write_bytes(encoded((200, 30, 30)))
+    release = threading.Event()
+    real = storage.fetch_bytes
+
+    def fetch(uri, *args, **kwargs):
+        if "stalled-" in uri:
+            release.wait(60)  # a stalled NFS mount or S3 connection
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "fetch_bytes", fetch)
+    s = spec(image_uri_column="image_uri", image_uri_roots=[str(tmp_path)])
+    pre = Preprocessor(s, tokenizer_files, fetch_threads=1, fetch_timeout_s=0.5)
+    uris = [f"{tmp_path}/stalled-1.png", str(tmp_path / "red.png"), f"{tmp_path}/stalled-2.png", str(tmp_path / "red.png")]
+    try:
+        out = pre(batch_of(uri_rows(uris)))
+    finally:
+        release.set()
+    assert list(out[S.ERROR]) == [f"image fetch timed out after 0.5s: {uris[0]}", "",
+                                  f"image fetch timed out after 0.5s: {uris[2]}", ""]  # fmt: skip
+    assert out[S.PIXELS][1, 0].mean() > 150 and out[S.PIXELS][3, 0].mean() > 150
+
+
+def test_huge_text_is_cut_before_normalising_and_refused_above_the_byte_limit(tokenizer_files):
+    text = TextConfig(max_length=16, max_chars=30, max_bytes=1000)
+    rows = make_rows(4, seed=8)
+    rows["text"][0] = "a photo of my cat " * 50  # 900 bytes: kept, cut to 30 characters
+    rows["text"][1] = "猫" * 334  # 1002 bytes in UTF-8, 334 characters: refused
+    rows["text"][2] = "x" * 1001
+    rows["text"][3] = "a photo of my cat"
+    pre = Preprocessor(spec(text=text), tokenizer_files)
+    seen = []
+    normalize = pre.normalize_text
+    pre.normalize_text = lambda t: seen.append(len(t)) or normalize(t)
+    out = pre(batch_of(rows))
+    assert out[S.ERROR][0] == "" and seen[0] == 30
+    cut = pre(batch_of({**make_rows(1, seed=8), "text": ["a photo of my cat a photo of m"]}))  # 30 characters
+    assert out[S.INPUT_IDS][0].tolist() == cut[S.INPUT_IDS][0].tolist()
+    assert out[S.ERROR][1] == "text is 1002 bytes, above data.text.max_bytes=1000"
+    assert out[S.ERROR][2] == "text is 1001 bytes, above data.text.max_bytes=1000"
+    assert (out[S.ERROR_COLUMN][1], out[S.ERROR_STAGE][1]) == ("text", "preprocess")
+    assert out[S.ERROR][3] == ""
+
+
+def test_quarantine_reasons_never_carry_a_secret(tokenizer_files, s3_server):
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    rows = uri_rows([f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@bucket/x.png", None])
+    rows["label"][1] = f"https://admin:{secret}@labels.internal/x"
+    rows["image"] = [None, encoded((1, 2, 3))]
+    out = Preprocessor(spec(StorageConfig(s3_endpoint_url=s3_server), image_uri_column="image_uri"),
+                       tokenizer_files)(batch_of(rows))  # fmt: skip
+    assert out[S.ERROR][0].startswith("image fetch failed: s3://***@bucket/x.png")
+    assert "https://***@labels.internal/x" in out[S.ERROR][1]
+    assert not any("K7MDENG" in e or "AKIAIOSFODNN7EXAMPLE" in e for e in out[S.ERROR])
 
 
 def test_images_by_s3_uri(tokenizer_files, s3_server, s3_bucket):

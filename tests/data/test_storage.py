@@ -145,7 +145,7 @@ def test_fetch_bytes_reads_local_and_s3_objects(s3, tmp_path):
     assert storage.fetch_bytes(str(tmp_path / "b.png")) == b"local"
     with pytest.raises(FileNotFoundError):
         storage.fetch_bytes(f"{bucket}/img/missing.png", store)
-    with pytest.raises(ValueError, match="larger than 3 bytes"):
+    with pytest.raises(storage.TooLargeError, match="more than 3 bytes"):
         storage.fetch_bytes(f"{bucket}/img/a.png", store, max_bytes=3)
 
 
@@ -189,3 +189,33 @@ def test_fetch_bytes_does_not_retry_permanent_errors(monkeypatch, error):
     with pytest.raises(type(error)):
         storage.fetch_bytes("s3://b/k", attempts=3, backoff_s=0)
     assert flaky.calls == 1
+
+
+def test_local_reads_only_regular_files_under_the_roots(tmp_path):
+    root, outside = tmp_path / "images", tmp_path / "private"
+    root.mkdir(), outside.mkdir()
+    (root / "a.png").write_bytes(b"pixels")
+    (outside / "secret.txt").write_bytes(b"do not read")
+    (root / "escape.png").symlink_to(outside / "secret.txt")
+    os.mkfifo(root / "fifo.png")  # opening it for reading would block until a writer came
+    (root / "sparse.png").write_bytes(b"")
+    os.truncate(root / "sparse.png", 1 << 30)  # 1 GiB by stat, refused before a byte is read
+    roots = (os.path.realpath(root),)
+    assert storage.read_local_file(str(root / "a.png"), roots, max_bytes=100) == b"pixels"
+    assert storage.fetch_bytes(f"file://{root}/a.png", local_roots=roots) == b"pixels"
+    refused = [outside / "secret.txt", outside / "absent.txt", root / "escape.png", root / "fifo.png", root,
+               root / ".." / "private" / "secret.txt", "/etc/passwd", "/dev/zero", "/proc/self/environ"]
+    messages = set()
+    for path in refused:
+        with pytest.raises(storage.NotAllowedError) as e:
+            storage.fetch_bytes(str(path), local_roots=roots)
+        messages.add(str(e.value))
+    assert len(messages) == 1, "one reason for every refused path: it must not tell what exists"
+    with pytest.raises(storage.NotAllowedError):
+        storage.read_local_file("/dev/zero", ("/",), max_bytes=100)  # allowed root, but not a regular file
+    with pytest.raises(storage.NotAllowedError):
+        storage.fetch_bytes(str(root / "a.png"), local_roots=())  # no roots configured: nothing local
+    with pytest.raises(storage.TooLargeError, match=f"{1 << 30} bytes, above the limit of 1000"):
+        storage.read_local_file(str(root / "sparse.png"), roots, max_bytes=1000)
+    with pytest.raises(FileNotFoundError):
+        storage.read_local_file(str(root / "absent.png"), roots)
