@@ -1,0 +1,66 @@
+"""The scoring job's decisions around the lease, without Ray: an empty input commits without scoring."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from mmray.config import load_config
+from mmray.data.synthetic import SCHEMA
+from mmray.score import commit, job
+from tests.score.test_commit import stage_run
+
+
+class NoLease:
+    """A writer that ignores leases (an older mmray, or one whose lease was broken while it worked)."""
+
+    uri = "none"
+
+    def check(self) -> None:
+        pass
+
+
+@pytest.fixture
+def empty_input(tmp_path) -> str:
+    (tmp_path / "in").mkdir()
+    pq.write_table(SCHEMA.empty_table(), tmp_path / "in" / "part-00000.parquet")
+    return str(tmp_path / "in")
+
+
+def test_a_commit_that_lands_while_scoring_is_never_replaced(tiny_checkpoint, empty_input, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    target = commit.Target(out, {"date": "d1"})
+    real_finalize, foreign = job.finalize, {}
+
+    def finalize_while_another_model_commits(*args, **kwargs):
+        st, manifest, success = stage_run(target, [2])
+        commit.publish(st, manifest, success, NoLease())
+        foreign["run_id"] = st.run_id
+        return real_finalize(*args, **kwargs)
+
+    monkeypatch.setattr(job, "finalize", finalize_while_another_model_commits)
+    with pytest.raises(commit.ConcurrentCommitError, match=r"date=d1 changed while this run was scoring \(committed "
+                                                           r"run None -> [0-9a-f]{12}\); nothing was committed"):
+        job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, {"date": "d1"})
+    assert commit.committed_run(target)["run_id"] == foreign["run_id"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["date=d1"]  # staging and lease gone
+
+
+def test_a_run_that_finds_the_lease_held_does_nothing(tiny_checkpoint, empty_input, tmp_path):
+    out = str(tmp_path / "out")
+    target = commit.Target(out, {"date": "d1"})
+    with commit.lease(target):
+        with pytest.raises(commit.LeaseHeldError, match=r"date=d1 is being scored by another run \(pid \d+ on host"):
+            job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, {"date": "d1"})
+    assert not (tmp_path / "out").exists() or sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    result = job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, {"date": "d1"})
+    assert result["status"] == "committed" and result["rows_in"] == 0
+
+
+def test_reordered_partition_keys_are_already_scored(tiny_checkpoint, empty_input, tmp_path):
+    out = str(tmp_path / "out")
+    first = job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, {"a": "1", "b": "2"})
+    again = job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, {"b": "2", "a": "1"})
+    assert first["status"] == "committed" and again["status"] == "already scored"
+    assert again["run_id"] == first["run_id"] and again["output"] == first["output"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a=1"]
