@@ -43,21 +43,32 @@ def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> lis
         SchemaError: a file that is not Parquet, or lacks / mistypes a column; names the file.
     """
     files = storage.list_parquet_files(uri, store)
+    schemas = _schemas(uri, files, store)
+    for path, schema in schemas.items():  # sorted: the first failing file is named
+        S.check_columns(schema, expected, path)
+    S.unify_columns(schemas, expected)  # files that disagree on a column's type: cast, or fail naming both
+    return files
+
+
+def _schemas(uri: str, files: list[str], store: StorageConfig) -> dict[str, pa.Schema]:
+    """Each file's Arrow schema (footers only, read in parallel), keyed by the path shown to users."""
     fs, _ = storage.resolve(uri, store)
 
-    def check(path: str) -> None:
-        shown = f"s3://{path}" if storage.is_s3(uri) else path
+    def read(path: str) -> pa.Schema:
         try:
-            schema = pq.read_schema(path, filesystem=fs)
+            return pq.read_schema(path, filesystem=fs)
         except (pa.ArrowException, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            raise S.SchemaError(f"{shown} is not a readable Parquet file: {storage.redact(str(e))[:200]}") from None
-        S.check_columns(schema, expected, shown)
+            raise S.SchemaError(f"{_shown(uri, path)} is not a readable Parquet file: "
+                                f"{storage.redact(str(e))[:200]}") from None  # fmt: skip
 
     with ThreadPoolExecutor(min(_FOOTER_READERS, len(files))) as pool:
-        list(pool.map(check, files))  # re-raises the first failing file, in sorted order
-    return files
+        return {_shown(uri, f): schema for f, schema in zip(files, pool.map(read, files))}  # first failure re-raised
+
+
+def _shown(uri: str, path: str) -> str:
+    return f"s3://{path}" if storage.is_s3(uri) else path
 
 
 def count_rows(uri: str, files: list[str], store: StorageConfig) -> int:
@@ -71,8 +82,11 @@ def count_rows(uri: str, files: list[str], store: StorageConfig) -> int:
 
 
 def read_input(uri: str, files: list[str], store: StorageConfig, columns: list[str]) -> ray.data.Dataset:
+    """Reads ``columns`` of ``files`` lazily; files whose types differ (``id`` int64 in one, string in
+    another) are read through one unified schema, cast per file, instead of failing in Ray's merge."""
     fs, _ = storage.resolve(uri, store)
-    return ray.data.read_parquet(files, filesystem=fs, columns=columns)
+    schema = S.unify_columns(_schemas(uri, files, store), dict.fromkeys(columns, "any")) if len(files) > 1 else None
+    return ray.data.read_parquet(files, filesystem=fs, columns=columns, schema=schema)
 
 
 def preprocess(

@@ -13,7 +13,7 @@ import pyarrow as pa
 __all__ = [
     "ATTENTION_MASK", "ERROR", "ERROR_COLUMN", "ERROR_STAGE", "ID", "IMAGE", "INPUT_IDS", "MODALITIES",
     "PIXELS", "QUARANTINE_SCHEMA", "SchemaError", "TEXT", "check_columns", "label_key", "mask_key",
-    "task_of_label_key",
+    "task_of_label_key", "unify_columns",
 ]  # fmt: skip
 
 TEXT = "text"
@@ -103,3 +103,42 @@ def check_columns(schema: pa.Schema, expected: dict[str, str], source: str) -> N
         actual = schema.field(column).type
         if not check(actual):
             raise SchemaError(f"column '{column}' in {source} has type {actual}, expected {wanted}")
+
+
+def unify_columns(schemas: dict[str, pa.Schema], expected: dict[str, str]) -> pa.Schema | None:
+    """One read schema for files whose individually valid types differ, or None when they agree.
+
+    Per column: types that Arrow promotes losslessly (int32/int64, string/large_string, null/any) are
+    promoted; scalar ids, labels and text that still disagree (int64 in one file, string in another)
+    are read as strings, which is what preprocessing makes of them anyway (``1`` and ``"1"`` are one
+    id, one label). Anything else (a list in one file, a scalar in another) is an error.
+
+    Args:
+        schemas: source (file or URI, as shown to users) -> its schema, each already ``check_columns``-ed.
+        expected: column -> kind, as for ``check_columns``.
+
+    Raises:
+        SchemaError: naming the column and the first two files whose types cannot be unified.
+    """
+    fields, differ = [], False
+    for column, kind in expected.items():
+        seen = {src: s.field(column).type for src, s in schemas.items() if column in s.names}
+        types = {t for t in seen.values() if not pa.types.is_null(t)}
+        differ |= len(types) > 1
+        try:
+            unified = pa.unify_schemas([pa.schema([(column, t)]) for t in seen.values()],
+                                       promote_options="permissive").field(column).type  # fmt: skip
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            if any(pa.types.is_nested(t) for t in types) or kind == "binary":
+                first, second = _disagreeing(seen)
+                raise SchemaError(f"column '{column}' is {seen[first]} in {first} but {seen[second]} in {second}; "
+                                  "make the files agree") from None  # fmt: skip
+            unified = pa.string()
+        fields.append(pa.field(column, unified))
+    return pa.schema(fields) if differ else None
+
+
+def _disagreeing(seen: dict[str, pa.DataType]) -> tuple[str, str]:
+    sources = [src for src, t in seen.items() if not pa.types.is_null(t)]
+    first = sources[0]
+    return first, next(src for src in sources if seen[src] != seen[first])

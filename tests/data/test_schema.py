@@ -106,3 +106,43 @@ def test_input_files_on_s3_names_the_s3_uri(s3_server, s3_bucket):
     with pytest.raises(SchemaError) as e:
         pipeline.input_files(f"s3://{s3_bucket}/in", EXPECTED, store)
     assert str(e.value) == f"column 'text' in s3://{s3_bucket}/in/part-1.parquet has type binary, expected string"
+
+
+def _files(tmp_path, *tables: pa.Table) -> str:
+    for i, table in enumerate(tables):
+        pq.write_table(table, tmp_path / f"part-{i}.parquet")
+    return str(tmp_path)
+
+
+def test_unify_promotes_or_reads_disagreeing_scalars_as_strings():
+    def schemas(*types):
+        return {f"f{i}.parquet": pa.schema([("id", t), ("label", pa.string())]) for i, t in enumerate(types)}
+
+    kinds = {"id": "any", "label": "label"}
+    assert S.unify_columns(schemas(pa.int64(), pa.int64(), pa.null()), kinds) is None  # they agree: read as is
+    assert S.unify_columns(schemas(pa.int32(), pa.int64()), kinds).field("id").type == pa.int64()
+    assert S.unify_columns(schemas(pa.int64(), pa.string()), kinds).field("id").type == pa.string()
+    assert S.unify_columns(schemas(pa.bool_(), pa.float64()), kinds).field("id").type == pa.string()
+    with pytest.raises(SchemaError) as e:
+        S.unify_columns(schemas(pa.string(), pa.null(), pa.list_(pa.string())), kinds)
+    assert str(e.value) == ("column 'id' is string in f0.parquet but list<item: string> in f2.parquet; "
+                            "make the files agree")  # fmt: skip
+
+
+def test_files_with_int_and_string_ids_and_labels_read_as_one_dataset(ray_session, tmp_path):
+    """Ray's own read fails on them ('Unable to merge: Field id has incompatible types: int64 vs string')."""
+    uri = _files(tmp_path, pa.table({"id": pa.array([1, 2]), "text": ["a", "b"], "label": pa.array([0, 1])}),
+                 pa.table({"id": ["x", None], "text": ["c", "d"], "label": ["1", "0"]}))  # fmt: skip
+    expected = {"id": "any", "text": "string", "label": "label"}
+    files = pipeline.input_files(uri, expected, StorageConfig())
+    rows = pipeline.read_input(uri, files, StorageConfig(), list(expected)).take_all()
+    assert sorted((r["id"] or "", r["label"]) for r in rows) == [("", "0"), ("1", "0"), ("2", "1"), ("x", "1")]
+
+
+def test_files_whose_types_cannot_be_unified_fail_before_any_work_naming_both(tmp_path):
+    uri = _files(tmp_path, pa.table({"id": ["a"], "text": ["t"], "label": ["cat"]}),
+                 pa.table({"id": ["b"], "text": ["t"], "label": [["cat", "dog"]]}))  # fmt: skip
+    with pytest.raises(SchemaError) as e:
+        pipeline.input_files(uri, {"id": "any", "text": "string", "label": "label"}, StorageConfig())
+    assert str(e.value) == (f"column 'label' is string in {tmp_path}/part-0.parquet but list<element: string> in "
+                            f"{tmp_path}/part-1.parquet; make the files agree")  # fmt: skip
