@@ -189,9 +189,9 @@ def test_nightly_scores_dated_partitions_backfills_gaps_and_reruns_safely(traine
 
     # No --date: yesterday in UTC+14. The job reads the clock between these two readings, so its date is
     # one of them (they differ only when the run straddles midnight there).
-    before = yesterday("Pacific/Kiritimati")
+    first_reading = yesterday("Pacific/Kiritimati")
     missing = nightly(["--tz", "Pacific/Kiritimati", *common], ray_address)
-    after = yesterday("Pacific/Kiritimati")
+    readings = {first_reading, yesterday("Pacific/Kiritimati")}
     assert missing.returncode == 2, missing.stderr[-3000:]
-    assert any(f"date={d} does not exist" in missing.stderr for d in {before, after}), missing.stderr[-3000:]
+    assert any(f"date={d} does not exist" in missing.stderr for d in readings), missing.stderr[-3000:]
     assert tree(out) == before
