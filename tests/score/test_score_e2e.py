@@ -67,25 +67,43 @@ def assert_same_predictions(got: pa.Table, want: pa.Table) -> None:
         np.testing.assert_allclose(row["probabilities"], want[i]["probabilities"], rtol=0, atol=1e-6)
 
 
+def left_in(out: Path) -> list[str]:
+    """The output directory's entries, less the (hidden, empty) lock file the committer keeps beside a
+    local partition: ``_lease-<partition>``."""
+    return sorted(n for n in os.listdir(out) if not n.startswith("_lease-"))
+
+
 def start_killable(args: list[str], ray_address: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, stdout=f, stderr=f)
 
 
-def kill_when(proc: subprocess.Popen, writing, log: Path, timeout: float = 300) -> None:
-    """SIGKILLs ``proc`` as soon as ``writing()`` reports staged data files (mid-write)."""
+def kill_at(proc: subprocess.Popen, writing, log: Path, delay: float = 0.0, timeout: float = 300) -> bool:
+    """SIGKILLs ``proc`` ``delay`` seconds after ``writing()`` first reports staged data files.
+
+    Returns:
+        True when the kill landed; False when the run had already ended by itself (successfully).
+    """
     deadline = time.monotonic() + timeout
     while not writing():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc={proc.returncode}) before it could be killed:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"the run ended (rc={proc.returncode}) before it wrote anything:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("the run never started writing")
-        time.sleep(0.05)
+        time.sleep(0.02)
+    try:
+        proc.wait(timeout=delay)  # a run that finishes meanwhile is an outcome too, not an error
+    except subprocess.TimeoutExpired:
+        pass
+    if proc.poll() is not None:
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        return False
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +125,7 @@ def test_committed_output_has_every_id_once_in_sized_files_with_lineage(referenc
     out, result = reference["out"], reference["result"]
     partition = out / f"date={DATE}"
     assert result["status"] == "committed" and result["rows_in"] == result["rows_scored"] == ROWS
-    assert sorted(os.listdir(out)) == [f"date={DATE}"]  # no staging left behind
+    assert left_in(out) == [f"date={DATE}"]  # no staging left behind
     assert sorted(os.listdir(partition)) == ["_SUCCESS", "_manifest.json", "_metrics.json", "_quarantine",
                                              *(f"part-{i:05d}.parquet" for i in range(FILES))]  # fmt: skip
     assert [pq.read_metadata(partition / f"part-{i:05d}.parquet").num_rows for i in range(FILES)] == [50] * FILES
@@ -142,22 +160,39 @@ def test_a_different_setting_or_model_needs_overwrite(reference, source, trained
         score_here(str(tiny_checkpoint), source["path"], str(reference["out"]), *FAST)
 
 
-def test_killed_run_leaves_nothing_visible_and_a_rerun_scores_every_id_exactly_once(
+# Seconds after the first staged file appears: at once (mid-write), and later, when the run may be
+# copying, committing or already done. Whichever outcome a kill produced, the output must be either
+# nothing visible or a complete commit; a run is never seen half-written.
+KILL_DELAYS = (0.0, 0.5, 2.0)
+
+
+def test_killed_runs_leave_nothing_visible_or_a_complete_commit_and_a_rerun_scores_every_id_exactly_once(
     reference, source, trained, ray_address, tmp_path
 ):
-    out = tmp_path / "preds"
-    proc = start_killable(score_args(trained["checkpoint"], source["path"], str(out), *SLOW), ray_address,
-                          tmp_path / "killed.log")  # fmt: skip
-    staged = str(out / f"_staging-*-date={DATE}" / "_raw" / "*.parquet")
-    kill_when(proc, lambda: glob.glob(staged), tmp_path / "killed.log")
+    before_commit = []
+    for delay in KILL_DELAYS:
+        out = tmp_path / f"preds-{delay}"
+        log = tmp_path / f"killed-{delay}.log"
+        proc = start_killable(score_args(trained["checkpoint"], source["path"], str(out), *SLOW), ray_address, log)
+        staged = str(out / f"_staging-*-date={DATE}" / "_raw" / "*.parquet")
+        killed = kill_at(proc, lambda: glob.glob(staged), log, delay=delay)
+        partition = out / f"date={DATE}"
+        if partition.exists():  # the commit (one rename) happened before the kill, or there was no kill
+            assert sorted(p.name for p in partition.glob("part-*")) == [f"part-{i:05d}.parquet" for i in range(FILES)]
+            assert (partition / "_SUCCESS").exists() and (partition / "_manifest.json").exists()
+            table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+            assert_same_predictions(table.drop_columns(["date"]), reference["table"])  # every id exactly once
+        else:
+            assert killed, f"delay {delay}: the run ended without committing:\n{log.read_text()[-3000:]}"
+            assert pads.dataset(str(out), format="parquet").count_rows() == 0  # plain readers see nothing
+            assert glob.glob(str(out / "_staging-*"))  # only hidden staging is left
+            before_commit.append(out)
+    assert before_commit, "every kill landed after the commit: nothing showed that a killed run stays invisible"
 
-    assert not (out / f"date={DATE}").exists()
-    assert pads.dataset(str(out), format="parquet").count_rows() == 0  # plain readers see nothing
-    assert glob.glob(str(out / "_staging-*"))  # only hidden staging is left
-
+    out = before_commit[0]
     result = score_here(trained["checkpoint"], source["path"], str(out), *FAST)
     assert result["status"] == "committed" and result["rows_scored"] == ROWS
-    assert sorted(os.listdir(out)) == [f"date={DATE}"]  # the killed run's staging was cleaned
+    assert left_in(out) == [f"date={DATE}"]  # the killed run's staging was cleaned
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
     assert_same_predictions(table.drop_columns(["date"]), reference["table"])
 
@@ -195,14 +230,18 @@ def test_overwrite_replaces_the_partition_atomically(reference, source, trained,
     out = tmp_path / "preds"
     shutil.copytree(reference["out"], out)
     partition, old_run = out / f"date={DATE}", reference["result"]["run_id"]
-    views, stop = [], threading.Event()
+    views, failures, stop = [], [], threading.Event()
 
     def reader():
-        while not stop.is_set():
-            view = _snapshot(partition)
-            if view is not None:
-                views.append(view)
-            time.sleep(0.01)  # leave the CPUs to the run
+        # As fast as the filesystem allows. An exception here would only be a warning in pytest, so
+        # it is kept and raised by the test itself; a file vanishing under the reader is one.
+        try:
+            while not stop.is_set():
+                view = _snapshot(partition)
+                if view is not None:
+                    views.append(view)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread below
+            failures.append(e)
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -212,6 +251,8 @@ def test_overwrite_replaces_the_partition_atomically(reference, source, trained,
     finally:
         stop.set()
         thread.join()
+    if failures:
+        raise AssertionError(f"the reader failed while the partition was swapped: {failures[0]!r}") from failures[0]
     views.append(_snapshot(partition))
     new_run = result["run_id"]
     assert "missing" not in views  # never a moment without the partition
@@ -219,7 +260,7 @@ def test_overwrite_replaces_the_partition_atomically(reference, source, trained,
     assert views[0] == old_view and views[-1] == new_view
     assert set(views) == {old_view, new_view}, "a reader saw a mixed state"
     assert sorted(p.name for p in partition.glob("part-*")) == [f"part-{i:05d}.parquet" for i in range(5)]
-    assert sorted(os.listdir(out)) == [f"date={DATE}"]
+    assert left_in(out) == [f"date={DATE}"]
     assert_same_predictions(commit.read_committed(commit.Target(str(out), {"date": DATE})), reference["table"])
 
 
@@ -246,7 +287,7 @@ def test_too_many_bad_rows_writes_the_quarantine_and_commits_nothing(trained, tm
     assert "nothing was committed" in str(e.value) and str(partition / commit.QUARANTINE_FILE) in str(e.value)
     assert sorted(os.listdir(partition)) == ["_quarantine"]  # no data, no markers
     assert sorted(pq.read_table(partition / commit.QUARANTINE_FILE).column("id").to_pylist()) == sorted(bad["bad_ids"])
-    assert pads.dataset(str(out), format="parquet").count_rows() == 0 and sorted(os.listdir(out)) == [f"date={DATE}"]
+    assert pads.dataset(str(out), format="parquet").count_rows() == 0 and left_in(out) == [f"date={DATE}"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +317,7 @@ def test_on_s3_a_killed_run_is_invisible_resumes_exactly_once_reruns_as_noop_and
 
     endpoint = f"storage.s3_endpoint_url={s3_server}"
     proc = start_killable(score_args(ckpt, source["path"], out, *SLOW, endpoint), ray_address, tmp_path / "k.log")
-    kill_when(proc, lambda: any("/_raw/" in k for k in objects()), tmp_path / "k.log")
+    assert kill_at(proc, lambda: any("/_raw/" in k for k in objects()), tmp_path / "k.log"), "the run ended first"
     assert visible() == [] and not any(k.endswith("_SUCCESS") for k in objects())
 
     result = score_here(ckpt, source["path"], out, *FAST, endpoint)
