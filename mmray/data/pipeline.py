@@ -2,12 +2,13 @@
 actor pool, and split the result into usable rows and quarantine records.
 
 Reading is lazy and streaming (``read_parquet`` yields row-group-sized blocks, back-pressured by the
-actor pool), so the driver never holds the data; only the quarantine (four short strings per bad row)
-is collected, and ``data.max_bad_fraction`` bounds it.
+actor pool), so the driver never holds the data; the quarantine streams to its Parquet file as well
+(``stream_quarantine``), keeping only counts, so even a mostly-bad input is bounded on the driver.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -21,8 +22,8 @@ from mmray.data import storage
 from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
 
 __all__ = [
-    "DataQualityError", "check_bad_fraction", "input_files", "preprocess", "quarantine_table", "read_input",
-    "summarize_reasons", "usable_rows", "write_quarantine",
+    "DataQualityError", "Quarantine", "check_bad_fraction", "count_rows", "input_files", "preprocess", "read_input",
+    "stream_quarantine", "summarize_reasons", "usable_rows",
 ]  # fmt: skip
 
 _FOOTER_READERS = 16  # footers are tiny: parallel reads hide S3 latency on inputs of many files
@@ -114,22 +115,89 @@ def usable_rows(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds.map_batches(keep_good, batch_format="numpy", batch_size=None)
 
 
-def quarantine_table(ds: ray.data.Dataset) -> pa.Table:
-    """Collects the quarantine records (``id, stage, column, error``) of a preprocessed dataset.
+class Quarantine:
+    """Streams quarantine records (``id, stage, column, error``) into one Parquet file at ``uri``.
+
+    Only the count and the counts of the most common reasons stay in memory: records are buffered up
+    to one row group and written, so a mostly-bad input of any size cannot exhaust the driver. The
+    file is written even when no row is bad. Use as a context manager; ``add`` takes Arrow tables
+    of records.
+    """
+
+    def __init__(self, uri: str, store: StorageConfig):
+        fs, path = storage.resolve(uri, store)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self.uri, self.rows = uri, 0
+        self.reasons: Counter[tuple[str, str]] = Counter()  # (column, reason prefix) -> rows
+        self._sink = fs.open_output_stream(path)
+        self._writer = pq.ParquetWriter(self._sink, S.QUARANTINE_SCHEMA)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def __enter__(self) -> "Quarantine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, records: pa.Table) -> None:
+        if not records.num_rows:
+            return
+        records = records.cast(S.QUARANTINE_SCHEMA)
+        self.rows += records.num_rows
+        for key, count in _reason_counts(records).items():
+            if key in self.reasons or len(self.reasons) < _MAX_REASON_KEYS:
+                self.reasons[key] += count
+        self._pending.append(records)
+        self._pending_rows += records.num_rows
+        if self._pending_rows >= _QUARANTINE_ROW_GROUP:
+            self._flush()
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        self._writer = None
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending))
+        self._pending, self._pending_rows = [], 0
+
+
+_QUARANTINE_ROW_GROUP = 65_536  # records buffered before a row group is written (a few MB at most)
+_MAX_REASON_KEYS = 10_000  # distinct (column, reason prefix) pairs counted for the summary; rows always are
+
+
+def _reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:
+    reasons = pc.utf8_slice_codeunits(records.column("error"), 0, 40)  # group "undecodable image: ..." variants
+    counts = pa.table({"column": records.column("column"), "reason": reasons}).group_by(["column", "reason"]).aggregate(
+        [([], "count_all")]
+    )  # fmt: skip
+    return {(c or "", r or ""): n for c, r, n in zip(*(counts.column(k).to_pylist() for k in
+                                                       ("column", "reason", "count_all")))}  # fmt: skip
+
+
+def stream_quarantine(ds: ray.data.Dataset, uri: str, store: StorageConfig) -> Quarantine:
+    """Writes the quarantine records of a preprocessed dataset to ``uri`` as they stream past.
 
     Only the four bookkeeping columns are read, and bad rows are filtered batch by batch with Arrow
-    on the driver (no extra task pool to start), so the driver holds just the bad rows' short strings.
+    on the driver (no extra task pool to start); the driver holds one row group of records at most.
+
+    Returns:
+        The closed ``Quarantine``: its ``rows`` and ``reasons`` (for ``summarize_reasons``).
     """
-    tables = []
     bookkeeping = ds.select_columns([S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE])
-    for batch in bookkeeping.iter_batches(batch_format="pyarrow", batch_size=None):
-        error = _as_string(batch[S.ERROR])
-        bad = pc.fill_null(pc.not_equal(error, ""), False)
-        if not pc.any(bad).as_py():
-            continue
-        columns = [batch[S.ID], batch[S.ERROR_STAGE], batch[S.ERROR_COLUMN], error]
-        tables.append(pa.table([pc.filter(_as_string(c), bad) for c in columns], schema=S.QUARANTINE_SCHEMA))
-    return pa.concat_tables(tables) if tables else S.QUARANTINE_SCHEMA.empty_table()
+    with Quarantine(uri, store) as quarantine:
+        for batch in bookkeeping.iter_batches(batch_format="pyarrow", batch_size=None):
+            error = _as_string(batch[S.ERROR])
+            bad = pc.fill_null(pc.not_equal(error, ""), False)
+            if pc.any(bad).as_py():
+                columns = [batch[S.ID], batch[S.ERROR_STAGE], batch[S.ERROR_COLUMN], error]
+                quarantine.add(pa.table([pc.filter(_as_string(c), bad) for c in columns], schema=S.QUARANTINE_SCHEMA))
+    return quarantine
 
 
 def _as_string(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
@@ -140,32 +208,25 @@ def _as_string(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array
         return pa.array([None if v is None else str(v) for v in column.to_pylist()], type=pa.string())
 
 
-def write_quarantine(table: pa.Table, uri: str, store: StorageConfig) -> None:
-    """Writes (replacing) ``uri`` as one Parquet file; an empty quarantine is written too."""
-    fs, path = storage.resolve(uri, store)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table.cast(S.QUARANTINE_SCHEMA), path, filesystem=fs)
-
-
-def check_bad_fraction(rows_in: int, rows_bad: int, limit: float, where: str, quarantine: pa.Table | None = None) -> None:
+def check_bad_fraction(rows_in: int, rows_bad: int, limit: float, where: str,
+                       quarantine: pa.Table | Quarantine | None = None) -> None:  # fmt: skip
     """Raises DataQualityError when more than ``limit`` of the rows were quarantined.
 
     Args:
-        quarantine: the records, to name the most common reasons in the message.
+        quarantine: the records (a table, or the streamed ``Quarantine``), to name the most common
+            reasons in the message.
     """
     if rows_in and rows_bad / rows_in > limit:
-        top = f"; most common: {summarize_reasons(quarantine)}" if quarantine is not None and quarantine.num_rows else ""
+        reasons = summarize_reasons(quarantine) if quarantine is not None else ""
+        top = f"; most common: {reasons}" if reasons else ""
         raise DataQualityError(
             f"{rows_bad} of {rows_in} rows ({rows_bad / rows_in:.1%}) were quarantined, above "
             f"data.max_bad_fraction={limit}{top}; see {storage.redact(where)} (columns id, stage, column, error)"
         )
 
 
-def summarize_reasons(quarantine: pa.Table, top: int = 3) -> str:
+def summarize_reasons(quarantine: pa.Table | Quarantine, top: int = 3) -> str:
     """``"'column': reason (count), ..."`` for the ``top`` most frequent (column, reason) pairs."""
-    reasons = pc.utf8_slice_codeunits(quarantine.column("error"), 0, 40)  # group "undecodable image: ..." variants
-    counts = pa.table({"column": quarantine.column("column"), "reason": reasons}).group_by(["column", "reason"]).aggregate(
-        [([], "count_all")]
-    ).sort_by([("count_all", "descending"), ("column", "ascending"), ("reason", "ascending")])
-    rows = counts.slice(0, top).to_pylist()
-    return ", ".join(f"'{r['column']}': {r['reason']} ({r['count_all']})" for r in rows)
+    counts = quarantine.reasons if isinstance(quarantine, Quarantine) else _reason_counts(quarantine)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return ", ".join(f"'{column}': {reason} ({count})" for (column, reason), count in ranked)

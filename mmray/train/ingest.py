@@ -86,7 +86,7 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec: PreprocessSpec,
     """Preprocesses one split, writes its quarantine, returns (usable rows, counts).
 
     Cached: preprocessing runs once and the usable rows stay in the object store. Streamed: one pass
-    finds the quarantine (only the four short bookkeeping strings of bad rows are kept) and training
+    writes the quarantine as it streams (only its counts are kept) and training
     re-runs preprocessing every epoch; because it is a pure function of the row, every epoch yields
     exactly ``rows_used`` rows (image URIs that fail transiently are retried; one that fails for
     good in a later epoch only is dropped from that epoch).
@@ -102,12 +102,11 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec: PreprocessSpec,
     )  # fmt: skip
     if cache:
         processed = processed.materialize()
-    quarantine = pipeline.quarantine_table(processed)
     where = storage.join(run_dir, "quarantine", f"{split}.parquet")
-    pipeline.write_quarantine(quarantine, where, cfg.storage)
-    pipeline.check_bad_fraction(rows_in, quarantine.num_rows, cfg.data.max_bad_fraction, where, quarantine)
+    quarantine = pipeline.stream_quarantine(processed, where, cfg.storage)
+    pipeline.check_bad_fraction(rows_in, quarantine.rows, cfg.data.max_bad_fraction, where, quarantine)
     usable = pipeline.usable_rows(processed).drop_columns([S.ID])
-    counts = {"rows_in": rows_in, "rows_used": rows_in - quarantine.num_rows, "rows_quarantined": quarantine.num_rows}
+    counts = {"rows_in": rows_in, "rows_used": rows_in - quarantine.rows, "rows_quarantined": quarantine.rows}
     if cache:
         usable = usable.materialize()
         if usable.count() != counts["rows_used"]:  # never lose a row

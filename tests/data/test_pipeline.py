@@ -45,9 +45,10 @@ def processed(ray_session, tmp_path_factory):
 
 
 @pytest.mark.integration  # starts a preprocessing actor pool on the session's Ray
-def test_every_row_comes_out_once_usable_or_quarantined(processed):
-    quarantine = pipeline.quarantine_table(processed)
-    assert quarantine.schema == S.QUARANTINE_SCHEMA
+def test_every_row_comes_out_once_usable_or_quarantined(processed, tmp_path):
+    streamed = pipeline.stream_quarantine(processed, str(tmp_path / "q" / "train.parquet"), STORE)
+    quarantine = pq.read_table(tmp_path / "q" / "train.parquet")
+    assert quarantine.schema == S.QUARANTINE_SCHEMA and streamed.rows == quarantine.num_rows == 3
     records = sorted(quarantine.to_pylist(), key=lambda r: str(r["id"]))
     assert records == [
         {"id": "5", "stage": "label", "column": "label", "error": "null label in column 'label'"},
@@ -63,14 +64,35 @@ def test_every_row_comes_out_once_usable_or_quarantined(processed):
 
 
 def test_quarantine_is_written_even_when_empty(tmp_path, s3_server, s3_bucket):
-    pipeline.write_quarantine(S.QUARANTINE_SCHEMA.empty_table(), str(tmp_path / "q" / "train.parquet"), STORE)
-    assert pq.read_table(tmp_path / "q" / "train.parquet").schema == S.QUARANTINE_SCHEMA
+    with pipeline.Quarantine(str(tmp_path / "q" / "train.parquet"), STORE) as q:
+        q.add(S.QUARANTINE_SCHEMA.empty_table())
+    assert q.rows == 0 and pq.read_table(tmp_path / "q" / "train.parquet").schema == S.QUARANTINE_SCHEMA
     store = StorageConfig(s3_endpoint_url=s3_server)
     table = pa.table({"id": ["a"], "stage": ["preprocess"], "column": ["image"], "error": ["truncated image"]})
     uri = f"s3://{s3_bucket}/run/quarantine/val.parquet"
-    pipeline.write_quarantine(table, uri, store)
+    with pipeline.Quarantine(uri, store) as q:
+        q.add(table)
     fs, path = storage.resolve(uri, store)
     assert pq.read_table(path, filesystem=fs).to_pylist() == table.to_pylist()
+
+
+def test_a_mostly_bad_input_streams_to_the_quarantine_file_in_bounded_memory(tmp_path, monkeypatch):
+    """The driver keeps one row group of records and a bounded reason count, never every bad row."""
+    monkeypatch.setattr(pipeline, "_QUARANTINE_ROW_GROUP", 1000)
+    monkeypatch.setattr(pipeline, "_MAX_REASON_KEYS", 50)
+    where = tmp_path / "q.parquet"
+    with pipeline.Quarantine(str(where), STORE) as q:
+        for chunk in range(30):
+            ids = [f"r{chunk}-{i}" for i in range(400)]
+            q.add(pa.table({"id": ids, "stage": ["label"] * 400, "column": ["label"] * 400,
+                            "error": [f"label '{i}' is not in the label map" for i in ids]}))  # fmt: skip
+            assert q._pending_rows < 1000 + 400 and len(q.reasons) <= 50
+    assert q.rows == 12_000
+    written = pq.ParquetFile(where)
+    assert written.metadata.num_rows == 12_000 and written.metadata.num_row_groups >= 8
+    assert pq.read_table(where).column("id").to_pylist()[-1] == "r29-399"
+    with pytest.raises(pipeline.DataQualityError, match="12000 of 12000 rows .* most common: 'label': "):
+        pipeline.check_bad_fraction(12_000, q.rows, 0.1, str(where), q)
 
 
 def test_bad_fraction_aborts_naming_the_share_the_reasons_and_the_file():
