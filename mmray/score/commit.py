@@ -63,9 +63,9 @@ from mmray.score.lease import Lease, LeaseHeldError, LeaseLostError
 
 __all__ = [
     "ConcurrentCommitError", "Lease", "LeaseHeldError", "LeaseLostError", "MANIFEST", "METRICS", "OutputExistsError",
-    "QUARANTINE", "QUARANTINE_FILE", "SUCCESS", "Staging", "Target", "check_replaceable", "clean_stale_staging",
-    "committed_files", "committed_run", "fingerprint_inputs", "identity_differences", "lease", "open_staging",
-    "publish", "read_committed", "run_identity", "validate_partition", "write_rejected_quarantine",
+    "QUARANTINE", "QUARANTINE_FILE", "SUCCESS", "Staging", "Target", "carry_committed", "check_replaceable",
+    "clean_stale_staging", "committed_files", "committed_run", "fingerprint_inputs", "identity_differences", "lease",
+    "open_staging", "publish", "read_committed", "run_identity", "validate_partition", "write_rejected_quarantine",
 ]  # fmt: skip
 
 MANIFEST = "_manifest.json"
@@ -302,8 +302,9 @@ def read_committed(target: Target, columns: list[str] | None = None) -> pa.Table
             continue
         if _success_run(fs, path) != run_id:
             continue
-        if any(t.num_rows and "run_id" in t.column_names and not pc.all(pc.equal(t["run_id"], run_id)).as_py()
-               for t in tables):  # fmt: skip
+        if any(t.num_rows and "run_id" in t.column_names
+               and not pc.all(pc.equal(t["run_id"], f.get("run_id", run_id))).as_py()
+               for t, f in zip(tables, manifest["files"])):  # fmt: skip
             continue
         return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.null()) for c in columns or []})
     raise RuntimeError(f"{storage.redact(target.uri)} was republished while being read, {_READ_ATTEMPTS} times; "
@@ -366,6 +367,25 @@ class Staging:
         """Best effort: removes this run's staging (a killed run's is removed by a later run)."""
         with contextlib.suppress(OSError):
             self.fs.delete_dir(self.path)
+
+
+def carry_committed(st: Staging, manifest: dict) -> list[dict]:
+    """Copies the data files of the commit ``manifest`` describes into ``st``'s staging, under their names
+    (a hard link where the filesystem allows), for a new commit that keeps them; returns their manifest
+    entries, each with the ``run_id`` that wrote it. Call it under the lease: the files are then the
+    committed ones."""
+    carried = []
+    for f in manifest["files"]:
+        src, dst = f"{st.final}/{f['name']}", st.file(f["name"])
+        if st.local:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        else:
+            st.fs.copy_file(src, dst)
+        carried.append({**f, "run_id": f.get("run_id") or manifest["run_id"]})
+    return carried
 
 
 def _staging_parent(fs: pafs.FileSystem, final: str) -> tuple[str, str | None]:

@@ -50,10 +50,12 @@ class Finalized:
 
 
 class _PartWriter:
-    """Cuts scored rows into files of exactly ``rows_per_file`` rows, one row group each."""
+    """Cuts scored rows into files of exactly ``rows_per_file`` rows, one row group each, numbered from
+    ``first``."""
 
-    def __init__(self, fs: pafs.FileSystem, directory: str, schema: pa.Schema, rows_per_file: int):
+    def __init__(self, fs: pafs.FileSystem, directory: str, schema: pa.Schema, rows_per_file: int, first: int = 0):
         self.fs, self.directory, self.schema, self.rows_per_file = fs, directory, schema, rows_per_file
+        self.first = first
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.files: list[dict] = []
@@ -73,7 +75,7 @@ class _PartWriter:
 
     def _flush(self, n: int) -> None:
         table = pa.concat_tables(self.pending)
-        name = f"part-{len(self.files):05d}.parquet"
+        name = f"part-{self.first + len(self.files):05d}.parquet"
         path = f"{self.directory}/{name}"
         pq.write_table(table.slice(0, n), path, filesystem=self.fs, row_group_size=n)
         self.files.append({"name": name, "rows": n, "bytes": self.fs.get_file_info(path).size})
@@ -105,15 +107,17 @@ def finalize(
     scored_at: dt.datetime,
     rows_per_file: int,
     evaluation: Evaluation | None = None,
+    first_file: int = 0,
 ) -> Finalized:
     """Turns ``<staging>/_raw`` into ``part-*.parquet`` and ``_quarantine/part-00000.parquet`` in staging.
 
     Args:
         schema: ``predictor.output_schema(tasks)``; lineage columns are appended.
         evaluation: folds in scored rows when ``--evaluate`` is on.
+        first_file: number of the first part file (``--retry-quarantined`` appends to a commit's files).
     """
     lineage = {"model_id": model_id, "scored_at": scored_at, "run_id": st.run_id}
-    writer = _PartWriter(st.fs, st.path, lineage_schema(schema), rows_per_file)
+    writer = _PartWriter(st.fs, st.path, lineage_schema(schema), rows_per_file, first_file)
     quarantine, rows_raw = [], 0
     for path in _raw_files(st.fs, st.raw):
         with st.fs.open_input_file(path) as f:

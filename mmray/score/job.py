@@ -15,17 +15,27 @@
    is still the one seen in step 3, ``commit.publish`` makes the result visible (markers last).
 
 Every input row ends up either in the output or in ``<target>/_quarantine/``.
+
+``retry_quarantined`` re-scores only the committed quarantine's rows that failed for a reason another
+attempt may fix (an image fetch that failed after its retries: network, throttling, 5xx, timeouts) and
+publishes a new commit of the same partition: the previous files (kept as they are, with their
+``run_id``), the newly scored rows in further files, and the quarantine of what still failed or was
+never retryable. Counts add up as before; a rerun of it retries what is still transient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -45,6 +55,18 @@ from mmray.score.predictor import Predictor, output_schema
 __all__ = ["MANIFEST_FORMAT", "run_scoring"]
 
 MANIFEST_FORMAT = 1
+# Quarantine reasons another attempt may fix: preprocess's "image fetch failed: <uri>: <error>" is what an
+# image read that exhausted data.preprocess.fetch_attempts leaves (not found / not allowed / too large differ).
+RETRYABLE_PREFIX = "image fetch failed: "
+
+
+@dataclasses.dataclass(frozen=True)
+class _Retry:
+    """What ``--retry-quarantined`` works from: the committed run and its quarantine, split."""
+
+    manifest: dict
+    ids: list[str]  # quarantined ids to score again
+    kept: pa.Table  # quarantine rows that stay (not retryable)
 
 
 def _log(message: str) -> None:
@@ -59,14 +81,27 @@ def _gpus_per_actor(requested: float) -> float:
     return requested
 
 
+def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dataset:
+    """The rows whose id (as a string, as the quarantine records it) is one of ``ids``."""
+    wanted = pa.array(ids, pa.string())
+
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.is_in(pc.cast(batch[column], pa.string()), value_set=wanted))
+
+    return ds.map_batches(keep, batch_format="pyarrow")
+
+
 def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[str], spec: PreprocessSpec,
                    tokenizer_files: dict[str, bytes], checkpoint: str, mid: str,
-                   label_tasks: tuple[Task, ...]) -> ray.data.Dataset:  # fmt: skip
+                   label_tasks: tuple[Task, ...], only: list[str] | None = None) -> ray.data.Dataset:  # fmt: skip
     sc = cfg.score
     num_gpus = _gpus_per_actor(sc.num_gpus)
+    source = pipeline.read_input(input_uri, files, cfg.storage, columns)
+    if only is not None:
+        source = _only_ids(source, spec.id_column, only)
     return (
-        pipeline.preprocess(pipeline.read_input(input_uri, files, cfg.storage, columns), spec, tokenizer_files,
-                            cfg.data.preprocess, actor=LabeledPreprocessor, extra_args=(label_tasks,))  # fmt: skip
+        pipeline.preprocess(source, spec, tokenizer_files, cfg.data.preprocess, actor=LabeledPreprocessor,
+                            extra_args=(label_tasks,))  # fmt: skip
         .map_batches(
             Predictor,
             fn_constructor_args=(checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks)),
@@ -97,6 +132,14 @@ def _manifest(run_id: str, scored_at: dt.datetime, checkpoint: str, mid: str, ta
     }
 
 
+def _same_identity(target: commit.Target, existing: dict, identity: dict) -> None:
+    if existing["identity"]["digest"] != identity["digest"]:
+        raise commit.OutputExistsError(
+            f"{target.uri} already holds a committed result (run {existing['run_id']}) that differs: "
+            f"{'; '.join(commit.identity_differences(existing['identity'], identity))}. Pass --overwrite to replace it."
+        )
+
+
 def _already_scored(target: commit.Target, identity: dict) -> dict[str, Any] | None:
     """The no-op result when ``target`` holds a commit of this identity; None when nothing is committed.
 
@@ -106,14 +149,39 @@ def _already_scored(target: commit.Target, identity: dict) -> dict[str, Any] | N
     existing = commit.committed_run(target)
     if existing is None:
         return None
-    if existing["identity"]["digest"] != identity["digest"]:
-        raise commit.OutputExistsError(
-            f"{target.uri} already holds a committed result (run {existing['run_id']}) that differs: "
-            f"{'; '.join(commit.identity_differences(existing['identity'], identity))}. Pass --overwrite to replace it."
-        )
+    _same_identity(target, existing, identity)
     _log(f"already scored: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do")
     counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
     return {"output": target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
+
+
+def _merge_retry(stage: commit.Staging, retry: _Retry, result: Finalized) -> Finalized:
+    """The retried rows' files after the committed ones (carried into staging), and one quarantine:
+    what was not retryable, then what failed again."""
+    carried = commit.carry_committed(stage, retry.manifest)
+    quarantine = pa.concat_tables([retry.kept.cast(result.quarantine.schema), result.quarantine])
+    pq.write_table(quarantine, stage.file(commit.QUARANTINE_FILE), filesystem=stage.fs)
+    return dataclasses.replace(result, files=carried + result.files, quarantine=quarantine)
+
+
+def _retry_plan(target: commit.Target, identity: dict) -> _Retry:
+    """Splits the committed quarantine into rows to score again and rows that stay (under the lease).
+
+    Raises:
+        FileNotFoundError: nothing is committed at ``target``.
+        OutputExistsError: what is committed has another identity (input, model or settings).
+    """
+    existing = commit.committed_run(target)
+    if existing is None:
+        raise FileNotFoundError(f"--retry-quarantined: nothing is committed at {target.uri}; score it first")
+    _same_identity(target, existing, identity)
+    fs, path = target.resolve()
+    quarantine = pq.read_table(f"{path}/{existing['quarantine']['name']}", filesystem=fs)
+    error = pc.fill_null(quarantine["error"], "")
+    retry = pc.and_(pc.equal(pc.fill_null(quarantine["stage"], ""), "preprocess"), pc.is_valid(quarantine["id"]))
+    retry = pc.and_(retry, pc.starts_with(error, RETRYABLE_PREFIX))
+    ids = sorted(set(quarantine.filter(retry)["id"].to_pylist()))
+    return _Retry(existing, ids, quarantine.filter(pc.invert(retry)))
 
 
 def run_scoring(
@@ -125,12 +193,15 @@ def run_scoring(
     overwrite: bool = False,
     evaluate: bool = False,
     address: str | None = None,
+    retry_quarantined: bool = False,
 ) -> dict[str, Any]:
     """Scores ``input_uri`` with ``checkpoint`` into ``output_uri`` (optionally a ``key=value`` partition).
 
     Args:
         overwrite: replace a committed result (atomically on local disk).
         evaluate: the input has the checkpoint's label columns; also write ``_metrics.json``.
+        retry_quarantined: score again the committed quarantine's rows that failed transiently and
+            commit them with the rest (needs a commit of the same input, model and settings).
         address: Ray address, used only when there is work to do (None: ``mmray.runtime.init_ray``).
 
     Returns:
@@ -142,6 +213,9 @@ def run_scoring(
         DataQualityError: too many rows were quarantined (the quarantine is written, nothing committed).
     """
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
+    if retry_quarantined and (overwrite or evaluate):
+        raise ValueError("--retry-quarantined merges into the committed result: it does not combine with "
+                         f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}")  # fmt: skip
     with storage.local_dir(checkpoint, cfg.storage) as local:
         info = load_info(local)
         mid = model_id(local)
@@ -157,18 +231,24 @@ def run_scoring(
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
     identity = commit.run_identity(inputs, mid, settings, target.partition)
 
-    if not overwrite and (done := _already_scored(target, identity)) is not None:
+    if not overwrite and not retry_quarantined and (done := _already_scored(target, identity)) is not None:
         with contextlib.suppress(commit.LeaseHeldError), commit.lease(target):
             commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's; only when nobody works here
         return {**done, "model_id": mid}
     commit.check_replaceable(target)
     with commit.lease(target) as held:
         commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
-        if not overwrite and (done := _already_scored(target, identity)) is not None:
+        retry = _retry_plan(target, identity) if retry_quarantined else None
+        if retry is not None and not retry.ids:
+            _log(f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error")
+            counts = {k: retry.manifest[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
+            return {"output": target.uri, "status": "nothing to retry", "run_id": retry.manifest["run_id"],
+                    "model_id": mid, **counts}  # fmt: skip
+        if retry is None and not overwrite and (done := _already_scored(target, identity)) is not None:
             return {**done, "model_id": mid}  # the run that held the lease before us committed the same
         commit.check_replaceable(target)
         seen_run = (commit.committed_run(target) or {}).get("run_id")  # re-checked before publishing
-        rows_in = pipeline.count_rows(input_uri, files, cfg.storage)
+        rows_in = len(retry.ids) if retry else pipeline.count_rows(input_uri, files, cfg.storage)
         run_id = uuid.uuid4().hex[:12]
         scored_at = dt.datetime.now(dt.timezone.utc)
         stage = commit.open_staging(target, run_id)
@@ -176,13 +256,23 @@ def run_scoring(
             if rows_in:
                 init_ray(address)
                 stream = _scored_stream(cfg, input_uri, files, list(columns), spec, tokenizer_files, checkpoint, mid,
-                                        label_tasks)  # fmt: skip
+                                        label_tasks, retry.ids if retry else None)  # fmt: skip
                 stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
             evaluation = Evaluation(info.tasks, info.model.loss_weights) if evaluate else None
-            result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation)
+            first = len(retry.manifest["files"]) if retry else 0
+            result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation,
+                              first)  # fmt: skip
             counts = {"rows_in": rows_in, "rows_scored": result.rows_scored, "rows_quarantined": result.quarantine.num_rows}
             if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
                 raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
+            if retry is not None:
+                result = _merge_retry(stage, retry, result)
+                counts = {"rows_in": retry.manifest["rows_in"], "rows_scored": result.rows_scored,
+                          "rows_quarantined": result.quarantine.num_rows}  # fmt: skip
+                if counts["rows_scored"] + counts["rows_quarantined"] != counts["rows_in"]:
+                    raise RuntimeError(f"retried row counts do not reconcile with run {retry.manifest['run_id']}: "
+                                       f"{counts}")  # fmt: skip
+                rows_in = counts["rows_in"]
             if commit.fingerprint_inputs(files, in_fs, cfg.storage) != identity["inputs"]:
                 raise RuntimeError(f"input {input_uri} changed while it was being scored; nothing committed, rerun")
             bad, limit = counts["rows_quarantined"], cfg.data.max_bad_fraction
@@ -207,6 +297,8 @@ def run_scoring(
         out = {"output": target.uri, "status": "committed", "run_id": run_id, "model_id": mid,
                "scored_at": scored_at.isoformat(), "files": len(result.files),
                "quarantine": target.child_uri(commit.QUARANTINE_FILE), **counts}  # fmt: skip
+        if retry is not None:
+            out.update(retried=len(retry.ids), retried_from=retry.manifest["run_id"])
         if result.metrics is not None:
             out["metrics"] = result.metrics
         return out

@@ -26,8 +26,9 @@ CLASSES = ("cat_blue", "cat_red", "dog_blue", "dog_red")
 TASK = Task("label", "multiclass", CLASSES)
 
 
-def make_checkpoint(directory: Path, tasks: list[Task], seed: int = 0) -> Path:
-    """A real, loadable checkpoint of an untrained tiny model (deterministic weights)."""
+def make_checkpoint(directory: Path, tasks: list[Task], seed: int = 0, **data: object) -> Path:
+    """A real, loadable checkpoint of an untrained tiny model (deterministic weights); ``data``: more
+    ``DataConfig`` fields (e.g. ``image_uri_column``)."""
     text, image = TextConfig(max_length=16), ImageConfig(size=16)
     model_cfg = ModelConfig(hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2),
                             image_encoder=ImageEncoderConfig(dim=16))  # fmt: skip
@@ -36,7 +37,7 @@ def make_checkpoint(directory: Path, tasks: list[Task], seed: int = 0) -> Path:
     tokenizer_files = {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()}
     torch.manual_seed(seed)
     model = build_model(model_cfg, text, image, tasks, vocab_size=200)
-    spec = PreprocessSpec.from_config(DataConfig(text=text, image=image), StorageConfig(), tasks=tasks)
+    spec = PreprocessSpec.from_config(DataConfig(text=text, image=image, **data), StorageConfig(), tasks=tasks)
     ckpt = directory / "ckpt"
     save_checkpoint(ckpt, model, model_cfg, spec.to_dict(), tasks, 200, tokenizer_files, epoch=0, metrics={})
     return ckpt
