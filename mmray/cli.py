@@ -81,7 +81,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     partition = _partition(args.partition)
     # Ray is started only when there is work: an "already scored" rerun returns in a second.
     _emit(run_scoring(cfg, args.checkpoint, args.input, args.output, partition, overwrite=args.overwrite,
-                      evaluate=args.evaluate, address=args.address))  # fmt: skip
+                      evaluate=args.evaluate, address=args.address,
+                      retry_quarantined=args.retry_quarantined))  # fmt: skip
 
 
 def cmd_nightly(args: argparse.Namespace) -> None:
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--partition", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--overwrite", action="store_true", help="replace an already committed output (atomically)")
     sp.add_argument("--evaluate", action="store_true", help="the input has labels: also write _metrics.json")
+    sp.add_argument("--retry-quarantined", action="store_true",
+                    help="score again the committed rows quarantined for transient image-fetch errors (new commit)")
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_score)
 
