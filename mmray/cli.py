@@ -61,8 +61,13 @@ def _config(args: argparse.Namespace):
 
 def cmd_make_data(args: argparse.Namespace) -> None:
     from mmray.data.synthetic import make_dataset
+    from mmray.data.tasks import make_task_dataset
 
-    _emit({"splits": make_dataset(args.out_dir, rows=args.rows, seed=args.seed)})
+    if args.task == "demo":
+        splits = make_dataset(args.out_dir, rows=args.rows, seed=args.seed)
+    else:
+        splits = make_task_dataset(args.task, args.out_dir, rows=args.rows, seed=args.seed)
+    _emit({"task": args.task, "splits": splits})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out_dir")
     sp.add_argument("--rows", type=int, default=2000)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--task", default="demo", choices=["demo", "classify", "sum", "match", "lazy", "missing"],
+                    help="demo: the quick-start set; the others are the quality benchmark's tasks (mmray.data.tasks)")
     sp.set_defaults(fn=cmd_make_data)
 
     sp = sub.add_parser("train", help="train a fusion model with Ray Train")
