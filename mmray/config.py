@@ -169,10 +169,15 @@ class EarlyStoppingConfig:
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 32  # per worker
-    lr: float = 3e-3  # fusion + heads
-    encoder_lr: float | None = None  # encoders; None = lr
+    lr: float = 3e-3  # fusion + heads, for a global batch of lr_reference_batch rows (see lr_scaling)
+    encoder_lr: float | None = None  # encoders; None = lr (scaled the same way)
+    # Global batch = batch_size x num_workers x grad_accum_steps. "sqrt" (AdamW's usual rule) multiplies
+    # both rates by sqrt(global / lr_reference_batch), "linear" by global / lr_reference_batch.
+    lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
+    lr_reference_batch: int = 64
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0  # training loss only (classification heads); reported losses stay raw
     grad_accum_steps: int = 1
     grad_clip: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -229,6 +234,7 @@ _POSITIVE = {
     "model.image_encoder.dim", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
     "model.fusion_layers", "model.fusion_heads", "model.fusion_rank", "train.epochs", "train.batch_size", "train.lr",
     "train.num_workers", "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience",
+    "train.lr_reference_batch",
     "score.concurrency", "score.batch_size", "score.rows_per_file",
 }  # fmt: skip
 # A key ending in ".*" covers every entry of that mapping. Freeze: false/true/N blocks (bools are 0/1).
@@ -238,7 +244,7 @@ _NON_NEGATIVE = {
 }  # fmt: skip
 _FRACTIONS = {
     "data.max_bad_fraction", "data.cache_max_fraction", "model.dropout", "model.modality_dropout",
-    "train.warmup_fraction",
+    "train.warmup_fraction", "train.label_smoothing",
 }  # fmt: skip
 _TASK_KINDS = ("multiclass", "multilabel", "binary", "regression")
 

@@ -20,25 +20,35 @@ __all__ = ["MetricAccumulator", "per_row_loss", "task_probabilities", "weighted_
 _BINS = 200
 
 
-def per_row_loss(task: Task, logits: Tensor, target: Tensor) -> Tensor:
-    """Loss of one task per row ``[B]`` (callers weight rows, e.g. by modality presence)."""
+def per_row_loss(task: Task, logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Loss of one task per row ``[B]`` (callers weight rows, e.g. by modality presence).
+
+    ``label_smoothing`` (training only; ``train.label_smoothing``) mixes each class target with the
+    uniform distribution: multiclass as in ``F.cross_entropy``, binary and multilabel targets move
+    from 0/1 to ``eps/2`` / ``1 - eps/2``. Regression ignores it.
+    """
     logits = logits.float()
     if task.kind == "multiclass":
-        return F.cross_entropy(logits, target.long(), reduction="none")
-    if task.kind == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").mean(-1)
-    if task.kind == "binary":
-        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), target.float(), reduction="none")
+        return F.cross_entropy(logits, target.long(), reduction="none", label_smoothing=label_smoothing)
+    if task.kind in ("multilabel", "binary"):
+        soft = target.float() * (1 - label_smoothing) + label_smoothing / 2
+        if task.kind == "binary":
+            return F.binary_cross_entropy_with_logits(logits.squeeze(-1), soft, reduction="none")
+        return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").mean(-1)
     return F.mse_loss(logits.squeeze(-1), target.float(), reduction="none")
 
 
 def weighted_row_loss(
-    tasks: Sequence[Task], logits: dict[str, Tensor], targets: dict[str, Tensor], loss_weights: dict[str, float]
-) -> Tensor:
+    tasks: Sequence[Task], logits: dict[str, Tensor], targets: dict[str, Tensor], loss_weights: dict[str, float],
+    label_smoothing: float = 0.0,
+) -> Tensor:  # fmt: skip
     """The fused heads' training loss per row ``[B]``: ``per_row_loss`` weighted by ``model.loss_weights``
     (default 1), summed over tasks. The one definition, so that the ``loss`` of training, ``mmray
-    evaluate`` and ``score --evaluate`` means the same; ``MetricAccumulator.update`` takes its ``.sum()``."""
-    return sum(loss_weights.get(t.name, 1.0) * per_row_loss(t, logits[t.name], targets[t.name]) for t in tasks)
+    evaluate`` and ``score --evaluate`` means the same; ``MetricAccumulator.update`` takes its ``.sum()``.
+    Only training passes ``label_smoothing``: reported losses stay comparable across settings."""
+    return sum(
+        loss_weights.get(t.name, 1.0) * per_row_loss(t, logits[t.name], targets[t.name], label_smoothing) for t in tasks
+    )
 
 
 def task_probabilities(task: Task, logits: Tensor) -> Tensor:

@@ -122,3 +122,28 @@ def test_regression_mae_and_rmse_match_scikit_learn():
     m = _accumulate([task], {"score": torch.tensor(out).unsqueeze(-1)}, {"score": torch.tensor(y)})
     assert m["mae"] == pytest.approx(mean_absolute_error(y, out))
     assert m["rmse"] == pytest.approx(root_mean_squared_error(y, out))
+
+
+def test_label_smoothing_moves_targets_towards_uniform_by_hand():
+    """train.label_smoothing: multiclass targets become (1 - eps) one-hot + eps / K; binary and multilabel
+    0/1 targets become eps/2 and 1 - eps/2; regression is unchanged. Checked against the formulas."""
+    eps = 0.2
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    mc = Task("m", "multiclass", ("a", "b", "c"))
+    soft = torch.tensor([[1 - eps + eps / 3, eps / 3, eps / 3]])
+    want = -(soft * torch.log_softmax(logits, -1)).sum()
+    got = weighted_row_loss([mc], {"m": logits}, {"m": torch.tensor([0])}, {}, label_smoothing=eps)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert weighted_row_loss([mc], {"m": logits}, {"m": torch.tensor([0])}, {}).item() > 0  # differs from raw
+    assert got.item() != pytest.approx(weighted_row_loss([mc], {"m": logits}, {"m": torch.tensor([0])}, {}).item())
+
+    b = Task("b", "binary", ("no", "yes"))
+    z = torch.tensor([[1.5]])
+    p = torch.sigmoid(z).item()
+    want_b = -((1 - eps / 2) * math.log(p) + (eps / 2) * math.log(1 - p))
+    got_b = weighted_row_loss([b], {"b": z}, {"b": torch.tensor([1.0])}, {}, label_smoothing=eps)
+    assert got_b.item() == pytest.approx(want_b, rel=1e-6)
+
+    r = Task("r", "regression", ())
+    y, t = torch.tensor([[0.5]]), torch.tensor([2.0])
+    assert weighted_row_loss([r], {"r": y}, {"r": t}, {}, label_smoothing=eps).item() == pytest.approx(2.25)

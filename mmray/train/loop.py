@@ -83,7 +83,7 @@ def build_parts(cfg: Config, tasks: list[Task], vocab_size: int, train_rows: int
     t = cfg.train
     seed_everything(t.seed)
     model = wrap(build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage).to(device))
-    optimizer = optim.build_optimizer(model, t)
+    optimizer = optim.build_optimizer(model, t, world_size)
     total = optim.steps_per_epoch(train_rows, world_size, t.batch_size, t.grad_accum_steps) * t.epochs
     precision = optim.resolve_precision(t.precision, device)
     return Parts(model, optimizer, optim.build_scheduler(optimizer, total, t.warmup_fraction),
@@ -91,18 +91,19 @@ def build_parts(cfg: Config, tasks: list[Task], vocab_size: int, train_rows: int
 
 
 def compute_loss(
-    out: dict, batch: dict[str, Tensor], tasks: list[Task], loss_weights: dict[str, float], aux_weight: float
-) -> tuple[Tensor, Tensor]:
+    out: dict, batch: dict[str, Tensor], tasks: list[Task], loss_weights: dict[str, float], aux_weight: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Returns (mean training loss incl. auxiliary heads, per-row fused loss for metrics).
 
     Auxiliary (unimodal) head losses count only rows that have that modality.
     """
     targets = {t.name: batch[S.label_key(t.name)] for t in tasks}
-    fused_rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights)
+    fused_rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights, label_smoothing)
     loss = fused_rows.mean()
     for m, heads in out["aux"].items():
         present = out["masks"][m]
-        rows = weighted_row_loss(tasks, heads, targets, loss_weights)
+        rows = weighted_row_loss(tasks, heads, targets, loss_weights, label_smoothing)
         loss = loss + aux_weight * (rows * present).sum() / present.sum().clamp_min(1)
     return loss, fused_rows
 
@@ -129,6 +130,7 @@ class EpochTotals:
     loss_sum: float  # sum over rows of the training loss (mean-per-batch loss x batch rows)
     rows: int
     steps: int  # optimizer steps taken
+    grad_norm_sum: float = 0.0  # sum over steps of the pre-clip gradient norm (this worker's view)
 
 
 def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config, tasks: list[Task],
@@ -147,6 +149,7 @@ def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config,
     model.train()
     parts.optimizer.zero_grad(set_to_none=True)
     loss_sum, rows, steps, window = torch.zeros((), device=parts.device), 0, 0, 0
+    norm_sum = torch.zeros((), device=parts.device)
     for batch, last in with_last(batches):
         if cfg.data.image.augment and S.PIXELS in batch:
             batch[S.PIXELS] = augment(batch[S.PIXELS])  # per epoch, on the cached uint8 pixels
@@ -156,18 +159,20 @@ def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config,
         with sync:
             with optim.autocast(parts.precision, parts.device):
                 out = model(batch)
-                loss, _ = compute_loss(out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight)
+                loss, _ = compute_loss(out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight,
+                                       t.label_smoothing)  # fmt: skip
             scaled = loss / t.grad_accum_steps
             (parts.scaler.scale(scaled) if parts.scaler else scaled).backward()
         if boundary:
             if before_step is not None:
                 before_step(steps)
-            optim.optimizer_step(model, parts.optimizer, parts.scheduler, parts.scaler, t.grad_clip)
+            norm = optim.optimizer_step(model, parts.optimizer, parts.scheduler, parts.scaler, t.grad_clip)
+            norm_sum += norm.detach().float().nan_to_num(posinf=0.0)  # fp16 overflow steps are skipped anyway
             steps, window = steps + 1, 0
         n = batch_rows(batch)
         rows += n
         loss_sum += loss.detach().float() * n  # stays on the device: no sync per batch
-    return EpochTotals(float(loss_sum), rows, steps)
+    return EpochTotals(float(loss_sum), rows, steps, float(norm_sum))
 
 
 def all_reduce(t: Tensor) -> Tensor:
@@ -229,7 +234,8 @@ def epoch_record(epoch: int, train: Tensor, val: dict[str, float], train_s: floa
     """One line of ``history.jsonl`` (also the metrics reported to Ray Train).
 
     Args:
-        train: ``[loss_sum, rows]`` summed over workers.
+        train: ``[loss_sum, rows, grad_norm_sum, steps]`` summed over workers (``grad_norm`` is the mean
+            pre-clip gradient norm per optimizer step; DDP ranks see the same all-reduced gradients).
     """
     rates = {g.get("name", str(i)): g["lr"] for i, g in enumerate(parts.optimizer.param_groups)}
     record: dict[str, Any] = {
@@ -240,6 +246,7 @@ def epoch_record(epoch: int, train: Tensor, val: dict[str, float], train_s: floa
         "rows_per_s": float(train[1]) / max(train_s, 1e-9),
         "epoch_s": train_s,
         "eval_s": val_s,
+        "grad_norm": float(train[2] / max(float(train[3]), 1.0)),
         "lr": rates.get("head", next(iter(rates.values()), 0.0)),
         "step": int(parts.scheduler.last_epoch),
         "resumed_from_epoch": progress.resumed_from_epoch,
@@ -326,7 +333,8 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
             )
             totals = train_epoch(parts, batches, cfg, tasks, lambda step: maybe_fail(fault, rank, epoch, step))
             train_s = time.perf_counter() - started
-            summed = all_reduce(torch.tensor([totals.loss_sum, totals.rows], dtype=torch.float64))
+            summed = all_reduce(torch.tensor([totals.loss_sum, totals.rows, totals.grad_norm_sum, totals.steps],
+                                             dtype=torch.float64))  # fmt: skip
             broadcast_buffers(parts.model)
             # The bare module: DDP's forward runs collectives (buffer broadcasts), and validation shards
             # may differ in length, so a wrapped forward could wait forever for a rank with no rows left.

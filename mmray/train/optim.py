@@ -21,6 +21,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "lr_lambda",
+    "lr_scale",
     "make_scaler",
     "optimizer_step",
     "param_groups",
@@ -66,8 +67,21 @@ def param_groups(model: nn.Module, lr: float, encoder_lr: float | None, weight_d
     ]
 
 
-def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, t.lr, t.encoder_lr, t.weight_decay))
+def lr_scale(t: TrainConfig, world_size: int) -> float:
+    """The factor ``train.lr_scaling`` applies to both rates for this run's global batch.
+
+    The rates in a config are for a global batch of ``train.lr_reference_batch`` rows; the same config
+    run with more workers, a larger batch or gradient accumulation keeps its behaviour per row seen
+    (``sqrt``: the usual rule for Adam-type optimisers, whose update size does not grow with the batch).
+    """
+    ratio = t.batch_size * world_size * t.grad_accum_steps / t.lr_reference_batch
+    return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[t.lr_scaling]
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, world_size: int = 1) -> torch.optim.AdamW:
+    scale = lr_scale(t, world_size)
+    encoder_lr = None if t.encoder_lr is None else t.encoder_lr * scale
+    return torch.optim.AdamW(param_groups(model, t.lr * scale, encoder_lr, t.weight_decay))
 
 
 def steps_per_epoch(train_rows: int, world_size: int, batch_size: int, grad_accum_steps: int) -> int:

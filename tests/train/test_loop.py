@@ -45,7 +45,8 @@ class Linear(nn.Module):
 
 
 def cfg_with(**train):
-    return config_from_dict({"model": {"aux_loss_weight": 0.0}, "train": {"grad_clip": None, "warmup_fraction": 0.0, **train}})
+    return config_from_dict({"model": {"aux_loss_weight": 0.0},
+                             "train": {"grad_clip": None, "warmup_fraction": 0.0, "lr_scaling": "none", **train}})  # fmt: skip
 
 
 def linear_parts(cfg, model=None, total_steps=10) -> Parts:
@@ -102,7 +103,7 @@ def tiny_cfg(**train):
         "data": {"text": {"max_length": 8}, "image": {"size": 16}},
         "model": {"hidden_dim": 16, "dropout": 0.0, "text_encoder": {"dim": 8, "heads": 2},
                   "image_encoder": {"dim": 8}},
-        "train": {"lr": 0.01, "warmup_fraction": 0.0, **train},
+        "train": {"lr": 0.01, "warmup_fraction": 0.0, "lr_scaling": "none", **train},
     })  # fmt: skip
 
 
@@ -244,13 +245,14 @@ def test_two_processes_all_reduce_to_the_hand_computed_metrics(tmp_path):
 
 def test_epoch_record_has_the_history_fields():
     parts = build_parts(tiny_cfg(lr=0.01, encoder_lr=0.001), [CLS], 30, 16, 1, CPU)
-    record = epoch_record(2, torch.tensor([30.0, 20.0], dtype=torch.float64), {"loss": 1.2, "accuracy": 0.5},
+    record = epoch_record(2, torch.tensor([30.0, 20.0, 6.0, 4.0], dtype=torch.float64), {"loss": 1.2, "accuracy": 0.5},
                           train_s=4.0, val_s=1.0, parts=parts, progress=Progress(epoch=2, resumed_from_epoch=0))  # fmt: skip
     assert record["epoch"] == 2 and record["train_loss"] == pytest.approx(1.5)
     assert record["val_loss"] == 1.2 and record["val_accuracy"] == 0.5
     assert record["rows_per_s"] == pytest.approx(5.0) and record["epoch_s"] == 4.0 and record["eval_s"] == 1.0
     assert record["lr"] == pytest.approx(0.01) and record["encoder_lr"] == pytest.approx(0.001)
     assert record["resumed_from_epoch"] == 0 and record["step"] == 0
+    assert record["grad_norm"] == pytest.approx(1.5)  # 6.0 summed over 4 optimizer steps
 
 
 def test_resume_from_a_given_checkpoint_unless_ray_train_has_one(tmp_path, monkeypatch):

@@ -39,13 +39,22 @@ def test_lr_warms_up_linearly_then_decays_to_zero_by_cosine():
 
 def test_scheduler_drives_each_group_from_its_base_rate():
     model = Toy()
-    opt = optim.build_optimizer(model, TrainConfig(lr=1e-2, encoder_lr=1e-4, warmup_fraction=0.5))
+    opt = optim.build_optimizer(model, TrainConfig(lr=1e-2, encoder_lr=1e-4, warmup_fraction=0.5, batch_size=64))
     sched = optim.build_scheduler(opt, total_steps=4, warmup_fraction=0.5)
     rates = {g["name"]: g["lr"] for g in opt.param_groups}
     assert rates == pytest.approx({"encoder": 0.5e-4, "head": 0.5e-2})  # step 0 of 2 warm-up steps
     opt.step()
     sched.step()
     assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx({"encoder": 1e-4, "head": 1e-2})
+
+
+@pytest.mark.parametrize(("rule", "factor"), [("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)])
+def test_rates_follow_the_global_batch_by_the_configured_rule(rule, factor):
+    # 32 rows x 2 workers x 4 accumulated batches = 256 rows = 4x the reference batch of 64.
+    t = TrainConfig(lr=1e-3, encoder_lr=1e-4, batch_size=32, grad_accum_steps=4, lr_scaling=rule)
+    assert optim.lr_scale(t, world_size=2) == pytest.approx(factor)
+    rates = {g["name"]: g["lr"] for g in optim.build_optimizer(Toy(), t, world_size=2).param_groups}
+    assert rates == pytest.approx({"encoder": 1e-4 * factor, "head": 1e-3 * factor})
 
 
 def test_param_groups_split_encoder_head_and_decay():
