@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_preprocess.py
+
+# Every fusion on every generated task through the real CLI; appends the table to bench/RESULTS.md.
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) work runs .pytest_cache
