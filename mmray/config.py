@@ -139,6 +139,10 @@ class ImageEncoderConfig:
     name: str = "resnet18"  # torchvision.models builder name
     weights: str | None = None  # local file, s3:// file, or a torchvision weights name
     dim: int = 64  # tiny only; torchvision derives it from the model
+    # tiny only: 3x3 convolutions per stage (3 stages). One sees ~22 px at 32 px input: enough for
+    # colour, too little for shapes or counting small objects, where 2 is far better but learns simple
+    # cues more slowly (bench/RESULTS.md).
+    convs_per_stage: int = 1
     freeze: bool | int = False  # True, False, or N = train only the last N blocks (ResNet: stages)
 
 
@@ -148,7 +152,9 @@ class ModelConfig:
     hidden_dim: int = 128  # fusion output width
     dropout: float = 0.1
     modality_dropout: float = 0.0  # per-sample probability of dropping a whole modality (training)
-    aux_loss_weight: float = 0.5  # unimodal auxiliary heads (gradient blending); 0 turns them off
+    # Unimodal auxiliary heads (gradient blending); 0 turns them off. Off by default: where a modality
+    # alone is weak (interactions, additive labels) their loss only adds noise (bench/RESULTS.md).
+    aux_loss_weight: float = 0.0
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     tasks: dict[str, str] = field(default_factory=dict)  # label column -> multiclass|multilabel|binary|regression
@@ -231,7 +237,7 @@ _POSITIVE = {
     "data.text.max_chars", "data.text.max_bytes", "data.image.max_bytes",
     "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
     "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
-    "model.image_encoder.dim", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
+    "model.image_encoder.dim", "model.image_encoder.convs_per_stage", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
     "model.fusion_layers", "model.fusion_heads", "model.fusion_rank", "train.epochs", "train.batch_size", "train.lr",
     "train.num_workers", "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience",
     "train.lr_reference_batch",

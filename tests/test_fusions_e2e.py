@@ -66,11 +66,12 @@ def test_each_fusion_trains_through_the_cli_and_beats_both_ablations(fusion, dem
 
 
 def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ray_address, tmp_path):
-    """Balanced multimodal learning with the default config (concat fusion, auxiliary unimodal heads
-    on): the image (colour) is learned in a few steps, the text (one of 32 made-up words among 8
-    fillers) much more slowly; the fused model must still use both. ``mmray evaluate`` reports it."""
+    """Balanced multimodal learning with the default concat fusion and the auxiliary unimodal heads on
+    (``model.aux_loss_weight``, off by default): the image (colour) is learned in a few steps, the text
+    (one of 32 made-up words among 8 fillers) much more slowly; the fused model must still use both.
+    ``mmray evaluate`` reports it, the aux heads included."""
     splits = write_splits(make_imbalanced_rows(800, seed=3), tmp_path / "data")
-    res = train(ray_address, splits, tmp_path)
+    res = train(ray_address, splits, tmp_path, **{"model.aux_loss_weight": 0.5})
     assert json.loads((Path(res["checkpoint"]) / "mmray.json").read_text())["model"]["fusion"] == "concat"
     out = run_cli(["evaluate", "--checkpoint", res["checkpoint"], "--input", splits["test"]["path"]], ray_address).json
     assert out["rows_in"] == out["rows_evaluated"] == splits["test"]["rows"] and out["rows_quarantined"] == 0

@@ -53,7 +53,7 @@ def build_image_encoder(
 ) -> nn.Module:
     enc = cfg.image_encoder
     if enc.kind == "tiny":
-        module = TinyImageEncoder(enc.dim)
+        module = TinyImageEncoder(enc.dim, enc.convs_per_stage)
     elif enc.kind == "torchvision":
         from mmray.models.vision import build_torchvision_encoder
 

@@ -70,18 +70,21 @@ class TinyTextEncoder(FrozenEvalMixin, nn.Module):
 
 
 class TinyImageEncoder(FrozenEvalMixin, nn.Module):
-    """Three conv blocks; the last feature map is the grid, its average the pooled vector."""
+    """Three stages of ``convs`` 3x3 conv + BatchNorm + ReLU, each halving the grid (VGG-style); the
+    last feature map is the grid, its average the pooled vector. Widths ``dim/4, dim/2, dim`` (one conv
+    a stage) or ``dim/2, dim, dim`` (deeper: two see the whole object at 32 px and learn shapes)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, convs: int = 1):
         super().__init__()
         self.out_dim = self.token_dim = dim
-        chans = [3, dim // 4, dim // 2, dim]
+        chans = [3, dim // 4, dim // 2, dim] if convs == 1 else [3, dim // 2, dim, dim]
 
         def block(i: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.BatchNorm2d(chans[i + 1]), nn.ReLU(),
-                nn.MaxPool2d(2),
-            )  # fmt: skip
+            layers: list[nn.Module] = []
+            for j in range(convs):
+                c_in = chans[i] if j == 0 else chans[i + 1]
+                layers += [nn.Conv2d(c_in, chans[i + 1], 3, padding=1), nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+            return nn.Sequential(*layers, nn.MaxPool2d(2))
 
         self.features = nn.Sequential(*(block(i) for i in range(3)))
 

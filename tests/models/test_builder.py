@@ -21,7 +21,7 @@ def tiny_model(**kw):
 
 
 def test_output_shapes_per_task(seed):
-    out = tiny_model()(make_batch(b=4))
+    out = tiny_model(aux_loss_weight=0.5)(make_batch(b=4))
     assert out["logits"]["label"].shape == (4, 3)
     assert out["logits"]["tags"].shape == (4, 2)
     assert set(out["aux"]) == {S.IMAGE, S.TEXT}
@@ -41,7 +41,7 @@ def test_no_aux_heads_when_weight_is_zero(seed):
 def pretrained_cfg(tiny_bert_dir: str, weights: str | None = None, fusion: str = "concat") -> ModelConfig:
     text = TextEncoderConfig(kind="hf", name=tiny_bert_dir, freeze=1)
     image = ImageEncoderConfig(kind="torchvision", name="mobilenet_v3_small", weights=weights)
-    return ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, text_encoder=text, image_encoder=image)
+    return ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, aux_loss_weight=0.5, text_encoder=text, image_encoder=image)
 
 
 def test_pretrained_encoders_give_the_fusion_its_sizes(tiny_bert_dir, seed):

@@ -17,8 +17,9 @@ TASKS = [Task("label", "multiclass", ("a", "b", "c")), Task("tags", "multilabel"
 
 def model(fusion: str = "concat", **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, text_encoder=TextEncoderConfig(dim=16, heads=2),
-                      image_encoder=ImageEncoderConfig(dim=16), **kw)  # fmt: skip
+    cfg = ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, aux_loss_weight=0.5,
+                      text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16),
+                      **kw)  # fmt: skip
     return build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmray.data import schema as S
@@ -65,3 +66,31 @@ def test_image_encoder_grid_tokens_and_pooled_mean():
     assert enc.tokens.shape == (6, 4, 16) and enc.token_mask.all()  # 16 px -> 2x2 grid after 3 poolings
     torch.testing.assert_close(enc.pooled, enc.tokens.mean(1))
     assert model.out_dim == model.token_dim == 16 and len(model.block_list()) == 3
+
+
+@pytest.mark.parametrize("convs", [1, 2])
+def test_image_encoder_convs_per_stage_deepen_each_stage_and_keep_the_grid(convs):
+    torch.manual_seed(0)
+    model = TinyImageEncoder(16, convs).eval()
+    enc = model({S.PIXELS: make_batch(size=16)[S.PIXELS].float() / 255})
+    assert enc.tokens.shape == (6, 4, 16) and len(model.block_list()) == 3  # freeze: N still counts stages
+    stages = [[m.out_channels for m in stage if isinstance(m, torch.nn.Conv2d)] for stage in model.block_list()]
+    assert stages == ([[4], [8], [16]] if convs == 1 else [[8, 8], [16, 16], [16, 16]])
+
+
+def test_convs_per_stage_is_a_config_key_the_builder_and_checkpoint_keep(tmp_path):
+    from mmray.checkpoint import load_info, load_model, save_checkpoint
+    from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
+    from mmray.data.labels import Task
+    from mmray.data.preprocess import PreprocessSpec
+    from mmray.models.builder import build_model
+
+    cfg = ModelConfig(hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2),
+                      image_encoder=ImageEncoderConfig(dim=16, convs_per_stage=2))  # fmt: skip
+    tasks = [Task("label", "multiclass", ("a", "b"))]
+    model = build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), tasks, vocab_size=50)
+    assert len([m for m in model.encoders[S.IMAGE].modules() if isinstance(m, torch.nn.Conv2d)]) == 6
+    spec = PreprocessSpec(tasks=tuple(tasks), text=TextConfig(max_length=8), image=ImageConfig(size=16))
+    save_checkpoint(tmp_path, model, cfg, spec.to_dict(), tasks, 50, {}, 0, {})
+    assert load_info(tmp_path).model.image_encoder.convs_per_stage == 2
+    load_model(tmp_path)  # the weights fit the rebuilt architecture
