@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,24 @@ def run_cli(args: list[str], ray_address: str | None = None, timeout: int = CLI_
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     proc.json = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
     return proc
+
+
+def kill_cli_when(args: list[str], env: dict, ready, log: Path, timeout: float = CLI_TIMEOUT) -> str:
+    """Runs the real CLI and SIGKILLs it (no cleanup, as when the driver's node is lost) as soon as
+    ``ready()`` holds; returns its output. Fails when the run ends first or ``ready()`` never holds."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"not ready after {timeout} s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.2)
+        finally:
+            proc.kill()
+            proc.wait()
+    return log.read_text()
 
 
 def free_port() -> int:

@@ -14,6 +14,8 @@ import pytest
 
 from tests.data.corpus import KEPT_PARTIAL, NULL_ID, QUARANTINED, UNKNOWN_LABEL, make_corpus
 from tests.helpers import run_cli
+from tests.hostile.corpus import KEPT as HOSTILE_KEPT
+from tests.hostile.corpus import LABEL_ATTACKS, SECRET, make_hostile
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +111,24 @@ def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address,
     where = runs / "garbage" / "quarantine" / "train.parquet"
     assert str(where) in message
     assert pq.read_table(where).num_rows == garbage["bad"]
+
+
+def test_scoring_hostile_rows_scores_or_quarantines_every_row(trained, ray_address, tmp_path):
+    """The tests/hostile attacks through the real CLI, Ray pools and commit: each attack row is
+    quarantined with its reason, every other row scored, the counts add up, no secret is printed."""
+    hostile = make_hostile(tmp_path / "hostile", good=160)  # 14 attacks in 179 rows: under max_bad_fraction
+    out = tmp_path / "preds"
+    proc = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", hostile["input"], "--output", str(out),
+                    roots(Path(hostile["root"]))], ray_address)  # fmt: skip
+    res = proc.json
+    assert res["rows_in"] == hostile["rows"] and res["rows_quarantined"] == len(hostile["quarantined"])
+    assert res["rows_scored"] + res["rows_quarantined"] == res["rows_in"]
+    records = {r["id"]: r for r in pq.read_table(out / "_quarantine").to_pylist()}
+    assert set(records) == set(hostile["quarantined"])
+    for row_id, (stage, column, reason) in hostile["quarantined"].items():
+        got = records[row_id]
+        assert (got["stage"], got["column"]) == (stage, column) and got["error"].startswith(reason), got
+    scored = pads.dataset(str(out), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(scored) == sorted([*hostile["good_ids"], *HOSTILE_KEPT, *LABEL_ATTACKS])  # labels unread
+    quarantine_bytes = b"".join(p.read_bytes() for p in (out / "_quarantine").iterdir())
+    assert SECRET not in proc.stderr + proc.stdout and SECRET.encode() not in quarantine_bytes

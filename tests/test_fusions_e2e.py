@@ -9,6 +9,7 @@ half of the label and the image the other half, so any single modality is capped
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -87,24 +88,60 @@ def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ra
     assert proc.returncode == 2 and "'label'" in proc.stderr
 
 
-def test_multitask_multiclass_and_multilabel_train_score_and_evaluate(ray_address, tmp_path):
-    splits = write_splits(make_multitask_rows(800, seed=4), tmp_path / "data")
-    overrides = {"data.label_column": "[label, tags]", "model.loss_weights.tags": 1.5}
+def test_multitask_heads_of_every_kind_train_score_and_evaluate_with_their_loss_weights(ray_address, tmp_path):
+    """Multiclass, multilabel, binary and regression heads in one model, through the CLI. ``--evaluate``
+    on the validation split reports the loss that training reported for that checkpoint, and both equal
+    the weighted sum recomputed here from the scored probabilities: ``model.loss_weights.tags`` counts."""
+    rows = make_multitask_rows(800, seed=4)
+    rows["is_dog"] = [label.startswith("dog") for label in rows["label"]]  # bool: a binary task
+    rows["redness"] = [(2.0 if label.endswith("red") else -1.0) + (0.5 if label.startswith("dog") else 0.0)
+                       for label in rows["label"]]  # float: a regression task  # fmt: skip
+    splits = write_splits(rows, tmp_path / "data")
+    weights = {"tags": 1.5, "redness": 0.5}
+    overrides = {"data.label_column": "[label, tags, is_dog, redness]",
+                 **{f"model.loss_weights.{k}": v for k, v in weights.items()}}  # fmt: skip
     res = train(ray_address, splits, tmp_path, **overrides)
     bundle = json.loads((Path(res["checkpoint"]) / "mmray.json").read_text())
-    assert {t["name"]: t["kind"] for t in bundle["tasks"]} == {"label": "multiclass", "tags": "multilabel"}
-    assert {"label/accuracy", "label/macro_f1", "tags/auroc", "tags/macro_f1"} <= set(res["metrics"])
-    # Both heads learn (chance: AUROC 0.5, accuracy 0.25).
-    assert res["metrics"]["tags/auroc"] > 0.75 and res["metrics"]["label/accuracy"] > 0.45, res["metrics"]
+    assert {t["name"]: t["kind"] for t in bundle["tasks"]} == {
+        "label": "multiclass", "tags": "multilabel", "is_dog": "binary", "redness": "regression"}  # fmt: skip
+    m = res["metrics"]
+    assert {"label/accuracy", "label/macro_f1", "tags/auroc", "tags/macro_f1", "is_dog/auroc", "is_dog/accuracy",
+            "redness/mae", "redness/rmse"} <= set(m)  # fmt: skip
+    # Every head learns (chance: AUROC 0.5, accuracy 0.25; predicting the mean: RMSE = the std, ~1.5).
+    val = pads.dataset(splits["val"]["path"], format="parquet").to_table().to_pylist()
+    spread = float(np.std([r["redness"] for r in val]))
+    assert m["tags/auroc"] > 0.75 and m["label/accuracy"] > 0.45 and m["is_dog/auroc"] > 0.6, m
+    assert m["redness/rmse"] < 0.8 * spread, (m, spread)
 
     out = tmp_path / "preds"
-    scored = run_cli(["score", "--checkpoint", res["checkpoint"], "--input", splits["test"]["path"],
-                      "--output", str(out)], ray_address).json  # fmt: skip
-    assert scored["rows_scored"] == splits["test"]["rows"]
+    scored = run_cli(["score", "--checkpoint", res["checkpoint"], "--input", splits["val"]["path"],
+                      "--output", str(out), "--evaluate"], ray_address).json  # fmt: skip
+    assert scored["rows_scored"] == splits["val"]["rows"] == len(val)
     table = pads.dataset(str(out), format="parquet").to_table()
-    assert {"prediction_label", "prediction_tags", "probabilities_tags"} <= set(table.column_names)
-    tags = bundle["tasks"][1]["classes"]
-    assert all(set(p) <= set(tags) for p in table.column("prediction_tags").to_pylist())
+    assert {"prediction_label", "prediction_tags", "probabilities_tags", "prediction_is_dog", "probabilities_is_dog",
+            "prediction_redness"} <= set(table.column_names)  # fmt: skip
+    classes = {t["name"]: t["classes"] for t in bundle["tasks"]}
+    truth = {r["id"]: r for r in val}
+    losses, unweighted = [], []
+    for p in table.to_pylist():
+        y = truth[p["id"]]
+        assert set(p["prediction_tags"]) <= set(classes["tags"])
+        assert p["prediction_is_dog"] in classes["is_dog"] and isinstance(p["prediction_redness"], float)
+        ce = -math.log(p["probabilities_label"][classes["label"].index(y["label"])])
+        bce_tags = np.mean([-math.log(q if c in y["tags"] else 1 - q)
+                            for c, q in zip(classes["tags"], p["probabilities_tags"])])  # fmt: skip
+        bce_dog = -math.log(p["probabilities_is_dog"][classes["is_dog"].index(str(y["is_dog"]).lower())])
+        squared = (p["prediction_redness"] - y["redness"]) ** 2
+        losses.append(ce + weights["tags"] * bce_tags + bce_dog + weights["redness"] * squared)
+        unweighted.append(ce + bce_tags + bce_dog + squared)
+    evaluated = json.loads((out / "_metrics.json").read_text())
+    assert evaluated["loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    # ... and not the unweighted sum, which these rows tell apart from it well beyond the tolerance.
+    assert abs(np.mean(unweighted) - evaluated["loss"]) > 1e-2 * evaluated["loss"], (np.mean(unweighted), evaluated)
+    history = [json.loads(line) for line in (Path(res["run_dir"]) / "history.jsonl").read_text().splitlines()]
+    epoch = int(Path(res["checkpoint"]).name.removeprefix("checkpoint_epoch"))
+    assert history[epoch]["val_loss"] == pytest.approx(evaluated["loss"], rel=1e-4)  # training weighed the same
+
     metrics = ablations(res["checkpoint"], splits["test"]["path"])
     assert metrics["full"]["tags/auroc"] > metrics["text_masked"]["tags/auroc"], metrics
 

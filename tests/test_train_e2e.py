@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ from mmray.config import load_config
 from mmray.train.faults import ENV_VAR
 from mmray.train.launcher import run_training
 from mmray.train.tracking import read_history
-from tests.helpers import CLI_TIMEOUT, REPO, run_cli, tiny_overrides
+from tests.helpers import CLI_TIMEOUT, kill_cli_when, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -82,18 +79,7 @@ def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_
     hold = tmp_path / "hold.json"
     hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": CLI_TIMEOUT}))
     env = {**os.environ, "RAY_ADDRESS": ray_address, ENV_VAR: str(hold)}
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)  # fmt: skip
-        try:
-            deadline = time.monotonic() + CLI_TIMEOUT
-            while not checkpoint_registered(root / name, 0):
-                assert first.poll() is None, f"first run ended early:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                time.sleep(0.2)
-        finally:
-            first.kill()  # SIGKILL: no cleanup, as when a driver node is lost
-            first.wait()
+    kill_cli_when(args, env, lambda: checkpoint_registered(root / name, 0), tmp_path / "first.log")
     hold.unlink()
     before = read_history(str(root / name))
     assert [h["epoch"] for h in before] == [0]
@@ -123,21 +109,27 @@ def test_resume_from_a_checkpoint_continues_it_exactly(reference, demo_data, tmp
         assert {k: mine[k] for k in METRICS} == {k: ref[k] for k in METRICS}, f"epoch {mine['epoch']}"
 
 
-def test_early_stopping_ends_the_run_and_only_the_best_checkpoints_are_kept(ray_session, demo_data, tmp_path):
+def test_early_stopping_ends_the_run_and_only_the_best_checkpoint_is_kept_and_named_by_latest(ray_session, demo_data,
+                                                                                               tmp_path):  # fmt: skip
     """After warm-up the cosine schedule lowers ``lr`` every epoch, so with mode ``max`` it never
-    improves again: patience 1 must stop the run after epoch 1 of 5. ``num_to_keep=1`` keeps only
-    the checkpoint with the lowest ``val_loss`` (``train.checkpoint_metric``)."""
+    improves again: patience 1 must stop the run after epoch 1 of 5. Ranked by the same ``lr``
+    (``train.checkpoint_metric``, mode max), the best checkpoint is epoch 0's, not the newest:
+    ``num_to_keep=1`` keeps it and, as Ray Train V2 always does (a run resumes from it), the newest one;
+    the run reports the best, and ``latest.json`` names it."""
     cfg = load_config("configs/demo.yaml", overrides(demo_data, tmp_path, "early_stop", **ONE_WORKER, **{
         "train.epochs": 5, "train.num_to_keep": 1, "train.early_stopping.metric": "lr",
         "train.early_stopping.mode": "max", "train.early_stopping.patience": 1,
+        "train.checkpoint_metric": "lr", "train.checkpoint_mode": "max",
     }))  # fmt: skip
     result = run_training(cfg)
     history = read_history(result["run_dir"])
     assert [h["epoch"] for h in history] == [0, 1]
-    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert history[0]["lr"] > history[1]["lr"]  # so the best checkpoint is not the newest one
     kept = sorted(p.name for p in Path(result["run_dir"]).glob("checkpoint_epoch*"))
-    assert kept == [f"checkpoint_epoch{best:04d}"]
-    assert Path(result["checkpoint"]).name == kept[0]
+    assert kept == ["checkpoint_epoch0000", "checkpoint_epoch0001"]  # the best, and the newest
+    assert Path(result["checkpoint"]).name == "checkpoint_epoch0000"
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert (latest["run_dir"], latest["checkpoint"]) == (result["run_dir"], result["checkpoint"])
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -93,12 +94,50 @@ def test_evaluate_keeps_encoded_labels_and_logits_but_never_quarantines_for_a_la
     assert all(len(v) == 4 for v in out[logits_key("label")])
 
 
-def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(tiny_checkpoint, s3_server, s3_bucket):
+@pytest.mark.integration  # two real predictor actors on the session's Ray (each imports torch)
+def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(tiny_checkpoint, s3_server, s3_bucket, ray_session,
+                                                                   tmp_path, monkeypatch):  # fmt: skip
+    """Each actor downloads the checkpoint itself (actors on any node need no shared storage), checks its
+    hash, predicts exactly what a local load predicts, and leaves no download behind.
+
+    Each actor gets its own access key id (the S3 server accepts any) and its own TMPDIR, so the server's
+    request log says which actor fetched what, and its temp directory shows what it left.
+    """
+    import requests
+
     store = StorageConfig(s3_endpoint_url=s3_server)
     uri = f"s3://{s3_bucket}/ckpt"
     storage.copy_dir_to(tiny_checkpoint, uri, store)
-    with storage.local_dir(uri, store) as local:
-        assert model_id(local) == model_id(tiny_checkpoint)
-    assert not os.path.exists(local)
-    out = Predictor(uri, store, model_id(tiny_checkpoint))(preprocessed(tiny_checkpoint, make_rows(2, seed=8)))
-    assert all(p in CLASSES for p in out["prediction"])
+    batch = preprocessed(tiny_checkpoint, make_rows(4, seed=8))
+    want = Predictor(str(tiny_checkpoint), StorageConfig())(batch)
+
+    monkeypatch.chdir(tmp_path)  # moto writes its request recording to ./moto_recording
+    api = f"{s3_server}/moto-api/recorder"
+    requests.post(f"{api}/reset-recording", timeout=30).raise_for_status()
+    requests.post(f"{api}/start-recording", timeout=30).raise_for_status()
+    actors, temp_dirs = [], []
+    try:
+        for i in range(2):
+            temp_dirs.append(tmp_path / f"actor{i}-tmp")
+            temp_dirs[-1].mkdir()
+            os.utime(temp_dirs[-1], ns=(0, 0))  # any entry made (or removed) in it moves its mtime
+            env = {"AWS_ACCESS_KEY_ID": f"ACTOR{i}KEY", "TMPDIR": str(temp_dirs[-1])}
+            actor_class = ray_session.remote(Predictor).options(num_cpus=0.1, runtime_env={"env_vars": env})
+            actors.append(actor_class.remote(uri, store, model_id(tiny_checkpoint)))
+        outs = ray_session.get([a.__call__.remote(batch) for a in actors], timeout=300)
+        pids = ray_session.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in actors], timeout=60)
+    finally:
+        requests.post(f"{api}/stop-recording", timeout=30)
+        for a in actors:
+            ray_session.kill(a)
+    recording = [json.loads(line) for line in requests.get(f"{api}/download-recording", timeout=30).text.splitlines()]
+
+    assert len(set(pids)) == 2 and os.getpid() not in pids  # two actor processes, not this one
+    for i, out in enumerate(outs):
+        assert list(out["prediction"]) == list(want["prediction"])
+        np.testing.assert_allclose(np.stack(out["probabilities"]), np.stack(want["probabilities"]), rtol=0, atol=1e-6)
+        fetched = {r["url"].split("?")[0].rsplit("/ckpt/", 1)[-1] for r in recording if r["method"] == "GET"
+                   and f"Credential=ACTOR{i}KEY/" in r["headers"].get("Authorization", "")}  # fmt: skip
+        assert {"mmray.json", "model.safetensors", f"{TOKENIZER_DIR}/tokenizer.json"} <= fetched, (i, fetched)
+        assert temp_dirs[i].stat().st_mtime_ns > 0, f"actor {i} never used its TMPDIR"  # the download was there
+        assert list(temp_dirs[i].iterdir()) == [], f"actor {i} left {list(temp_dirs[i].iterdir())}"  # and is gone
