@@ -4,6 +4,7 @@ Examples:
     mmray make-data work/data --rows 2000
     mmray train --config configs/demo.yaml data.train=work/data/train data.val=work/data/val
     mmray score --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/preds
+    mmray tune --config configs/demo.yaml --space configs/tune/space.yaml --num-samples 8 data.train=... data.val=...
     mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
     mmray nightly --date yesterday --tz Europe/Berlin score.input=s3://b/events score.output=s3://b/preds
     mmray nightly --from 2024-05-01 --to 2024-05-31 score.input=s3://b/events score.output=s3://b/preds
@@ -79,6 +80,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     _emit(run_training(cfg))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from mmray.config import load_config
+    from mmray.train.tune import TuneSettings, load_space, run_tune
+
+    cfg = load_config(args.config, args.overrides)
+    settings = TuneSettings(num_samples=args.num_samples, metric=args.metric, mode=args.mode,
+                            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                            max_concurrent=args.max_concurrent, name=args.name)  # fmt: skip
+    _emit(run_tune(cfg, load_space(args.space), settings, address=args.address))
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     from mmray.score.job import run_scoring
 
@@ -146,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train a fusion model with Ray Train")
     with_config(sp, required=True)
     sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("tune", help="Ray Tune sweep (ASHA) over training; writes results.parquet and best_config.yaml")
+    sp.add_argument("--space", required=True, help="YAML: dotted.key: {choice|uniform|loguniform|randint: ...}")
+    sp.add_argument("--num-samples", type=int, default=8, help="trials to run (default 8)")
+    sp.add_argument("--metric", default="val_loss", help="epoch metric to optimise (default val_loss)")
+    sp.add_argument("--mode", choices=["min", "max"], default=None, help="default: min for losses, else max")
+    sp.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial (default 1)")
+    sp.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/N per rung (default 2)")
+    sp.add_argument("--max-concurrent", type=int, default=None, help="default: as many trials as the cluster holds")
+    sp.add_argument("--name", default=None, help="sweep directory under train.storage_path (default: a fresh name)")
+    with_config(sp, required=True)
+    sp.set_defaults(fn=cmd_tune)
 
     sp = sub.add_parser("score", help="batch-score Parquet with a checkpoint")
     sp.add_argument("--checkpoint", required=True)

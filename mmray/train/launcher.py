@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,10 @@ from mmray.train import faults, ingest
 from mmray.train.loop import train_loop_per_worker
 from mmray.train.tracking import check_trackers_available
 
-__all__ = ["TrainResult", "fresh_run_name", "loop_inputs", "run_training", "scaling_config"]
+__all__ = [
+    "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
+    "run_training", "scaling_config", "storage_root",
+]  # fmt: skip
 
 TrainResult = dict[str, Any]  # {"run_dir", "checkpoint", "metrics"}
 _TOKENIZER_SAMPLE_ROWS = 200_000  # texts used to train a WordPiece vocabulary
@@ -149,17 +153,29 @@ def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
     )
 
 
-def run_training(cfg: Config) -> TrainResult:
-    """Runs one training job end to end; Ray must already be initialised."""
+@dataclass(frozen=True)
+class Prepared:
+    """The data side of a run: built once, then handed to one trainer (``mmray train``) or to every
+    trial of a sweep (``mmray tune``) whose sampled keys leave the preprocessing unchanged."""
+
+    tasks: list[Task]
+    spec: PreprocessSpec
+    tokenizer_files: dict[str, bytes]
+    vocab_size: int
+    datasets: dict[str, Any]  # split name -> ray.data.Dataset of preprocessed, usable rows
+    counts: dict[str, dict[str, int]]  # split name -> rows_in / rows_used / rows_quarantined
+    cached: bool
+
+
+def prepare(cfg: Config, run_dir: str) -> Prepared:
+    """Checks the inputs, builds label maps and the tokenizer (kept in ``run_dir``), preprocesses the
+    splits and writes their quarantine under ``run_dir``. Ray must already be initialised."""
     if not cfg.data.train or not cfg.data.val:
         raise ValueError("data.train and data.val must be set")
     check_trackers_available(cfg)
     if cfg.train.resume_from and not storage.exists(storage.join(cfg.train.resume_from, BUNDLE_FILE), cfg.storage):
         raise FileNotFoundError(f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray "
                                 f"checkpoint (no {BUNDLE_FILE})")  # fmt: skip
-    name = cfg.train.name or fresh_run_name()
-    root = storage_root(cfg)
-    run_dir = storage.join(root, name)
     unlabeled = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=(), with_labels=False)
     expected = {**unlabeled.input_columns(), **{c: "label" for c in cfg.data.label_columns}}
     train_files = pipeline.input_files(cfg.data.train, expected, cfg.storage)
@@ -168,32 +184,46 @@ def run_training(cfg: Config) -> TrainResult:
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=tasks, with_labels=True)
     tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, run_dir)
     vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
-
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
     datasets, counts, cached = ingest.prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
-    inputs = loop_inputs(cfg, tasks, spec, tokenizer_files, vocab_size, counts["train"]["rows_used"], run_dir, name)
-    trainer = TorchTrainer(
+    return Prepared(tasks, spec, tokenizer_files, vocab_size, datasets, counts, cached)
+
+
+def build_trainer(cfg: Config, prepared: Prepared, root: str, name: str, callbacks: tuple = ()) -> TorchTrainer:
+    """The run ``root/name``'s ``TorchTrainer``, not started; ``callbacks`` are Ray Train callbacks."""
+    run_dir = storage.join(root, name)
+    inputs = loop_inputs(cfg, prepared.tasks, prepared.spec, prepared.tokenizer_files, prepared.vocab_size,
+                         prepared.counts["train"]["rows_used"], run_dir, name)  # fmt: skip
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=inputs,
         scaling_config=scaling_config(cfg),
-        run_config=_run_config(cfg, root, name),
-        datasets=datasets,
+        run_config=_run_config(cfg, root, name, list(callbacks)),
+        datasets=prepared.datasets,
         dataset_config=ingest.ShardConfig(equal_splits=("train",)),
     )
-    result = trainer.fit()
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Runs one training job end to end; Ray must already be initialised."""
+    name = cfg.train.name or fresh_run_name()
+    root = storage_root(cfg)
+    run_dir = storage.join(root, name)
+    prepared = prepare(cfg, run_dir)
+    result = build_trainer(cfg, prepared, root, name).fit()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
-    checkpoint_uri = _uri(best.path, root)
+    checkpoint_uri = result_uri(best.path, root)
     metrics = {k[len("val_"):]: v for k, v in result.metrics.items() if k.startswith("val_")}
     metrics.update(epoch=result.metrics["epoch"], train_loss=result.metrics["train_loss"])
-    metrics["data"] = counts
-    metrics["data_cached"] = cached
+    metrics["data"] = prepared.counts
+    metrics["data_cached"] = prepared.cached
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2), cfg.storage)
     pointer = {"run_dir": run_dir, "checkpoint": checkpoint_uri, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     storage.write_text(storage.join(root, "latest.json"), json.dumps(pointer, indent=2), cfg.storage)
     return {"run_dir": run_dir, "checkpoint": checkpoint_uri, "metrics": metrics}
 
 
-def _run_config(cfg: Config, root: str, name: str) -> ray.train.RunConfig:
+def _run_config(cfg: Config, root: str, name: str, callbacks: list | None = None) -> ray.train.RunConfig:
     fs = None
     storage_path = root
     if storage.is_s3(root):
@@ -208,9 +238,10 @@ def _run_config(cfg: Config, root: str, name: str) -> ray.train.RunConfig:
             checkpoint_score_order=cfg.train.checkpoint_mode,
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=callbacks,
     )
 
 
-def _uri(path: str, root: str) -> str:
+def result_uri(path: str, root: str) -> str:
     """Ray reports scheme-less S3 paths; give users back a URI they can pass to ``mmray score``."""
     return f"s3://{path}" if storage.is_s3(root) and not path.startswith("s3://") else path
