@@ -38,6 +38,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "set_dotted",
 ]
 
 
@@ -413,6 +414,11 @@ def _apply_override(data: dict, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    set_dotted(data, key, value)
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """Sets ``a.b.c`` in nested plain mappings, creating the missing levels (overrides, tune trials)."""
     node = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from mmray.config import Config, ConfigError, config_from_dict, config_to_dict
+from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, set_dotted
 from mmray.data import storage
 
 __all__ = [
@@ -152,13 +152,7 @@ def with_values(base: dict, values: dict[str, Any]) -> Config:
     """The config ``base`` (a ``config_to_dict`` mapping) with each dotted key set to its value."""
     data = json.loads(json.dumps(base))  # a deep copy of plain data
     for key, value in values.items():
-        node = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return config_from_dict(data)
 
 
