@@ -20,10 +20,11 @@ from mmray.config import PreprocessConfig, StorageConfig
 from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
+from mmray.runtime import Demand
 
 __all__ = [
-    "DataQualityError", "Quarantine", "check_bad_fraction", "count_rows", "input_files", "preprocess", "read_input",
-    "stream_quarantine", "summarize_reasons", "usable_rows",
+    "DataQualityError", "Quarantine", "check_bad_fraction", "count_rows", "input_files", "preprocess",
+    "preprocess_demand", "read_input", "stream_quarantine", "summarize_reasons", "usable_rows",
 ]  # fmt: skip
 
 _FOOTER_READERS = 16  # footers are tiny: parallel reads hide S3 latency on inputs of many files
@@ -109,6 +110,11 @@ def preprocess(
         compute=ray.data.ActorPoolStrategy(size=pcfg.concurrency),
         num_cpus=pcfg.num_cpus,
     )
+
+
+def preprocess_demand(pcfg: PreprocessConfig) -> Demand:
+    """What the preprocessing pool of ``preprocess`` holds while it runs (for ``check_resources``)."""
+    return Demand("data.preprocess.concurrency x data.preprocess.num_cpus", pcfg.concurrency, {"CPU": pcfg.num_cpus})
 
 
 def usable_rows(ds: ray.data.Dataset) -> ray.data.Dataset:

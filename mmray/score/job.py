@@ -45,7 +45,7 @@ from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import read_tokenizer_dir
-from mmray.runtime import init_ray
+from mmray.runtime import READ_TASKS, Demand, check_resources, init_ray
 from mmray.score import commit
 from mmray.score.evaluate import Evaluation
 from mmray.score.finalize import Finalized, finalize
@@ -81,6 +81,14 @@ def _gpus_per_actor(requested: float) -> float:
     return requested
 
 
+def _demands(cfg: Config, num_gpus: float) -> list[Demand]:
+    """The preprocessing pool, the predictor pool and Ray Data's tasks all run at once while scoring."""
+    sc = cfg.score
+    predictor = {"CPU": sc.num_cpus, "GPU": num_gpus}
+    return [pipeline.preprocess_demand(cfg.data.preprocess),
+            Demand("score.concurrency x (score.num_cpus, score.num_gpus)", sc.concurrency, predictor), READ_TASKS]  # fmt: skip
+
+
 def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dataset:
     """The rows whose id (as a string, as the quarantine records it) is one of ``ids``."""
     wanted = pa.array(ids, pa.string())
@@ -92,10 +100,9 @@ def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dat
 
 
 def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[str], spec: PreprocessSpec,
-                   tokenizer_files: dict[str, bytes], checkpoint: str, mid: str,
-                   label_tasks: tuple[Task, ...], only: list[str] | None = None) -> ray.data.Dataset:  # fmt: skip
+                   tokenizer_files: dict[str, bytes], checkpoint: str, mid: str, label_tasks: tuple[Task, ...],
+                   num_gpus: float, only: list[str] | None = None) -> ray.data.Dataset:  # fmt: skip
     sc = cfg.score
-    num_gpus = _gpus_per_actor(sc.num_gpus)
     source = pipeline.read_input(input_uri, files, cfg.storage, columns)
     if only is not None:
         source = _only_ids(source, spec.id_column, only)
@@ -255,8 +262,10 @@ def run_scoring(
         try:
             if rows_in:
                 init_ray(address)
+                num_gpus = _gpus_per_actor(cfg.score.num_gpus)
+                check_resources("mmray score", _demands(cfg, num_gpus))
                 stream = _scored_stream(cfg, input_uri, files, list(columns), spec, tokenizer_files, checkpoint, mid,
-                                        label_tasks, retry.ids if retry else None)  # fmt: skip
+                                        label_tasks, num_gpus, retry.ids if retry else None)  # fmt: skip
                 stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
             evaluation = Evaluation(info.tasks, info.model.loss_weights) if evaluate else None
             first = len(retry.manifest["files"]) if retry else 0

@@ -36,13 +36,14 @@ from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import TextNormalizer, TokenEncoder, load_tokenizer, read_tokenizer_dir, train_wordpiece
+from mmray.runtime import READ_TASKS, Demand, check_resources
 from mmray.train import faults, ingest
 from mmray.train.loop import train_loop_per_worker
 from mmray.train.tracking import check_trackers_available
 
 __all__ = [
     "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
-    "run_training", "scaling_config", "storage_root",
+    "run_training", "scaling_config", "storage_root", "trainer_demand",
 ]  # fmt: skip
 
 TrainResult = dict[str, Any]  # {"run_dir", "checkpoint", "metrics"}
@@ -144,6 +145,15 @@ def loop_inputs(cfg: Config, tasks: list[Task], spec: PreprocessSpec, tokenizer_
     }
 
 
+def trainer_demand(cfg: Config) -> Demand:
+    """What the trainer workers hold for the whole run (what ``scaling_config`` asks Ray for)."""
+    t = cfg.train
+    per_worker = {k: float(v) for k, v in t.resources_per_worker.items()}
+    if t.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return Demand("train.num_workers x train.resources_per_worker", t.num_workers, per_worker)
+
+
 def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
     """``train.num_workers`` x (``train.resources_per_worker`` + 1 GPU each when ``train.use_gpu``)."""
     return ray.train.ScalingConfig(
@@ -185,6 +195,7 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, run_dir)
     vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
+    check_resources("mmray train (preprocessing)", [pipeline.preprocess_demand(cfg.data.preprocess), READ_TASKS])
     datasets, counts, cached = ingest.prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
     return Prepared(tasks, spec, tokenizer_files, vocab_size, datasets, counts, cached)
 
@@ -210,6 +221,9 @@ def run_training(cfg: Config) -> TrainResult:
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
     prepared = prepare(cfg, run_dir)
+    # Streamed splits are preprocessed while the workers train; cached ones were preprocessed above.
+    pool = [] if prepared.cached else [pipeline.preprocess_demand(cfg.data.preprocess)]
+    check_resources("mmray train", [trainer_demand(cfg), *pool, READ_TASKS])
     result = build_trainer(cfg, prepared, root, name).fit()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = result_uri(best.path, root)
