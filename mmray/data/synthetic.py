@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "LABELS", "SCHEMA", "make_dataset", "make_image", "make_imbalanced_rows", "make_multitask_rows", "make_rows",
-    "make_text", "write_splits",
+    "LABELS", "SCHEMA", "encode_png_or_jpeg", "make_dataset", "make_image", "make_imbalanced_rows",
+    "make_multitask_rows", "make_rows", "make_text", "write_splits",
 ]  # fmt: skip
 
 ANIMALS = {
@@ -80,11 +80,16 @@ def make_image(colour: str, rng: np.random.Generator) -> bytes:
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return encode_png_or_jpeg(img, rng, min_quality=70)
+
+
+def encode_png_or_jpeg(img: Image.Image, rng: np.random.Generator, min_quality: int) -> bytes:
+    """PNG or JPEG (quality ``min_quality``-95), each half of the time: both codecs in every dataset."""
     buf = io.BytesIO()
     if rng.random() < 0.5:
         img.save(buf, format="PNG")
     else:
-        img.save(buf, format="JPEG", quality=int(rng.integers(70, 96)))
+        img.save(buf, format="JPEG", quality=int(rng.integers(min_quality, 96)))
     return buf.getvalue()
 
 

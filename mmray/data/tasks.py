@@ -21,7 +21,6 @@ Every generator is a pure function of its seed. Splits come from ``synthetic.wri
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from mmray.data.synthetic import ANIMALS, make_imbalanced_rows, write_splits
+from mmray.data.synthetic import ANIMALS, encode_png_or_jpeg, make_imbalanced_rows, write_splits
 
 __all__ = ["TASKS", "make_task_dataset", "make_task_rows", "render_scene"]
 
@@ -103,12 +102,7 @@ def render_scene(objects: list[tuple[str, str]], rng: np.random.Generator, clutt
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
             draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=fill)
-    buf = io.BytesIO()
-    if rng.random() < 0.5:
-        img.save(buf, format="PNG")
-    else:
-        img.save(buf, format="JPEG", quality=int(rng.integers(75, 96)))
-    return buf.getvalue()
+    return encode_png_or_jpeg(img, rng, min_quality=75)
 
 
 # --------------------------------------------------------------------------------------------------
