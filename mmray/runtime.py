@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 __all__ = ["READ_TASKS", "RAY_CLIENT_UNSUPPORTED", "Demand", "ResourceBudgetError", "check_resources",
-           "cluster_capacity", "init_ray"]  # fmt: skip
+           "cluster_capacity", "init_ray", "total_demand"]  # fmt: skip
 
 RAY_CLIENT_UNSUPPORTED = (
     "Ray Client addresses (ray://) cannot run mmray: Ray Data's streaming executor needs a driver "
@@ -92,6 +92,16 @@ def _largest_node() -> dict[str, float]:
     return largest
 
 
+def total_demand(demands: list[Demand]) -> dict[str, float]:
+    """Resource -> the amount ``demands`` hold together (zero amounts left out)."""
+    totals: dict[str, float] = {}
+    for d in demands:
+        for resource, amount in d.per_unit.items():
+            if amount > 0:
+                totals[resource] = totals.get(resource, 0.0) + d.count * amount
+    return totals
+
+
 def check_resources(job: str, demands: list[Demand]) -> None:
     """Fails in seconds when ``demands`` (held at the same time) exceed the cluster.
 
@@ -99,12 +109,7 @@ def check_resources(job: str, demands: list[Demand]) -> None:
         ResourceBudgetError: naming the resource, what the cluster has, and each demand's keys and size.
     """
     capacity, source = cluster_capacity()
-    totals: dict[str, float] = {}
-    for d in demands:
-        for resource, amount in d.per_unit.items():
-            if amount > 0:
-                totals[resource] = totals.get(resource, 0.0) + d.count * amount
-    for resource, need in sorted(totals.items()):
+    for resource, need in sorted(total_demand(demands).items()):
         have = capacity.get(resource, 0.0)
         if need > have + 1e-9:
             parts = "; ".join(f"{d.keys}: {d.count:g} x {d.per_unit[resource]:g}" for d in demands

@@ -188,15 +188,12 @@ def needs_own_preprocessing(dims: list[Dimension]) -> bool:
 def trial_resources(cfg: Config, reads_data: bool) -> dict[str, float]:
     """What one trial holds while it trains: its driver, the trainer workers and, when the trial
     reads data (it preprocesses for itself, or the splits stream), the preprocessing pool."""
-    t = cfg.train
-    per_worker = dict(t.resources_per_worker)
-    if t.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    need = {k: v * t.num_workers for k, v in per_worker.items() if v > 0}
+    from mmray.data.pipeline import preprocess_demand
+    from mmray.runtime import total_demand
+    from mmray.train.launcher import trainer_demand
+
+    need = total_demand([trainer_demand(cfg), *([preprocess_demand(cfg.data.preprocess)] if reads_data else [])])
     need["CPU"] = need.get("CPU", 0.0) + DRIVER_CPU
-    if reads_data:
-        p = cfg.data.preprocess
-        need["CPU"] += p.concurrency * p.num_cpus
     return need
 
 
