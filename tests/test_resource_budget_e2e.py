@@ -44,3 +44,6 @@ def test_over_subscribed_training_fails_fast_naming_the_keys(extra, keys, ray_ad
     err = fails_fast(["train", "--config", "configs/demo.yaml", *tiny_overrides(demo_data, tmp_path / "runs", **extra)],
                      ray_address)  # fmt: skip
     assert "would wait forever" in err and keys in err and "has 2 CPU" in err
+    if extra.get("data.cache") == "never" or "data.preprocess.concurrency" in extra:
+        # Known before any work: no split was preprocessed (its quarantine file comes with the first pass).
+        assert not list((tmp_path / "runs").glob("*/quarantine/*.parquet"))

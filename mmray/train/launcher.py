@@ -215,15 +215,21 @@ def build_trainer(cfg: Config, prepared: Prepared, root: str, name: str, callbac
     )
 
 
+def _training_demands(cfg: Config, streamed: bool) -> list[Demand]:
+    """Streamed splits are preprocessed while the workers train; cached ones were preprocessed before."""
+    pool = [pipeline.preprocess_demand(cfg.data.preprocess)] if streamed else []
+    return [trainer_demand(cfg), *pool, READ_TASKS]
+
+
 def run_training(cfg: Config) -> TrainResult:
     """Runs one training job end to end; Ray must already be initialised."""
     name = cfg.train.name or fresh_run_name()
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
+    if cfg.data.cache == "never":  # streamed for sure: fail before the splits' first preprocessing pass
+        check_resources("mmray train", _training_demands(cfg, streamed=True))
     prepared = prepare(cfg, run_dir)
-    # Streamed splits are preprocessed while the workers train; cached ones were preprocessed above.
-    pool = [] if prepared.cached else [pipeline.preprocess_demand(cfg.data.preprocess)]
-    check_resources("mmray train", [trainer_demand(cfg), *pool, READ_TASKS])
+    check_resources("mmray train", _training_demands(cfg, streamed=not prepared.cached))
     result = build_trainer(cfg, prepared, root, name).fit()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = result_uri(best.path, root)
