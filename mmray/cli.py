@@ -67,7 +67,7 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     if args.task == "demo":
         splits = make_dataset(args.out_dir, rows=args.rows, seed=args.seed)
     else:
-        splits = make_task_dataset(args.task, args.out_dir, rows=args.rows, seed=args.seed)
+        splits = make_task_dataset(args.task, args.out_dir, rows=args.rows, seed=args.seed, lang=args.lang)
     _emit({"task": args.task, "splits": splits})
 
 
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--task", default="demo", choices=["demo", "classify", "sum", "match", "lazy", "missing"],
                     help="demo: the quick-start set; the others are the quality benchmark's tasks (mmray.data.tasks)")
+    sp.add_argument("--lang", default="mixed", choices=["mixed", "en", "zh"],
+                    help="captions of the benchmark tasks (not demo): half English, half Chinese, or all one")
     sp.set_defaults(fn=cmd_make_data)
 
     sp = sub.add_parser("train", help="train a fusion model with Ray Train")

@@ -16,7 +16,10 @@ Chinese with distractor words, so a model must read words, not string positions.
               words) and an easy image side: the modality-laziness trap
     missing   ``classify`` with 15% of rows lacking the text and 15% lacking the image
 
-Every generator is a pure function of its seed. Splits come from ``synthetic.write_splits``.
+Captions are half English, half Chinese (``lang="mixed"``), or all one language (``"en"``, ``"zh"``:
+``mmray make-data --lang zh`` for the text-preprocessing benchmark); ``lazy``'s captions are made-up
+words in any case. Every generator is a pure function of its seed and language (``mixed`` makes the same
+rows as before languages were a choice). Splits come from ``synthetic.write_splits``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from mmray.data.synthetic import ANIMALS, encode_png_or_jpeg, make_imbalanced_rows, write_splits
 
-__all__ = ["TASKS", "make_task_dataset", "make_task_rows", "render_scene"]
+__all__ = ["LANGS", "TASKS", "make_task_dataset", "make_task_rows", "render_scene"]
 
 COLOURS = {"red": (205, 40, 35), "green": (40, 160, 60), "blue": (35, 70, 205), "yellow": (225, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -42,6 +45,7 @@ _SHAPES_ZH = {"circle": ["圆形", "圆圈", "圆点"], "square": ["正方形", 
 _NUMBERS = {0: ["0", "zero", "no", "零", "没有"], 1: ["1", "one", "a single", "一", "一个"], 2: ["2", "two", "a pair of", "二", "两个"]}
 _FILLER_EN = ["today", "really", "quite", "photo", "picture", "look", "nice", "small", "old", "new", "here", "again"]
 _FILLER_ZH = ["今天", "真的", "照片", "图片", "看看", "很好", "这里", "又是", "非常", "好像"]
+LANGS = ("mixed", "en", "zh")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +118,20 @@ def _pick(options: list[str] | tuple[str, ...], rng: np.random.Generator) -> str
     return options[int(rng.integers(len(options)))]
 
 
+def _is_zh(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def _in_lang(options: list[str], lang: str) -> list[str]:
+    """The options written in ``lang`` (all of them when mixed)."""
+    return options if lang == "mixed" else [o for o in options if _is_zh(o) == (lang == "zh")]
+
+
+def _zh_caption(rng: np.random.Generator, lang: str) -> bool:
+    u = rng.random()  # drawn in every language, so the rest of a row's draws stay in step
+    return u < 0.5 if lang == "mixed" else lang == "zh"
+
+
 def _with_distractors(words: str, rng: np.random.Generator, zh: bool) -> str:
     """Prepends or appends up to two filler words (never the label words)."""
     filler = [_pick(_FILLER_ZH if zh else _FILLER_EN, rng) for _ in range(int(rng.integers(0, 3)))]
@@ -121,8 +139,8 @@ def _with_distractors(words: str, rng: np.random.Generator, zh: bool) -> str:
     return sep.join(filler + [words]) if rng.random() < 0.5 else sep.join([words] + filler)
 
 
-def _object_caption(colour: str, shape: str, rng: np.random.Generator) -> str:
-    if rng.random() < 0.5:
+def _object_caption(colour: str, shape: str, rng: np.random.Generator, lang: str) -> str:
+    if _zh_caption(rng, lang):
         s = _pick(_SHAPES_ZH[shape], rng)
         c = _COLOURS_ZH[colour]
         text = _pick(["图里有一个{c}的{s}", "这是{c}{s}", "一个{c}的{s}在画面中", "{c}{s}"], rng).format(c=c, s=s)
@@ -133,9 +151,9 @@ def _object_caption(colour: str, shape: str, rng: np.random.Generator) -> str:
     return _with_distractors(text, rng, zh=False)
 
 
-def _animal_caption(animal: str, rng: np.random.Generator) -> str:
-    word = _pick(ANIMALS[animal], rng)
-    zh = any("\u4e00" <= ch <= "\u9fff" for ch in word)
+def _animal_caption(animal: str, rng: np.random.Generator, lang: str) -> str:
+    word = _pick(_in_lang(ANIMALS[animal], lang), rng)
+    zh = _is_zh(word)
     if zh:
         text = _pick(["这是我家的{a}", "{a}在沙发上睡觉", "看看这只{a}", "我们的{a}今天很开心"], rng).format(a=word)
     else:
@@ -144,9 +162,9 @@ def _animal_caption(animal: str, rng: np.random.Generator) -> str:
     return _with_distractors(text, rng, zh=zh)
 
 
-def _number_caption(n: int, rng: np.random.Generator) -> str:
-    word = _pick(_NUMBERS[n], rng)
-    if any("\u4e00" <= ch <= "\u9fff" for ch in word):
+def _number_caption(n: int, rng: np.random.Generator, lang: str) -> str:
+    word = _pick(_in_lang(_NUMBERS[n], lang), rng)
+    if _is_zh(word):
         return _with_distractors(_pick(["加上{n}", "再来{n}", "数字是{n}"], rng).format(n=word), rng, zh=True)
     return _with_distractors(_pick(["add {n}", "plus {n} more", "the number is {n}"], rng).format(n=word), rng,
                              zh=False)  # fmt: skip
@@ -157,29 +175,29 @@ def _number_caption(n: int, rng: np.random.Generator) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _classify(n: int, rng: np.random.Generator) -> dict[str, list]:
+def _classify(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     rows: dict[str, list] = {"text": [], "image": [], "label": []}
     animals, colours = list(ANIMALS), ["red", "blue"]
     for i in range(n):
         animal, colour = animals[i % 2], colours[(i // 2) % 2]  # exactly balanced classes
-        rows["text"].append(_animal_caption(animal, rng))
+        rows["text"].append(_animal_caption(animal, rng, lang))
         rows["image"].append(render_scene([(colour, _pick(SHAPES, rng))], rng))
         rows["label"].append(f"{animal}_{colour}")
     return rows
 
 
-def _sum(n: int, rng: np.random.Generator) -> dict[str, list]:
+def _sum(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     rows: dict[str, list] = {"text": [], "image": [], "label": []}
     for i in range(n):
         a, b = i % 3, 1 + (i // 3) % 3  # every (caption, image) number pair equally often
         objects = [(_pick(list(COLOURS), rng), _pick(SHAPES, rng)) for _ in range(b)]
-        rows["text"].append(_number_caption(a, rng))
+        rows["text"].append(_number_caption(a, rng, lang))
         rows["image"].append(render_scene(objects, rng))
         rows["label"].append(str(a + b))
     return rows
 
 
-def _match(n: int, rng: np.random.Generator) -> dict[str, list]:
+def _match(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     rows: dict[str, list] = {"text": [], "image": [], "label": []}
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     for i in range(n):
@@ -189,19 +207,19 @@ def _match(n: int, rng: np.random.Generator) -> dict[str, list]:
         else:  # any other pair: captions and images keep the same marginals in both classes
             others = [p for p in pairs if p != (colour, shape)]
             said, label = others[int(rng.integers(len(others)))], "no"
-        rows["text"].append(_object_caption(*said, rng))
+        rows["text"].append(_object_caption(*said, rng, lang))
         rows["image"].append(render_scene([(colour, shape)], rng))
         rows["label"].append(label)
     return rows
 
 
-def _lazy(n: int, rng: np.random.Generator) -> dict[str, list]:
+def _lazy(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     rows = make_imbalanced_rows(n, int(rng.integers(2**31)))
     return {k: rows[k] for k in ("text", "image", "label")}
 
 
-def _missing(n: int, rng: np.random.Generator) -> dict[str, list]:
-    rows = _classify(n, rng)
+def _missing(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
+    rows = _classify(n, rng, lang)
     for i in range(n):
         u = rng.random()
         if u < 0.15:
@@ -211,24 +229,26 @@ def _missing(n: int, rng: np.random.Generator) -> dict[str, list]:
     return rows
 
 
-TASKS: dict[str, Callable[[int, np.random.Generator], dict[str, list]]] = {
+TASKS: dict[str, Callable[[int, np.random.Generator, str], dict[str, list]]] = {
     "classify": _classify, "sum": _sum, "match": _match, "lazy": _lazy, "missing": _missing,
 }  # fmt: skip
 _SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("label", pa.string())])
 
 
-def make_task_rows(task: str, n: int, seed: int = 0) -> dict[str, list]:
-    """``n`` shuffled rows (id, text, image, label) of ``task``, a pure function of ``seed``."""
+def make_task_rows(task: str, n: int, seed: int = 0, lang: str = "mixed") -> dict[str, list]:
+    """``n`` shuffled rows (id, text, image, label) of ``task``, a pure function of ``seed`` and ``lang``."""
     if task not in TASKS:
         raise ValueError(f"--task: unknown task {task!r} (known: {sorted(TASKS)})")
+    if lang not in LANGS:
+        raise ValueError(f"--lang: unknown language {lang!r} (known: {list(LANGS)})")
     rng = np.random.default_rng(seed)
-    rows = TASKS[task](n, rng)
+    rows = TASKS[task](n, rng, lang)
     order = rng.permutation(n)
     out = {k: [v[j] for j in order] for k, v in rows.items()}
     return {"id": [f"{task[:2]}{i:07d}" for i in range(n)], **out}
 
 
 def make_task_dataset(task: str, out_dir: str | os.PathLike, rows: int = 2000, seed: int = 0,
-                      files_per_split: int = 2) -> dict:  # fmt: skip
+                      files_per_split: int = 2, lang: str = "mixed") -> dict:  # fmt: skip
     """Writes ``train/``, ``val/``, ``test/`` (70/15/15) Parquet of ``task`` under ``out_dir``."""
-    return write_splits(make_task_rows(task, rows, seed), out_dir, files_per_split, _SCHEMA)
+    return write_splits(make_task_rows(task, rows, seed, lang), out_dir, files_per_split, _SCHEMA)

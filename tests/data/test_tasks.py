@@ -85,3 +85,17 @@ def test_objects_stay_inside_what_the_center_crop_keeps():
         assert red.sum() > 0.05 * side * side
         ys, xs = np.nonzero(red)
         assert xs.min() >= x0 - 1 and xs.max() <= x0 + side and ys.min() >= y0 - 1 and ys.max() <= y0 + side  # JPEG: 1 px
+
+
+@pytest.mark.parametrize("task", ["classify", "sum", "match"])
+def test_lang_zh_and_en_write_every_caption_in_that_language_and_mixed_is_unchanged(task):
+    def zh(text: str) -> bool:
+        return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+    assert all(zh(t) for t in make_task_rows(task, 60, seed=2, lang="zh")["text"])
+    assert not any(zh(t) for t in make_task_rows(task, 60, seed=2, lang="en")["text"])
+    mixed = make_task_rows(task, 60, seed=2)["text"]
+    assert mixed == make_task_rows(task, 60, seed=2, lang="mixed")["text"] and 10 < sum(map(zh, mixed)) < 50
+    # Labels and images do not depend on the captions' language.
+    assert make_task_rows(task, 60, seed=2, lang="zh")["label"] == make_task_rows(task, 60, seed=2)["label"]
+    assert build_parser().parse_args(["make-data", "out", "--task", task, "--lang", "zh"]).lang == "zh"
