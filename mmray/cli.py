@@ -9,10 +9,13 @@ Examples:
     mmray nightly --date yesterday --tz Europe/Berlin score.input=s3://b/events score.output=s3://b/preds
     mmray nightly --from 2024-05-01 --to 2024-05-31 score.input=s3://b/events score.output=s3://b/preds
     mmray demo --workdir work/demo
+    mmray version
 
-Each command prints its result as one JSON object on the LAST line of stdout. Errors in user input
+Each command prints its result as one JSON object on the LAST line of stdout; its progress goes to
+stderr, and Ray's own output only with ``--verbose`` (or ``MMRAY_VERBOSE=1``). Errors in user input
 (config, schema, missing data, too many bad rows) exit with status 2 and a message naming the culprit;
-``MMRAY_DEBUG=1`` adds the traceback.
+any other error exits with 1, naming its type and the mmray code that raised it. ``--debug`` (or
+``MMRAY_DEBUG=1``) adds the traceback.
 """
 
 from __future__ import annotations
@@ -138,16 +141,31 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(run_demo(args.workdir, args.config, args.overrides, rows=args.rows, address=args.address))
 
 
+def cmd_version(args: argparse.Namespace) -> None:
+    from mmray.console import versions
+
+    found = versions()
+    for name, value in found.items():
+        print(f"{name:<7} {value}")
+    _emit(found)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmray", description="Train and batch-score text+image fusion models on Ray.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show Ray's own output too (or MMRAY_VERBOSE=1)")
+    common.add_argument("--debug", action="store_true", help="print the full traceback of an error (or MMRAY_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # every command takes --verbose / --debug
+        return sub.add_parser(name, help=help, parents=[common])
 
     def with_config(sp: argparse.ArgumentParser, required: bool) -> None:
         sp.add_argument("--config", required=required, help="YAML config file")
         sp.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or embedded local Ray)")
         sp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
 
-    sp = sub.add_parser("make-data", help="write a synthetic text-image Parquet dataset")
+    sp = command("make-data", help="write a synthetic text-image Parquet dataset")
     sp.add_argument("out_dir")
     sp.add_argument("--rows", type=int, default=2000)
     sp.add_argument("--seed", type=int, default=0)
@@ -157,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="captions of the benchmark tasks (not demo): half English, half Chinese, or all one")
     sp.set_defaults(fn=cmd_make_data)
 
-    sp = sub.add_parser("train", help="train a fusion model with Ray Train")
+    sp = command("train", help="train a fusion model with Ray Train")
     with_config(sp, required=True)
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("tune", help="Ray Tune sweep (ASHA) over training; writes results.parquet and best_config.yaml")
+    sp = command("tune", help="Ray Tune sweep (ASHA) over training; writes results.parquet and best_config.yaml")
     sp.add_argument("--space", required=True, help="YAML: dotted.key: {choice|uniform|loguniform|randint: ...}")
     sp.add_argument("--num-samples", type=int, default=8, help="trials to run (default 8)")
     sp.add_argument("--metric", default="val_loss", help="epoch metric to optimise (default val_loss)")
@@ -173,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp, required=True)
     sp.set_defaults(fn=cmd_tune)
 
-    sp = sub.add_parser("score", help="batch-score Parquet with a checkpoint")
+    sp = command("score", help="batch-score Parquet with a checkpoint")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--input", required=True)
     sp.add_argument("--output", required=True)
@@ -185,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_score)
 
-    sp = sub.add_parser("nightly", help="score date=YYYY-MM-DD partitions: one date, or a --from/--to backfill")
+    sp = command("nightly", help="score date=YYYY-MM-DD partitions: one date, or a --from/--to backfill")
     sp.add_argument("--date", default=None, help="YYYY-MM-DD or 'yesterday' (default) in --tz")
     sp.add_argument("--from", dest="date_from", default=None, metavar="DATE", help="backfill: first date")
     sp.add_argument("--to", dest="date_to", default=None, metavar="DATE", help="backfill: last date (included)")
@@ -197,17 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_nightly)
 
-    sp = sub.add_parser("evaluate", help="metrics of a checkpoint on labelled Parquet: full, text masked, image masked")
+    sp = command("evaluate", help="metrics of a checkpoint on labelled Parquet: full, text masked, image masked")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--input", required=True)
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_evaluate)
 
-    sp = sub.add_parser("demo", help="make-data -> train -> score on an embedded Ray")
+    sp = command("demo", help="make-data -> train -> score on an embedded Ray")
     sp.add_argument("--workdir", default="work/demo")
     sp.add_argument("--rows", type=int, default=2000)
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_demo)
+
+    sp = command("version", help="versions of mmray (and its git sha in a checkout), Ray, torch; CUDA")
+    sp.set_defaults(fn=cmd_version)
     return p
 
 
@@ -217,14 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     from mmray.data.pipeline import DataQualityError
     from mmray.data.schema import SchemaError
 
+    from mmray.console import describe_error, set_verbose, verbose
+
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose or verbose())
+    debug = args.debug or bool(os.environ.get("MMRAY_DEBUG"))
     try:
         args.fn(args)
     except (ConfigError, SchemaError, LabelError, DataQualityError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("MMRAY_DEBUG"):
+        if debug:
             traceback.print_exc()
-        print(f"mmray {args.command}: error: {e}", file=sys.stderr)
+        print(f"mmray {args.command}: error: {describe_error(e, expected=True)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug or an environment failure: its type and where, not a wall of traceback
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (--debug prints the traceback)"
+        print(f"mmray {args.command}: error: {describe_error(e, expected=False)}{hint}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import ray
 
+from mmray.console import quiet_ray_data, ray_init_options, say
+
 __all__ = ["READ_TASKS", "RAY_CLIENT_UNSUPPORTED", "Demand", "ResourceBudgetError", "check_resources",
            "cluster_capacity", "init_ray", "total_demand"]  # fmt: skip
 
@@ -34,6 +36,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             embedded local instance (inside ``ray job submit`` the job's cluster is picked up).
         num_cpus: CPUs of an embedded instance (None: all of this machine's).
 
+    Ray's own output is on only when verbose (``mmray.console``).
+
     Raises:
         ValueError: a ``ray://`` (Ray Client) address, before connecting (see ``RAY_CLIENT_UNSUPPORTED``).
     """
@@ -43,11 +47,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address and address.startswith("ray://"):
         raise ValueError(f"--address / RAY_ADDRESS {address}: {RAY_CLIENT_UNSUPPORTED}")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    # An embedded instance has no remote clients, so Ray 2.60's token auth only gets in the way.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, **ray_init_options())
+        say(f"joined the Ray cluster at {address}")
+    else:
+        # An embedded instance has no remote clients, so Ray 2.60's token auth only gets in the way.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
+        say(f"started a local Ray instance ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    quiet_ray_data()
 
 
 class ResourceBudgetError(ValueError):

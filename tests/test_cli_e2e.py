@@ -79,7 +79,7 @@ def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_add
         cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"Connecting to existing Ray cluster at address: {ray_address}" in proc.stderr  # not a new local Ray
+    assert f"mmray: joined the Ray cluster at {ray_address}" in proc.stderr  # not a new local Ray
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     root = tmp_path / "demo"
     assert res["score"]["rows_in"] == res["score"]["rows_scored"] == 30  # 15% of 200
@@ -91,6 +91,12 @@ def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_add
     assert got.keys() == truth.keys()
     assert res["test_accuracy"] == pytest.approx(sum(got[i] == truth[i] for i in truth) / len(truth))
     assert f"mmray demo: test accuracy {res['test_accuracy']:.3f} (30 rows scored)" in proc.stdout
+    # mmray's own lines, and none of Ray's: the whole output fits one screen.
+    assert "mmray train: run " in proc.stderr and "epoch 1/1  train_loss " in proc.stderr
+    assert "mmray score: committed 30 rows" in proc.stderr
+    for chatter in ("Reporting training result", "Execution plan", "TrainController", "Progress bars"):
+        assert chatter not in proc.stderr + proc.stdout
+    assert len((proc.stderr + proc.stdout).splitlines()) <= 30, proc.stderr + proc.stdout
 
 
 def test_a_ray_client_address_is_refused_before_connecting(trained, tmp_path):
@@ -108,6 +114,6 @@ def test_a_ray_client_address_is_refused_before_connecting(trained, tmp_path):
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "ray://127.0.0.1:1" in proc.stderr and "ray job submit" in proc.stderr
-        assert "Started a local Ray instance" not in proc.stderr and "Connecting to" not in proc.stderr
+        assert "started a local Ray instance" not in proc.stderr and "joined the Ray cluster" not in proc.stderr
         assert not out.exists()
         assert time.monotonic() - started < CLI_TIMEOUT / 2

@@ -26,6 +26,7 @@ import ray.data
 import ray.train
 
 from mmray.config import Config
+from mmray.console import say
 from mmray.data import pipeline, storage
 from mmray.data import schema as S
 from mmray.data.labels import Task
@@ -125,7 +126,7 @@ def prepare_datasets(cfg: Config, spec: PreprocessSpec, tasks: list[Task], token
     cache, why = cache_decision(
         cfg.data.cache, sum(rows.values()) * row_bytes(cfg, tasks), object_store_bytes(), cfg.data.cache_max_fraction
     )
-    print(f"mmray: {why}: {'caching' if cache else 'streaming'} the preprocessed splits", flush=True)
+    say(f"{why}: {'caching' if cache else 'streaming'} the preprocessed splits")
     datasets, counts = {}, {}
     with ordered_blocks():
         for name, (uri, files) in inputs.items():

@@ -20,7 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
 from mmray.config import Config, config_to_dict
+from mmray.console import Ticker, doing, epoch_line, format_duration, say, train_log_level
 from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
@@ -39,10 +42,10 @@ from mmray.data.text import TextNormalizer, TokenEncoder, load_tokenizer, read_t
 from mmray.runtime import READ_TASKS, Demand, check_resources
 from mmray.train import faults, ingest
 from mmray.train.loop import train_loop_per_worker
-from mmray.train.tracking import check_trackers_available
+from mmray.train.tracking import check_trackers_available, read_history
 
 __all__ = [
-    "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
+    "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
     "run_training", "scaling_config", "storage_root", "trainer_demand",
 ]  # fmt: skip
 
@@ -106,7 +109,8 @@ def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> 
             tokenizer.save_pretrained(tmp)
         else:
             normalize = TextNormalizer(cfg.data.text, cfg.storage)
-            train_wordpiece(_texts(cfg, uri, files, normalize), cfg.data.text.vocab_size, tmp)
+            train_wordpiece(_texts(cfg, uri, files, normalize), cfg.data.text.vocab_size, tmp,
+                            split_cjk=cfg.data.text.segmenter == "none")  # fmt: skip
         storage.copy_dir_to(tmp, saved, cfg.storage)
         return read_tokenizer_dir(tmp)
 
@@ -228,19 +232,68 @@ def run_training(cfg: Config) -> TrainResult:
     run_dir = storage.join(root, name)
     if cfg.data.cache == "never":  # streamed for sure: fail before the splits' first preprocessing pass
         check_resources("mmray train", _training_demands(cfg, streamed=True))
-    prepared = prepare(cfg, run_dir)
+    started = time.monotonic()
+    with doing("preparing the data and run directory", run_dir):
+        prepared = prepare(cfg, run_dir)
     check_resources("mmray train", _training_demands(cfg, streamed=not prepared.cached))
-    result = build_trainer(cfg, prepared, root, name).fit()
+    t, counts = cfg.train, prepared.counts
+    say(f"run {storage.redact(run_dir)}: {t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s), "
+        f"{counts['train']['rows_used']:,} train + {counts['val']['rows_used']:,} val rows "
+        f"({'cached in the object store' if prepared.cached else 'streamed'}), {t.epochs} epochs", "train")  # fmt: skip
+    printer = EpochPrinter(run_dir, cfg)
+    with Ticker(printer.poll, interval_s=2.0):
+        result = build_trainer(cfg, prepared, root, name).fit()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = result_uri(best.path, root)
     metrics = {k[len("val_"):]: v for k, v in result.metrics.items() if k.startswith("val_")}
     metrics.update(epoch=result.metrics["epoch"], train_loss=result.metrics["train_loss"])
+    say(f"finished in {format_duration(time.monotonic() - started)}: {printer.summary(result.metrics)}; "
+        f"best checkpoint {storage.redact(checkpoint_uri)}", "train")  # fmt: skip
     metrics["data"] = prepared.counts
     metrics["data_cached"] = prepared.cached
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2), cfg.storage)
     pointer = {"run_dir": run_dir, "checkpoint": checkpoint_uri, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     storage.write_text(storage.join(root, "latest.json"), json.dumps(pointer, indent=2), cfg.storage)
     return {"run_dir": run_dir, "checkpoint": checkpoint_uri, "metrics": metrics}
+
+
+class EpochPrinter:
+    """Prints one line per finished epoch on the driver, from rank 0's record in ``history.jsonl``
+    (the driver owns the terminal; the workers' own output reaches it only when verbose). Epochs that
+    were in the file before this run started (a resumed run) are announced once, not reprinted."""
+
+    def __init__(self, run_dir: str, cfg: Config):
+        self.run_dir, self.cfg, self.epochs = run_dir, cfg, cfg.train.epochs
+        self.done = {r["epoch"] for r in self._read()}
+        self.seconds: list[float] = []  # wall time of each epoch printed (training + validation)
+        self.last: dict[str, Any] | None = None
+        if self.done:
+            say(f"resuming: {len(self.done)} epoch(s) already done", "train")
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            return read_history(self.run_dir, self.cfg)
+        except FileNotFoundError:
+            return []
+
+    def poll(self) -> None:
+        for record in self._read():
+            if record["epoch"] in self.done:
+                continue
+            self.done.add(record["epoch"])
+            self.seconds.append(record.get("epoch_s", 0.0) + record.get("eval_s", 0.0))
+            remaining = self.epochs - 1 - record["epoch"]
+            eta = sum(self.seconds) / len(self.seconds) * remaining if remaining > 0 else None
+            print(epoch_line(record, self.epochs, eta), file=sys.stderr, flush=True)
+            self.last = record
+
+    def summary(self, final: dict[str, Any]) -> str:
+        """The last epoch's losses and headline metrics, and early stopping when it happened."""
+        text = epoch_line({k: v for k, v in final.items() if k != "rows_per_s"}, self.epochs, None)
+        stop = self.cfg.train.early_stopping
+        if final.get("epoch", self.epochs - 1) < self.epochs - 1 and stop.metric:
+            text += f" (early stopping: {stop.metric} did not improve for {stop.patience} epochs)"
+        return text
 
 
 def _run_config(cfg: Config, root: str, name: str, callbacks: list | None = None) -> ray.train.RunConfig:
@@ -259,6 +312,7 @@ def _run_config(cfg: Config, root: str, name: str, callbacks: list | None = None
         ),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=callbacks,
+        logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
     )
 
 

@@ -122,7 +122,7 @@ def test_cli_logs_its_resolved_config_with_secrets_redacted(tmp_path, monkeypatc
 
 DATES = ("2024-05-01", "2024-05-02", "2024-05-03")
 BAD_ROWS = {"2024-05-02": 3}
-RAY_CONNECT = "Connecting to existing Ray cluster"  # ray.init's log line when it joins a running instance
+RAY_CONNECT = "mmray: joined the Ray cluster at"  # init_ray's line when it joins a running instance
 
 
 def nightly(args: list[str], ray_address: str) -> subprocess.CompletedProcess:

@@ -157,7 +157,7 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     proc = run_cli(["tune", "--config", "configs/demo.yaml", "--space", str(space)], check=False, timeout=120)
     assert proc.returncode == 2
     assert "space model.fusoin: value 'concat' is rejected by the config: unknown config key 'model.fusoin'" in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert "started a local Ray instance" not in proc.stderr + proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------
