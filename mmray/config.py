@@ -73,6 +73,15 @@ class TextConfig:
     nfkc: bool = True  # Unicode NFKC before tokenizing (full-width -> ASCII, ligatures ...)
     lowercase: bool = False
     stopwords: str | None = None  # None | "en" | "zh" | "en+zh" | path to a one-word-per-line file
+    # "jieba": Chinese runs are cut into words (jieba's bundled dictionary, offline) before stopword
+    # removal and tokenising, so multi-character stopwords match and WordPiece learns whole words.
+    segmenter: Literal["none", "jieba"] = "none"
+    user_dict: str | None = None  # jieba user dictionary ("word [freq] [tag]" per line); path or s3://
+    # Part-of-speech tag per token (Universal POS), fed to the text encoder as a learned embedding:
+    # Chinese (any CJK character in the row) by jieba.posseg, other rows by the spaCy pipeline pos_model
+    # (spaCy is optional: pip install spacy + the model), or by jieba.posseg when pos_model is null.
+    pos_tags: bool = False
+    pos_model: str | None = None  # installed spaCy pipeline name or directory, e.g. "en_core_web_sm"
     vocab_size: int = 4000  # only for the WordPiece tokenizer trained when no tokenizer is given
     # A row's text is cut to max_chars characters before normalising and tokenising (max_length
     # tokens never need more); text above max_bytes (UTF-8) is quarantined, naming its size.
@@ -364,6 +373,11 @@ def _validate(cfg: Config) -> None:
     if _embeds_credentials(cfg.train.mlflow_tracking_uri):
         raise ConfigError("train.mlflow_tracking_uri: must not embed credentials (user:password@host); "
                           "use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")  # fmt: skip
+    if cfg.data.text.pos_model and not cfg.data.text.pos_tags:
+        raise ConfigError("data.text.pos_model: set, but data.text.pos_tags is false (nothing would use it)")
+    if cfg.data.text.user_dict and cfg.data.text.segmenter != "jieba" and not cfg.data.text.pos_tags:
+        raise ConfigError("data.text.user_dict: only jieba reads it: set data.text.segmenter=jieba "
+                          "(or data.text.pos_tags=true)")  # fmt: skip
     if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
         raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
     if cfg.train.max_failures < -1:

@@ -41,7 +41,6 @@ __all__ = ["AblationEvaluator", "VARIANTS", "run_evaluation", "summarize", "vari
 
 VARIANTS = ("full", "text_masked", "image_masked")
 _MASKED = {"text_masked": S.TEXT, "image_masked": S.IMAGE}
-_INPUT_KEYS = (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
 _MAX_QUARANTINE_SAMPLES = 20
 
 
@@ -89,7 +88,7 @@ class AblationEvaluator:
         def tensor(k: str) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(self.device)
 
-        inputs = {k: tensor(k) for k in _INPUT_KEYS if k in batch}
+        inputs = {k: tensor(k) for k in S.MODEL_INPUTS if k in batch}
         targets = {t.name: tensor(S.label_key(t.name)) for t in self.tasks}
         features = self.model.encode(inputs)
         masks = self.model.masks(inputs)

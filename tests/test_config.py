@@ -106,3 +106,14 @@ def test_unknown_key_in_yaml_names_it(tmp_path):
 def test_round_trip_through_dict():
     cfg = load_config(None, ["model.fusion=late", "data.image.size=48"])
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_text_preprocessing_keys_are_checked_together():
+    cfg = config_from_dict({}, ["data.text.segmenter=jieba", "data.text.pos_tags=true", "data.text.user_dict=/d.txt"])
+    assert (cfg.data.text.segmenter, cfg.data.text.pos_tags) == ("jieba", True)
+    with pytest.raises(ConfigError, match="data.text.segmenter"):
+        config_from_dict({}, ["data.text.segmenter=spacy"])
+    with pytest.raises(ConfigError, match="data.text.pos_model: set, but data.text.pos_tags is false"):
+        config_from_dict({}, ["data.text.pos_model=en_core_web_sm"])
+    with pytest.raises(ConfigError, match="data.text.user_dict: only jieba reads it"):
+        config_from_dict({}, ["data.text.user_dict=/d.txt"])

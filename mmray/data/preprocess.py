@@ -25,7 +25,9 @@ from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.image import ImageDecodeError, decode_image, resize_uint8
 from mmray.data.labels import LabelError, Task, task_from_dict
-from mmray.data.text import TextNormalizer, TokenEncoder, load_stopwords
+from mmray.data.text import (
+    PosTagger, TextNormalizer, TokenEncoder, check_pos_model, load_stopwords, load_user_dict, shared_segmenter,
+)  # fmt: skip
 
 __all__ = ["PreprocessSpec", "Preprocessor", "keep_errors", "keep_good", "quarantine_rows"]
 
@@ -45,6 +47,8 @@ class PreprocessSpec:
     image: ImageConfig = field(default_factory=ImageConfig)
     # data.text.stopwords resolved to its words, so a checkpoint never depends on the stopword file.
     stopword_list: tuple[str, ...] | None = None
+    # data.text.user_dict resolved to its lines, for the same reason: jieba cuts alike at scoring.
+    user_dict_lines: tuple[str, ...] | None = None
     # Deployment details, never persisted (scoring passes its own): where S3 is, and the local
     # directories image URIs may be read from (None or empty: no local path is read).
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -52,11 +56,14 @@ class PreprocessSpec:
 
     @classmethod
     def from_config(cls, data: DataConfig, storage: StorageConfig, tasks, with_labels: bool = True):
+        if data.text.pos_tags:
+            check_pos_model(data.text.pos_model)  # on the driver, before any actor starts
         return cls(
             tasks=tuple(tasks), with_labels=with_labels, id_column=data.id_column,
             text_column=data.text_column, image_column=data.image_column,
             image_uri_column=data.image_uri_column, missing_modality=data.missing_modality,
             text=data.text, image=data.image, stopword_list=load_stopwords(data.text.stopwords, storage),
+            user_dict_lines=load_user_dict(data.text.user_dict, storage),
             storage=storage, image_uri_roots=tuple(data.image_uri_roots) if data.image_uri_roots else None,
         )  # fmt: skip
 
@@ -75,8 +82,9 @@ class PreprocessSpec:
         if isinstance(img, dict):
             img = ImageConfig(**{**img, "mean": tuple(img["mean"]), "std": tuple(img["std"])})
         d["image"] = img
-        if d.get("stopword_list") is not None:
-            d["stopword_list"] = tuple(d["stopword_list"])
+        for key in ("stopword_list", "user_dict_lines"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         if d.get("image_uri_roots") is not None:
             d["image_uri_roots"] = tuple(d["image_uri_roots"])
         return cls(**d)
@@ -127,7 +135,13 @@ class Preprocessor:
                  fetch_attempts: int = 3, fetch_timeout_s: float = 30.0):  # fmt: skip
         self.spec = spec
         self.tokenize = TokenEncoder(tokenizer_files, spec.text.max_length)
-        self.normalize_text = TextNormalizer(spec.text, spec.storage, stopwords=spec.stopword_list)
+        text = spec.text
+        # One jieba dictionary per actor, shared by segmentation and tagging; from the spec's lines, so
+        # scoring cuts words as training did without the user dictionary's file.
+        jieba = text.segmenter == "jieba" or text.pos_tags
+        segmenter = shared_segmenter(tuple(spec.user_dict_lines or ())) if jieba else None
+        self.normalize_text = TextNormalizer(text, spec.storage, stopwords=spec.stopword_list, segmenter=segmenter)
+        self.tag = PosTagger(segmenter, text.pos_model) if text.pos_tags else None
         self.fetch_threads, self.fetch_attempts, self.fetch_timeout_s = fetch_threads, fetch_attempts, fetch_timeout_s
         self._pool = ThreadPoolExecutor(fetch_threads) if spec.image_uri_column else None
         # Resolved on this node: a symlinked root is compared with the resolved paths of the files.
@@ -156,10 +170,12 @@ class Preprocessor:
                     "preprocess", "", f"unexpected error: {type(e).__name__}: {e}")  # fmt: skip
                 self._flag(out, i, _id_str(batch[spec.id_column][i]), error)
                 texts[i] = ""
-        ids, attn, failed = self._tokenize(texts, length)
+        ids, attn, pos, failed = self._tokenize(texts, length)
         for i, reason in failed.items():
             self._flag(out, i, out[S.ID][i], _RowError("tokenize", spec.text_column, reason))
         out[S.INPUT_IDS], out[S.ATTENTION_MASK] = ids, attn
+        if pos is not None:
+            out[S.POS_IDS] = pos
         for t in spec.tasks if spec.with_labels else ():
             dtype = np.int64 if t.kind == "multiclass" else np.float32
             out[S.label_key(t.name)] = np.stack([np.asarray(v, dtype=dtype) for v in labels[t.name]])
@@ -297,21 +313,30 @@ class Preprocessor:
         except Exception as e:  # OSError, or anything else: this row's problem only
             return _RowError("preprocess", column, f"image fetch failed: {uri}: {e}")
 
-    def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
-        """Token ids and attention masks; rows the tokenizer rejects come back in the third value."""
+    def _tokenize(self, texts: list[str], length: int):
+        """Token ids, attention masks and POS ids (None without ``pos_tags``); rows the tagger or the
+        tokenizer rejects come back in the last value."""
         try:
-            ids, attn = self.tokenize(texts)
-            return ids, attn, {}
+            ids, attn, pos = self._encode(texts)
+            return ids, attn, pos, {}
         except Exception:  # find the culprit rows; the rest of the batch is fine
             ids = np.zeros((len(texts), length), dtype=np.int64)
             attn = np.zeros((len(texts), length), dtype=np.int64)
+            pos = np.zeros((len(texts), length), dtype=np.int64) if self.tag is not None else None
             failed = {}
             for i, text in enumerate(texts):
                 try:
-                    (ids[i],), (attn[i],) = self.tokenize([text])
+                    (ids[i],), (attn[i],), row_pos = self._encode([text])
+                    if pos is not None:
+                        pos[i] = row_pos[0]
                 except Exception as e:
                     failed[i] = f"tokenizer failed: {type(e).__name__}: {e}"
-            return ids, attn, failed
+            return ids, attn, pos, failed
+
+    def _encode(self, texts: list[str]):
+        if self.tag is None:
+            return *self.tokenize(texts), None
+        return self.tokenize.encode(texts, [self.tag(t) if t else [] for t in texts])
 
 
 def _utf8_size(text: str, chunk: int = 1 << 20) -> int:

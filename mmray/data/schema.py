@@ -12,7 +12,7 @@ import pyarrow as pa
 
 __all__ = [
     "ATTENTION_MASK", "ERROR", "ERROR_COLUMN", "ERROR_STAGE", "ID", "IMAGE", "INPUT_IDS", "MODALITIES",
-    "PIXELS", "QUARANTINE_SCHEMA", "SchemaError", "TEXT", "check_columns", "label_key", "mask_key",
+    "MODEL_INPUTS", "PIXELS", "POS_IDS", "QUARANTINE_SCHEMA", "SchemaError", "TEXT", "check_columns", "label_key", "mask_key",
     "task_of_label_key", "unify_columns",
 ]  # fmt: skip
 
@@ -23,6 +23,7 @@ MODALITIES = (IMAGE, TEXT)  # sorted: fusions iterate modalities in this order
 ID = "id"
 INPUT_IDS = "input_ids"  # int64 [B, L]
 ATTENTION_MASK = "attention_mask"  # int64 [B, L]
+POS_IDS = "pos_ids"  # int64 [B, L], only with data.text.pos_tags: a POS tag id per token (text.POS_TAGS)
 PIXELS = "pixels"  # uint8 [B, 3, S, S]; normalised on the training/scoring device
 ERROR = "_error"  # "" for a good row, else a short reason
 ERROR_COLUMN = "_error_column"  # the input column that caused it
@@ -51,6 +52,10 @@ def task_of_label_key(key: str) -> str | None:
 def mask_key(modality: str) -> str:
     """Column holding 1.0 where the row has that modality, 0.0 where it is missing."""
     return f"{_MASK_PREFIX}{modality}"
+
+
+# What a model reads from a preprocessed batch (scoring and evaluation pass exactly these on).
+MODEL_INPUTS = (INPUT_IDS, ATTENTION_MASK, POS_IDS, PIXELS, mask_key(IMAGE), mask_key(TEXT))
 
 
 def _is_binary(t: pa.DataType) -> bool:

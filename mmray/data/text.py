@@ -1,15 +1,23 @@
-"""Text normalisation and tokenizers (pretrained via ``AutoTokenizer`` or a CJK-aware WordPiece).
+"""Text normalisation, word segmentation, part-of-speech tags and tokenizers (pretrained via
+``AutoTokenizer`` or a CJK-aware WordPiece).
 
-Whitespace tokenizers fail on Chinese, which has no spaces. The WordPiece built here uses the BERT
-pre-tokenizer, which isolates every CJK character, so Chinese, mixed-script and emoji text get real ids.
+Whitespace tokenizers fail on Chinese, which has no spaces. The WordPiece built here isolates every CJK
+character by default, so Chinese, mixed-script and emoji text get real ids. With ``data.text.segmenter:
+jieba`` Chinese is first cut into words (``Segmenter``), joined by spaces: stopwords then match whole
+words, and a WordPiece trained with ``split_cjk=False`` learns whole words. ``PosTagger`` gives each word
+a Universal POS tag; ``TokenEncoder.encode`` aligns those tags to (sub-)tokens by character offsets.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import logging
 import os
 import re
 import unicodedata
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +27,8 @@ import numpy as np
 from mmray.config import StorageConfig, TextConfig
 
 __all__ = [
-    "TextNormalizer", "TokenEncoder", "load_stopwords", "load_tokenizer", "read_tokenizer_dir", "train_wordpiece",
+    "POS_TAGS", "PosTagger", "Segmenter", "TextNormalizer", "TokenEncoder", "check_pos_model", "load_stopwords",
+    "load_tokenizer", "load_user_dict", "read_tokenizer_dir", "shared_segmenter", "train_wordpiece",
     "wordpiece_vocab",
 ]  # fmt: skip
 
@@ -35,6 +44,21 @@ _STOPWORDS = {
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SPACES = re.compile(r"\s+")
 
+# Universal POS (universaldependencies.org/u/pos): one tag set for jieba's and spaCy's tags, fixed here so
+# a checkpoint's POS embedding rows keep their meaning. Id 0: special tokens, padding, untagged text.
+POS_TAGS = ("[NONE]", "ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
+            "PUNCT", "SCONJ", "SYM", "VERB", "X")  # fmt: skip
+_POS_ID = {t: i for i, t in enumerate(POS_TAGS)}
+# jieba's (ICTCLAS) tags -> Universal POS, looked up by the tag, then its first two letters, then its
+# first letter (nrt, nrfg -> nr; uj, ul -> u; vg -> v). Classifiers (q) are NOUN, as in UD Chinese.
+_JIEBA_UPOS = {
+    "a": "ADJ", "ad": "ADV", "an": "NOUN", "b": "ADJ", "c": "CCONJ", "d": "ADV", "e": "INTJ", "eng": "X",
+    "f": "ADP", "g": "X", "h": "X", "i": "X", "j": "NOUN", "k": "PART", "l": "X", "m": "NUM", "n": "NOUN",
+    "nr": "PROPN", "ns": "PROPN", "nt": "PROPN", "nz": "PROPN", "o": "X", "p": "ADP", "q": "NOUN", "r": "PRON",
+    "s": "NOUN", "t": "NOUN", "u": "PART", "v": "VERB", "vd": "ADV", "vn": "NOUN", "w": "PUNCT", "y": "PART",
+    "z": "ADJ",
+}  # fmt: skip
+
 
 class TextNormalizer:
     """NFKC, whitespace cleanup, optional lowercasing and stopword removal; the same at train and score.
@@ -46,21 +70,28 @@ class TextNormalizer:
             list itself, so scoring never depends on the training machine's file).
     """
 
-    def __init__(self, cfg: TextConfig, storage: StorageConfig | None = None, stopwords: Iterable[str] | None = None):
+    def __init__(self, cfg: TextConfig, storage: StorageConfig | None = None, stopwords: Iterable[str] | None = None,
+                 segmenter: Segmenter | None = None):  # fmt: skip
         self.nfkc = cfg.nfkc
         self.lowercase = cfg.lowercase
         words = load_stopwords(cfg.stopwords, storage) if stopwords is None else stopwords
         self.stopwords = frozenset(w.lower() for w in words)
-        # Multi-character CJK stopwords are removed by substring; longest first.
+        # Without a segmenter, multi-character CJK stopwords are removed by substring; longest first.
         self._cjk_stop = sorted((w for w in self.stopwords if _has_cjk(w)), key=len, reverse=True)
+        if cfg.segmenter == "jieba" and segmenter is None:
+            segmenter = shared_segmenter(load_user_dict(cfg.user_dict, storage))
+        self.segmenter = segmenter if cfg.segmenter == "jieba" else None
 
     def __call__(self, text: str) -> str:
+        """The text the tokenizer sees; with a segmenter, its words (stopwords dropped) joined by spaces."""
         if self.nfkc:
             text = unicodedata.normalize("NFKC", text)
         if not text.isprintable():
             text = "".join(_clean_char(c) for c in text)
         if self.lowercase:
             text = text.lower()
+        if self.segmenter is not None:  # whole words: "目的" (purpose) keeps its 的, "我们" goes as a word
+            return " ".join(w for w in self.segmenter.words(text) if w.lower() not in self.stopwords)
         if self.stopwords:
             for w in self._cjk_stop:
                 text = text.replace(w, " ")
@@ -80,6 +111,134 @@ def _clean_char(c: str) -> str:
 
 def _has_cjk(s: str) -> bool:
     return any("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in s)
+
+
+class Segmenter:
+    """jieba word segmentation and POS tags over its own dictionary: the bundled one plus user words.
+
+    A private ``jieba.Tokenizer`` per instance, never jieba's global one, so two configurations in one
+    process (tests, a driver building a tokenizer) cannot leak user words into each other. Building it
+    loads the dictionary (~0.5 s from jieba's cache in the temp directory, ~60 MB): ``shared_segmenter``.
+
+    Args:
+        user_dict: lines of a jieba user dictionary (``word [freq] [tag]``), as ``load_user_dict`` reads.
+    """
+
+    def __init__(self, user_dict: Iterable[str] = ()):
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)  # its "Building prefix dict ..." would go to every actor's log
+        self._jieba = jieba.Tokenizer()
+        lines = "\n".join(user_dict)
+        if lines:
+            self._jieba.load_userdict(io.BytesIO(lines.encode("utf-8")))
+        else:
+            self._jieba.initialize()
+        self._posseg = None  # built on first use: it reads the whole dictionary file again for the tags
+
+    def words(self, text: str) -> list[str]:
+        """The words of ``text`` in order; whitespace dropped (jieba returns it as words of its own)."""
+        return [w for w in self._jieba.cut(text) if not w.isspace()]
+
+    def tagged(self, text: str) -> list[tuple[str, str]]:
+        """(word, jieba tag) pairs covering ``text``; a known word is looked up, the rest is cut by posseg."""
+        if self._posseg is None:
+            from jieba import posseg
+
+            # POSTokenizer(self._jieba) would parse the dictionary file for its tags once more (~1.5 s),
+            # after importing posseg already did for jieba's global tagger: copy that table instead.
+            self._posseg = posseg.POSTokenizer.__new__(posseg.POSTokenizer)
+            self._posseg.tokenizer, self._posseg.word_tag_tab = self._jieba, dict(posseg.dt.word_tag_tab)
+            self._posseg.makesure_userdict_loaded()  # user words' tags (load_userdict) into word_tag_tab
+        known = self._posseg.word_tag_tab.get(text)
+        if known is not None:
+            return [(text, known)]
+        return [(p.word, p.flag) for p in self._posseg.cut(text)]
+
+
+@functools.lru_cache(maxsize=4)
+def shared_segmenter(user_dict: tuple[str, ...] = ()) -> Segmenter:
+    """One ``Segmenter`` per user dictionary per process: building one loads jieba's dictionary (~1 s,
+    ~60 MB) and its tags another ~1.5 s; it is read-only once built, so actors and callers share it."""
+    return Segmenter(user_dict)
+
+
+class PosTagger:
+    """Universal POS tags of a normalised text, as ``(start, end, tag id)`` character spans.
+
+    Rows with a CJK character are tagged by jieba (``Segmenter.tagged``, per space-separated chunk: a
+    segmented text's words are looked up directly); other rows by the spaCy pipeline ``pos_model`` when
+    one is named, else by jieba too (which tags Latin words ``X`` and numbers ``NUM``).
+
+    Raises:
+        ValueError: ``pos_model`` is named but spaCy or that pipeline is not installed (``check_pos_model``).
+    """
+
+    def __init__(self, segmenter: Segmenter, pos_model: str | None = None):
+        self.segmenter = segmenter
+        self.nlp = _load_spacy(pos_model) if pos_model else None
+
+    def __call__(self, text: str) -> list[tuple[int, int, int]]:
+        if self.nlp is not None and not _has_cjk(text):
+            return [(t.idx, t.idx + len(t.text), _POS_ID.get(t.pos_, _POS_ID["X"]))
+                    for t in self.nlp(text) if not t.is_space]  # fmt: skip
+        spans, at = [], 0
+        for chunk in text.split(" "):
+            for word, flag in self.segmenter.tagged(chunk) if chunk else ():
+                start = text.find(word, at)
+                if start < 0:  # never seen (posseg returns pieces of its input); skip, do not misalign
+                    continue
+                at = start + len(word)
+                if not word.isspace():
+                    spans.append((start, at, _POS_ID[_jieba_upos(flag, word)]))
+        return spans
+
+
+def _jieba_upos(flag: str, word: str) -> str:
+    if flag == "x":  # jieba's "not a word": punctuation, symbols, stray characters, lone digits
+        if word.replace(".", "", 1).isdigit():
+            return "NUM"
+        cats = {unicodedata.category(c)[0] for c in word}
+        return "PUNCT" if cats == {"P"} else "SYM" if cats <= {"P", "S"} else "X"
+    return _JIEBA_UPOS.get(flag) or _JIEBA_UPOS.get(flag[:2]) or _JIEBA_UPOS.get(flag[:1], "X")
+
+
+def _load_spacy(name: str):
+    try:
+        import spacy
+    except ImportError:
+        raise ValueError(f"data.text.pos_model: {name!r} is a spaCy pipeline, but spaCy is not installed "
+                         f"(pip install spacy && python -m spacy download {name}); or set data.text.pos_model=null "
+                         "to tag every row with jieba") from None  # fmt: skip
+    try:
+        return spacy.load(name, exclude=["parser", "ner", "lemmatizer", "textcat"])  # only what tags
+    except OSError as e:
+        raise ValueError(f"data.text.pos_model: spaCy pipeline {name!r} is not installed "
+                         f"(python -m spacy download {name}): {str(e)[:200]}") from None  # fmt: skip
+
+
+def check_pos_model(name: str | None) -> None:
+    """Fails fast, on the driver, when ``data.text.pos_model`` cannot be loaded (see ``PosTagger``)."""
+    if name:
+        _load_spacy(name)
+
+
+def load_user_dict(spec: str | None, storage: StorageConfig | None = None) -> tuple[str, ...]:
+    """``data.text.user_dict`` -> its non-empty, non-comment lines (``word [freq] [tag]``), in file order.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message names it).
+    """
+    if not spec:
+        return ()
+    from mmray.data import storage as st
+
+    try:
+        text = st.read_text(spec, storage)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data.text.user_dict: no user dictionary at {st.redact(spec)}") from None
+    lines = (line.strip().lstrip("\ufeff") for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
 
 
 def load_stopwords(spec: str | None, storage: StorageConfig | None = None) -> tuple[str, ...]:
@@ -150,18 +309,41 @@ class TokenEncoder:
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """int64 ``[N, max_length]`` token ids and attention mask."""
-        encodings = self.backend.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.max_length)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(texts), self.max_length)
+        ids, mask, _ = self.encode(texts)
         return ids, mask
 
+    def encode(self, texts: list[str], spans: list[list[tuple[int, int, int]]] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+        """Token ids, attention mask and, given each text's ``PosTagger`` spans, int64 POS ids aligned
+        with the tokens: a (sub-)token takes the tag of the word its first character is in; special
+        tokens, padding and untagged characters get 0."""
+        encodings = self.backend.encode_batch(texts)
+        shape = (len(texts), self.max_length)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(shape)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(shape)
+        if spans is None:
+            return ids, mask, None
+        pos = np.zeros(shape, dtype=np.int64)
+        for i, (e, row) in enumerate(zip(encodings, spans)):
+            starts = [a for a, _, _ in row]
+            for j, ((a, b), special) in enumerate(zip(e.offsets, e.special_tokens_mask)):
+                k = bisect_right(starts, a) - 1
+                if not special and b > a and k >= 0 and a < row[k][1]:
+                    pos[i, j] = row[k][2]
+        return ids, mask, pos
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path, split_cjk: bool = True):
     """Builds a WordPiece tokenizer (BERT pre-tokenizer, CJK-aware) from ``texts``; saves it to ``out_dir``.
 
     The vocabulary is a pure function of the corpus (``wordpiece_vocab``), so two runs on the same data
     get the same ids and a fixed seed gives the same model. (The ``tokenizers`` WordPiece trainer does
     not: it breaks frequency ties in hash-map order, and its vocabulary changes from run to run.)
+
+    Args:
+        split_cjk: every CJK character is a word of its own (BERT's Chinese handling). False for text
+            already segmented into words separated by spaces (``data.text.segmenter: jieba``): Chinese
+            words are then kept whole where frequent, split into known characters otherwise.
 
     Returns:
         The tokenizer as a ``PreTrainedTokenizerFast``, reloadable with ``load_tokenizer(out_dir)``.
@@ -170,7 +352,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
     from transformers import PreTrainedTokenizerFast
 
     # NFKC is applied by TextNormalizer before; here only BERT's CJK-splitting pre-tokenizer.
-    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=False)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=split_cjk, lowercase=False)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     words: Counter[str] = Counter()
     for text in texts:
@@ -199,11 +381,11 @@ def wordpiece_vocab(words: Counter[str], vocab_size: int) -> list[str]:
     WordPiece splits a word greedily into the longest known prefix and ``##`` pieces, so a word outside
     the vocabulary becomes a known word prefix plus characters, and only unseen characters become
     ``[UNK]``. CJK text is pre-tokenized into single characters, so Chinese is covered character by
-    character (as in BERT's Chinese models). Subword-rich languages do better with a pretrained
+    character (as in BERT's Chinese models), unless it was segmented into words (``split_cjk=False``). Subword-rich languages do better with a pretrained
     tokenizer (``model.text_encoder.tokenizer``).
     """
     chars: Counter[str] = Counter()
-    inner: set[str] = set()  # seen after a word's first character (never CJK: each is a word of its own)
+    inner: set[str] = set()  # seen after a word's first character (CJK only when segmented into words)
     kept = {w: n for w, n in words.items() if len(w) <= MAX_WORD_CHARS}  # longer words are [UNK] whole
     for word, n in kept.items():
         for c in word:

@@ -16,6 +16,7 @@ from mmray.checkpoint import ARCHITECTURE_DIR
 from mmray.config import ImageConfig, ModelConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.text import POS_TAGS
 from mmray.models.classifier import FusionClassifier
 from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
 from mmray.models.freeze import apply_freeze
@@ -33,18 +34,22 @@ def build_text_encoder(
     storage: StorageConfig | None = None,
 ) -> nn.Module:  # fmt: skip
     enc = cfg.text_encoder
+    pos_vocab = len(POS_TAGS) if text.pos_tags else 0
     if enc.kind == "tiny":
-        module = TinyTextEncoder(vocab_size, enc.dim, enc.layers, enc.heads, text.max_length, enc.pooling)
+        module = TinyTextEncoder(vocab_size, enc.dim, enc.layers, enc.heads, text.max_length, enc.pooling, pos_vocab)
     elif enc.kind == "hf":
         from mmray.models.hf import HFTextEncoder, load_hf_model
 
-        module = HFTextEncoder(load_hf_model(enc.name, storage, _architecture(checkpoint_dir, S.TEXT)), enc.pooling)
+        model = load_hf_model(enc.name, storage, _architecture(checkpoint_dir, S.TEXT))
+        module = HFTextEncoder(model, enc.pooling, pos_vocab)
         limit = getattr(module.model.config, "max_position_embeddings", None)
         if limit is not None and text.max_length > limit:
             raise ValueError(f"data.text.max_length: {text.max_length} exceeds the {limit} positions of {enc.name}")
     else:
         raise ValueError(f"model.text_encoder.kind: unsupported {enc.kind!r}")
     apply_freeze(module, module.block_list(), enc.freeze, "model.text_encoder.freeze")
+    if module.pos is not None:  # new and random, never pretrained: it learns even in a frozen encoder
+        module.pos.requires_grad_(True)
     return module
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from mmray.data import schema as S
 from mmray.models.freeze import FrozenEvalMixin
 
-__all__ = ["Encoded", "TinyImageEncoder", "TinyTextEncoder", "masked_mean"]
+__all__ = ["Encoded", "TinyImageEncoder", "TinyTextEncoder", "masked_mean", "pos_embedding"]
 
 
 class Encoded(NamedTuple):
@@ -30,6 +30,19 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def pos_embedding(pos_vocab: int, dim: int) -> nn.Embedding | None:
+    """The learned part-of-speech embedding added to token embeddings (``data.text.pos_tags``); None
+    without tags. Id 0 (special tokens, padding, untagged) adds nothing; the rest start small (BERT's
+    0.02, as its token-type embedding), so tags nudge rather than drown the token embeddings."""
+    if not pos_vocab:
+        return None
+    emb = nn.Embedding(pos_vocab, dim, padding_idx=0)
+    nn.init.normal_(emb.weight, std=0.02)
+    with torch.no_grad():
+        emb.weight[0].zero_()
+    return emb
+
+
 def keep_one_key(mask: Tensor) -> Tensor:
     """Rows without any token have an all-False mask; attending to nothing gives NaN, so keep the
     first position visible. Outputs of such rows are discarded downstream (modality mask 0)."""
@@ -39,14 +52,17 @@ def keep_one_key(mask: Tensor) -> Tensor:
 
 
 class TinyTextEncoder(FrozenEvalMixin, nn.Module):
-    """Embedding + small Transformer encoder, mean or CLS pooled. For tests, demos and small data."""
+    """Embedding (+ POS embedding, given ``pos_vocab``) + small Transformer encoder, mean or CLS pooled.
+    For tests, demos and small data."""
 
-    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_length: int, pooling: str):
+    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_length: int, pooling: str,
+                 pos_vocab: int = 0):  # fmt: skip
         super().__init__()
         self.out_dim = self.token_dim = dim
         self.pooling = pooling
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.position = nn.Embedding(max_length, dim)
+        self.pos = pos_embedding(pos_vocab, dim)
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -64,6 +80,8 @@ class TinyTextEncoder(FrozenEvalMixin, nn.Module):
         ids, mask = batch[S.INPUT_IDS], batch[S.ATTENTION_MASK].bool()
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.embed(ids) + self.position(pos)
+        if self.pos is not None:
+            x = x + self.pos(batch[S.POS_IDS])
         x = self.norm(self.blocks(x, src_key_padding_mask=~keep_one_key(mask)))
         pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
         return Encoded(pooled, x, mask)

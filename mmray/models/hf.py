@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mmray.config import StorageConfig
 from mmray.data import schema as S
-from mmray.models.encoders import Encoded, keep_one_key, masked_mean
+from mmray.models.encoders import Encoded, keep_one_key, masked_mean, pos_embedding
 from mmray.models.freeze import FrozenEvalMixin
 
 __all__ = ["HFTextEncoder", "load_hf_model"]
@@ -63,9 +63,11 @@ class HFTextEncoder(FrozenEvalMixin, nn.Module):
     Args:
         model: a transformers base model (no task head).
         pooling: ``cls`` (first token) or ``mean`` (over real tokens; sentence-transformers' choice).
+        pos_vocab: POS tags (``data.text.pos_tags``); their learned embedding is added to the model's
+            input (word-piece) embeddings, each sub-token with its word's tag. 0: none.
     """
 
-    def __init__(self, model: nn.Module, pooling: str):
+    def __init__(self, model: nn.Module, pooling: str, pos_vocab: int = 0):
         super().__init__()
         if getattr(model, "pooler", None) is not None:
             # BERT-style poolers are not used (we pool last_hidden_state); unused trainable
@@ -73,6 +75,7 @@ class HFTextEncoder(FrozenEvalMixin, nn.Module):
             model.pooler = None
         self.model, self.pooling = model, pooling
         self.out_dim = self.token_dim = int(model.config.hidden_size)
+        self.pos = pos_embedding(pos_vocab, self.out_dim)
 
     def block_list(self) -> list[nn.Module]:
         return _largest_module_list(self.model)
@@ -83,6 +86,11 @@ class HFTextEncoder(FrozenEvalMixin, nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
         ids, mask = batch[S.INPUT_IDS], batch[S.ATTENTION_MASK].bool()
-        hidden = self.model(input_ids=ids, attention_mask=keep_one_key(mask).long()).last_hidden_state
+        attn = keep_one_key(mask).long()
+        if self.pos is None:
+            hidden = self.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        else:  # the model adds its own position (and token-type) embeddings to inputs_embeds
+            embeds = self.model.get_input_embeddings()(ids) + self.pos(batch[S.POS_IDS])
+            hidden = self.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, mask)
         return Encoded(pooled, hidden, mask)

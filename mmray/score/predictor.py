@@ -27,7 +27,6 @@ from mmray.score.labeled import LABEL_ERROR
 __all__ = ["Predictor", "logits_key", "output_columns", "output_schema"]
 
 _LOGITS_PREFIX = "_logits__"
-_INPUT_KEYS = (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
 
 
 def logits_key(task: str) -> str:
@@ -104,7 +103,7 @@ class Predictor:
         rows = np.flatnonzero(out[S.ERROR] == "")
         if len(rows):
             inputs = {k: torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(self.device)
-                      for k in _INPUT_KEYS if k in batch}  # fmt: skip
+                      for k in S.MODEL_INPUTS if k in batch}  # fmt: skip
             logits = self.model(inputs)["logits"]
             finite = np.ones(len(rows), dtype=bool)
             for t in self.tasks:

@@ -18,7 +18,7 @@ from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_errors, keep_good
 from mmray.data.synthetic import make_rows
-from mmray.data.text import train_wordpiece
+from mmray.data.text import POS_TAGS, TextNormalizer, TokenEncoder, train_wordpiece
 from tests.data.corpus import encoded
 
 TASK = Task("label", "multiclass", ("cat_blue", "cat_red", "dog_blue", "dog_red"))
@@ -310,3 +310,37 @@ def test_random_rows_never_crash_and_every_row_is_accounted_for(tokenizer_files,
             assert (out[S.ATTENTION_MASK][i].sum() > 2) == (out[S.mask_key(S.TEXT)][i] == 1.0)
         else:
             assert out[S.ERROR_STAGE][i] in ("preprocess", "label", "tokenize") and len(out[S.ERROR][i]) <= 240
+
+
+def test_segmenter_and_pos_tags_come_out_aligned_and_identical_from_the_stored_spec_alone(tmp_path):
+    import json
+
+    (tmp_path / "dict.txt").write_text("红圆圈 5 nz\n", encoding="utf-8")
+    text = TextConfig(max_length=12, segmenter="jieba", stopwords="zh", pos_tags=True,
+                      user_dict=str(tmp_path / "dict.txt"))  # fmt: skip
+    rows = make_rows(4, seed=3)
+    rows["text"] = ["我们的红圆圈在这里", "一个红色的三角形", "my cat 和 小狗", "没有"]  # the last: all stopwords
+    at_training = spec(text=text)
+    normalize = TextNormalizer(text)
+    train_wordpiece([normalize(t) for t in rows["text"]], vocab_size=100, out_dir=tmp_path / "tok", split_cjk=False)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+    trained = Preprocessor(at_training, files)(batch_of(rows))
+    assert trained[S.POS_IDS].shape == trained[S.INPUT_IDS].shape == (4, 12)
+    enc = TokenEncoder(files, 12)
+    tokens = enc.backend.encode(normalize(rows["text"][0])).tokens[:5]
+    assert tokens == ["[CLS]", "红圆圈", "这里", "[SEP]", "[PAD]"]  # 我们, 的, 在 gone; the user's word whole
+    propn = POS_TAGS.index("PROPN")  # nz, the tag the user dictionary gives
+    assert trained[S.POS_IDS][0, :5].tolist() == [0, propn, POS_TAGS.index("PRON"), 0, 0]
+    assert trained[S.mask_key(S.TEXT)].tolist() == [1.0, 1.0, 1.0, 0.0]  # nothing left of row 3's text
+
+    # Scoring's spec comes from the checkpoint's JSON alone: the user dictionary's file is gone.
+    (tmp_path / "dict.txt").unlink()
+    stored = json.loads(json.dumps(at_training.to_dict(), ensure_ascii=False))
+    assert stored["user_dict_lines"] == ["红圆圈 5 nz"] and stored["text"]["segmenter"] == "jieba"
+    scored = Preprocessor(PreprocessSpec.from_dict(stored, tasks=(TASK,), with_labels=False), files)(batch_of(rows))
+    for key in (S.INPUT_IDS, S.ATTENTION_MASK, S.POS_IDS):
+        assert np.array_equal(scored[key], trained[key]), key
+
+
+def test_without_pos_tags_there_is_no_pos_column(tokenizer_files):
+    assert S.POS_IDS not in Preprocessor(spec(), tokenizer_files)(batch_of(make_rows(2, seed=4)))

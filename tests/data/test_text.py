@@ -11,7 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmray.config import TextConfig
-from mmray.data.text import TextNormalizer, TokenEncoder, load_tokenizer, train_wordpiece
+from mmray.data.text import (
+    POS_TAGS, PosTagger, TextNormalizer, TokenEncoder, check_pos_model, load_tokenizer, load_user_dict,
+    read_tokenizer_dir, shared_segmenter, train_wordpiece,
+)  # fmt: skip
 
 CORPUS = [
     "这是我家的猫，在花园旁边",
@@ -217,3 +220,111 @@ def test_random_unicode_normalises_and_tokenizes_without_crashing(tokenizer, tex
     assert all(c == " " or c.isprintable() for c in out)
     ids = tokenizer([out], padding="max_length", truncation=True, max_length=16)["input_ids"][0]
     assert len(ids) == 16 and ids[0] == tokenizer.cls_token_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Word segmentation (jieba) and part-of-speech tags
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return shared_segmenter()
+
+
+def test_with_jieba_a_multi_character_stopword_goes_as_a_word_and_words_containing_a_stopword_stay(segmenter):
+    text = "我们的目的是看看这只小猫"
+    segmented = TextNormalizer(TextConfig(segmenter="jieba", stopwords="zh"), segmenter=segmenter)(text)
+    assert segmented == "目的 看看 只 小猫"  # 我们, 的, 是, 这 dropped as words; 目的 ("purpose") kept
+    # Without segmentation the same list can only cut substrings: 目的 loses its 的.
+    assert TextNormalizer(TextConfig(stopwords="zh"))(text) == "目 看看 只小猫"
+    # English stopwords keep working through the segmenter (jieba returns Latin words whole).
+    mixed = TextNormalizer(TextConfig(segmenter="jieba", stopwords="en+zh", lowercase=True), segmenter=segmenter)
+    assert mixed("The CAT and 我们的小狗") == "cat 小狗"
+
+
+def test_a_user_dictionary_keeps_a_domain_term_whole(tmp_path, segmenter):
+    assert segmenter.words("红圆圈在这里") == ["红", "圆圈", "在", "这里"]
+    (tmp_path / "dict.txt").write_text("# domain terms\n红圆圈 5 nz\n\n", encoding="utf-8")
+    cfg = TextConfig(segmenter="jieba", user_dict=str(tmp_path / "dict.txt"))
+    assert load_user_dict(cfg.user_dict) == ("红圆圈 5 nz",)
+    assert TextNormalizer(cfg)("红圆圈在这里") == "红圆圈 在 这里"
+    with pytest.raises(FileNotFoundError, match="data.text.user_dict: no user dictionary at"):
+        load_user_dict(str(tmp_path / "missing.txt"))
+
+
+def test_a_wordpiece_over_segmented_text_learns_whole_chinese_words(tmp_path, segmenter):
+    normalize = TextNormalizer(TextConfig(segmenter="jieba"), segmenter=segmenter)
+    corpus = [normalize(t) for t in ["一个红色的三角形", "蓝色的圆形在这里", "红色三角形"] * 5]
+    train_wordpiece(corpus, vocab_size=300, out_dir=tmp_path, split_cjk=False)
+    enc = TokenEncoder(read_tokenizer_dir(tmp_path), max_length=8)
+    assert enc.backend.encode(normalize("红色的三角形")).tokens[:5] == ["[CLS]", "红色", "的", "三角形", "[SEP]"]
+    # An unseen word is cut into known characters (word-initial, then ## continuations), not [UNK].
+    assert enc.backend.encode("蓝角形").tokens[:5] == ["[CLS]", "蓝", "##角", "##形", "[SEP]"]
+
+
+def test_jieba_tags_are_universal_pos_spans_of_the_normalised_text(segmenter):
+    text = "我们 喜欢 红色 的 三角形 , 3 个 cat"
+    tagged = [(text[a:b], POS_TAGS[t]) for a, b, t in PosTagger(segmenter)(text)]
+    assert tagged == [("我们", "PRON"), ("喜欢", "VERB"), ("红色", "NOUN"), ("的", "PART"), ("三角形", "NOUN"),
+                      (",", "PUNCT"), ("3", "NUM"), ("个", "NOUN"), ("cat", "X")]  # fmt: skip
+    # Unsegmented runs are cut by jieba.posseg for their tags; the spans still index the same text.
+    flat = "我们喜欢红色"
+    assert [(flat[a:b], POS_TAGS[t]) for a, b, t in PosTagger(segmenter)(flat)] == [
+        ("我们", "PRON"), ("喜欢", "VERB"), ("红色", "NOUN")]  # fmt: skip
+
+
+def test_pos_ids_are_aligned_to_sub_tokens_and_zero_on_special_tokens_and_padding(tmp_path):
+    train_wordpiece(["red square", "blue circle"] * 3, vocab_size=100, out_dir=tmp_path)
+    enc = TokenEncoder(read_tokenizer_dir(tmp_path), max_length=8)
+    text = "bluer red"  # "bluer" -> "blue" "##r": both sub-tokens carry the word's tag
+    spans = [(0, 5, POS_TAGS.index("ADJ")), (6, 9, POS_TAGS.index("NOUN"))]
+    ids, mask, pos = enc.encode([text, ""], [spans, []])
+    assert enc.backend.encode(text).tokens[:5] == ["[CLS]", "blue", "##r", "red", "[SEP]"]
+    noun, adj = POS_TAGS.index("NOUN"), POS_TAGS.index("ADJ")
+    assert pos.tolist() == [[0, adj, adj, noun, 0, 0, 0, 0], [0] * 8]
+    plain_ids, plain_mask = enc([text, ""])
+    assert np.array_equal(ids, plain_ids) and np.array_equal(mask, plain_mask)  # tags change no token
+
+
+class _FakeToken:
+    def __init__(self, text: str, idx: int, pos: str):
+        self.text, self.idx, self.pos_, self.is_space = text, idx, pos, text.isspace()
+
+
+def _fake_spacy(load):
+    import types
+
+    return types.SimpleNamespace(load=load)
+
+
+def test_a_missing_spacy_or_spacy_pipeline_is_a_clear_error_naming_the_key(monkeypatch, segmenter):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy raises ImportError
+    with pytest.raises(ValueError, match=r"data.text.pos_model: 'en_core_web_sm' is a spaCy pipeline, but spaCy is "
+                                         r"not installed \(pip install spacy"):  # fmt: skip
+        PosTagger(segmenter, "en_core_web_sm")
+
+    def missing(name, exclude=()):
+        raise OSError(f"[E050] Can't find model '{name}'")
+
+    monkeypatch.setitem(sys.modules, "spacy", _fake_spacy(missing))
+    with pytest.raises(ValueError, match=r"spaCy pipeline 'xx_nope' is not installed \(python -m spacy download"):
+        check_pos_model("xx_nope")
+
+
+def test_rows_without_chinese_are_tagged_by_the_spacy_pipeline_when_one_is_named(monkeypatch, segmenter):
+    import sys
+
+    def nlp(text):
+        words, at = [], 0
+        for w in text.split(" "):
+            words.append(_FakeToken(w, text.index(w, at), {"cats": "NOUN", "sleep": "VERB"}.get(w, "SPACE")))
+            at = words[-1].idx + len(w)
+        return words
+
+    monkeypatch.setitem(sys.modules, "spacy", _fake_spacy(lambda name, exclude=(): nlp))
+    tagger = PosTagger(segmenter, "fake_pipeline")
+    assert tagger("cats sleep") == [(0, 4, POS_TAGS.index("NOUN")), (5, 10, POS_TAGS.index("VERB"))]
+    assert [POS_TAGS[t] for _, _, t in tagger("小猫 sleep")] == ["NOUN", "X"]  # a Chinese row: jieba

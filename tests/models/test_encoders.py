@@ -94,3 +94,39 @@ def test_convs_per_stage_is_a_config_key_the_builder_and_checkpoint_keep(tmp_pat
     save_checkpoint(tmp_path, model, cfg, spec.to_dict(), tasks, 50, {}, 0, {})
     assert load_info(tmp_path).model.image_encoder.convs_per_stage == 2
     load_model(tmp_path)  # the weights fit the rebuilt architecture
+
+
+def test_the_pos_embedding_changes_the_output_and_id_0_adds_nothing(batch):
+    torch.manual_seed(0)
+    plain = TinyTextEncoder(vocab_size=50, dim=16, layers=2, heads=2, max_length=8, pooling="mean").eval()
+    tagged = TinyTextEncoder(vocab_size=50, dim=16, layers=2, heads=2, max_length=8, pooling="mean", pos_vocab=18).eval()
+    tagged.load_state_dict({**tagged.state_dict(), **plain.state_dict()})  # same weights but the POS table
+    untagged = {**batch, S.POS_IDS: torch.zeros_like(batch[S.INPUT_IDS])}
+    nouns = {**batch, S.POS_IDS: torch.full_like(batch[S.INPUT_IDS], 8)}
+    with torch.no_grad():
+        torch.testing.assert_close(tagged(untagged).pooled, plain(batch).pooled)  # padding_idx 0 is all zeros
+        assert not torch.allclose(tagged(nouns).pooled, plain(batch).pooled, atol=1e-4)
+    assert tagged.pos.weight.shape == (18, 16) and tagged.pos.weight[1:].std() < 0.05
+
+
+def test_pos_tags_are_a_text_setting_the_builder_and_checkpoint_keep(tmp_path, batch):
+    from mmray.checkpoint import load_info, load_model, save_checkpoint
+    from mmray.config import ImageConfig, ModelConfig, TextConfig, TextEncoderConfig
+    from mmray.data.labels import Task
+    from mmray.data.preprocess import PreprocessSpec
+    from mmray.data.text import POS_TAGS
+    from mmray.models.builder import build_model
+
+    cfg = ModelConfig(hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2, freeze=True))
+    text, tasks = TextConfig(max_length=8, segmenter="jieba", pos_tags=True), [Task("label", "multiclass", ("a", "b"))]
+    model = build_model(cfg, text, ImageConfig(size=16), tasks, vocab_size=50)
+    encoder = model.encoders[S.TEXT]
+    assert encoder.pos.num_embeddings == len(POS_TAGS)
+    assert encoder.pos.weight.requires_grad and not encoder.embed.weight.requires_grad  # new: trains when frozen
+    spec = PreprocessSpec(tasks=tuple(tasks), text=text, image=ImageConfig(size=16))
+    save_checkpoint(tmp_path, model, cfg, spec.to_dict(), tasks, 50, {}, 0, {})
+    assert load_info(tmp_path).preprocess["text"]["pos_tags"] is True
+    rebuilt = load_model(tmp_path)  # scoring rebuilds the POS embedding from the checkpoint alone
+    inputs = {**batch, S.POS_IDS: torch.randint(0, len(POS_TAGS), batch[S.INPUT_IDS].shape)}
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(inputs)["logits"]["label"], model.eval()(inputs)["logits"]["label"])

@@ -95,3 +95,16 @@ def test_minilm_loads_offline_and_embeds_similar_sentences_closer():
     e = torch.nn.functional.normalize(pooled, dim=-1)
     assert enc.out_dim == 384 and len(enc.block_list()) == 6
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # the pretrained weights are really loaded
+
+
+def test_the_pos_embedding_is_added_to_the_word_piece_embeddings(tiny_bert_dir):
+    batch = text_batch()
+    torch.manual_seed(0)
+    plain = HFTextEncoder(load_hf_model(tiny_bert_dir), "mean").eval()
+    tagged = HFTextEncoder(load_hf_model(tiny_bert_dir), "mean", pos_vocab=18).eval()
+    untagged = {**batch, S.POS_IDS: torch.zeros_like(batch[S.INPUT_IDS])}
+    verbs = {**batch, S.POS_IDS: torch.full_like(batch[S.INPUT_IDS], 16) * batch[S.ATTENTION_MASK]}
+    with torch.no_grad():
+        # Through inputs_embeds with tag 0 everywhere: exactly the pretrained model's output.
+        torch.testing.assert_close(tagged(untagged).tokens, plain(batch).tokens)
+        assert not torch.allclose(tagged(verbs).pooled, plain(batch).pooled, atol=1e-4)
