@@ -9,9 +9,11 @@ Examples:
     mmray nightly --date yesterday --tz Europe/Berlin score.input=s3://b/events score.output=s3://b/preds
     mmray nightly --from 2024-05-01 --to 2024-05-31 score.input=s3://b/events score.output=s3://b/preds
     mmray demo --workdir work/demo
+    mmray validate-data work/data/train --config configs/demo.yaml
     mmray version
 
-Each command prints its result as one JSON object on the LAST line of stdout; its progress goes to
+Each command prints its result as one JSON object on the LAST line of stdout (validate-data: a table, or
+JSON with --json); its progress goes to
 stderr, and Ray's own output only with ``--verbose`` (or ``MMRAY_VERBOSE=1``). Errors in user input
 (config, schema, missing data, too many bad rows) exit with status 2 and a message naming the culprit;
 any other error exits with 1, naming its type and the mmray code that raised it. ``--debug`` (or
@@ -141,6 +143,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(run_demo(args.workdir, args.config, args.overrides, rows=args.rows, address=args.address))
 
 
+def cmd_validate_data(args: argparse.Namespace) -> int:
+    from mmray.config import load_config
+    from mmray.validate import CannotReadError, format_report, validate_data
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        report = validate_data(args.uri, cfg, labeled=not args.unlabeled, max_rows=args.max_rows)
+    except CannotReadError as e:
+        print(f"mmray validate-data: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, ensure_ascii=False, default=str) if args.json else format_report(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
 def cmd_version(args: argparse.Namespace) -> None:
     from mmray.console import versions
 
@@ -227,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_demo)
 
+    sp = command("validate-data", help="check a Parquet dataset as train/score would read it (exit 0 ok, 1 problems, "
+                                        "2 unreadable)")
+    sp.add_argument("uri", help="Parquet file, folder or glob; local path or s3://")
+    sp.add_argument("--unlabeled", action="store_true", help="data to score: label columns are not required")
+    sp.add_argument("--max-rows", type=int, default=None, help="check at most this many rows (default: all)")
+    sp.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    sp.add_argument("--config", default=None, help="YAML config file (columns, tokenizer, limits)")
+    sp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    sp.set_defaults(fn=cmd_validate_data)
+
     sp = command("version", help="versions of mmray (and its git sha in a checkout), Ray, torch; CUDA")
     sp.set_defaults(fn=cmd_version)
     return p
@@ -244,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     set_verbose(args.verbose or verbose())
     debug = args.debug or bool(os.environ.get("MMRAY_DEBUG"))
     try:
-        args.fn(args)
+        code = args.fn(args)
     except (ConfigError, SchemaError, LabelError, DataQualityError, FileNotFoundError, ValueError) as e:
         if debug:
             traceback.print_exc()
@@ -256,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if debug else " (--debug prints the traceback)"
         print(f"mmray {args.command}: error: {describe_error(e, expected=False)}{hint}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
