@@ -10,6 +10,7 @@ Examples:
     mmray nightly --from 2024-05-01 --to 2024-05-31 score.input=s3://b/events score.output=s3://b/preds
     mmray demo --workdir work/demo
     mmray validate-data work/data/train --config configs/demo.yaml
+    mmray report runs/<name>
     mmray version
 
 Each command prints its result as one JSON object on the LAST line of stdout (validate-data: a table, or
@@ -143,6 +144,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(run_demo(args.workdir, args.config, args.overrides, rows=args.rows, address=args.address))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from mmray.config import load_config
+    from mmray.report import write_report
+    from mmray.runtime import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.no_evaluate:
+        init_ray(args.address)
+    result = write_report(args.run_dir, cfg, evaluate=not args.no_evaluate)
+    print(f"mmray report: wrote {result['report']}", file=sys.stderr, flush=True)
+    _emit(result)
+
+
 def cmd_validate_data(args: argparse.Namespace) -> int:
     from mmray.config import load_config
     from mmray.validate import CannotReadError, format_report, validate_data
@@ -252,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default=None, help="YAML config file (columns, tokenizer, limits)")
     sp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     sp.set_defaults(fn=cmd_validate_data)
+
+    sp = command("report", help="RUN_DIR/report.html: curves, confusion, per-class scores, ablation, calibration, "
+                                 "data, config, lineage")
+    sp.add_argument("run_dir", help="a run directory (train.storage_path/train.name), local or s3://")
+    sp.add_argument("--no-evaluate", action="store_true",
+                    help="skip the evaluation on the validation split (no Ray; no confusion/ablation/calibration)")
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_report)
 
     sp = command("version", help="versions of mmray (and its git sha in a checkout), Ray, torch; CUDA")
     sp.set_defaults(fn=cmd_version)

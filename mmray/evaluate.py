@@ -37,7 +37,8 @@ from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import read_tokenizer_dir
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 
-__all__ = ["AblationEvaluator", "VARIANTS", "run_evaluation", "summarize", "variant_masks", "variant_names"]
+__all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_evaluation", "summarize", "variant_masks",
+           "variant_names"]
 
 VARIANTS = ("full", "text_masked", "image_masked")
 _MASKED = {"text_masked": S.TEXT, "image_masked": S.IMAGE}
@@ -111,8 +112,12 @@ def variant_names(model_cfg: ModelConfig) -> list[str]:
     return [*VARIANTS, *(f"unimodal.{m}" for m in aux)]
 
 
-def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, Any]:
+def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: bool = False) -> dict[str, Any]:
     """Evaluates ``checkpoint`` on the labelled Parquet at ``input_uri``; Ray must be initialised.
+
+    Args:
+        with_stats: also return the full model's ``MetricAccumulator.task_stats()`` (confusion
+            matrices, calibration bins, score histograms) as lists, under ``"stats"``.
 
     Returns:
         ``{"checkpoint", "input", "rows_in", "rows_evaluated", "rows_quarantined", "metrics":
@@ -138,8 +143,10 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, An
         num_cpus=sc.num_cpus,
         num_gpus=sc.num_gpus,
     )
-    metrics, quarantine = summarize(names, info.tasks, summaries.iter_rows())
+    accumulators, quarantine = accumulate(names, info.tasks, summaries.iter_rows())
+    metrics = {name: acc.compute() for name, acc in accumulators.items()}
     evaluated = int(metrics["full"]["rows"])
+    stats = {"stats": {t: {k: v.tolist() for k, v in st.items()} for t, st in accumulators["full"].task_stats().items()}}
     return {
         "checkpoint": storage.redact(checkpoint),
         "input": storage.redact(input_uri),
@@ -149,6 +156,7 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str) -> dict[str, An
         "metrics": metrics,
         "quarantine": quarantine[:_MAX_QUARANTINE_SAMPLES],
         "quarantine_reasons": _reasons(quarantine),
+        **(stats if with_stats else {}),
     }
 
 
@@ -160,18 +168,25 @@ def summarize(
     Returns:
         (variant -> metrics, every quarantine record).
     """
+    accumulators, quarantine = accumulate(names, tasks, summaries)
+    return {name: acc.compute() for name, acc in accumulators.items()}, quarantine
+
+
+def accumulate(
+    names: list[str], tasks: Sequence[Task], summaries: Iterable[dict]
+) -> tuple[dict[str, MetricAccumulator], list[dict]]:
+    """As ``summarize``, but each variant's accumulator (its sums), not only its metrics."""
     total, quarantine = None, []
     for row in summaries:
         state = torch.as_tensor(np.asarray(row["state"], dtype=np.float64)).reshape(len(names), -1)
         total = state if total is None else total + state
         quarantine += json.loads(row["quarantine"])
-    metrics = {}
+    accumulators = {}
     for i, name in enumerate(names):
-        acc = MetricAccumulator(tasks)
+        accumulators[name] = acc = MetricAccumulator(tasks)
         if total is not None:
             acc.load_state(total[i])
-        metrics[name] = acc.compute()
-    return metrics, quarantine
+    return accumulators, quarantine
 
 
 def _reasons(records: list[dict]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from mmray.data.labels import Task
 __all__ = ["MetricAccumulator", "per_row_loss", "task_probabilities", "weighted_row_loss"]
 
 _BINS = 200
+_CAL_BINS = 10  # multiclass calibration: rows and correct rows per top-probability bin (reliability diagram)
 
 
 def per_row_loss(task: Task, logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -76,7 +77,7 @@ class MetricAccumulator:
     def _size(t: Task) -> int:
         c = len(t.classes)
         if t.kind == "multiclass":
-            return c * c
+            return c * c + 2 * _CAL_BINS
         if t.kind == "binary":
             return 4 + 2 * _BINS  # tp fp fn tn + pos/neg histograms
         if t.kind == "multilabel":
@@ -103,8 +104,12 @@ class MetricAccumulator:
     def _batch_stats(t: Task, out: Tensor, y: Tensor) -> Tensor:
         if t.kind == "multiclass":
             c = len(t.classes)
-            idx = y.long() * c + out.argmax(-1)
-            return torch.bincount(idx, minlength=c * c).double()
+            pred = out.argmax(-1)
+            confusion = torch.bincount(y.long() * c + pred, minlength=c * c).double()
+            top = (out.softmax(-1).max(-1).values * _CAL_BINS).long().clamp(0, _CAL_BINS - 1)
+            rows = torch.bincount(top, minlength=_CAL_BINS).double()
+            correct = torch.bincount(top[pred == y.long()], minlength=_CAL_BINS).double()
+            return torch.cat([confusion, rows, correct])
         if t.kind == "regression":
             err = out.squeeze(-1).double() - y.double()
             return torch.stack([err.abs().sum(), (err**2).sum()])
@@ -128,6 +133,25 @@ class MetricAccumulator:
     def state(self) -> Tensor:
         return self._state.clone()
 
+    def task_stats(self) -> dict[str, dict[str, Tensor]]:
+        """The sums behind each task's metrics, for plots (``mmray report``): multiclass ``confusion``
+        ``[true, predicted]`` and ``calibration_rows`` / ``calibration_correct`` per top-probability
+        bin; binary and multilabel ``counts`` ``[label, (tp, fp, fn, tn)]`` and score histograms
+        ``pos_hist`` / ``neg_hist`` ``[label, bin]``; regression ``abs_err`` / ``sq_err`` sums."""
+        out = {}
+        for t, sl in self._slices():
+            st = self._state[sl]
+            if t.kind == "multiclass":
+                c = len(t.classes)
+                out[t.name] = {"confusion": st[: c * c].view(c, c), "calibration_rows": st[c * c : c * c + _CAL_BINS],
+                               "calibration_correct": st[c * c + _CAL_BINS :]}  # fmt: skip
+            elif t.kind == "regression":
+                out[t.name] = {"abs_err": st[0], "sq_err": st[1]}
+            else:
+                per = st.view(-1, 4 + 2 * _BINS)
+                out[t.name] = {"counts": per[:, :4], "pos_hist": per[:, 4 : 4 + _BINS], "neg_hist": per[:, 4 + _BINS :]}
+        return out
+
     def load_state(self, state: Tensor) -> None:
         self._state = state.detach().to(torch.float64).cpu().clone()
 
@@ -146,7 +170,7 @@ class MetricAccumulator:
 def _task_metrics(t: Task, st: Tensor, rows: float) -> dict[str, float]:
     if t.kind == "multiclass":
         c = len(t.classes)
-        cm = st.view(c, c)
+        cm = st[: c * c].view(c, c)
         total = cm.sum().clamp_min(1)
         tp = cm.diag()
         prec = tp / cm.sum(0).clamp_min(1)

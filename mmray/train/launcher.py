@@ -34,7 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
 from mmray.config import Config, config_to_dict
-from mmray.console import Ticker, doing, epoch_line, format_duration, say, train_log_level
+from mmray.console import Ticker, doing, epoch_line, format_duration, say, train_log_level, versions
 from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
@@ -45,11 +45,12 @@ from mmray.train.loop import train_loop_per_worker
 from mmray.train.tracking import check_trackers_available, read_history
 
 __all__ = [
-    "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
+    "CONFIG_FILE", "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
     "run_training", "scaling_config", "storage_root", "trainer_demand",
 ]  # fmt: skip
 
 TrainResult = dict[str, Any]  # {"run_dir", "checkpoint", "metrics"}
+CONFIG_FILE = "config.json"  # in the run dir: the resolved config (redacted) and the versions that ran it
 _TOKENIZER_SAMPLE_ROWS = 200_000  # texts used to train a WordPiece vocabulary
 
 
@@ -240,6 +241,9 @@ def run_training(cfg: Config) -> TrainResult:
     say(f"run {storage.redact(run_dir)}: {t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s), "
         f"{counts['train']['rows_used']:,} train + {counts['val']['rows_used']:,} val rows "
         f"({'cached in the object store' if prepared.cached else 'streamed'}), {t.epochs} epochs", "train")  # fmt: skip
+    resolved = {"config": config_to_dict(cfg), "versions": versions()}  # what mmray report shows as lineage
+    storage.write_text(storage.join(run_dir, CONFIG_FILE), storage.redact(json.dumps(resolved, indent=2, default=str)),
+                       cfg.storage)  # fmt: skip
     printer = EpochPrinter(run_dir, cfg)
     with Ticker(printer.poll, interval_s=2.0):
         result = build_trainer(cfg, prepared, root, name).fit()

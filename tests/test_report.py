@@ -1,0 +1,110 @@
+"""``mmray report`` on a run directory made by hand (no Ray, no training): every section is there,
+every plot is an inline PNG that decodes, nothing is fetched from outside the file, and a real headless
+Chromium renders it to a non-blank page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mmray import cli
+from mmray.config import Config, config_to_dict
+from mmray.report import SECTIONS, load_run, render_report
+
+TASKS = [{"name": "label", "kind": "multiclass", "classes": ["cat", "dog", "fox"]},
+         {"name": "spam", "kind": "binary", "classes": ["0", "1"]}]  # fmt: skip
+
+
+def _history(epochs: int) -> list[dict]:
+    return [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1), "val_accuracy": 0.5 + 0.1 * e,
+             "val_macro_f1": 0.4 + 0.1 * e, "val_rows": 30.0, "rows_per_s": 100.0, "lr": 1e-3 * (epochs - e),
+             "encoder_lr": 5e-4 * (epochs - e)} for e in range(epochs)]  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "runs" / "mmray-test-run"
+    (d / "quarantine").mkdir(parents=True)
+    (d / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in _history(3)))
+    metrics = {"loss": 0.4, "accuracy": 0.7, "epoch": 2, "train_loss": 0.33,
+               "data": {"train": {"rows_in": 100, "rows_used": 98, "rows_quarantined": 2},
+                        "val": {"rows_in": 30, "rows_used": 30, "rows_quarantined": 0}}, "data_cached": True}  # fmt: skip
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "config.json").write_text(json.dumps({"config": config_to_dict(Config()), "versions": {"mmray": "0.1.0 (git abc)"}}))
+    q = pa.table({"id": ["a", "b"], "stage": ["preprocess"] * 2, "column": ["image", "image"],
+                  "error": ["undecodable image: cannot identify image file"] * 2})  # fmt: skip
+    pq.write_table(q, d / "quarantine" / "train.parquet")
+    return d
+
+
+def _evaluation() -> dict:
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 5, size=(2, 200)).tolist()
+    stats = {"label": {"confusion": [[8, 1, 1], [0, 9, 1], [2, 0, 8]], "calibration_rows": [0] * 5 + [3, 5, 7, 6, 9],
+                       "calibration_correct": [0] * 5 + [1, 3, 5, 5, 9]},
+             "spam": {"counts": [[10, 2, 3, 15]], "pos_hist": [hist[0]], "neg_hist": [hist[1]]}}  # fmt: skip
+    metrics = {v: {"loss": 0.4 + i, "accuracy": 0.83 - 0.2 * i, "rows": 30.0}
+               for i, v in enumerate(("full", "text_masked", "image_masked"))}  # fmt: skip
+    return {"metrics": metrics, "stats": stats, "rows_evaluated": 30, "rows_quarantined": 0}
+
+
+def _pngs(page: str) -> list[Image.Image]:
+    images = []
+    for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        img.load()  # decodes every pixel
+        images.append(img)
+    return images
+
+
+def test_every_section_is_there_and_every_png_decodes(run_dir):
+    page = render_report(load_run(str(run_dir)), _evaluation(), str(run_dir / "checkpoint_epoch0002"), "f00d", TASKS)
+    for key in SECTIONS:
+        assert f'<section id="{key}">' in page
+    images = _pngs(page)
+    # loss + metrics curves, lr, 1 + 1 confusion, 2 per-class, 2 calibration
+    assert len(images) == page.count("<img") == 9
+    assert all(img.format == "PNG" and img.width > 100 and img.height > 100 for img in images)
+    # self-contained: nothing is loaded from anywhere else
+    assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page and "<link" not in page
+    for text in ("text_masked", "undecodable image", "f00d", "0.1.0 (git abc)", "&quot;epochs&quot;: 3"):
+        assert text in page, text
+
+
+def test_without_an_evaluation_the_sections_say_why(run_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MMRAY_VERBOSE", "0")
+    assert cli.main(["report", "--no-evaluate", str(run_dir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    page = (run_dir / "report.html").read_text()
+    assert result["report"] == str(run_dir / "report.html") and result["evaluated"] is False
+    assert page.count("not evaluated") == 4 and len(_pngs(page)) == 3
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium-headless-shell or chromium (.ci/run installs it)")
+def test_a_headless_browser_renders_the_report(run_dir, tmp_path):
+    page = render_report(load_run(str(run_dir)), _evaluation(), None, None, TASKS)
+    (tmp_path / "report.html").write_text(page)
+    shot = tmp_path / "shot.png"
+    # No network: every resource of the page is inline, so a page that needed one would render blank parts.
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--proxy-server=127.0.0.1:9",
+                    "--window-size=1200,3000", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (3000, 1200)
+    assert (pixels < 128).mean() > 0.01  # text and plots: not a blank page
+    assert (pixels > 250).mean() > 0.5  # the white page itself, not an error screen
