@@ -142,6 +142,15 @@ class Segmenter:
 
     def tagged(self, text: str) -> list[tuple[str, str]]:
         """(word, jieba tag) pairs covering ``text``; a known word is looked up, the rest is cut by posseg."""
+        posseg = self.load_tags()
+        known = posseg.word_tag_tab.get(text)
+        if known is not None:
+            return [(text, known)]
+        return [(p.word, p.flag) for p in posseg.cut(text)]
+
+    def load_tags(self):
+        """jieba's POS tagger over this dictionary, built once (a second or so): ``PosTagger`` builds it
+        when an actor starts rather than in its first batch."""
         if self._posseg is None:
             from jieba import posseg
 
@@ -150,10 +159,7 @@ class Segmenter:
             self._posseg = posseg.POSTokenizer.__new__(posseg.POSTokenizer)
             self._posseg.tokenizer, self._posseg.word_tag_tab = self._jieba, dict(posseg.dt.word_tag_tab)
             self._posseg.makesure_userdict_loaded()  # user words' tags (load_userdict) into word_tag_tab
-        known = self._posseg.word_tag_tab.get(text)
-        if known is not None:
-            return [(text, known)]
-        return [(p.word, p.flag) for p in self._posseg.cut(text)]
+        return self._posseg
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,6 +182,7 @@ class PosTagger:
 
     def __init__(self, segmenter: Segmenter, pos_model: str | None = None):
         self.segmenter = segmenter
+        segmenter.load_tags()
         self.nlp = _load_spacy(pos_model) if pos_model else None
 
     def __call__(self, text: str) -> list[tuple[int, int, int]]:
