@@ -64,3 +64,20 @@ def test_reordered_partition_keys_are_already_scored(tiny_checkpoint, empty_inpu
     assert first["status"] == "committed" and again["status"] == "already scored"
     assert again["run_id"] == first["run_id"] and again["output"] == first["output"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a=1"]
+
+
+def test_scoring_progress_counts_the_rows_of_finished_part_files(tmp_path, capsys):
+    import pyarrow as pa
+    from pyarrow import fs as pafs
+
+    stage = commit.Staging(commit.Target(str(tmp_path / "out")), "run1", pafs.LocalFileSystem(), str(tmp_path / "st"),
+                           str(tmp_path / "out"))  # fmt: skip
+    progress = job.ScoringProgress(stage, total=300)
+    progress.poll()  # nothing written yet: nothing to say
+    (tmp_path / "st" / "_raw").mkdir(parents=True)
+    pq.write_table(pa.table({"id": [str(i) for i in range(120)]}), tmp_path / "st" / "_raw" / "a.parquet")
+    (tmp_path / "st" / "_raw" / "b.parquet").write_bytes(b"PAR1 still being written")
+    progress.poll()
+    progress.poll()  # unchanged: no new line
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmray score: scored 120/300 rows (40%)  ") and " ETA " in lines[0]

@@ -46,3 +46,25 @@ def test_missing_tracker_package_fails_before_any_work(monkeypatch):
     cfg = config_from_dict({"data": {"train": "t", "val": "v"}, "train": {"tensorboard_dir": "/tmp/tb"}})
     with pytest.raises(ValueError, match="train.tensorboard_dir"):
         launcher.run_training(cfg)
+
+
+def test_epoch_printer_prints_each_new_epoch_once_with_an_eta(tmp_path, capsys):
+    import json
+
+    from mmray.config import load_config
+
+    cfg = load_config(None, ["train.epochs=4"])
+    history = tmp_path / "history.jsonl"
+    record = {"train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.75, "rows_per_s": 1000.0, "epoch_s": 8.0, "eval_s": 2.0}
+    history.write_text(json.dumps({**record, "epoch": 0}) + "\n")  # an epoch done before this run: resumed
+    printer = launcher.EpochPrinter(str(tmp_path), cfg)
+    assert capsys.readouterr().err == "mmray train: resuming: 1 epoch(s) already done\n"
+    printer.poll()
+    assert capsys.readouterr().err == ""
+    history.write_text("".join(json.dumps({**record, "epoch": e}) + "\n" for e in range(3)))
+    printer.poll()
+    printer.poll()
+    assert capsys.readouterr().err.splitlines() == [
+        "epoch 2/4  train_loss 0.5  val_loss 0.4  val_accuracy 0.750  1,000 rows/s  ETA 0:20",
+        "epoch 3/4  train_loss 0.5  val_loss 0.4  val_accuracy 0.750  1,000 rows/s  ETA 0:10",
+    ]
