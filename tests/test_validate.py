@@ -80,3 +80,14 @@ def test_a_schema_problem_is_reported_with_trainings_message(dataset, capsys, mo
     # data to score needs no label column
     assert cli.main(["validate-data", "--unlabeled", str(dataset / "good"), "data.label_column=lable",
                      *OVERRIDES]) == 0
+
+
+def test_tokens_per_row_are_counted_with_the_configured_segmenter(tmp_path):
+    from mmray.data.tasks import make_task_dataset
+
+    data = make_task_dataset("match", tmp_path, rows=60, seed=0, files_per_split=1, lang="zh")["train"]["path"]
+    tokens = {}
+    for segmenter in ("none", "jieba"):
+        cfg = load_config(None, [f"data.text.segmenter={segmenter}"])
+        tokens[segmenter] = validate_data(data, cfg)["text_tokens"]["p50"]
+    assert tokens["jieba"] < tokens["none"]  # whole words, not characters
