@@ -34,7 +34,9 @@ from ray.train.torch import TorchTrainer
 
 from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
 from mmray.config import Config, config_to_dict
-from mmray.console import Ticker, doing, epoch_line, format_duration, say, train_log_level, versions
+from mmray.console import (
+    Ticker, doing, epoch_line, format_duration, progress_interval, say, train_log_level, versions,
+)
 from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
 from mmray.data.preprocess import PreprocessSpec
@@ -245,8 +247,9 @@ def run_training(cfg: Config) -> TrainResult:
     storage.write_text(storage.join(run_dir, CONFIG_FILE), storage.redact(json.dumps(resolved, indent=2, default=str)),
                        cfg.storage)  # fmt: skip
     printer = EpochPrinter(run_dir, cfg)
-    with Ticker(printer.poll, interval_s=2.0):
+    with Ticker(printer.poll, interval_s=progress_interval()):
         result = build_trainer(cfg, prepared, root, name).fit()
+    printer.clear()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = result_uri(best.path, root)
     metrics = {k[len("val_"):]: v for k, v in result.metrics.items() if k.startswith("val_")}
@@ -264,13 +267,15 @@ def run_training(cfg: Config) -> TrainResult:
 class EpochPrinter:
     """Prints one line per finished epoch on the driver, from rank 0's record in ``history.jsonl``
     (the driver owns the terminal; the workers' own output reaches it only when verbose). Epochs that
-    were in the file before this run started (a resumed run) are announced once, not reprinted."""
+    were in the file before this run started (a resumed run) are announced once, not reprinted. On a
+    terminal a live status line (epoch running, for how long) sits under them."""
 
     def __init__(self, run_dir: str, cfg: Config):
         self.run_dir, self.cfg, self.epochs = run_dir, cfg, cfg.train.epochs
         self.done = {r["epoch"] for r in self._read()}
         self.seconds: list[float] = []  # wall time of each epoch printed (training + validation)
         self.last: dict[str, Any] | None = None
+        self.since = time.monotonic()  # when the epoch now running started (as the driver saw it)
         if self.done:
             say(f"resuming: {len(self.done)} epoch(s) already done", "train")
 
@@ -281,6 +286,7 @@ class EpochPrinter:
             return []
 
     def poll(self) -> None:
+        live = sys.stderr.isatty()
         for record in self._read():
             if record["epoch"] in self.done:
                 continue
@@ -288,8 +294,18 @@ class EpochPrinter:
             self.seconds.append(record.get("epoch_s", 0.0) + record.get("eval_s", 0.0))
             remaining = self.epochs - 1 - record["epoch"]
             eta = sum(self.seconds) / len(self.seconds) * remaining if remaining > 0 else None
-            print(epoch_line(record, self.epochs, eta), file=sys.stderr, flush=True)
-            self.last = record
+            print(("\r\033[K" if live else "") + epoch_line(record, self.epochs, eta), file=sys.stderr, flush=True)
+            self.last, self.since = record, time.monotonic()
+        if live and len(self.done) < self.epochs:  # a live status line under the epoch lines
+            running = len(self.done) + 1
+            took = f" (one takes ~{format_duration(sum(self.seconds) / len(self.seconds))})" if self.seconds else ""
+            print(f"\r\033[Kepoch {running}/{self.epochs} running {format_duration(time.monotonic() - self.since)}"
+                  f"{took}", end="", file=sys.stderr, flush=True)  # fmt: skip
+
+    def clear(self) -> None:
+        """Removes the live status line (terminal only)."""
+        if sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
     def summary(self, final: dict[str, Any]) -> str:
         """The last epoch's losses and headline metrics, and early stopping when it happened."""

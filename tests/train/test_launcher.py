@@ -68,3 +68,20 @@ def test_epoch_printer_prints_each_new_epoch_once_with_an_eta(tmp_path, capsys):
         "epoch 2/4  train_loss 0.5  val_loss 0.4  val_accuracy 0.750  1,000 rows/s  ETA 0:20",
         "epoch 3/4  train_loss 0.5  val_loss 0.4  val_accuracy 0.750  1,000 rows/s  ETA 0:10",
     ]
+
+
+def test_on_a_terminal_a_live_status_line_sits_under_the_epoch_lines(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    from mmray.config import load_config
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    printer = launcher.EpochPrinter(str(tmp_path), load_config(None, ["train.epochs=2"]))
+    printer.poll()
+    (tmp_path / "history.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 0.5, "epoch_s": 61.0}) + "\n")
+    printer.poll()
+    printer.clear()
+    err = capsys.readouterr().err
+    assert err == ("\r\033[Kepoch 1/2 running 0:00" "\r\033[Kepoch 1/2  train_loss 0.5  ETA 1:01\n"
+                   "\r\033[Kepoch 2/2 running 0:00 (one takes ~1:01)" "\r\033[K")  # fmt: skip
