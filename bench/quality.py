@@ -107,6 +107,16 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {gib:.0f} GiB, no GPU, {platform.python_version()}, git {sha}{'+dirty' if dirty else ''}"
 
 
+def start_ray() -> dict[str, str]:
+    """Starts one local Ray for every CLI run of a benchmark; returns the environment that joins it."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/recipe.yaml")
@@ -121,10 +131,7 @@ def main() -> int:
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(include_dashboard=False, log_to_driver=False)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = start_ray()
     workdir = (REPO / args.workdir).resolve()
     rows: list[dict] = []
     started = time.perf_counter()

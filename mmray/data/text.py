@@ -134,7 +134,7 @@ class Segmenter:
             self._jieba.load_userdict(io.BytesIO(lines.encode("utf-8")))
         else:
             self._jieba.initialize()
-        self._posseg = None  # built on first use: it reads the whole dictionary file again for the tags
+        self._posseg = None  # jieba.posseg over this dictionary: load_tags
 
     def words(self, text: str) -> list[str]:
         """The words of ``text`` in order; whitespace dropped (jieba returns it as words of its own)."""
