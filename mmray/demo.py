@@ -1,4 +1,5 @@
-"""``mmray demo``: synthetic data -> train -> score the test split -> accuracy, on an embedded Ray."""
+"""``mmray demo``: synthetic data -> train -> score the test split -> accuracy -> the run's report.html,
+on an embedded Ray."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pyarrow.dataset as pads
 
 from mmray.config import load_config
 from mmray.data.synthetic import make_dataset
+from mmray.report import write_report
 from mmray.runtime import init_ray
 from mmray.score.job import run_scoring
 from mmray.train.launcher import run_training
@@ -37,7 +39,8 @@ def run_demo(workdir: str, config: str | None, overrides: list[str], rows: int =
     output = os.path.join(workdir, "predictions")
     scored = run_scoring(cfg, trained["checkpoint"], splits["test"]["path"], output, overwrite=True)
     accuracy = test_accuracy(output, splits["test"]["path"])
+    report = write_report(trained["run_dir"], cfg)
     print(f"\nmmray demo: test accuracy {accuracy:.3f} ({scored['rows_scored']} rows scored)\n"
           f"  run dir:     {trained['run_dir']}\n  checkpoint:  {trained['checkpoint']}\n"
-          f"  predictions: {output}", flush=True)  # fmt: skip
-    return {"test_accuracy": accuracy, "train": trained, "score": scored}
+          f"  predictions: {output}\n  report:      {report['report']}", flush=True)  # fmt: skip
+    return {"test_accuracy": accuracy, "train": trained, "score": scored, "report": report["report"]}

@@ -97,6 +97,13 @@ def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_add
     for chatter in ("Reporting training result", "Execution plan", "TrainController", "Progress bars"):
         assert chatter not in proc.stderr + proc.stdout
     assert len((proc.stderr + proc.stdout).splitlines()) <= 30, proc.stderr + proc.stdout
+    # ... and it ends with the run's report, evaluated on the validation split
+    report = Path(res["report"])
+    assert report == Path(res["train"]["run_dir"]) / "report.html" and f"report:      {report}" in proc.stdout
+    page = report.read_text()
+    for variant in ("full", "text_masked", "image_masked"):
+        assert f"<td>{variant}</td>" in page
+    assert page.count('src="data:image/png;base64,') == 6  # curves x2, lr, confusion, per-class, calibration
 
 
 def test_a_ray_client_address_is_refused_before_connecting(trained, tmp_path):
