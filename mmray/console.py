@@ -151,14 +151,13 @@ class Ticker:
 @contextlib.contextmanager
 def doing(operation: str, path: str) -> Iterator[None]:
     """Names the object of an ``OSError`` raised inside the block that names none (``[Errno 2] No such
-    file or directory`` alone): the path is set as its filename and ``operation`` is recorded for
-    ``describe_error``."""
+    file or directory`` alone): ``describe_error`` then says ``<operation> <path>: <strerror>``. Errors
+    that carry their own message (``FileNotFoundError("train.resume_from: ...")``) are left alone."""
     try:
         yield
     except OSError as e:
-        if not e.filename:
-            e.filename = path
-            e.mmray_operation = operation  # type: ignore[attr-defined]
+        if e.strerror and not e.filename and not hasattr(e, "mmray_operation"):
+            e.mmray_operation = f"{operation} {path}"  # type: ignore[attr-defined]
         raise
 
 
@@ -179,8 +178,7 @@ def describe_error(exc: BaseException, expected: bool) -> str:
     gets the operation and path; anything else gets its type and the mmray frame that raised it."""
     message = str(exc)
     if isinstance(exc, OSError) and exc.strerror:
-        operation = getattr(exc, "mmray_operation", None)
-        where = f"{operation} {exc.filename}" if operation else (exc.filename or _cwd_hint())
+        where = exc.filename or getattr(exc, "mmray_operation", None) or _cwd_hint()
         message = f"{where}: {exc.strerror}" if where else message
         if exc.filename2:
             message += f" (and {exc.filename2})"

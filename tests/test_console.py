@@ -39,7 +39,8 @@ def test_verbosity_switches_rays_documented_settings(monkeypatch):
             assert console.ray_init_options() == {"log_to_driver": on,
                                                   "logging_level": logging.INFO if on else logging.WARNING}  # fmt: skip
             console.quiet_ray_data()
-            assert (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start) == (on,) * 3
+            flags = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
+            assert flags == (on,) * 3
             assert logging.getLogger("ray.data").level == (logging.INFO if on else logging.WARNING)
             assert console.train_log_level() == ("INFO" if on else "WARNING")
     finally:
@@ -107,3 +108,9 @@ def test_a_failing_progress_poll_never_fails_the_job():
 
     with console.Ticker(boom, interval_s=0.01):
         time.sleep(0.05)
+
+
+def test_an_oserror_with_its_own_message_is_left_alone():
+    with pytest.raises(FileNotFoundError) as info, console.doing("preparing", "/runs/x"):
+        raise FileNotFoundError("train.resume_from: /ckpt is not an mmray checkpoint (no mmray.json)")
+    assert console.describe_error(info.value, expected=True) == str(info.value)
