@@ -146,7 +146,8 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: boo
     accumulators, quarantine = accumulate(names, info.tasks, summaries.iter_rows())
     metrics = {name: acc.compute() for name, acc in accumulators.items()}
     evaluated = int(metrics["full"]["rows"])
-    stats = {"stats": {t: {k: v.tolist() for k, v in st.items()} for t, st in accumulators["full"].task_stats().items()}}
+    full = accumulators["full"].task_stats()
+    stats = {"stats": {t: {k: v.tolist() for k, v in st.items()} for t, st in full.items()}}
     return {
         "checkpoint": storage.redact(checkpoint),
         "input": storage.redact(input_uri),
@@ -178,7 +179,8 @@ def accumulate(
     """As ``summarize``, but each variant's accumulator (its sums), not only its metrics."""
     total, quarantine = None, []
     for row in summaries:
-        state = torch.as_tensor(np.asarray(row["state"], dtype=np.float64)).reshape(len(names), -1)
+        state = np.array(row["state"], dtype=np.float64)  # a copy: Ray hands read-only arrays, torch warns on them
+        state = torch.as_tensor(state).reshape(len(names), -1)
         total = state if total is None else total + state
         quarantine += json.loads(row["quarantine"])
     accumulators = {}

@@ -314,7 +314,8 @@ def render_report(run: dict[str, Any], evaluation: dict[str, Any] | None, checkp
                  for split, c in metrics.get("data", {}).items()]  # fmt: skip
     data = _table(["split", "rows in", "rows used", "rows quarantined"], data_rows)
     if "data_cached" in metrics:
-        data += f'<p class="note">preprocessed splits {"cached in the object store" if metrics["data_cached"] else "streamed"}</p>'
+        where = "cached in the object store" if metrics["data_cached"] else "streamed"
+        data += f'<p class="note">preprocessed splits {where}</p>'
     for split, q in run["quarantine"].items():
         if q["reasons"]:
             data += f"<h3>top quarantine reasons: {html.escape(split)}</h3>" + _table(["reason", "rows"], q["reasons"])
@@ -354,4 +355,5 @@ def write_report(run_dir: str, cfg: Config | None = None, evaluate: bool = True)
             evaluation = run_evaluation(run_cfg, checkpoint, run_cfg.data.val, with_stats=True)
     uri = storage.join(run_dir, REPORT_FILE)
     storage.write_text(uri, render_report(run, evaluation, checkpoint, mid, tasks), run_cfg.storage)
-    return {"report": storage.redact(uri), "checkpoint": checkpoint, "model_id": mid, "evaluated": evaluation is not None}
+    return {"report": storage.redact(uri), "checkpoint": checkpoint, "model_id": mid,
+            "evaluated": evaluation is not None}

@@ -40,7 +40,8 @@ def run_dir(tmp_path):
                "data": {"train": {"rows_in": 100, "rows_used": 98, "rows_quarantined": 2},
                         "val": {"rows_in": 30, "rows_used": 30, "rows_quarantined": 0}}, "data_cached": True}  # fmt: skip
     (d / "metrics.json").write_text(json.dumps(metrics))
-    (d / "config.json").write_text(json.dumps({"config": config_to_dict(Config()), "versions": {"mmray": "0.1.0 (git abc)"}}))
+    saved = {"config": config_to_dict(Config()), "versions": {"mmray": "0.1.0 (git abc)"}}
+    (d / "config.json").write_text(json.dumps(saved))
     q = pa.table({"id": ["a", "b"], "stage": ["preprocess"] * 2, "column": ["image", "image"],
                   "error": ["undecodable image: cannot identify image file"] * 2})  # fmt: skip
     pq.write_table(q, d / "quarantine" / "train.parquet")

@@ -47,7 +47,8 @@ from mmray.train.loop import train_loop_per_worker
 from mmray.train.tracking import check_trackers_available, read_history
 
 __all__ = [
-    "CONFIG_FILE", "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs", "prepare", "result_uri",
+    "CONFIG_FILE", "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs",
+    "prepare", "result_uri",
     "run_training", "scaling_config", "storage_root", "trainer_demand",
 ]  # fmt: skip
 

@@ -55,7 +55,8 @@ def test_epoch_printer_prints_each_new_epoch_once_with_an_eta(tmp_path, capsys):
 
     cfg = load_config(None, ["train.epochs=4"])
     history = tmp_path / "history.jsonl"
-    record = {"train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.75, "rows_per_s": 1000.0, "epoch_s": 8.0, "eval_s": 2.0}
+    record = {"train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.75, "rows_per_s": 1000.0, "epoch_s": 8.0,
+              "eval_s": 2.0}
     history.write_text(json.dumps({**record, "epoch": 0}) + "\n")  # an epoch done before this run: resumed
     printer = launcher.EpochPrinter(str(tmp_path), cfg)
     assert capsys.readouterr().err == "mmray train: resuming: 1 epoch(s) already done\n"
