@@ -321,7 +321,8 @@ def render_report(run: dict[str, Any], evaluation: dict[str, Any] | None, checkp
             data += f"<h3>top quarantine reasons: {html.escape(split)}</h3>" + _table(["reason", "rows"], q["reasons"])
     sections["data"] = ("Data and quarantine", data)
     config = json.dumps(run["config"], indent=2, sort_keys=True, default=str) if run["config"] else "(not recorded)"
-    sections["config"] = ("Resolved config", f"<pre>{html.escape(config)}</pre>")
+    sections["config"] = ("Resolved config", f"<details><summary>{len(config.splitlines())} lines</summary>"
+                                             f"<pre>{html.escape(config)}</pre></details>")  # fmt: skip
     lineage = [["run dir", run["run_dir"]], ["checkpoint", storage.redact(checkpoint or "(none)")],
                ["model_id", model_id or ""], *[[k, v] for k, v in run["versions"].items()],
                ["report made", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")]]  # fmt: skip
