@@ -137,38 +137,29 @@ def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
-def _curves(history: list[dict]) -> list[str]:
+def _epoch_plot(history: list[dict], keys: list[str], title: str, ylabel: str, size: tuple[float, ...] = ()) -> str:
+    """One line per key of ``history`` (those some epoch has) against the epoch, as an inline image."""
     epochs = [h["epoch"] + 1 for h in history]
-    fig, ax = _figure()
-    for key in ("train_loss", "val_loss"):
+    fig, ax = _figure(*size)
+    for key in keys:
         if any(key in h for h in history):
             ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
-    ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax.legend()
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.legend(fontsize="small")
     _epoch_axis(ax)
-    plots = [_img(_png(fig), "loss curves")]
+    return _img(_png(fig), title)
+
+
+def _curves(history: list[dict]) -> list[str]:
+    plots = [_epoch_plot(history, ["train_loss", "val_loss"], "loss", "loss")]
     metrics = sorted({k for h in history for k in h if k.startswith("val_") and k not in ("val_loss", "val_rows")})
     if metrics:
-        fig, ax = _figure()
-        for key in metrics:
-            ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
-        ax.set(xlabel="epoch", ylabel="value", title="validation metrics")
-        ax.legend(fontsize="small")
-        _epoch_axis(ax)
-        plots.append(_img(_png(fig), "validation metric curves"))
+        plots.append(_epoch_plot(history, metrics, "validation metrics", "value"))
     return plots
 
 
 def _lr(history: list[dict]) -> list[str]:
-    fig, ax = _figure(6.0, 3.0)
-    epochs = [h["epoch"] + 1 for h in history]
-    for key in ("lr", "encoder_lr"):
-        if any(key in h for h in history):
-            ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
-    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="learning rate")
-    ax.legend()
-    _epoch_axis(ax)
-    return [_img(_png(fig), "learning rate")]
+    return [_epoch_plot(history, ["lr", "encoder_lr"], "learning rate", "learning rate (end of epoch)", (6.0, 3.0))]
 
 
 def _confusion(name: str, classes: list[str], cm: np.ndarray) -> str:
