@@ -97,6 +97,12 @@ def format_count(n: float) -> str:
     return f"{int(round(n)):,}"
 
 
+def bar(fraction: float, width: int = 24) -> str:
+    """A text progress bar for terminal lines: ``[#########---------------]`` (clamped to 0..1)."""
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    return f"[{'#' * filled}{'-' * (width - filled)}]"
+
+
 # Shown after the losses when present, in this order: the metrics users read first.
 _HEADLINE = ("accuracy", "macro_f1", "auroc", "mae")
 

@@ -28,6 +28,12 @@ def test_format_duration(seconds, text):
     assert console.format_duration(seconds) == text
 
 
+@pytest.mark.parametrize("fraction, text", [(0.0, "[----]"), (0.5, "[##--]"), (0.74, "[###-]"), (1.0, "[####]"),
+                                            (1.7, "[####]"), (-1, "[----]")])  # fmt: skip
+def test_bar(fraction, text):
+    assert console.bar(fraction, width=4) == text
+
+
 def test_verbosity_switches_rays_documented_settings(monkeypatch):
     import ray.data
 

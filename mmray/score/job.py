@@ -43,7 +43,7 @@ import ray.data
 
 from mmray.checkpoint import TOKENIZER_DIR, load_info, model_id
 from mmray.config import Config
-from mmray.console import Ticker, doing, format_count, format_duration, progress_interval
+from mmray.console import Ticker, bar, doing, format_count, format_duration, progress_interval
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
@@ -102,6 +102,7 @@ class ScoringProgress:
         line = (f"mmray score: scored {done:,}/{self.total:,} rows ({done / max(self.total, 1):.0%})  "
                 f"{format_count(rate)} rows/s{eta}")  # fmt: skip
         if sys.stderr.isatty():
+            line = f"{line}  {bar(done / max(self.total, 1))}"
             print(f"\r{line}\033[K", end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
         else:
             print(line, file=sys.stderr, flush=True)

@@ -35,7 +35,7 @@ from ray.train.torch import TorchTrainer
 from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
 from mmray.config import Config, config_to_dict
 from mmray.console import (
-    Ticker, doing, epoch_line, format_duration, progress_interval, say, train_log_level, versions,
+    Ticker, bar, doing, epoch_line, format_duration, progress_interval, say, train_log_level, versions,
 )
 from mmray.data import pipeline, storage
 from mmray.data.labels import LabelCollector, Task
@@ -300,8 +300,8 @@ class EpochPrinter:
         if live and len(self.done) < self.epochs:  # a live status line under the epoch lines
             running = len(self.done) + 1
             took = f" (one takes ~{format_duration(sum(self.seconds) / len(self.seconds))})" if self.seconds else ""
-            print(f"\r\033[Kepoch {running}/{self.epochs} running {format_duration(time.monotonic() - self.since)}"
-                  f"{took}", end="", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"\r\033[K{bar(len(self.done) / self.epochs)} epoch {running}/{self.epochs} running "
+                  f"{format_duration(time.monotonic() - self.since)}{took}", end="", file=sys.stderr, flush=True)  # fmt: skip
 
     def clear(self) -> None:
         """Removes the live status line (terminal only)."""

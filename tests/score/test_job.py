@@ -81,3 +81,22 @@ def test_scoring_progress_counts_the_rows_of_finished_part_files(tmp_path, capsy
     progress.poll()  # unchanged: no new line
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("mmray score: scored 120/300 rows (40%)  ") and " ETA " in lines[0]
+
+
+def test_on_a_terminal_scoring_progress_is_one_line_with_a_bar_rewritten_in_place(tmp_path, capsys, monkeypatch):
+    import sys
+
+    import pyarrow as pa
+    from pyarrow import fs as pafs
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    stage = commit.Staging(commit.Target(str(tmp_path / "out")), "run1", pafs.LocalFileSystem(), str(tmp_path / "st"),
+                           str(tmp_path / "out"))  # fmt: skip
+    progress = job.ScoringProgress(stage, total=200)
+    (tmp_path / "st" / "_raw").mkdir(parents=True)
+    for name, rows in (("a", 50), ("b", 150)):
+        pq.write_table(pa.table({"id": [f"{name}{i}" for i in range(rows)]}), tmp_path / "st" / "_raw" / f"{name}.parquet")
+        progress.poll()
+    first, last = capsys.readouterr().err.split("\r")[1:]
+    assert first.startswith("mmray score: scored 50/200 rows (25%)") and first.endswith(f"[{'#' * 6}{'-' * 18}]\033[K")
+    assert last.startswith("mmray score: scored 200/200 rows (100%)") and last.endswith(f"[{'#' * 24}]\033[K\n")

@@ -84,5 +84,6 @@ def test_on_a_terminal_a_live_status_line_sits_under_the_epoch_lines(tmp_path, c
     printer.poll()
     printer.clear()
     err = capsys.readouterr().err
-    assert err == ("\r\033[Kepoch 1/2 running 0:00" "\r\033[Kepoch 1/2  train_loss 0.5  ETA 1:01\n"
-                   "\r\033[Kepoch 2/2 running 0:00 (one takes ~1:01)" "\r\033[K")  # fmt: skip
+    empty, half = "[" + "-" * 24 + "]", "[" + "#" * 12 + "-" * 12 + "]"
+    assert err == (f"\r\033[K{empty} epoch 1/2 running 0:00" "\r\033[Kepoch 1/2  train_loss 0.5  ETA 1:01\n"
+                   f"\r\033[K{half} epoch 2/2 running 0:00 (one takes ~1:01)" "\r\033[K")  # fmt: skip
