@@ -34,11 +34,10 @@ __all__ = ["main"]
 
 
 def _emit(obj: dict[str, Any]) -> None:
-    """The final JSON line; Ray is shut down first so no log line can follow it."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+    """The final JSON line; the Ray this command connected is released first so no log line can follow
+    it (a Ray that was running before the command, in the calling process, is left running)."""
+    if "mmray.runtime" in sys.modules:  # imported by every command that uses Ray
+        sys.modules["mmray.runtime"].release_ray()
     sys.stdout.flush()
     print(json.dumps(obj, ensure_ascii=False, default=str), flush=True)
 

@@ -17,7 +17,7 @@ import ray
 from mmray.console import quiet_ray_data, ray_init_options, say
 
 __all__ = ["READ_TASKS", "RAY_CLIENT_UNSUPPORTED", "Demand", "ResourceBudgetError", "check_resources",
-           "cluster_capacity", "init_ray", "total_demand"]  # fmt: skip
+           "cluster_capacity", "init_ray", "release_ray", "total_demand"]  # fmt: skip
 
 RAY_CLIENT_UNSUPPORTED = (
     "Ray Client addresses (ray://) cannot run mmray: Ray Data's streaming executor needs a driver "
@@ -41,6 +41,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     Raises:
         ValueError: a ``ray://`` (Ray Client) address, before connecting (see ``RAY_CLIENT_UNSUPPORTED``).
     """
+    global _connected_here
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -54,7 +55,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **ray_init_options())
         say(f"started a local Ray instance ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    _connected_here = True
     quiet_ray_data()
+
+
+_connected_here = False  # init_ray started or joined Ray in this process (not a caller before it)
+
+
+def release_ray() -> None:
+    """Disconnects (and stops an embedded instance) only when ``init_ray`` connected this process: a
+    caller that had Ray running before, such as a notebook or a test session calling ``cli.main``,
+    keeps it."""
+    global _connected_here
+    if _connected_here and ray.is_initialized():
+        ray.shutdown()
+    _connected_here = False
 
 
 class ResourceBudgetError(ValueError):

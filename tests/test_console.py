@@ -120,3 +120,15 @@ def test_an_oserror_with_its_own_message_is_left_alone():
     with pytest.raises(FileNotFoundError) as info, console.doing("preparing", "/runs/x"):
         raise FileNotFoundError("train.resume_from: /ckpt is not an mmray checkpoint (no mmray.json)")
     assert console.describe_error(info.value, expected=True) == str(info.value)
+
+
+def test_a_command_run_in_process_leaves_the_callers_ray_running(ray_session, capsys):
+    """``cli.main`` in a process whose Ray was up before (a notebook, this test session) must not shut it
+    down when it prints its result: only a Ray the command itself connected is released."""
+    from mmray import runtime
+
+    runtime.init_ray()  # already initialised: a no-op that must not claim the caller's Ray
+    assert cli.main(["version"]) == 0
+    assert ray_session.is_initialized()
+    assert ray_session.get(ray_session.put(7)) == 7  # and still usable
+    capsys.readouterr()
