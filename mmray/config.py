@@ -205,6 +205,10 @@ class TrainConfig:
     name: str | None = None  # None: a fresh unique name; reusing a name resumes that run
     resume_from: str | None = None  # a checkpoint directory to start from
     max_failures: int = 0  # worker-group restarts before the run fails
+    # "package.module:function", imported on every training worker and called as fn(rank, epoch, step)
+    # before each optimizer step: profilers, custom logging, fault drills. The module must be importable
+    # on the workers (installed, or shipped with the job's working_dir / py_modules).
+    before_step: str | None = None
     num_to_keep: int = 2  # checkpoints kept, best by checkpoint_metric
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
@@ -384,6 +388,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_failures: must be >= 0 (or -1: retry forever), got {cfg.train.max_failures}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip: must be > 0 or null (no clipping), got {cfg.train.grad_clip}")
+    hook = cfg.train.before_step
+    if hook is not None and (hook.count(":") != 1 or not all(part.replace(".", "_").isidentifier()
+                                                               for part in hook.split(":"))):  # fmt: skip
+        raise ConfigError(f"train.before_step: {hook!r} is not 'package.module:function'")
     if cfg.model.text_encoder.dim % cfg.model.text_encoder.heads:
         raise ConfigError("model.text_encoder.dim: must be divisible by model.text_encoder.heads")
     if cfg.model.fusion == "cross_attention" and cfg.model.hidden_dim % cfg.model.fusion_heads:
