@@ -9,7 +9,7 @@ What it measures (each line compares two runs of the same code that differ in on
    share of the object store in units of its blocks (up to 128 MiB); Ray 2.60 packs Parquet files that
    are small next to that into one read task, so at the default scale here (tens of MiB) the streaming
    peak still grows with the rows. Only runs much larger than a block show the bound.
-2. Driver-side streaming (label maps + tokenizer sample, ``launcher.build_tasks``/``_texts``): peak
+2. Driver-side streaming (label maps + tokenizer sample, ``prepare.build_tasks``/``sample_texts``): peak
    RSS growth of this process over N and 4N rows.
 3. Object-store bytes of the preprocessed rows with uint8 pixels vs the same rows as float32.
 4. JPEG decode time for a 1024x768 photo to a 32 px model input, with and without DCT draft scaling.
@@ -49,14 +49,13 @@ import ray  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mmray.config import Config, DataConfig, ImageConfig, PreprocessConfig, StorageConfig, TextConfig  # noqa: E402
-from mmray.data import pipeline  # noqa: E402
+from mmray.data import pipeline, prepare  # noqa: E402
 from mmray.data import schema as S  # noqa: E402
 from mmray.data.image import decode_image, resize_uint8  # noqa: E402
 from mmray.data.labels import Task  # noqa: E402
 from mmray.data.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
 from mmray.data.synthetic import SCHEMA, make_rows  # noqa: E402
 from mmray.data.text import TextNormalizer, train_wordpiece  # noqa: E402
-from mmray.train import launcher  # noqa: E402
 
 TASK = Task("label", "multiclass", ("cat_blue", "cat_red", "dog_blue", "dog_red"))
 ROWS_PER_FILE = 500  # many small files and row groups: Ray Data streams one read unit at a time
@@ -144,8 +143,9 @@ def bench_driver(uris: dict[int, str]) -> dict:
         cfg = Config(data=DataConfig(train=uri))
         files = pipeline.input_files(uri, {"label": "label", "text": "string"}, cfg.storage)
         with PeakSampler(process_rss, interval=0.01) as s:
-            tasks = launcher.build_tasks(cfg, uri, files)
-            texts = sum(1 for _ in launcher._texts(cfg, uri, files, TextNormalizer(cfg.data.text)))
+            tasks = prepare.build_tasks(cfg, uri, files)
+            normalize = TextNormalizer(cfg.data.text)
+            texts = sum(1 for _ in prepare.sample_texts(uri, files, cfg.data.text_column, normalize, cfg.storage))
         assert tasks[0].classes == TASK.classes and texts == rows
         out[rows] = {"peak_rss_growth_bytes": max(0, s.peak - s.baseline)}
     return out

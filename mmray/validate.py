@@ -1,8 +1,8 @@
 """``mmray validate-data``: what training or scoring would make of a dataset, before either runs.
 
 The checks are training's own, run in this process without Ray: the schema check of
-``pipeline.input_files`` (the same messages), the label maps of ``launcher.build_tasks``, the tokenizer
-of ``launcher.prepare_tokenizer`` and the ``Preprocessor`` actor's row checks, so every row it reports
+``pipeline.input_files`` (the same messages), the label maps of ``prepare.build_tasks``, the tokenizer
+of ``prepare.prepare_tokenizer`` and the ``Preprocessor`` actor's row checks, so every row it reports
 as quarantined would be quarantined by ``mmray train`` with the same reason. On top: rows per file,
 label distribution per task, text length in tokens, image format/mode/size on a sample, rows missing
 each modality, and duplicate ids.
@@ -115,7 +115,8 @@ def validate_data(uri: str, cfg: Config, labeled: bool = True, max_rows: int | N
         FileNotFoundError: nothing at ``uri``.
         CannotReadError: a file that is not Parquet.
     """
-    from mmray.train import launcher  # the label maps and tokenizer exactly as training builds them
+    from mmray.checkpoint import TOKENIZER_DIR
+    from mmray.data import prepare  # the label maps and tokenizer exactly as training builds them
 
     files = storage.list_parquet_files(uri, cfg.storage)
     meta = _file_metadata(uri, files, cfg)
@@ -131,10 +132,11 @@ def validate_data(uri: str, cfg: Config, labeled: bool = True, max_rows: int | N
         report["problems"] = list(report["schema_problems"])
         report["ok"] = False
         return report
-    tasks = launcher.build_tasks(cfg, uri, files) if labeled else []
+    tasks = prepare.build_tasks(cfg, uri, files) if labeled else []
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=tasks, with_labels=labeled)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_files = launcher.prepare_tokenizer(cfg, uri, files, tmp)
+        inherited = storage.join(cfg.train.resume_from, TOKENIZER_DIR) if cfg.train.resume_from else None
+        tokenizer_files = prepare.prepare_tokenizer(cfg, uri, files, tmp, inherited)
     preprocessor = Preprocessor(spec, tokenizer_files, fetch_threads=cfg.data.preprocess.fetch_threads,
                                 fetch_attempts=cfg.data.preprocess.fetch_attempts,
                                 fetch_timeout_s=cfg.data.preprocess.fetch_timeout_s)  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import uuid
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from hypothesis import settings
 
+from tests.faults import ENV_VAR
 from tests.helpers import FAKE_SECRET
 
 # Before Ray starts: workers inherit this environment.
@@ -23,6 +25,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The trigger file of tests.faults (the train.before_step hook the fault tests install): one per session.
+os.environ[ENV_VAR] = os.path.join(tempfile.gettempdir(), f"mmray-fault-{uuid.uuid4().hex[:12]}.json")
 # Fake credentials for the local S3 API server (never a real AWS account).
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 # A unique secret, set before the session's Ray starts, so that Ray workers and every CLI run hold it

@@ -34,7 +34,7 @@ import pytest
 from mmray.config import StorageConfig
 from mmray.data import storage
 from mmray.score import commit
-from mmray.train.faults import ENV_VAR
+from tests import faults
 from tests.helpers import REPO, free_port, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -101,8 +101,10 @@ def _start_node(temp_dir: Path, env: dict, head_address: str | None = None) -> d
 def cluster(s3_server):
     # Short and unique: identifies the cluster's processes, and Ray's socket paths must stay under 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="mmray-rc-"))
-    hold = root / "hold.json"  # a fault trigger (mmray.train.faults); inert while the file is absent
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MMRAY_DEBUG": "1", ENV_VAR: str(hold)}
+    # The fault trigger of tests.faults, inert while the file is absent. The nodes start with its path:
+    # their workers, which run the train.before_step hook, have the environment of `ray start`.
+    hold = root / "hold.json"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MMRAY_DEBUG": "1", faults.ENV_VAR: str(hold)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` on the nodes: this venv's
     # A worker process that has not registered after 60 s is killed and started again; on a loaded 2-core
     # machine Python start-up alone can take that long, and the restarts feed the load.
@@ -221,8 +223,8 @@ def test_losing_a_node_mid_training_resumes_from_the_committed_checkpoint(cluste
     name = "lost-node"
     hold = cluster["hold"]
     hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": JOB_TIMEOUT}))
-    args = _submit_args(cluster, "train-lost-node", _train_args(
-        cluster, data, name, **{"train.epochs": 2, "train.max_failures": 1, "data.cache": "never"}))  # fmt: skip
+    args = _submit_args(cluster, "train-lost-node", _train_args(cluster, data, name, **{
+        "train.epochs": 2, "train.max_failures": 1, "data.cache": "never", "train.before_step": faults.HOOK}))  # fmt: skip
     log = tmp_path / "lost-node.log"
     with open(log, "w") as out:
         job = subprocess.Popen(args, env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)

@@ -28,7 +28,7 @@ from mmray.config import StorageConfig
 from mmray.data import storage
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
-from mmray.train.faults import ENV_VAR
+from tests import faults
 from tests.helpers import CLI_TIMEOUT, FAKE_SECRET, kill_cli_when, run_cli
 
 pytestmark = pytest.mark.integration
@@ -99,13 +99,16 @@ def trained(s3, ray_address, tmp_path_factory) -> dict:
     sp = s3["splits"]
     args = ["train", "--config", "configs/demo.yaml", f"data.train={sp['train']['uri']}", f"data.val={sp['val']['uri']}",
             f"train.storage_path=s3://{s3['bucket']}/runs", f"train.name={RUN}", "train.epochs=2", "train.num_workers=1",
-            f"model.text_encoder.tokenizer=s3://{s3['bucket']}/tokenizers/small", *s3["common"]]  # fmt: skip
+            f"model.text_encoder.tokenizer=s3://{s3['bucket']}/tokenizers/small", f"train.before_step={faults.HOOK}",
+            *s3["common"]]  # fmt: skip
     tmp = tmp_path_factory.mktemp("s3_train")
-    hold = tmp / "hold.json"  # rank 0 waits at the start of epoch 1 until the driver is gone
-    hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": CLI_TIMEOUT}))
-    env = {**os.environ, "RAY_ADDRESS": ray_address, ENV_VAR: str(hold)}
-    first = kill_cli_when(args, env, lambda: _snapshot_has(s3, "checkpoint_epoch0000"), tmp / "first.log")
-    hold.unlink()
+    # Rank 0 waits at the start of epoch 1 until the driver is gone.
+    hold = faults.arm(rank=0, epoch=1, step=0, action="pause", max_s=CLI_TIMEOUT)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    try:
+        first = kill_cli_when(args, env, lambda: _snapshot_has(s3, "checkpoint_epoch0000"), tmp / "first.log")
+    finally:
+        hold.unlink(missing_ok=True)
     s3["logs"].append(first)
     proc = run_cli(args, ray_address)
     s3["logs"] += [proc.stdout, proc.stderr]

@@ -9,8 +9,9 @@ its own WordPiece tokenizer from the training data, as a fresh run does:
   end with exactly the reference's metrics: the tokenizer is a function of the data, resuming
   restores model, optimizer, schedule and RNG, and a fixed seed makes two fresh runs repeatable.
 * ``two_workers``: DDP on two workers (batch 32 each); one worker process is killed mid-epoch by the
-  test-only fault hook. ``train.max_failures`` restarts the group from the last checkpoint, and the
-  metrics match the one-worker reference within tolerance (different batch composition only).
+  tests' fault injector (``train.before_step=tests.faults:maybe_fail``). ``train.max_failures``
+  restarts the group from the last checkpoint, and the metrics match the one-worker reference within
+  tolerance (different batch composition only).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 
 from mmray.checkpoint import TRAIN_STATE_FILE
 from mmray.config import load_config
-from mmray.train.faults import ENV_VAR
 from mmray.train.launcher import run_training
 from mmray.train.tracking import read_history
+from tests import faults
 from tests.helpers import CLI_TIMEOUT, kill_cli_when, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -75,14 +76,16 @@ def test_reference_run_learns_and_checkpoints_every_epoch(reference, demo_data):
 
 def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_address, demo_data, tmp_path):
     root, name = tmp_path / "runs", "restarted"
-    args = ["train", "--config", "configs/demo.yaml", *overrides(demo_data, root, name, **ONE_WORKER)]
+    hooked = {**ONE_WORKER, "train.before_step": faults.HOOK}
+    args = ["train", "--config", "configs/demo.yaml", *overrides(demo_data, root, name, **hooked)]
     # Hold rank 0 at the start of epoch 1, so the kill lands after the first checkpoint and before
     # the end however slow the machine is; the held worker dies with its driver.
-    hold = tmp_path / "hold.json"
-    hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": CLI_TIMEOUT}))
-    env = {**os.environ, "RAY_ADDRESS": ray_address, ENV_VAR: str(hold)}
-    kill_cli_when(args, env, lambda: checkpoint_registered(root / name, 0), tmp_path / "first.log")
-    hold.unlink()
+    hold = faults.arm(rank=0, epoch=1, step=0, action="pause", max_s=CLI_TIMEOUT)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    try:
+        kill_cli_when(args, env, lambda: checkpoint_registered(root / name, 0), tmp_path / "first.log")
+    finally:
+        hold.unlink(missing_ok=True)  # disarmed: the rerun's hook does nothing
     before = read_history(str(root / name))
     assert [h["epoch"] for h in before] == [0]
 
@@ -137,24 +140,23 @@ def test_early_stopping_ends_the_run_and_only_the_best_checkpoint_is_kept_and_na
 @pytest.fixture(scope="module")
 def two_workers(ray_session, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("two_workers")
-    fault = root / "fault.json"
     # Rank 1 dies mid-epoch 1, once Ray Train has recorded epoch 0's checkpoint (a worker that dies
-    # within one controller poll of reporting would take that report with it: see faults.py).
-    fault.write_text(json.dumps({
-        "rank": 1, "epoch": 1, "step": 2, "max_s": CLI_TIMEOUT,
-        "wait_for": str(root / "two_workers" / "checkpoint_manager_snapshot.json"), "wait_for_text": "checkpoint_epoch0000",
+    # within one controller poll of reporting would take that report with it: see tests/faults.py).
+    fault = faults.arm(rank=1, epoch=1, step=2, max_s=CLI_TIMEOUT, wait_for_text="checkpoint_epoch0000",
+                       wait_for=str(root / "two_workers" / "checkpoint_manager_snapshot.json"))  # fmt: skip
+    cfg = load_config("configs/demo.yaml", overrides(demo_data, root, "two_workers", **{
+        "train.num_workers": 2, "train.max_failures": 1, "train.before_step": faults.HOOK,
     }))  # fmt: skip
-    cfg = load_config("configs/demo.yaml", overrides(
-        demo_data, root, "two_workers", **{"train.num_workers": 2, "train.max_failures": 1},
-    ))  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ENV_VAR, str(fault))
+    try:
         result = run_training(cfg)
-    return {"result": result, "history": read_history(result["run_dir"]), "fault": fault}
+        fired = not fault.exists()  # the hook removes the file, then exits
+    finally:
+        fault.unlink(missing_ok=True)
+    return {"result": result, "history": read_history(result["run_dir"]), "fired": fired}
 
 
 def test_worker_death_restarts_the_group_from_the_last_checkpoint(two_workers):
-    assert not two_workers["fault"].exists()  # the hook fired (it removes the file, then exits)
+    assert two_workers["fired"]
     history = two_workers["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS))  # the epoch counter never went back to 0
     assert [h["resumed_from_epoch"] for h in history] == [None, 0, 0]

@@ -31,15 +31,14 @@ from mmray.config import Config
 from mmray.data import storage
 from mmray.data.pipeline import DataQualityError
 from mmray.score import commit
+from mmray.runs import LATEST_POINTER, storage_root
 from mmray.score.job import run_scoring
-from mmray.train.launcher import storage_root
 
 __all__ = ["MAX_BACKFILL_DAYS", "PARTITION_KEY", "NightlyError", "date_range", "input_partition",
            "latest_checkpoint", "parse_date", "resolve_date", "run_backfill", "run_nightly", "time_zone",
            "yesterday"]  # fmt: skip
 
 PARTITION_KEY = "date"
-LATEST_POINTER = "latest.json"
 YESTERDAY = "yesterday"
 MAX_BACKFILL_DAYS = 3660  # ten years: a longer range is almost certainly a typo in a year
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

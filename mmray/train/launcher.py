@@ -5,6 +5,7 @@ bounded actor pool, quarantine bad rows (counts reconcile: ``rows_in == rows_use
 keep the usable rows in the object store or stream them (``data.cache``, see ``mmray.train.ingest``),
 and launch ``train_loop_per_worker`` on ``train.num_workers`` workers.
 
+The label maps and tokenizer come from ``mmray.data.prepare``; where runs live, from ``mmray.runs``.
 A run lives in ``train.storage_path/train.name``. A fresh run gets a unique name; rerunning with the
 same name (e.g. after the driver died) resumes from its latest checkpoint, because Ray Train V2
 restores the run's checkpoint manager from that directory. Worker deaths are absorbed by
@@ -19,138 +20,52 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
-from mmray.config import Config, config_to_dict
+from mmray.config import Config, TrainConfig, config_to_dict
 from mmray.console import (
     Ticker, bar, doing, epoch_line, format_duration, progress_interval, say, train_log_level, versions,
 )
 from mmray.data import pipeline, storage
-from mmray.data.labels import LabelCollector, Task
+from mmray.data.labels import Task
+from mmray.data.prepare import build_tasks, prepare_tokenizer
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.text import TextNormalizer, TokenEncoder, load_tokenizer, read_tokenizer_dir, train_wordpiece
+from mmray.data.text import TokenEncoder
+from mmray.runs import LATEST_POINTER, fresh_run_name, result_uri, storage_root
 from mmray.runtime import READ_TASKS, Demand, check_resources
-from mmray.train import faults, ingest
-from mmray.train.loop import train_loop_per_worker
+from mmray.train import ingest
+from mmray.train.hooks import load_before_step
+from mmray.train.loop import LoopInputs, train_loop_per_worker
 from mmray.train.tracking import check_trackers_available, read_history
 
 __all__ = [
-    "CONFIG_FILE", "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "fresh_run_name", "loop_inputs",
-    "prepare", "result_uri",
-    "run_training", "scaling_config", "storage_root", "trainer_demand",
+    "CONFIG_FILE", "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "loop_inputs", "prepare",
+    "run_training", "scaling_config", "trainer_demand",
 ]  # fmt: skip
 
 TrainResult = dict[str, Any]  # {"run_dir", "checkpoint", "metrics"}
 CONFIG_FILE = "config.json"  # in the run dir: the resolved config (redacted) and the versions that ran it
-_TOKENIZER_SAMPLE_ROWS = 200_000  # texts used to train a WordPiece vocabulary
 
 
-def fresh_run_name() -> str:
-    return f"mmray-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-def storage_root(cfg: Config) -> str:
-    path = cfg.train.storage_path
-    return path.rstrip("/") if storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
-
-
-def build_tasks(cfg: Config, uri: str, files: list[str]) -> list[Task]:
-    """One task per label column; label maps from the training data (sorted, deterministic).
-
-    Streams the label columns file by file, keeping only their distinct values.
-    """
-    collectors = {name: LabelCollector(name) for name in cfg.data.label_columns}
-    for batch in _batches(cfg, uri, files, list(collectors)):
-        for name, collector in collectors.items():
-            collector.add(batch.column(name))
-    return [c.task(cfg.model.tasks.get(name)) for name, c in collectors.items()]
-
-
-def _batches(cfg: Config, uri: str, files: list[str], columns: list[str]):
-    """Record batches of ``columns``, file by file (each file keeps its own schema: an all-null
-    column is typed null in one file and string in the next)."""
-    fs, _ = storage.resolve(uri, cfg.storage)
-    for path in files:
-        with fs.open_input_file(path) as f:
-            yield from pq.ParquetFile(f).iter_batches(columns=columns)
-
-
-def prepare_tokenizer(cfg: Config, uri: str, files: list[str], run_dir: str) -> dict[str, bytes]:
-    """The tokenizer's files: reused from the run dir (resume), else ``train.resume_from``'s (the
-    checkpoint's embedding rows are indexed by that vocabulary), else loaded (pretrained) or trained.
-    """
-    saved = storage.join(run_dir, TOKENIZER_DIR)
-    if storage.exists(storage.join(saved, "tokenizer_config.json"), cfg.storage):
-        return _read_tokenizer(saved, cfg)
-    enc = cfg.model.text_encoder
-    with tempfile.TemporaryDirectory() as tmp:
-        source = enc.tokenizer or (enc.name if enc.kind == "hf" else None)
-        if cfg.train.resume_from:
-            for name, data in _read_tokenizer(storage.join(cfg.train.resume_from, TOKENIZER_DIR), cfg).items():
-                Path(tmp, name).write_bytes(data)
-        elif source:
-            key = "model.text_encoder.tokenizer" if enc.tokenizer else "model.text_encoder.name"
-            try:
-                tokenizer = load_tokenizer(source, cfg.storage)
-            except (FileNotFoundError, ValueError) as e:
-                raise type(e)(f"{key}: {e}") from None
-            if tokenizer.pad_token is None:  # GPT-style vocabularies: any token works under the attention mask
-                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
-            if tokenizer.pad_token is None:
-                raise ValueError(f"{key}: tokenizer {source!r} has no pad, eos, unk or sep token to pad with")
-            tokenizer.save_pretrained(tmp)
-        else:
-            normalize = TextNormalizer(cfg.data.text, cfg.storage)
-            train_wordpiece(_texts(cfg, uri, files, normalize), cfg.data.text.vocab_size, tmp,
-                            split_cjk=cfg.data.text.segmenter == "none")  # fmt: skip
-        storage.copy_dir_to(tmp, saved, cfg.storage)
-        return read_tokenizer_dir(tmp)
-
-
-def _read_tokenizer(uri: str, cfg: Config) -> dict[str, bytes]:
-    with storage.local_dir(uri, cfg.storage) as local:
-        return read_tokenizer_dir(local)
-
-
-def _texts(cfg: Config, uri: str, files: list[str], normalize: TextNormalizer):
-    seen = 0
-    for batch in _batches(cfg, uri, files, [cfg.data.text_column]):
-        for text in batch.column(0).to_pylist():
-            text = normalize(text) if isinstance(text, str) else ""
-            if text:
-                yield text
-                seen += 1
-        if seen >= _TOKENIZER_SAMPLE_ROWS:
-            return
-
-
-def loop_inputs(cfg: Config, tasks: list[Task], spec: PreprocessSpec, tokenizer_files: dict[str, bytes],
-                vocab_size: int, train_rows: int, run_dir: str, name: str) -> dict[str, Any]:  # fmt: skip
-    """What every worker receives: plain data only (the config as a dict, tokenizer files as bytes)."""
-    return {
-        "config": config_to_dict(cfg),
-        "tasks": [t.to_dict() for t in tasks],
-        "preprocess": spec.to_dict(),
-        "tokenizer_files": tokenizer_files,
-        "vocab_size": vocab_size,
-        "train_rows": train_rows,
-        "run_dir": run_dir,
-        "run_name": name,
-        # Test-only fault injection (mmray.train.faults); read on the driver, where tests set it.
-        "fault_file": os.environ.get(faults.ENV_VAR),
-    }
+def loop_inputs(cfg: Config, prepared: Prepared, run_dir: str, name: str) -> LoopInputs:
+    """What every worker of the run ``run_dir`` receives (``name`` is its ``train.name``)."""
+    return LoopInputs(
+        config=cfg,
+        tasks=prepared.tasks,
+        preprocess=prepared.spec.to_dict(),
+        tokenizer_files=prepared.tokenizer_files,
+        vocab_size=prepared.vocab_size,
+        train_rows=prepared.counts["train"]["rows_used"],
+        run_dir=run_dir,
+        run_name=name,
+    )
 
 
 def trainer_demand(cfg: Config) -> Demand:
@@ -162,12 +77,12 @@ def trainer_demand(cfg: Config) -> Demand:
     return Demand("train.num_workers x train.resources_per_worker", t.num_workers, per_worker)
 
 
-def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+def scaling_config(train: TrainConfig) -> ray.train.ScalingConfig:
     """``train.num_workers`` x (``train.resources_per_worker`` + 1 GPU each when ``train.use_gpu``)."""
     return ray.train.ScalingConfig(
-        num_workers=cfg.train.num_workers,
-        use_gpu=cfg.train.use_gpu,
-        resources_per_worker=dict(cfg.train.resources_per_worker),
+        num_workers=train.num_workers,
+        use_gpu=train.use_gpu,
+        resources_per_worker=dict(train.resources_per_worker),
     )
 
 
@@ -191,6 +106,7 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     if not cfg.data.train or not cfg.data.val:
         raise ValueError("data.train and data.val must be set")
     check_trackers_available(cfg)
+    load_before_step(cfg.train.before_step)  # the workers import it again; a typo fails here, in seconds
     if cfg.train.resume_from and not storage.exists(storage.join(cfg.train.resume_from, BUNDLE_FILE), cfg.storage):
         raise FileNotFoundError(f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray "
                                 f"checkpoint (no {BUNDLE_FILE})")  # fmt: skip
@@ -200,7 +116,11 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     val_files = pipeline.input_files(cfg.data.val, expected, cfg.storage)
     tasks = build_tasks(cfg, cfg.data.train, train_files)
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=tasks, with_labels=True)
-    tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, run_dir)
+    # Kept in the run dir (a rerun of the run reuses it); train.resume_from's checkpoint indexes its
+    # embedding rows by its own vocabulary, so a run continuing it inherits that.
+    inherited = storage.join(cfg.train.resume_from, TOKENIZER_DIR) if cfg.train.resume_from else None
+    keep_in = storage.join(run_dir, TOKENIZER_DIR)
+    tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, keep_in, inherited)
     vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
     check_resources("mmray train (preprocessing)", [pipeline.preprocess_demand(cfg.data.preprocess), READ_TASKS])
@@ -210,13 +130,11 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
 
 def build_trainer(cfg: Config, prepared: Prepared, root: str, name: str, callbacks: tuple = ()) -> TorchTrainer:
     """The run ``root/name``'s ``TorchTrainer``, not started; ``callbacks`` are Ray Train callbacks."""
-    run_dir = storage.join(root, name)
-    inputs = loop_inputs(cfg, prepared.tasks, prepared.spec, prepared.tokenizer_files, prepared.vocab_size,
-                         prepared.counts["train"]["rows_used"], run_dir, name)  # fmt: skip
+    inputs = loop_inputs(cfg, prepared, storage.join(root, name), name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=inputs,
-        scaling_config=scaling_config(cfg),
+        train_loop_config=inputs.as_loop_config(),
+        scaling_config=scaling_config(cfg.train),
         run_config=_run_config(cfg, root, name, list(callbacks)),
         datasets=prepared.datasets,
         dataset_config=ingest.ShardConfig(equal_splits=("train",)),
@@ -261,7 +179,7 @@ def run_training(cfg: Config) -> TrainResult:
     metrics["data_cached"] = prepared.cached
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2), cfg.storage)
     pointer = {"run_dir": run_dir, "checkpoint": checkpoint_uri, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    storage.write_text(storage.join(root, "latest.json"), json.dumps(pointer, indent=2), cfg.storage)
+    storage.write_text(storage.join(root, LATEST_POINTER), json.dumps(pointer, indent=2), cfg.storage)
     return {"run_dir": run_dir, "checkpoint": checkpoint_uri, "metrics": metrics}
 
 
@@ -335,8 +253,3 @@ def _run_config(cfg: Config, root: str, name: str, callbacks: list | None = None
         callbacks=callbacks,
         logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
     )
-
-
-def result_uri(path: str, root: str) -> str:
-    """Ray reports scheme-less S3 paths; give users back a URI they can pass to ``mmray score``."""
-    return f"s3://{path}" if storage.is_s3(root) and not path.startswith("s3://") else path

@@ -9,10 +9,13 @@ scaler, epoch, step, RNG and history (``mmray.train.state``).
 
 The pieces (``build_parts``, ``train_epoch``, ``evaluate``, ``epoch_record``) take plain objects and
 run without Ray, so the unit tests drive them directly; only ``train_loop_per_worker`` talks to Ray.
+The collectives they use are in ``mmray.train.dist``; ``train.before_step`` (``mmray.train.hooks``)
+is called before every optimizer step.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,19 +26,19 @@ from typing import Any, TypeVar
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from mmray.checkpoint import save_checkpoint, unwrap
-from mmray.config import Config, config_from_dict
+from mmray.config import Config
 from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.transforms import augment
-from mmray.data.labels import Task, task_from_dict
+from mmray.data.labels import Task
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.models.builder import build_model
 from mmray.train import optim
-from mmray.train.faults import Fault, maybe_fail
+from mmray.train.dist import all_reduce, broadcast_buffers, gather_objects, print0
+from mmray.train.hooks import load_before_step
 from mmray.train.state import (
     Progress,
     early_stopping_update,
@@ -52,14 +55,30 @@ __all__ = [
     "train_epoch", "train_loop_per_worker",
 ]  # fmt: skip
 
-LoopInputs = dict[str, Any]  # built by mmray.train.launcher.loop_inputs; plain data, pickles cheaply
 T = TypeVar("T")
 
 
-def print0(*args: Any) -> None:
-    """Prints on the rank-0 worker only: the one helper for rank-0 side effects in logs."""
-    if ray.train.get_context().get_world_rank() == 0:
-        print(*args, flush=True)
+@dataclass(frozen=True)
+class LoopInputs:
+    """What every worker receives (built by ``mmray.train.launcher.loop_inputs``), pickled into
+    ``TorchTrainer``'s ``train_loop_config``. Ray Train hands the loop a dict: ``as_loop_config`` and
+    ``from_loop_config`` wrap and unwrap it."""
+
+    config: Config
+    tasks: list[Task]
+    preprocess: dict[str, Any]  # PreprocessSpec.to_dict(): the settings the checkpoint records
+    tokenizer_files: dict[str, bytes]  # file name -> contents, shipped by value: no shared storage needed
+    vocab_size: int
+    train_rows: int  # usable training rows over all workers: sets the schedule's length
+    run_dir: str
+    run_name: str
+
+    def as_loop_config(self) -> dict[str, Any]:
+        return {"inputs": self}
+
+    @staticmethod
+    def from_loop_config(loop_config: dict[str, Any]) -> LoopInputs:
+        return loop_config["inputs"]
 
 
 @dataclass
@@ -143,7 +162,7 @@ def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config,
     (``equal=True`` split), hence the same windows and collectives.
 
     Args:
-        before_step: called with the epoch's step index before each optimizer step (fault hook).
+        before_step: called with the epoch's step index before each optimizer step.
     """
     model, t = parts.model, cfg.train
     model.train()
@@ -173,37 +192,6 @@ def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config,
         rows += n
         loss_sum += loss.detach().float() * n  # stays on the device: no sync per batch
     return EpochTotals(float(loss_sum), rows, steps, float(norm_sum))
-
-
-def all_reduce(t: Tensor) -> Tensor:
-    """Sums ``t`` over all workers (identity in one process); returns it on the CPU."""
-    if dist.is_available() and dist.is_initialized():
-        # nccl reduces CUDA tensors only; gloo takes CPU tensors. float64 keeps counts exact.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-        t = t.to(device)
-        dist.all_reduce(t)
-    return t.cpu()
-
-
-def broadcast_buffers(model: nn.Module) -> None:
-    """Copies rank 0's buffers (BatchNorm running statistics) to every rank.
-
-    DDP broadcasts buffers at the start of each training forward, so after the last batch each rank
-    holds its own update; without this, ranks would validate slightly different models, none of them
-    exactly the one rank 0 checkpoints.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for buf in unwrap(model).buffers():
-            dist.broadcast(buf.data, src=0)
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """``obj`` from every rank, in rank order (``[obj]`` in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], tasks: list[Task],
@@ -283,16 +271,16 @@ def _resume(parts: Parts, cfg: Config, rank: int, world: int) -> Progress:
     return progress
 
 
-def _report(parts: Parts, cfg: Config, tasks: list[Task], inputs: LoopInputs, progress: Progress,
-            record: dict[str, Any], rank: int, trackers: list[Tracker]) -> None:  # fmt: skip
+def _report(parts: Parts, inputs: LoopInputs, progress: Progress, record: dict[str, Any], rank: int,
+            trackers: list[Tracker]) -> None:  # fmt: skip
     """Every worker reports the record; rank 0 alone writes and attaches the checkpoint."""
     rng_states = gather_objects(get_rng_state())  # each rank's own stream, restored per rank
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             save_checkpoint(
-                tmp, parts.model, cfg.model, inputs["preprocess"], tasks, inputs["vocab_size"],
-                inputs["tokenizer_files"], progress.epoch, record,
+                tmp, parts.model, inputs.config.model, inputs.preprocess, inputs.tasks, inputs.vocab_size,
+                inputs.tokenizer_files, progress.epoch, record,
                 train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rng_states),
             )  # fmt: skip
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -302,10 +290,11 @@ def _report(parts: Parts, cfg: Config, tasks: list[Task], inputs: LoopInputs, pr
         tracker.log_epoch(record, progress.history)
 
 
-def train_loop_per_worker(inputs: LoopInputs) -> None:
-    """Ray Train entry point. ``inputs`` comes from ``mmray.train.launcher.loop_inputs``."""
-    cfg: Config = config_from_dict(inputs["config"])
-    tasks = [task_from_dict(t) for t in inputs["tasks"]]
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``loop_config`` is ``LoopInputs.as_loop_config()``."""
+    inputs = LoopInputs.from_loop_config(loop_config)
+    cfg, tasks = inputs.config, inputs.tasks
+    before_step = load_before_step(cfg.train.before_step)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
@@ -313,7 +302,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
-    parts = build_parts(cfg, tasks, inputs["vocab_size"], inputs["train_rows"], world, device,
+    parts = build_parts(cfg, tasks, inputs.vocab_size, inputs.train_rows, world, device,
                         wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))  # fmt: skip
     progress = _resume(parts, cfg, rank, world)
     if progress.next_epoch >= t.epochs or (t.early_stopping.metric and progress.bad_epochs >= t.early_stopping.patience):
@@ -321,8 +310,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         print0(f"mmray: run already finished at epoch {progress.epoch}")
         ray.train.report(progress.history[-1] if progress.history else {"epoch": progress.epoch})
         return
-    trackers = make_trackers(cfg, inputs["run_dir"], inputs["run_name"]) if rank == 0 else []
-    fault = Fault(inputs["fault_file"]) if inputs.get("fault_file") else None
+    trackers = make_trackers(cfg, inputs.run_dir, inputs.run_name) if rank == 0 else []
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     iter_kwargs = {"batch_size": t.batch_size, "device": device, "prefetch_batches": t.prefetch_batches}
     try:
@@ -331,7 +319,8 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
             batches = train_shard.iter_torch_batches(
                 **iter_kwargs, local_shuffle_buffer_size=max(256, 4 * t.batch_size), local_shuffle_seed=t.seed + epoch
             )
-            totals = train_epoch(parts, batches, cfg, tasks, lambda step: maybe_fail(fault, rank, epoch, step))
+            hook = functools.partial(before_step, rank, epoch) if before_step else None
+            totals = train_epoch(parts, batches, cfg, tasks, hook)
             train_s = time.perf_counter() - started
             summed = all_reduce(torch.tensor([totals.loss_sum, totals.rows, totals.grad_norm_sum, totals.steps],
                                              dtype=torch.float64))  # fmt: skip
@@ -347,7 +336,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
                 t.early_stopping, record, progress.best, progress.bad_epochs
             )
             progress.history.append(record)
-            _report(parts, cfg, tasks, inputs, progress, record, rank, trackers)
+            _report(parts, inputs, progress, record, rank, trackers)
             if stop:
                 print0(f"mmray: early stopping at epoch {epoch}: {t.early_stopping.metric} did not improve "
                        f"for {progress.bad_epochs} epochs")  # fmt: skip

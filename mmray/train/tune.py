@@ -322,7 +322,7 @@ def _history(result: Any) -> list[dict[str, Any]]:
 
 
 def _rows(grid: Any, dims: list[Dimension], metric: str, mode: str, base: dict, runs: str, root: str) -> list[dict]:
-    from mmray.train.launcher import result_uri
+    from mmray.runs import result_uri
 
     best = min if mode == "min" else max
     rows = []
@@ -410,6 +410,7 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from mmray.runs import storage_root
     from mmray.runtime import init_ray
     from mmray.train import launcher
 
@@ -419,7 +420,7 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
     init_ray(address)
     own_prep = needs_own_preprocessing(dims)
     name = settings.name or fresh_tune_name()
-    root = launcher.storage_root(cfg)
+    root = storage_root(cfg)
     sweep = storage.join(root, name)
     results_uri = storage.join(sweep, "results.parquet")
     if storage.exists(results_uri, cfg.storage):

@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
-from mmray.config import config_from_dict
+from mmray.config import ConfigError, TrainConfig, config_from_dict
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.train import launcher
-from mmray.train.faults import ENV_VAR
+from mmray.train.loop import LoopInputs
 
 
 def test_scaling_config_maps_workers_gpus_and_resources():
-    cpu = launcher.scaling_config(config_from_dict({"train": {"num_workers": 3, "resources_per_worker": {"CPU": 0.5}}}))
+    cpu = launcher.scaling_config(TrainConfig(num_workers=3, resources_per_worker={"CPU": 0.5}))
     assert (cpu.num_workers, cpu.use_gpu) == (3, False)
     assert cpu._resources_per_worker_not_none == {"CPU": 0.5}
-    gpu = launcher.scaling_config(config_from_dict(
-        {"train": {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 6, "memory": 2e9}}}
-    ))  # fmt: skip
+    eight_gpus = TrainConfig(num_workers=8, use_gpu=True, resources_per_worker={"CPU": 6, "memory": 2e9})
+    gpu = launcher.scaling_config(eight_gpus)
     assert gpu.num_workers == 8 and gpu._resources_per_worker_not_none == {"CPU": 6, "memory": 2e9, "GPU": 1}
 
 
-def test_loop_inputs_are_plain_data_and_carry_the_fault_file(monkeypatch):
-    cfg = config_from_dict({"train": {"epochs": 2}})
+def test_loop_inputs_travel_to_the_workers_in_the_loop_config():
+    cfg = config_from_dict({"train": {"epochs": 2, "before_step": "tests.faults:maybe_fail"}})
     task = Task("label", "multiclass", ("a", "b"))
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=[task])
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    inputs = launcher.loop_inputs(cfg, [task], spec, {"vocab.txt": b"x"}, 10, 100, "/runs/r", "r")
-    assert inputs["fault_file"] is None and inputs["config"]["train"]["epochs"] == 2
-    assert inputs["tasks"] == [task.to_dict()] and inputs["run_name"] == "r" and inputs["train_rows"] == 100
-    monkeypatch.setenv(ENV_VAR, "/tmp/fault.json")
-    assert launcher.loop_inputs(cfg, [task], spec, {}, 10, 100, "/runs/r", "r")["fault_file"] == "/tmp/fault.json"
+    counts = {"train": {"rows_in": 101, "rows_used": 100, "rows_quarantined": 1}}
+    prepared = launcher.Prepared([task], spec, {"vocab.txt": b"x"}, 10, {}, counts, cached=True)
+    inputs = launcher.loop_inputs(cfg, prepared, "/runs/r", "r")
+    assert (inputs.train_rows, inputs.run_dir, inputs.run_name, inputs.vocab_size) == (100, "/runs/r", "r", 10)
+    assert inputs.preprocess == spec.to_dict() and inputs.tokenizer_files == {"vocab.txt": b"x"}
+    # Ray Train pickles train_loop_config and hands the loop a dict.
+    received = LoopInputs.from_loop_config(pickle.loads(pickle.dumps(inputs.as_loop_config())))
+    assert received == inputs and received.config.train.before_step == "tests.faults:maybe_fail"
+    assert received.tasks == [task]
+
+
+def test_a_before_step_hook_that_cannot_be_imported_fails_on_the_driver():
+    cfg = config_from_dict({"data": {"train": "t", "val": "v"}, "train": {"before_step": "no_such_mmray_module:hook"}})
+    with pytest.raises(ConfigError, match="train.before_step: cannot import module 'no_such_mmray_module'"):
+        launcher.run_training(cfg)  # fails before any data is read or Ray is touched
 
 
 def test_resume_from_must_be_a_checkpoint(tmp_path):

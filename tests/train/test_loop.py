@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from mmray.config import config_from_dict, config_to_dict
+from mmray.config import ConfigError, config_from_dict, config_to_dict
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.train import optim
 from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, evaluate, train_epoch, with_last
+from mmray.train.hooks import load_before_step
 from mmray.train.state import Progress
 
 CPU = torch.device("cpu")
@@ -89,6 +92,27 @@ def test_partial_last_window_is_stepped_and_hooks_see_each_step():
     assert totals.steps == 3 and seen == [0, 1, 2]  # windows of 2, 2 and a final 1
     assert parts.scheduler.last_epoch == 3
     assert all(p.grad is None for p in parts.model.parameters())  # nothing left over for next epoch
+
+
+def test_before_step_is_imported_by_name_and_called_with_rank_epoch_step(tmp_path, monkeypatch):
+    (tmp_path / "mmray_recording_hook.py").write_text(
+        "calls = []\n\ndef record(rank, epoch, step):\n    calls.append((rank, epoch, step))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mmray_recording_hook", raising=False)  # and gone again afterwards
+    hook = load_before_step("mmray_recording_hook:record")
+    cfg = cfg_with(grad_accum_steps=2)
+    # As train_loop_per_worker binds it: this worker's rank and the running epoch.
+    train_epoch(linear_parts(cfg), xy_batches(5, 4), cfg, [CLS], before_step=functools.partial(hook, 1, 2))
+    assert sys.modules["mmray_recording_hook"].calls == [(1, 2, 0), (1, 2, 1), (1, 2, 2)]
+    assert load_before_step(None) is None
+
+
+def test_a_before_step_that_cannot_be_loaded_names_the_key_and_the_module():
+    with pytest.raises(ConfigError, match="train.before_step: cannot import module 'no_such_mmray_module'"):
+        load_before_step("no_such_mmray_module:hook")
+    with pytest.raises(ConfigError, match="train.before_step: module 'tests.faults' has no function 'no_such_hook'"):
+        load_before_step("tests.faults:no_such_hook")
 
 
 def test_empty_shard_takes_no_step():
