@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmray.checkpoint import save_checkpoint  # noqa: E402
+from mmray.checkpoint import CheckpointInfo, save_checkpoint  # noqa: E402
 from mmray.config import load_config  # noqa: E402
 from mmray.data import schema as S  # noqa: E402
 from mmray.data.labels import Task  # noqa: E402
@@ -117,7 +117,8 @@ def measure(config: str, images: str, rows: int, tmp: Path) -> dict:
     train_s = cpu_seconds(lambda: train_epoch(parts, batches, cfg, [TASK]), repeat=2)
 
     ckpt = tmp / f"ckpt-{config}-{images}"
-    save_checkpoint(ckpt, parts.model, cfg.model, spec.to_dict(), [TASK], vocab, tokenizer_files, epoch=0, metrics={})
+    info = CheckpointInfo(cfg.model, spec.to_dict(), (TASK,), vocab, 0, {})
+    save_checkpoint(ckpt, parts.model, info, tokenizer_files)
     predictor = Predictor(str(ckpt), cfg.storage)
     sb = cfg.score.batch_size
     unlabeled = {k: v for k, v in out.items() if S.task_of_label_key(k) is None}

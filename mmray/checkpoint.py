@@ -9,14 +9,20 @@ Layout of a checkpoint directory::
     architecture/       per modality, what rebuilds a pretrained encoder bare (HF config.json)
     train_state.pt      optimizer, scheduler, scaler, epoch, step, RNG, history (resume only)
 
-``load_for_inference`` rebuilds tokenizer spec and model from the directory alone.
+``open_checkpoint`` is the one way in for every reader (the scoring driver and its predictor actors,
+``mmray evaluate``, reports): it fetches an ``s3://`` checkpoint to a local directory when needed,
+rebuilds preprocessing settings, tokenizer and model from that directory alone, and cleans up.
+
+This module sits above ``models/`` and ``data/``: it imports both, neither imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +31,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmray.config import ModelConfig, config_from_dict, config_to_dict
+from mmray.config import ModelConfig, StorageConfig, config_from_dict, config_to_dict
+from mmray.data import storage
 from mmray.data.labels import Task, task_from_dict
+from mmray.data.preprocess import PreprocessSpec
+from mmray.data.text import read_tokenizer_dir
+from mmray.models.builder import build_model, save_architecture
 
 __all__ = [
-    "BUNDLE_FILE", "CheckpointInfo", "FORMAT_VERSION", "TOKENIZER_DIR", "TRAIN_STATE_FILE", "WEIGHTS_FILE",
-    "load_info", "load_model", "model_id", "save_checkpoint",
+    "ARCHITECTURE_DIR", "BUNDLE_FILE", "CheckpointInfo", "FORMAT_VERSION", "OpenCheckpoint", "TOKENIZER_DIR",
+    "TRAIN_STATE_FILE", "WEIGHTS_FILE", "load_info", "load_model", "model_id", "open_checkpoint", "save_checkpoint",
 ]  # fmt: skip
 
 FORMAT_VERSION = 1
@@ -43,12 +53,19 @@ ARCHITECTURE_DIR = "architecture"  # <modality>/ config files of pretrained enco
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """What ``mmray.json`` records: what training writes and every reader gets back, field for field."""
+
     model: ModelConfig
-    preprocess: dict  # PreprocessSpec.to_dict() without the tokenizer location
-    tasks: tuple[Task, ...]
+    preprocess: dict  # PreprocessSpec.to_dict(): preprocessing settings (the tasks are the field below)
+    tasks: tuple[Task, ...]  # with their label maps
     vocab_size: int
     epoch: int
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # the epoch's record (train.checkpoint_metric picks the best by it)
+
+    def preprocess_spec(self, **deployment: Any) -> PreprocessSpec:
+        """Training's preprocessing for this checkpoint's tasks; ``deployment`` are the reader's own
+        ``PreprocessSpec`` fields (``with_labels``, ``storage``, ``image_uri_roots``)."""
+        return PreprocessSpec.from_dict(self.preprocess, tasks=self.tasks, **deployment)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,34 +76,32 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(
     directory: str | os.PathLike,
     model: nn.Module,
-    model_cfg: ModelConfig,
-    preprocess: dict,
-    tasks: list[Task],
-    vocab_size: int,
+    info: CheckpointInfo,
     tokenizer_files: dict[str, bytes],
-    epoch: int,
-    metrics: dict[str, Any],
     train_state: dict | None = None,
 ) -> None:
-    """Writes a self-describing checkpoint into ``directory`` (created if needed)."""
+    """Writes a self-describing checkpoint into ``directory`` (created if needed).
+
+    Args:
+        info: what ``load_info`` returns for this checkpoint.
+        tokenizer_files: the tokenizer's files, name -> bytes (``TOKENIZER_DIR``).
+        train_state: optimizer, scheduler, RNG ... for resuming (``TRAIN_STATE_FILE``); not for scoring.
+    """
     d = Path(directory)
     (d / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(state, str(d / WEIGHTS_FILE))
     for name, data in tokenizer_files.items():
         (d / TOKENIZER_DIR / name).write_bytes(data)
-    from mmray.models.builder import save_architecture
-
-    save_architecture(unwrap(model), d)  # pretrained encoders' configs: scoring rebuilds them offline
-    preprocess = {k: v for k, v in preprocess.items() if k not in ("tasks", "with_labels")}
+    save_architecture(unwrap(model), d / ARCHITECTURE_DIR)  # pretrained encoders' configs: rebuilt offline
     bundle = {
         "format_version": FORMAT_VERSION,
-        "model": config_to_dict(model_cfg),
-        "preprocess": preprocess,
-        "tasks": [t.to_dict() for t in tasks],
-        "vocab_size": vocab_size,
-        "epoch": epoch,
-        "metrics": metrics,
+        "model": config_to_dict(info.model),
+        "preprocess": info.preprocess,
+        "tasks": [t.to_dict() for t in info.tasks],
+        "vocab_size": info.vocab_size,
+        "epoch": info.epoch,
+        "metrics": info.metrics,
     }
     (d / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2, ensure_ascii=False), encoding="utf-8")
     if train_state is not None:
@@ -107,12 +122,10 @@ def load_info(directory: str | os.PathLike) -> CheckpointInfo:
 
 def load_model(directory: str | os.PathLike, info: CheckpointInfo | None = None) -> nn.Module:
     """Rebuilds the model from the checkpoint's config and loads its weights (eval mode, CPU)."""
-    from mmray.data.preprocess import PreprocessSpec
-    from mmray.models.builder import build_model
-
     info = info or load_info(directory)
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks)
-    model = build_model(info.model, spec.text, spec.image, info.tasks, info.vocab_size, checkpoint_dir=str(directory))
+    spec = info.preprocess_spec()
+    architecture = str(Path(directory, ARCHITECTURE_DIR))
+    model = build_model(info.model, spec.text, spec.image, info.tasks, info.vocab_size, architecture_dir=architecture)
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
     return model.eval()
 
@@ -130,3 +143,40 @@ def model_id(directory: str | os.PathLike) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """A checkpoint readable in a local directory, for as long as its ``open_checkpoint`` block lasts."""
+
+    directory: Path
+    info: CheckpointInfo
+
+    def model_id(self) -> str:
+        return model_id(self.directory)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer's files as name -> bytes, the form preprocessing actors receive."""
+        return read_tokenizer_dir(self.directory / TOKENIZER_DIR)
+
+    def load_model(self, device: str = "cpu") -> nn.Module:
+        """The model with its weights, in eval mode, on ``device``.
+
+        Raises:
+            RuntimeError: ``device`` is CUDA and this process sees none (an actor given no GPU).
+        """
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"asked for device {device!r} but this process sees no CUDA device")
+        return load_model(self.directory, self.info).to(torch.device(device))
+
+
+@contextlib.contextmanager
+def open_checkpoint(uri: str | os.PathLike, store: StorageConfig | None = None) -> Iterator[OpenCheckpoint]:
+    """A local or ``s3://`` checkpoint, opened: an S3 one is downloaded (each caller its own copy, so
+    actors on any node need no shared storage) and removed on exit; a local one is read in place.
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``, or no ``mmray.json`` there.
+    """
+    with storage.local_dir(str(uri), store) as local:
+        yield OpenCheckpoint(Path(local), load_info(local))

@@ -129,7 +129,7 @@ def cmd_nightly(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from mmray.config import load_config
-    from mmray.evaluate import run_evaluation
+    from mmray.score.ablation import run_evaluation
     from mmray.runtime import init_ray
 
     cfg = load_config(args.config, args.overrides)

@@ -14,7 +14,7 @@ mailed, attached to a ticket or opened from object storage. The plots are matplo
     lineage       run, checkpoint, model_id, mmray (git sha), Ray and torch versions
 
 The confusion matrices, per-class scores, ablation and calibration come from one run of
-``mmray.evaluate.run_evaluation`` on the run's validation split when the report is made (Ray is
+``mmray.score.ablation.run_evaluation`` on the run's validation split when the report is made (Ray is
 needed for it; ``evaluate=False`` leaves those sections saying so).
 
 Example:
@@ -28,7 +28,6 @@ import datetime as dt
 import html
 import io
 import json
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -76,6 +75,8 @@ def best_checkpoint(run_dir: str, cfg: Config) -> str | None:
 
 def load_run(run_dir: str, cfg: Config | None = None) -> dict[str, Any]:
     """What a run directory holds, read once: history, metrics, config, quarantine summaries."""
+    from mmray.data.pipeline import ranked_reasons  # imports Ray Data: only when a report is made
+
     cfg = cfg or Config()
     saved = _read_json(storage.join(run_dir, _CONFIG_FILE), cfg) or {}
     run_cfg = config_from_dict(saved["config"]) if "config" in saved else cfg
@@ -86,8 +87,8 @@ def load_run(run_dir: str, cfg: Config | None = None) -> dict[str, Any]:
                 table = pq.read_table(f"{local}/{split}.parquet")
         except (FileNotFoundError, OSError):
             continue
-        reasons = Counter(f"{r['column'] or '-'}: {str(r['error'])[:80]}" for r in table.to_pylist())
-        quarantine[split] = {"rows": table.num_rows, "reasons": reasons.most_common(_TOP_REASONS)}
+        top = ranked_reasons(table, _TOP_REASONS)
+        quarantine[split] = {"rows": table.num_rows, "reasons": [(f"{c or '-'}: {r}", n) for (c, r), n in top]}
     try:
         history = read_history(run_dir, cfg)
     except FileNotFoundError:
@@ -331,18 +332,17 @@ def write_report(run_dir: str, cfg: Config | None = None, evaluate: bool = True)
     Returns:
         ``{"report", "checkpoint", "model_id", "evaluated"}``.
     """
-    from mmray.checkpoint import load_info, model_id
+    from mmray.checkpoint import open_checkpoint
 
     run = load_run(run_dir, cfg)
     run_cfg: Config = run["run_config"]
     checkpoint = best_checkpoint(run_dir, run_cfg)
     evaluation, mid, tasks = None, None, None
     if checkpoint is not None:
-        with storage.local_dir(checkpoint, run_cfg.storage) as local:
-            mid = model_id(local)
-            tasks = [t.to_dict() for t in load_info(local).tasks]
+        with open_checkpoint(checkpoint, run_cfg.storage) as opened:
+            mid, tasks = opened.model_id(), [t.to_dict() for t in opened.info.tasks]
         if evaluate and run_cfg.data.val:
-            from mmray.evaluate import run_evaluation
+            from mmray.score.ablation import run_evaluation
 
             evaluation = run_evaluation(run_cfg, checkpoint, run_cfg.data.val, with_stats=True)
     uri = storage.join(run_dir, REPORT_FILE)

@@ -21,7 +21,7 @@ import pytest
 from mmray.checkpoint import TOKENIZER_DIR, load_info
 from mmray.data.preprocess import PreprocessSpec, Preprocessor
 from mmray.data.synthetic import make_imbalanced_rows, make_multitask_rows, make_rows, write_splits
-from mmray.evaluate import AblationEvaluator, summarize, variant_names
+from mmray.score.ablation import AblationEvaluator, accumulate, variant_names
 from tests.helpers import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -49,9 +49,9 @@ def ablations(checkpoint: str, split: str) -> dict[str, dict]:
     table = pads.dataset(split, format="parquet").to_table(columns=list(spec.input_columns()))
     batch = {c: np.array(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
     out = AblationEvaluator(checkpoint, spec.storage)(Preprocessor(spec, tokenizer)(batch))
-    metrics, quarantine = summarize(variant_names(info.model), info.tasks, [{k: v[0] for k, v in out.items()}])
+    accumulators, quarantine = accumulate(variant_names(info.model), info.tasks, [{k: v[0] for k, v in out.items()}])
     assert not quarantine
-    return metrics
+    return {name: acc.compute() for name, acc in accumulators.items()}
 
 
 def assert_beats_both_ablations(metrics: dict[str, dict], margin: float = 0.15) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["LabelCollector", "LabelError", "Task", "build_task", "infer_kind", "task_from_dict"]
+__all__ = ["LabelCollector", "LabelError", "Task", "infer_kind", "task_from_dict"]
 
 MAX_CLASSES = 100_000  # a label column with more distinct values is almost surely not categorical
 
@@ -97,17 +97,6 @@ def infer_kind(arrow_type: pa.DataType, n_distinct: int) -> str:
     if pa.types.is_floating(arrow_type):
         return "regression"
     return "binary" if n_distinct == 2 and pa.types.is_integer(arrow_type) else "multiclass"
-
-
-def build_task(name: str, kind: str, values: list[Any]) -> Task:
-    """Builds a task's label map (sorted distinct values) from the training column's values."""
-    if kind == "regression":
-        return Task(name, kind)
-    if kind == "multilabel":
-        distinct = {_label_str(x) for v in values if v is not None for x in v if x is not None}
-    else:
-        distinct = {_label_str(v) for v in values if v is not None}
-    return task_from_distinct(name, kind, distinct)
 
 
 def task_from_distinct(name: str, kind: str, distinct: set[str]) -> Task:

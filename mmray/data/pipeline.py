@@ -1,6 +1,10 @@
 """Ray Data wiring of the data layer: list + schema-check Parquet input, read it, run the preprocessing
 actor pool, and split the result into usable rows and quarantine records.
 
+Two things have one home here for every job (training, scoring, ``mmray evaluate``): the actor pool
+(``map_with_actors``) and the quarantine record (``quarantine_records`` builds it from any stream that
+carries the bookkeeping columns, ``reason_counts`` groups it for summaries).
+
 Reading is lazy and streaming (``read_parquet`` yields row-group-sized blocks, back-pressured by the
 actor pool), so the driver never holds the data; the quarantine streams to its Parquet file as well
 (``stream_quarantine``), keeping only counts, so even a mostly-bad input is bounded on the driver.
@@ -9,8 +13,11 @@ actor pool), so the driver never holds the data; the quarantine streams to its P
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,8 +30,9 @@ from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
 from mmray.runtime import Demand
 
 __all__ = [
-    "DataQualityError", "Quarantine", "check_bad_fraction", "count_rows", "input_files", "preprocess",
-    "preprocess_demand", "read_input", "stream_quarantine", "summarize_reasons", "usable_rows",
+    "DataQualityError", "Quarantine", "check_bad_fraction", "count_rows", "input_files", "map_with_actors",
+    "preprocess", "preprocess_demand", "quarantine_records", "ranked_reasons", "read_input", "reason_counts",
+    "stream_quarantine", "summarize_reasons", "usable_rows",
 ]  # fmt: skip
 
 _FOOTER_READERS = 16  # footers are tiny: parallel reads hide S3 latency on inputs of many files
@@ -100,15 +108,37 @@ def preprocess(
     ``actor`` may extend ``Preprocessor`` (scoring's ``LabeledPreprocessor``); it is constructed with
     ``(spec, tokenizer_files, *extra_args)`` and the pool settings of ``pcfg``.
     """
+    fetch = {
+        "fetch_threads": pcfg.fetch_threads,
+        "fetch_attempts": pcfg.fetch_attempts,
+        "fetch_timeout_s": pcfg.fetch_timeout_s,
+    }
+    args = (spec, tokenizer_files, *extra_args)
+    return map_with_actors(ds, actor, args, pcfg.batch_size, pcfg.concurrency, pcfg.num_cpus, kwargs=fetch)
+
+
+def map_with_actors(
+    ds: ray.data.Dataset,
+    actor: type,
+    args: tuple,
+    batch_size: int,
+    concurrency: int,
+    num_cpus: float,
+    num_gpus: float = 0.0,
+    kwargs: dict[str, Any] | None = None,
+) -> ray.data.Dataset:
+    """``ds`` mapped by a fixed pool of ``concurrency`` actors of the callable class ``actor`` (built once
+    per actor with ``args`` and ``kwargs``), on numpy batches of ``batch_size`` rows: the shape of every
+    pool mmray runs (preprocessing, prediction, ablation), so each is sized by its config section alone."""
     return ds.map_batches(
         actor,
-        fn_constructor_args=(spec, tokenizer_files, *extra_args),
-        fn_constructor_kwargs={"fetch_threads": pcfg.fetch_threads, "fetch_attempts": pcfg.fetch_attempts,
-                               "fetch_timeout_s": pcfg.fetch_timeout_s},  # fmt: skip
-        batch_size=pcfg.batch_size,
+        fn_constructor_args=args,
+        fn_constructor_kwargs=kwargs or {},
+        batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pcfg.concurrency),
-        num_cpus=pcfg.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
     )
 
 
@@ -151,7 +181,7 @@ class Quarantine:
             return
         records = records.cast(S.QUARANTINE_SCHEMA)
         self.rows += records.num_rows
-        for key, count in _reason_counts(records).items():
+        for key, count in reason_counts(records).items():
             if key in self.reasons or len(self.reasons) < _MAX_REASON_KEYS:
                 self.reasons[key] += count
         self._pending.append(records)
@@ -177,8 +207,20 @@ _QUARANTINE_ROW_GROUP = 65_536  # records buffered before a row group is written
 _MAX_REASON_KEYS = 10_000  # distinct (column, reason prefix) pairs counted for the summary; rows always are
 
 
-def _reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:
-    reasons = pc.utf8_slice_codeunits(records.column("error"), 0, 40)  # group "undecodable image: ..." variants
+def quarantine_records(rows: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> pa.Table:
+    """The quarantine record (``id, stage, column, error``; ``S.QUARANTINE_SCHEMA``) of each row with an
+    error, from anything that carries the bookkeeping columns: a preprocessed or scored Arrow batch, or
+    a numpy batch inside an actor. A row whose error is null is no good row either: it is quarantined."""
+    error = _as_string(rows[S.ERROR])
+    bad = pc.invert(pc.fill_null(pc.equal(error, ""), False))
+    columns = [_as_string(rows[S.ID]), _as_string(rows[S.ERROR_STAGE]), _as_string(rows[S.ERROR_COLUMN]), error]
+    return pa.table([pc.filter(c, bad) for c in columns], schema=S.QUARANTINE_SCHEMA)
+
+
+def reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:
+    """``(column, reason) -> rows`` over quarantine records; the reason is the error's first 40
+    characters, so variants of one problem ("undecodable image: ...") count as one."""
+    reasons = pc.utf8_slice_codeunits(records.column("error"), 0, 40)
     counts = pa.table({"column": records.column("column"), "reason": reasons}).group_by(["column", "reason"]).aggregate(
         [([], "count_all")]
     )  # fmt: skip
@@ -198,16 +240,15 @@ def stream_quarantine(ds: ray.data.Dataset, uri: str, store: StorageConfig) -> Q
     bookkeeping = ds.select_columns([S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE])
     with Quarantine(uri, store) as quarantine:
         for batch in bookkeeping.iter_batches(batch_format="pyarrow", batch_size=None):
-            error = _as_string(batch[S.ERROR])
-            bad = pc.fill_null(pc.not_equal(error, ""), False)
-            if pc.any(bad).as_py():
-                columns = [batch[S.ID], batch[S.ERROR_STAGE], batch[S.ERROR_COLUMN], error]
-                quarantine.add(pa.table([pc.filter(_as_string(c), bad) for c in columns], schema=S.QUARANTINE_SCHEMA))
+            quarantine.add(quarantine_records(batch))
     return quarantine
 
 
-def _as_string(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Ray hands an all-null column over as type null, and odd objects as a Python-object extension."""
+def _as_string(column: pa.ChunkedArray | pa.Array | np.ndarray) -> pa.ChunkedArray | pa.Array:
+    """Ray hands an all-null column over as type null, odd objects as a Python-object extension, and
+    an actor's numpy batch holds Python objects."""
+    if isinstance(column, np.ndarray):
+        return pa.array([None if v is None else str(v) for v in column.tolist()], type=pa.string())
     try:
         return pc.cast(column, pa.string())
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
@@ -231,8 +272,12 @@ def check_bad_fraction(rows_in: int, rows_bad: int, limit: float, where: str,
         )
 
 
+def ranked_reasons(quarantine: pa.Table | Quarantine, top: int | None = None) -> list[tuple[tuple[str, str], int]]:
+    """``((column, reason), rows)`` of the ``top`` (None: all) most frequent reasons, most rows first."""
+    counts = quarantine.reasons if isinstance(quarantine, Quarantine) else reason_counts(quarantine)
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+
+
 def summarize_reasons(quarantine: pa.Table | Quarantine, top: int = 3) -> str:
     """``"'column': reason (count), ..."`` for the ``top`` most frequent (column, reason) pairs."""
-    counts = quarantine.reasons if isinstance(quarantine, Quarantine) else _reason_counts(quarantine)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    return ", ".join(f"'{column}': {reason} ({count})" for (column, reason), count in ranked)
+    return ", ".join(f"'{column}': {reason} ({count})" for (column, reason), count in ranked_reasons(quarantine, top))

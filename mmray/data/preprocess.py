@@ -2,7 +2,8 @@
 
 ``Preprocessor`` is a class-based ``map_batches`` UDF: it loads the tokenizer once per actor and then
 maps batches. A row it cannot use is not dropped and does not crash the job: it comes out with a
-non-empty ``_error`` (and the column and stage), and ``keep_errors`` turns it into a quarantine record.
+non-empty ``_error`` (and the column and stage), which ``pipeline.quarantine_records`` turns into a
+quarantine record.
 Image URIs are fetched concurrently per batch, with retries on transient storage errors.
 
 It never imports torch or transformers (``TokenEncoder`` runs the tokenizer's Rust backend, Pillow
@@ -29,7 +30,7 @@ from mmray.data.text import (
     PosTagger, TextNormalizer, TokenEncoder, check_pos_model, load_stopwords, load_user_dict, shared_segmenter,
 )  # fmt: skip
 
-__all__ = ["PreprocessSpec", "Preprocessor", "keep_errors", "keep_good", "quarantine_rows"]
+__all__ = ["PreprocessSpec", "Preprocessor", "keep_good"]
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,14 @@ class PreprocessSpec:
         )  # fmt: skip
 
     def to_dict(self) -> dict:
+        """The settings a checkpoint persists; ``from_dict(d, tasks=...)`` restores the spec.
+
+        Left out: the tasks (a checkpoint stores them beside these, with their label maps), and what
+        each reader decides for itself: ``with_labels`` and the deployment details (never credentials).
+        """
         d = asdict(self)
-        d.pop("storage")  # deployment details, never persisted (and never credentials)
-        d.pop("image_uri_roots")
+        for reader_owned in ("tasks", "with_labels", "storage", "image_uri_roots"):
+            d.pop(reader_owned)
         return d
 
     @classmethod
@@ -377,18 +383,3 @@ def keep_good(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     drop = (S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE)
     return {k: v[good] for k, v in batch.items() if k not in drop}
 
-
-def keep_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows with an error, as quarantine records (``id, stage, column, error``)."""
-    bad = batch[S.ERROR] != ""
-    return quarantine_rows(batch[S.ID][bad], batch[S.ERROR_STAGE][bad], batch[S.ERROR_COLUMN][bad],
-                           batch[S.ERROR][bad])  # fmt: skip
-
-
-def quarantine_rows(ids, stages, columns, errors) -> dict[str, np.ndarray]:
-    return {
-        "id": np.asarray(ids, dtype=object),
-        "stage": np.asarray(stages, dtype=object),
-        "column": np.asarray(columns, dtype=object),
-        "error": np.asarray(errors, dtype=object),
-    }

@@ -1,8 +1,9 @@
 """The one builder: config + tasks -> ``FusionClassifier``. Owns hyperparameters, derives dimensions.
 
 ``build_model`` is used both for training (pretrained weights are loaded) and for scoring, where the
-checkpoint supplies every weight: given ``checkpoint_dir``, pretrained encoders are built bare from
-the architecture files ``save_architecture`` wrote there, so scoring never downloads anything.
+checkpoint supplies every weight: given ``architecture_dir``, pretrained encoders are built bare from
+the files ``save_architecture`` wrote there, so scoring never downloads anything. Where that directory
+lives is the checkpoint's business (``mmray.checkpoint``), not this module's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from mmray.checkpoint import ARCHITECTURE_DIR
 from mmray.config import ImageConfig, ModelConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
@@ -25,12 +25,12 @@ from mmray.models.fusion import BilinearFusion, ConcatFusion, CrossAttentionFusi
 __all__ = ["build_fusion", "build_image_encoder", "build_model", "build_text_encoder",
            "save_architecture"]  # fmt: skip
 
-def _architecture(checkpoint_dir: str | None, modality: str) -> str | None:
-    return os.path.join(checkpoint_dir, ARCHITECTURE_DIR, modality) if checkpoint_dir else None
+def _architecture(architecture_dir: str | None, modality: str) -> str | None:
+    return os.path.join(architecture_dir, modality) if architecture_dir else None
 
 
 def build_text_encoder(
-    cfg: ModelConfig, text: TextConfig, vocab_size: int, checkpoint_dir: str | None = None,
+    cfg: ModelConfig, text: TextConfig, vocab_size: int, architecture_dir: str | None = None,
     storage: StorageConfig | None = None,
 ) -> nn.Module:  # fmt: skip
     enc = cfg.text_encoder
@@ -40,7 +40,7 @@ def build_text_encoder(
     elif enc.kind == "hf":
         from mmray.models.hf import HFTextEncoder, load_hf_model
 
-        model = load_hf_model(enc.name, storage, _architecture(checkpoint_dir, S.TEXT))
+        model = load_hf_model(enc.name, storage, _architecture(architecture_dir, S.TEXT))
         module = HFTextEncoder(model, enc.pooling, pos_vocab)
         limit = getattr(module.model.config, "max_position_embeddings", None)
         if limit is not None and text.max_length > limit:
@@ -54,7 +54,7 @@ def build_text_encoder(
 
 
 def build_image_encoder(
-    cfg: ModelConfig, image: ImageConfig, checkpoint_dir: str | None = None, storage: StorageConfig | None = None
+    cfg: ModelConfig, image: ImageConfig, architecture_dir: str | None = None, storage: StorageConfig | None = None
 ) -> nn.Module:
     enc = cfg.image_encoder
     if enc.kind == "tiny":
@@ -63,7 +63,7 @@ def build_image_encoder(
         from mmray.models.vision import build_torchvision_encoder
 
         # From a checkpoint the architecture is the name alone; its weights come from the checkpoint.
-        weights = None if checkpoint_dir else enc.weights
+        weights = None if architecture_dir else enc.weights
         module = build_torchvision_encoder(enc.name, image.size, weights, storage)
     else:
         raise ValueError(f"model.image_encoder.kind: unsupported {enc.kind!r}")
@@ -99,7 +99,7 @@ def build_model(
     image: ImageConfig,
     tasks: Sequence[Task],
     vocab_size: int,
-    checkpoint_dir: str | None = None,
+    architecture_dir: str | None = None,
     storage: StorageConfig | None = None,
 ) -> FusionClassifier:
     """Assembles encoders, fusion and heads.
@@ -109,14 +109,15 @@ def build_model(
         text, image: preprocessing settings the model depends on (max length; image size, pixel mean/std).
         tasks: one head per task, output sizes from each task's label map.
         vocab_size: size of the tokenizer's vocabulary (tiny text encoder).
-        checkpoint_dir: when rebuilding from a checkpoint, pretrained encoders are built bare from the
-            architecture files stored there (weights come from the checkpoint, nothing is downloaded).
+        architecture_dir: when rebuilding from a checkpoint, its ``save_architecture`` directory:
+            pretrained encoders are built bare from it (weights come from the checkpoint, nothing is
+            downloaded).
         storage: S3 endpoint/region for ``s3://`` model directories and weight files.
     """
     encoders = nn.ModuleDict(
         {
-            S.TEXT: build_text_encoder(cfg, text, vocab_size, checkpoint_dir, storage),
-            S.IMAGE: build_image_encoder(cfg, image, checkpoint_dir, storage),
+            S.TEXT: build_text_encoder(cfg, text, vocab_size, architecture_dir, storage),
+            S.IMAGE: build_image_encoder(cfg, image, architecture_dir, storage),
         }
     )
     fusion = build_fusion(cfg, encoders)
@@ -131,7 +132,8 @@ def build_model(
 
 
 def save_architecture(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Writes what rebuilds each pretrained encoder without its source (e.g. an HF ``config.json``)."""
+    """Writes what rebuilds each pretrained encoder without its source (e.g. an HF ``config.json``), one
+    subdirectory per modality: the ``architecture_dir`` that ``build_model`` reads back."""
     for modality, encoder in model.encoders.items():
         if hasattr(encoder, "save_architecture"):
-            encoder.save_architecture(os.path.join(directory, ARCHITECTURE_DIR, modality))
+            encoder.save_architecture(os.path.join(directory, modality))

@@ -6,7 +6,7 @@ losses (gradient blending, Wang et al. 2020) keep the weaker modality's encoder 
 fused head alone would lean on the easier modality.
 
 ``forward`` = ``encode`` (run every encoder once) + ``masks`` + ``predict`` (fusion + heads), so a
-modality ablation re-runs only ``predict`` with other masks (``mmray.evaluate``).
+modality ablation re-runs only ``predict`` with other masks (``mmray.score.ablation``).
 """
 
 from __future__ import annotations

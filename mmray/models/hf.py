@@ -8,14 +8,15 @@ neither the network nor the original model directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 
 import torch
 from torch import Tensor, nn
 
 from mmray.config import StorageConfig
 from mmray.data import schema as S
+from mmray.data.storage import is_s3, local_dir
 from mmray.models.encoders import Encoded, keep_one_key, masked_mean, pos_embedding
 from mmray.models.freeze import FrozenEvalMixin
 
@@ -36,19 +37,16 @@ def load_hf_model(name: str, storage: StorageConfig | None = None, architecture_
     """
     from transformers import AutoConfig, AutoModel
 
-    from mmray.data import storage as st
-
     if architecture_dir is not None:
         return AutoModel.from_config(AutoConfig.from_pretrained(architecture_dir), dtype=torch.float32)
-    local = st.copy_dir_from(name, storage) if st.is_s3(name) else os.path.expanduser(name)
-    try:
-        # dtype pinned: transformers 5 defaults to the file's dtype, and fp16 master weights do not train.
-        return AutoModel.from_pretrained(local if os.path.isdir(local) else name, dtype=torch.float32)
-    except (OSError, ValueError) as e:  # missing dir / unknown hub id (offline: OSError), bad id
-        raise ValueError(f"model.text_encoder.name: cannot load {name!r}: {str(e)[:300]}") from None
-    finally:
-        if st.is_s3(name):
-            shutil.rmtree(local, ignore_errors=True)
+    # An s3:// directory is downloaded for the load and removed after; a hub id is not a path at all.
+    source = local_dir(name, storage) if is_s3(name) else contextlib.nullcontext(os.path.expanduser(name))
+    with source as local:
+        try:
+            # dtype pinned: transformers 5 defaults to the file's dtype, and fp16 master weights do not train.
+            return AutoModel.from_pretrained(local if os.path.isdir(local) else name, dtype=torch.float32)
+        except (OSError, ValueError) as e:  # missing dir / unknown hub id (offline: OSError), bad id
+            raise ValueError(f"model.text_encoder.name: cannot load {name!r}: {str(e)[:300]}") from None
 
 
 def _largest_module_list(model: nn.Module) -> list[nn.Module]:

@@ -5,7 +5,7 @@ those files once, on the driver (they hold predictions only: ids, classes, a few
 
 * scored rows are cast to one fixed schema, get the lineage columns, and are cut into files of exactly
   ``score.rows_per_file`` rows named ``part-00000.parquet`` ... (the last one smaller);
-* failed rows become the quarantine table (``id, stage, column, error``);
+* failed rows become the quarantine table (``pipeline.quarantine_records``: ``id, stage, column, error``);
 * with ``--evaluate``, scored rows with a usable label are folded into the metrics.
 """
 
@@ -20,8 +20,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mmray.data import schema as S
+from mmray.data.pipeline import quarantine_records
 from mmray.score.commit import QUARANTINE, QUARANTINE_FILE, Staging
-from mmray.score.evaluate import Evaluation
+from mmray.score.label_metrics import LabelMetrics
 
 __all__ = ["Finalized", "LINEAGE_FIELDS", "finalize", "lineage_schema"]
 
@@ -88,11 +89,6 @@ def _raw_files(fs: pafs.FileSystem, raw: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
-def _quarantine_rows(bad: pa.Table) -> pa.Table:
-    columns = {"id": S.ID, "stage": S.ERROR_STAGE, "column": S.ERROR_COLUMN, "error": S.ERROR}
-    return pa.table({k: bad[v].cast(pa.string()) for k, v in columns.items()}).cast(S.QUARANTINE_SCHEMA)
-
-
 def _scored_rows(good: pa.Table, schema: pa.Schema, lineage: dict[str, object]) -> pa.Table:
     n = good.num_rows
     arrays = [good[f.name].cast(f.type) for f in schema]
@@ -106,7 +102,7 @@ def finalize(
     model_id: str,
     scored_at: dt.datetime,
     rows_per_file: int,
-    evaluation: Evaluation | None = None,
+    evaluation: LabelMetrics | None = None,
     first_file: int = 0,
 ) -> Finalized:
     """Turns ``<staging>/_raw`` into ``part-*.parquet`` and ``_quarantine/part-00000.parquet`` in staging.
@@ -125,7 +121,7 @@ def finalize(
                 table = pa.Table.from_batches([batch])
                 rows_raw += table.num_rows
                 good = pc.fill_null(pc.equal(table[S.ERROR], ""), False)
-                quarantine.append(_quarantine_rows(table.filter(pc.invert(good))))
+                quarantine.append(quarantine_records(table))
                 scored = table.filter(good)
                 if evaluation is not None:
                     evaluation.update(scored)

@@ -31,7 +31,6 @@ import datetime as dt
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -41,17 +40,16 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from mmray.checkpoint import TOKENIZER_DIR, load_info, model_id
+from mmray.checkpoint import open_checkpoint
 from mmray.config import Config
 from mmray.console import Ticker, bar, doing, format_count, format_duration, progress_interval
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.text import read_tokenizer_dir
 from mmray.runtime import READ_TASKS, Demand, check_resources, init_ray
 from mmray.score import commit
-from mmray.score.evaluate import Evaluation
 from mmray.score.finalize import Finalized, finalize
+from mmray.score.label_metrics import LabelMetrics
 from mmray.score.labeled import LabeledPreprocessor
 from mmray.score.predictor import Predictor, output_schema
 
@@ -141,19 +139,11 @@ def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[
     source = pipeline.read_input(input_uri, files, cfg.storage, columns)
     if only is not None:
         source = _only_ids(source, spec.id_column, only)
-    return (
-        pipeline.preprocess(source, spec, tokenizer_files, cfg.data.preprocess, actor=LabeledPreprocessor,
-                            extra_args=(label_tasks,))  # fmt: skip
-        .map_batches(
-            Predictor,
-            fn_constructor_args=(checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks)),
-            batch_size=sc.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
-            num_cpus=sc.num_cpus,
-            num_gpus=num_gpus,
-        )
+    preprocessed = pipeline.preprocess(
+        source, spec, tokenizer_files, cfg.data.preprocess, actor=LabeledPreprocessor, extra_args=(label_tasks,)
     )
+    args = (checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks))
+    return pipeline.map_with_actors(preprocessed, Predictor, args, sc.batch_size, sc.concurrency, sc.num_cpus, num_gpus)
 
 
 def _manifest(run_id: str, scored_at: dt.datetime, checkpoint: str, mid: str, tasks: tuple[Task, ...],
@@ -258,12 +248,9 @@ def run_scoring(
     if retry_quarantined and (overwrite or evaluate):
         raise ValueError("--retry-quarantined merges into the committed result: it does not combine with "
                          f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}")  # fmt: skip
-    with doing("reading the checkpoint", checkpoint), storage.local_dir(checkpoint, cfg.storage) as local:
-        info = load_info(local)
-        mid = model_id(local)
-        tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False, storage=cfg.storage,
-                                    image_uri_roots=cfg.data.image_uri_roots)  # fmt: skip
+    with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
+        info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
+    spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
     columns = spec.input_columns()
     label_tasks = info.tasks if evaluate else ()
     columns.update({t.name: "label" for t in label_tasks})
@@ -303,7 +290,7 @@ def run_scoring(
                                         label_tasks, num_gpus, retry.ids if retry else None)  # fmt: skip
                 with Ticker(ScoringProgress(stage, rows_in).poll, progress_interval()):
                     stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
-            evaluation = Evaluation(info.tasks, info.model.loss_weights) if evaluate else None
+            evaluation = LabelMetrics(info.tasks, info.model.loss_weights) if evaluate else None
             first = len(retry.manifest["files"]) if retry else 0
             result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation,
                               first)  # fmt: skip

@@ -16,15 +16,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mmray.checkpoint import load_info, load_model, model_id
+from mmray.checkpoint import open_checkpoint
 from mmray.config import StorageConfig
 from mmray.data import schema as S
-from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.metrics import task_probabilities
 from mmray.score.labeled import LABEL_ERROR
 
-__all__ = ["Predictor", "logits_key", "output_columns", "output_schema"]
+__all__ = ["Predictor", "logits_key", "model_inputs", "output_columns", "output_schema"]
 
 _LOGITS_PREFIX = "_logits__"
 
@@ -32,6 +31,12 @@ _LOGITS_PREFIX = "_logits__"
 def logits_key(task: str) -> str:
     """Hidden column with a row's raw logits (``--evaluate`` only; never in the committed output)."""
     return f"{_LOGITS_PREFIX}{task}"
+
+
+def model_inputs(batch: dict[str, np.ndarray], rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """What the model reads (``S.MODEL_INPUTS`` present in the batch) of ``rows``, as tensors on
+    ``device``: every inference actor (prediction, ablation) hands the model exactly this."""
+    return {k: torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(device) for k in S.MODEL_INPUTS if k in batch}
 
 
 def _names(task: Task, multi: bool) -> dict[str, str]:
@@ -75,18 +80,15 @@ class Predictor:
 
     def __init__(self, checkpoint_uri: str, store: StorageConfig, expected_model_id: str | None = None,
                  device: str = "cpu", evaluate: bool = False):  # fmt: skip
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"predictor actor asked for device {device!r} but sees no CUDA device")
         self.device = torch.device(device)
-        with storage.local_dir(checkpoint_uri, store) as local:
-            found = model_id(local)
+        with open_checkpoint(checkpoint_uri, store) as checkpoint:
+            found = checkpoint.model_id()
             if expected_model_id is not None and found != expected_model_id:
                 raise RuntimeError(
                     f"checkpoint {checkpoint_uri} changed during scoring: model_id {found}, "
                     f"expected {expected_model_id}"
                 )
-            self.info = load_info(local)
-            self.model = load_model(local, self.info).to(self.device)
+            self.info, self.model = checkpoint.info, checkpoint.load_model(device)
         self.tasks = self.info.tasks
         self.evaluate = evaluate
 
@@ -102,9 +104,7 @@ class Predictor:
             columns.update({logits_key(t.name): np.full(n, None, dtype=object) for t in self.tasks})
         rows = np.flatnonzero(out[S.ERROR] == "")
         if len(rows):
-            inputs = {k: torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(self.device)
-                      for k in S.MODEL_INPUTS if k in batch}  # fmt: skip
-            logits = self.model(inputs)["logits"]
+            logits = self.model(model_inputs(batch, rows, self.device))["logits"]
             finite = np.ones(len(rows), dtype=bool)
             for t in self.tasks:
                 raw = logits[t.name].float().cpu()

@@ -95,6 +95,27 @@ def test_a_mostly_bad_input_streams_to_the_quarantine_file_in_bounded_memory(tmp
         pipeline.check_bad_fraction(12_000, q.rows, 0.1, str(where), q)
 
 
+def test_one_quarantine_record_from_a_numpy_batch_or_an_arrow_table():
+    """Actors hold numpy batches of Python objects, finalize reads Arrow: the records are the same, and a
+    row whose error is null (neither good nor explained) is quarantined rather than lost."""
+    columns = {
+        S.ID: ["a", "b", 7, None],
+        S.ERROR: ["", "bad", None, "x" * 50],
+        S.ERROR_STAGE: ["", "preprocess", "predict", "label"],
+        S.ERROR_COLUMN: ["", "image", None, "label"],
+    }
+    records = pipeline.quarantine_records({k: np.array(v, dtype=object) for k, v in columns.items()})
+    assert records.schema == S.QUARANTINE_SCHEMA
+    assert records.to_pylist() == [
+        {"id": "b", "stage": "preprocess", "column": "image", "error": "bad"},
+        {"id": "7", "stage": "predict", "column": None, "error": None},
+        {"id": None, "stage": "label", "column": "label", "error": "x" * 50},
+    ]
+    arrow = pa.table({**columns, S.ID: pa.array([1, 2, 7, None], pa.int64())})
+    assert pipeline.quarantine_records(arrow).column("id").to_pylist() == ["2", "7", None]
+    assert pipeline.ranked_reasons(records) == [(("", ""), 1), (("image", "bad"), 1), (("label", "x" * 40), 1)]
+
+
 def test_bad_fraction_aborts_naming_the_share_the_reasons_and_the_file():
     quarantine = pa.table({"id": ["a", "b", "c"], "stage": ["preprocess"] * 3, "column": ["image", "image", "text"],
                            "error": ["truncated image", "truncated image", "missing text"]})  # fmt: skip

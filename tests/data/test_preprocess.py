@@ -16,7 +16,8 @@ from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
-from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_errors, keep_good
+from mmray.data.pipeline import quarantine_records
+from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
 from mmray.data.synthetic import make_rows
 from mmray.data.text import POS_TAGS, TextNormalizer, TokenEncoder, train_wordpiece
 from tests.data.corpus import encoded
@@ -79,8 +80,9 @@ def test_bad_rows_are_flagged_not_dropped(tokenizer_files):
     assert out[S.ERROR][1] == "null id" and out[S.ERROR_COLUMN][1] == "id"
     assert "not in the label map" in out[S.ERROR][2] and out[S.ERROR_STAGE][2] == "label"
     assert out[S.ERROR][3] == "both modalities missing"
-    good, bad = keep_good(out), keep_errors(out)
-    assert len(good[S.ID]) == 0 and len(bad["id"]) == 4
+    good, bad = keep_good(out), quarantine_records(out)
+    assert len(good[S.ID]) == 0 and bad.num_rows == 4
+    assert bad.column("column").to_pylist() == ["image", "id", "label", "text,image"]
     assert S.ERROR not in good
 
 
@@ -279,8 +281,8 @@ def test_stopwords_are_resolved_into_the_spec_and_survive_a_round_trip(tmp_path,
     s = spec(text=TextConfig(max_length=16, stopwords=str(words)))
     assert s.stopword_list == ("my", "photo")
     words.unlink()  # scoring must not need the file any more
-    restored = PreprocessSpec.from_dict(s.to_dict(), storage=StorageConfig())
-    assert restored == s and "storage" not in s.to_dict()
+    restored = PreprocessSpec.from_dict(s.to_dict(), tasks=s.tasks, storage=StorageConfig())
+    assert restored == s and not {"storage", "tasks", "with_labels"} & set(s.to_dict())
     pre = Preprocessor(restored, tokenizer_files)
     assert pre.normalize_text("A photo of my cat") == "A of cat"
 
@@ -301,8 +303,8 @@ def test_random_rows_never_crash_and_every_row_is_accounted_for(tokenizer_files,
     out = Preprocessor(spec(), tokenizer_files)(batch)
     n = len(rows)
     assert all(len(v) == n for v in out.values())
-    good, bad = keep_good(out), keep_errors(out)
-    assert len(good[S.ID]) + len(bad["id"]) == n
+    good, bad = keep_good(out), quarantine_records(out)
+    assert len(good[S.ID]) + bad.num_rows == n
     for i, (raw_id, text, image, label) in enumerate(rows):
         if out[S.ERROR][i] == "":
             assert out[S.ID][i] == str(raw_id) and label in TASK.classes

@@ -60,7 +60,7 @@ def test_checkpoint_rebuilds_pretrained_encoders_without_their_sources(tiny_bert
 
     import torchvision
 
-    from mmray.checkpoint import load_model, save_checkpoint
+    from mmray.checkpoint import CheckpointInfo, load_model, save_checkpoint
     from mmray.data.preprocess import PreprocessSpec
 
     bert = tmp_path / "bert"
@@ -71,7 +71,7 @@ def test_checkpoint_rebuilds_pretrained_encoders_without_their_sources(tiny_bert
     text, image = TextConfig(max_length=8), ImageConfig(size=32)
     model = build_model(cfg, text, image, TASKS, 60).eval()
     spec = PreprocessSpec(tasks=tuple(TASKS), text=text, image=image)
-    save_checkpoint(tmp_path / "ckpt", model, cfg, spec.to_dict(), TASKS, 60, {}, 0, {})
+    save_checkpoint(tmp_path / "ckpt", model, CheckpointInfo(cfg, spec.to_dict(), tuple(TASKS), 60, 0, {}), {})
     shutil.rmtree(bert)
     weights.unlink()
     assert json.loads((tmp_path / "ckpt" / "architecture" / "text" / "config.json").read_text())["hidden_size"] == 16

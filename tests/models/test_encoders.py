@@ -79,7 +79,7 @@ def test_image_encoder_convs_per_stage_deepen_each_stage_and_keep_the_grid(convs
 
 
 def test_convs_per_stage_is_a_config_key_the_builder_and_checkpoint_keep(tmp_path):
-    from mmray.checkpoint import load_info, load_model, save_checkpoint
+    from mmray.checkpoint import CheckpointInfo, load_info, load_model, save_checkpoint
     from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
     from mmray.data.labels import Task
     from mmray.data.preprocess import PreprocessSpec
@@ -91,7 +91,7 @@ def test_convs_per_stage_is_a_config_key_the_builder_and_checkpoint_keep(tmp_pat
     model = build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), tasks, vocab_size=50)
     assert len([m for m in model.encoders[S.IMAGE].modules() if isinstance(m, torch.nn.Conv2d)]) == 6
     spec = PreprocessSpec(tasks=tuple(tasks), text=TextConfig(max_length=8), image=ImageConfig(size=16))
-    save_checkpoint(tmp_path, model, cfg, spec.to_dict(), tasks, 50, {}, 0, {})
+    save_checkpoint(tmp_path, model, CheckpointInfo(cfg, spec.to_dict(), tuple(tasks), 50, 0, {}), {})
     assert load_info(tmp_path).model.image_encoder.convs_per_stage == 2
     load_model(tmp_path)  # the weights fit the rebuilt architecture
 
@@ -110,7 +110,7 @@ def test_the_pos_embedding_changes_the_output_and_id_0_adds_nothing(batch):
 
 
 def test_pos_tags_are_a_text_setting_the_builder_and_checkpoint_keep(tmp_path, batch):
-    from mmray.checkpoint import load_info, load_model, save_checkpoint
+    from mmray.checkpoint import CheckpointInfo, load_info, load_model, save_checkpoint
     from mmray.config import ImageConfig, ModelConfig, TextConfig, TextEncoderConfig
     from mmray.data.labels import Task
     from mmray.data.preprocess import PreprocessSpec
@@ -124,7 +124,7 @@ def test_pos_tags_are_a_text_setting_the_builder_and_checkpoint_keep(tmp_path, b
     assert encoder.pos.num_embeddings == len(POS_TAGS)
     assert encoder.pos.weight.requires_grad and not encoder.embed.weight.requires_grad  # new: trains when frozen
     spec = PreprocessSpec(tasks=tuple(tasks), text=text, image=ImageConfig(size=16))
-    save_checkpoint(tmp_path, model, cfg, spec.to_dict(), tasks, 50, {}, 0, {})
+    save_checkpoint(tmp_path, model, CheckpointInfo(cfg, spec.to_dict(), tuple(tasks), 50, 0, {}), {})
     assert load_info(tmp_path).preprocess["text"]["pos_tags"] is True
     rebuilt = load_model(tmp_path)  # scoring rebuilds the POS embedding from the checkpoint alone
     inputs = {**batch, S.POS_IDS: torch.randint(0, len(POS_TAGS), batch[S.INPUT_IDS].shape)}

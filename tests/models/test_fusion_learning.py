@@ -19,13 +19,13 @@ import functools
 import pytest
 import torch
 
-from mmray.checkpoint import load_model, save_checkpoint
+from mmray.checkpoint import CheckpointInfo, load_model, save_checkpoint
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig, TrainConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.evaluate import variant_masks
 from mmray.models.builder import build_model
+from mmray.score.ablation import variant_masks
 from mmray.train import optim
 from mmray.train.loop import compute_loss
 from tests.models.conftest import FUSION_NAMES
@@ -101,7 +101,7 @@ def test_late_fusion_cannot_represent_an_interaction():
 def test_rebuilt_from_its_checkpoint_the_model_beats_both_single_modality_ablations(fusion, tmp_path):
     model, cfg = fit(fusion)
     spec = PreprocessSpec(tasks=(TASK,), text=TextConfig(max_length=LENGTH), image=ImageConfig(size=SIZE))
-    save_checkpoint(tmp_path / "ckpt", model, cfg, spec.to_dict(), [TASK], VOCAB, {}, 0, {})
+    save_checkpoint(tmp_path / "ckpt", model, CheckpointInfo(cfg, spec.to_dict(), (TASK,), VOCAB, 0, {}), {})
     rebuilt = load_model(tmp_path / "ckpt")
     held_out = xor_set(1000)
     with torch.no_grad():

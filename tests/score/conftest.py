@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmray.checkpoint import save_checkpoint
+from mmray.checkpoint import CheckpointInfo, save_checkpoint
 from mmray.config import (DataConfig, ImageConfig, ImageEncoderConfig, ModelConfig, StorageConfig, TextConfig,
                           TextEncoderConfig)  # fmt: skip
 from mmray.data.labels import Task
@@ -39,7 +39,7 @@ def make_checkpoint(directory: Path, tasks: list[Task], seed: int = 0, **data: o
     model = build_model(model_cfg, text, image, tasks, vocab_size=200)
     spec = PreprocessSpec.from_config(DataConfig(text=text, image=image, **data), StorageConfig(), tasks=tasks)
     ckpt = directory / "ckpt"
-    save_checkpoint(ckpt, model, model_cfg, spec.to_dict(), tasks, 200, tokenizer_files, epoch=0, metrics={})
+    save_checkpoint(ckpt, model, CheckpointInfo(model_cfg, spec.to_dict(), tuple(tasks), 200, 0, {}), tokenizer_files)
     return ckpt
 
 

@@ -16,8 +16,8 @@ from mmray.data import schema as S
 from mmray.data.synthetic import make_rows
 from mmray.metrics import MetricAccumulator, per_row_loss
 from mmray.score import commit
-from mmray.score.evaluate import Evaluation
 from mmray.score.finalize import finalize, lineage_schema
+from mmray.score.label_metrics import LabelMetrics
 from mmray.score.predictor import Predictor, output_schema
 from tests.score.conftest import CLASSES, TASK
 from tests.score.test_predictor import preprocessed
@@ -72,8 +72,8 @@ def test_evaluate_metrics_equal_a_direct_metric_accumulation(tmp_path, tiny_chec
     st = stage_raw(tmp_path, tiny_checkpoint, [rows], evaluate=True)
     info = load_info(tiny_checkpoint)
 
-    result = finalize(st, output_schema([TASK]), model_id(tiny_checkpoint), SCORED_AT, rows_per_file=100,
-                      evaluation=Evaluation(info.tasks, {}))  # fmt: skip
+    evaluation = LabelMetrics(info.tasks, {})
+    result = finalize(st, output_schema([TASK]), model_id(tiny_checkpoint), SCORED_AT, 100, evaluation)
 
     batch = preprocessed(tiny_checkpoint, {k: v[2:] for k, v in rows.items()})
     model = load_model(tiny_checkpoint)

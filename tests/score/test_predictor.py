@@ -10,12 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmray.checkpoint import TOKENIZER_DIR, load_info, model_id
+from mmray.checkpoint import TOKENIZER_DIR, model_id, open_checkpoint
 from mmray.config import StorageConfig
 from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
-from mmray.data.preprocess import PreprocessSpec
 from mmray.data.synthetic import make_rows
 from mmray.score.labeled import LABEL_ERROR, LabeledPreprocessor
 from mmray.score.predictor import Predictor, logits_key, output_columns, output_schema
@@ -23,9 +22,8 @@ from tests.score.conftest import CLASSES, TASK, make_checkpoint
 
 
 def preprocessed(ckpt: Path, rows: dict[str, list], label_tasks=()) -> dict[str, np.ndarray]:
-    info = load_info(ckpt)
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False)
-    tokenizer = {p.name: p.read_bytes() for p in (ckpt / TOKENIZER_DIR).iterdir()}
+    with open_checkpoint(ckpt) as opened:
+        spec, tokenizer = opened.info.preprocess_spec(with_labels=False), opened.tokenizer_files()
     return LabeledPreprocessor(spec, tokenizer, label_tasks)({k: np.array(v, dtype=object) for k, v in rows.items()})
 
 

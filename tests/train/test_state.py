@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmray.checkpoint import TRAIN_STATE_FILE, save_checkpoint
+from mmray.checkpoint import TRAIN_STATE_FILE, CheckpointInfo, save_checkpoint
 from mmray.config import EarlyStoppingConfig, config_from_dict, config_to_dict
 from mmray.data.labels import Task
 from mmray.train.loop import build_parts, train_epoch
@@ -47,8 +47,9 @@ def trained_parts(cfg):
 def save(tmp_path, parts, cfg, progress, rngs):
     from mmray.train.state import train_state
 
-    save_checkpoint(tmp_path, parts.model, cfg.model, {"text": {}, "image": {}}, [CLS], 30, {}, progress.epoch, {},
-                    train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rngs))  # fmt: skip
+    info = CheckpointInfo(cfg.model, {"text": {}, "image": {}}, (CLS,), 30, progress.epoch, {})
+    state = train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rngs)
+    save_checkpoint(tmp_path, parts.model, info, {}, state)
 
 
 def with_augment(cfg):
@@ -104,7 +105,7 @@ def test_rng_is_not_restored_when_the_world_size_changed(tmp_path):
 def test_inference_bundle_gives_weights_and_a_fresh_start(tmp_path):
     cfg = tiny_cfg(batch_size=8)
     parts = trained_parts(cfg)
-    save_checkpoint(tmp_path, parts.model, cfg.model, {"text": {}, "image": {}}, [CLS], 30, {}, 0, {})
+    save_checkpoint(tmp_path, parts.model, CheckpointInfo(cfg.model, {"text": {}, "image": {}}, (CLS,), 30, 0, {}), {})
     fresh = build_parts(cfg, [CLS], 30, 16, 1, CPU)
     progress = restore(str(tmp_path), fresh.model, fresh.optimizer, fresh.scheduler, fresh.scaler, 0, 1)
     assert progress == Progress()

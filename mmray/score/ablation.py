@@ -1,5 +1,5 @@
-"""``mmray evaluate``: metrics of a checkpoint on labelled Parquet, for the full model AND with each
-modality masked, so a user sees how much each modality contributes.
+"""Modality ablation (``mmray evaluate``): metrics of a checkpoint on labelled Parquet, for the full
+model AND with each modality masked, so a user sees how much each modality contributes.
 
 Variants (each with training's metrics: ``loss``, ``accuracy``, ``macro_f1``, ``auroc``, ``mae`` ...):
     full           the model as trained
@@ -11,7 +11,8 @@ Variants (each with training's metrics: ``loss``, ``accuracy``, ``macro_f1``, ``
 Encoders run once per batch; only fusion and heads re-run per variant. The masked variants are
 most meaningful for models trained with ``model.modality_dropout > 0`` (they then know how to
 predict from one modality). Metric sums (``MetricAccumulator`` state) are computed per batch in an
-actor pool and added on the driver, so the result equals a single-process evaluation.
+actor pool and added on the driver, so the result equals a single-process evaluation. It reads the
+checkpoint, preprocesses and quarantines exactly as scoring does (``open_checkpoint``, the same pools).
 
 Example:
     mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
@@ -21,24 +22,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.data
+import pyarrow as pa
 import torch
 
-from mmray.checkpoint import TOKENIZER_DIR, load_info, load_model
+from mmray.checkpoint import open_checkpoint
 from mmray.config import Config, ModelConfig, StorageConfig
 from mmray.data import pipeline, storage
 from mmray.data import schema as S
 from mmray.data.labels import Task
-from mmray.data.preprocess import PreprocessSpec
-from mmray.data.text import read_tokenizer_dir
 from mmray.metrics import MetricAccumulator, weighted_row_loss
+from mmray.score.predictor import model_inputs
 
-__all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_evaluation", "summarize", "variant_masks",
-           "variant_names"]
+__all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_evaluation", "variant_masks", "variant_names"]
 
 VARIANTS = ("full", "text_masked", "image_masked")
 _MASKED = {"text_masked": S.TEXT, "image_masked": S.IMAGE}
@@ -63,9 +61,8 @@ class AblationEvaluator:
 
     def __init__(self, checkpoint_uri: str, store: StorageConfig, device: str = "cpu"):
         self.device = torch.device(device)
-        with storage.local_dir(checkpoint_uri, store) as local:
-            self.info = load_info(local)
-            self.model = load_model(local, self.info).to(self.device)
+        with open_checkpoint(checkpoint_uri, store) as checkpoint:
+            self.info, self.model = checkpoint.info, checkpoint.load_model(device)
         self.tasks = list(self.info.tasks)
         self.names = variant_names(self.info.model)
 
@@ -73,24 +70,18 @@ class AblationEvaluator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         good = np.flatnonzero(batch[S.ERROR] == "")
         states = [MetricAccumulator(self.tasks) for _ in self.names]
-        bad = [
-            {"id": batch[S.ID][i], "stage": batch[S.ERROR_STAGE][i], "column": batch[S.ERROR_COLUMN][i],
-             "error": batch[S.ERROR][i]}  # fmt: skip
-            for i in np.flatnonzero(batch[S.ERROR] != "")
-        ]
+        bad = pipeline.quarantine_records(batch).to_pylist()
         if len(good):
             self._update(batch, good, states)
         return {
             "state": np.stack([s.state().numpy() for s in states])[None],  # [1, variants, state]
-            "quarantine": np.array([json.dumps(bad, default=str)], dtype=object),
+            "quarantine": np.array([json.dumps(bad)], dtype=object),
         }
 
     def _update(self, batch: dict[str, np.ndarray], rows: np.ndarray, states: list[MetricAccumulator]) -> None:
-        def tensor(k: str) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(self.device)
-
-        inputs = {k: tensor(k) for k in S.MODEL_INPUTS if k in batch}
-        targets = {t.name: tensor(S.label_key(t.name)) for t in self.tasks}
+        inputs = model_inputs(batch, rows, self.device)
+        labels = {t.name: np.ascontiguousarray(batch[S.label_key(t.name)][rows]) for t in self.tasks}
+        targets = {name: torch.from_numpy(v).to(self.device) for name, v in labels.items()}
         features = self.model.encode(inputs)
         masks = self.model.masks(inputs)
         aux = self.model.aux_logits(features)
@@ -123,27 +114,20 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: boo
         ``{"checkpoint", "input", "rows_in", "rows_evaluated", "rows_quarantined", "metrics":
         {variant: {metric: value}}, "quarantine": [up to 20 records], "quarantine_reasons"}``.
     """
-    with storage.local_dir(checkpoint, cfg.storage) as local:
-        info = load_info(local)
-        tokenizer_files = read_tokenizer_dir(Path(local, TOKENIZER_DIR))
+    with open_checkpoint(checkpoint, cfg.storage) as opened:
+        info, tokenizer_files = opened.info, opened.tokenizer_files()
     names = variant_names(info.model)
-    spec = PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=True, storage=cfg.storage,
-                                    image_uri_roots=cfg.data.image_uri_roots)  # fmt: skip
+    spec = info.preprocess_spec(with_labels=True, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
     files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)
     sc = cfg.score
-    summaries = pipeline.preprocess(
-        pipeline.read_input(input_uri, files, cfg.storage, list(spec.input_columns())), spec, tokenizer_files,
-        cfg.data.preprocess,
-    ).map_batches(
-        AblationEvaluator,
-        fn_constructor_args=(checkpoint, cfg.storage, "cuda" if sc.num_gpus > 0 else "cpu"),
-        batch_size=sc.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
-        num_cpus=sc.num_cpus,
-        num_gpus=sc.num_gpus,
+    source = pipeline.read_input(input_uri, files, cfg.storage, list(spec.input_columns()))
+    preprocessed = pipeline.preprocess(source, spec, tokenizer_files, cfg.data.preprocess)
+    args = (checkpoint, cfg.storage, "cuda" if sc.num_gpus > 0 else "cpu")
+    summaries = pipeline.map_with_actors(
+        preprocessed, AblationEvaluator, args, sc.batch_size, sc.concurrency, sc.num_cpus, sc.num_gpus
     )
     accumulators, quarantine = accumulate(names, info.tasks, summaries.iter_rows())
+    reasons = pipeline.ranked_reasons(pa.Table.from_pylist(quarantine, S.QUARANTINE_SCHEMA))
     metrics = {name: acc.compute() for name, acc in accumulators.items()}
     evaluated = int(metrics["full"]["rows"])
     full = accumulators["full"].task_stats()
@@ -156,27 +140,19 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: boo
         "rows_quarantined": len(quarantine),
         "metrics": metrics,
         "quarantine": quarantine[:_MAX_QUARANTINE_SAMPLES],
-        "quarantine_reasons": _reasons(quarantine),
+        "quarantine_reasons": {f"{column}: {reason}": rows for (column, reason), rows in reasons},
         **(stats if with_stats else {}),
     }
-
-
-def summarize(
-    names: list[str], tasks: Sequence[Task], summaries: Iterable[dict]
-) -> tuple[dict[str, dict], list[dict]]:
-    """Adds the per-batch summary rows of ``AblationEvaluator``.
-
-    Returns:
-        (variant -> metrics, every quarantine record).
-    """
-    accumulators, quarantine = accumulate(names, tasks, summaries)
-    return {name: acc.compute() for name, acc in accumulators.items()}, quarantine
 
 
 def accumulate(
     names: list[str], tasks: Sequence[Task], summaries: Iterable[dict]
 ) -> tuple[dict[str, MetricAccumulator], list[dict]]:
-    """As ``summarize``, but each variant's accumulator (its sums), not only its metrics."""
+    """Adds the per-batch summary rows of ``AblationEvaluator``.
+
+    Returns:
+        (variant -> its accumulator, holding the sums of every batch; every quarantine record).
+    """
     total, quarantine = None, []
     for row in summaries:
         state = np.array(row["state"], dtype=np.float64)  # a copy: Ray hands read-only arrays, torch warns on them
@@ -189,12 +165,3 @@ def accumulate(
         if total is not None:
             acc.load_state(total[i])
     return accumulators, quarantine
-
-
-def _reasons(records: list[dict]) -> dict[str, int]:
-    """``"column: error" -> count`` over every quarantined row."""
-    counts: dict[str, int] = {}
-    for r in records:
-        key = f"{r['column']}: {str(r['error'])[:60]}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

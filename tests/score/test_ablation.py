@@ -1,4 +1,4 @@
-"""mmray evaluate: the full model and each modality masked, metrics summed exactly over batches."""
+"""mmray evaluate (score.ablation): the full model and each modality masked, metrics summed exactly over batches."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from mmray.checkpoint import save_checkpoint
+from mmray.checkpoint import CheckpointInfo, save_checkpoint
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
 from mmray.data import schema as S
-from mmray.data.labels import build_task
+from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec, Preprocessor
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
-from mmray.evaluate import AblationEvaluator, summarize, variant_masks, variant_names
 from mmray.metrics import MetricAccumulator, per_row_loss
 from mmray.models.builder import build_model
+from mmray.score.ablation import AblationEvaluator, accumulate, variant_masks, variant_names
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     rows = make_rows(24, seed=0)
     rows["text"][3], rows["image"][3] = None, None  # both modalities missing: quarantined
     rows["label"][5] = "no_such_label"  # not in the label map: quarantined
-    tasks = [build_task("label", "multiclass", [v for i, v in enumerate(rows["label"]) if i != 5])]
+    tasks = [Task("label", "multiclass", tuple(sorted({v for i, v in enumerate(rows["label"]) if i != 5})))]
     train_wordpiece(rows["text"][:3] + rows["text"][4:], 200, root / "tok")
     tokenizer = {p.name: p.read_bytes() for p in (root / "tok").iterdir()}
     text, image = TextConfig(max_length=12), ImageConfig(size=16)
@@ -34,9 +34,14 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg, text, image, tasks, vocab_size=200).eval()
     spec = PreprocessSpec(tasks=tuple(tasks), text=text, image=image)
-    save_checkpoint(root / "ckpt", model, cfg, spec.to_dict(), tasks, 200, tokenizer, 0, {})
+    save_checkpoint(root / "ckpt", model, CheckpointInfo(cfg, spec.to_dict(), tuple(tasks), 200, 0, {}), tokenizer)
     batch = Preprocessor(spec, tokenizer)({k: np.array(v, dtype=object) for k, v in rows.items()})
     return {"ckpt": str(root / "ckpt"), "batch": batch, "model": model, "tasks": tasks, "cfg": cfg}
+
+
+def summarize(names: list[str], tasks, summaries) -> tuple[dict[str, dict], list[dict]]:
+    accumulators, quarantine = accumulate(names, tasks, summaries)
+    return {name: acc.compute() for name, acc in accumulators.items()}, quarantine
 
 
 def run(setup, rows: slice) -> dict:

@@ -1,4 +1,5 @@
-"""``mmray score --evaluate``: labels ride along with scoring; metrics are computed as in training.
+"""Label metrics for ``mmray score --evaluate``: labels ride along with scoring; metrics are computed
+as in training, over the scored rows that carry a usable label.
 
 Labels are encoded in the preprocessing pool (``labeled.LabeledPreprocessor``) with the checkpoint's
 label maps; a row whose label cannot be used is still scored, only left out of the metrics.
@@ -22,10 +23,10 @@ from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.score.labeled import LABEL_ERROR
 from mmray.score.predictor import logits_key
 
-__all__ = ["Evaluation"]
+__all__ = ["LabelMetrics"]
 
 
-class Evaluation:
+class LabelMetrics:
     """Driver-side metrics over scored rows that carry a usable label."""
 
     def __init__(self, tasks: Sequence[Task], loss_weights: dict[str, float]):
