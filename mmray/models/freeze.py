@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-__all__ = ["FrozenEvalMixin", "apply_freeze", "frozen_subtrees", "trainable_fraction"]
+__all__ = ["FrozenEvalMixin", "apply_freeze", "frozen_subtrees"]
 
 
 def apply_freeze(module: nn.Module, blocks: Sequence[nn.Module], freeze: bool | int, key: str) -> None:
@@ -50,11 +50,6 @@ def frozen_subtrees(module: nn.Module) -> Iterator[nn.Module]:
             yield child
         elif params:
             yield from frozen_subtrees(child)
-
-
-def trainable_fraction(module: nn.Module) -> float:
-    total = sum(p.numel() for p in module.parameters())
-    return sum(p.numel() for p in module.parameters() if p.requires_grad) / max(total, 1)
 
 
 class FrozenEvalMixin:
