@@ -28,7 +28,7 @@ import ray.train.torch
 import torch
 from torch import Tensor, nn
 
-from mmray.checkpoint import save_checkpoint, unwrap
+from mmray.checkpoint import CheckpointInfo, save_checkpoint, unwrap
 from mmray.config import Config
 from mmray.data import schema as S
 from mmray.data import storage
@@ -278,11 +278,11 @@ def _report(parts: Parts, inputs: LoopInputs, progress: Progress, record: dict[s
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(
-                tmp, parts.model, inputs.config.model, inputs.preprocess, inputs.tasks, inputs.vocab_size,
-                inputs.tokenizer_files, progress.epoch, record,
-                train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rng_states),
-            )  # fmt: skip
+            info = CheckpointInfo(
+                inputs.config.model, inputs.preprocess, tuple(inputs.tasks), inputs.vocab_size, progress.epoch, record
+            )
+            state = train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rng_states)
+            save_checkpoint(tmp, parts.model, info, inputs.tokenizer_files, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # Returns once the checkpoint is persisted, so history never runs ahead of the checkpoints.
         ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{progress.epoch:04d}")

@@ -280,7 +280,7 @@ def test_epoch_record_has_the_history_fields():
 
 
 def test_resume_from_a_given_checkpoint_unless_ray_train_has_one(tmp_path, monkeypatch):
-    from mmray.checkpoint import save_checkpoint
+    from mmray.checkpoint import CheckpointInfo, save_checkpoint
     from mmray.train import loop
     from mmray.train.state import get_rng_state, train_state
 
@@ -288,9 +288,10 @@ def test_resume_from_a_given_checkpoint_unless_ray_train_has_one(tmp_path, monke
     trained = build_parts(cfg, [CLS], 30, 16, 1, CPU)
     train_epoch(trained, fusion_batches(), cfg, [CLS])
     history = [{"epoch": 0}, {"epoch": 1}]
-    save_checkpoint(tmp_path / "given", trained.model, cfg.model, {"text": {}, "image": {}}, [CLS], 30, {}, 1, {},
-                    train_state(trained.optimizer, trained.scheduler, None, Progress(epoch=1, history=history),
-                                [get_rng_state()]))  # fmt: skip
+    info = CheckpointInfo(cfg.model, {"text": {}, "image": {}}, (CLS,), 30, 1, {})
+    saved = Progress(epoch=1, history=history)
+    state = train_state(trained.optimizer, trained.scheduler, None, saved, [get_rng_state()])
+    save_checkpoint(tmp_path / "given", trained.model, info, {}, state)
     monkeypatch.setattr(loop, "print0", lambda *a: None)
     monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)
     resumed_cfg = config_from_dict({**config_to_dict(cfg), "train": {**config_to_dict(cfg)["train"],
@@ -301,8 +302,9 @@ def test_resume_from_a_given_checkpoint_unless_ray_train_has_one(tmp_path, monke
     assert all(torch.equal(v, trained.model.state_dict()[k]) for k, v in fresh.model.state_dict().items())
 
     # After a restart Ray Train's latest checkpoint wins: it is newer than where the run started from.
-    save_checkpoint(tmp_path / "latest", trained.model, cfg.model, {"text": {}, "image": {}}, [CLS], 30, {}, 4, {},
-                    train_state(trained.optimizer, trained.scheduler, None, Progress(epoch=4), [get_rng_state()]))  # fmt: skip
+    state = train_state(trained.optimizer, trained.scheduler, None, Progress(epoch=4), [get_rng_state()])
+    latest = CheckpointInfo(cfg.model, {"text": {}, "image": {}}, (CLS,), 30, 4, {})
+    save_checkpoint(tmp_path / "latest", trained.model, latest, {}, state)
     monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: loop.ray.train.Checkpoint(str(tmp_path / "latest")))
     assert loop._resume(build_parts(resumed_cfg, [CLS], 30, 16, 1, CPU), resumed_cfg, 0, 1).next_epoch == 5
 
