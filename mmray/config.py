@@ -7,17 +7,20 @@ Example:
     cfg = load_config("configs/demo.yaml", ["train.epochs=3", "model.fusion=gated"])
 
 Values are validated where they enter: an unknown key, a wrong type or an out-of-range value raises
-``ConfigError`` naming the dotted key.
+``ConfigError`` naming the dotted key. Pydantic checks each value against its field's annotation (the
+dataclasses stay plain: workers, checkpoints and tests build and pickle them as such); the ranges and
+the rules between keys are ``_validate``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -37,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
+    "flatten",
     "load_config",
     "set_dotted",
 ]
@@ -240,6 +244,10 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
+    # Read by pydantic when config_from_dict checks types, and inherited by every section: an unknown
+    # key is an error, never silently dropped. A plain dict, so importing the config imports no pydantic.
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading and validation
@@ -251,7 +259,7 @@ _POSITIVE = {
     "data.text.max_chars", "data.text.max_bytes", "data.image.max_bytes",
     "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
     "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
-    "model.image_encoder.dim", "model.image_encoder.convs_per_stage", "train.epochs", "train.batch_size", "train.lr", "train.num_workers",
+    "model.image_encoder.dim", "model.image_encoder.convs_per_stage",
     "model.fusion_layers", "model.fusion_heads", "model.fusion_rank", "train.epochs", "train.batch_size", "train.lr",
     "train.num_workers", "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience",
     "train.lr_reference_batch",
@@ -269,92 +277,110 @@ _FRACTIONS = {
 _TASK_KINDS = ("multiclass", "multilabel", "binary", "regression")
 
 
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    """Returns ``value`` coerced to ``tp`` or raises ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            try:
-                return _check_type(value, arm, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {_check_type(k, kt, key): _check_type(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this module, not user input
+@functools.cache
+def _validator() -> Any:
+    """Pydantic's validator for ``Config``, built on first use, so that the commands which load a
+    config pay for importing pydantic and building the schema, not every ``import mmray.config``.
+
+    Scalars are checked strictly: pydantic's lax mode would take ``"3"``, ``3.0`` or ``true`` for an
+    int, ``"yes"`` or ``1`` for a bool, ``true`` for a float. Strict mode cannot be set for the whole
+    config (it takes only instances for the sections, no mappings; only tuples for tuples, where YAML
+    gives lists), so it is set on each scalar of the schema.
+    """
+    from pydantic import TypeAdapter
+    from pydantic_core import SchemaValidator
+
+    return SchemaValidator(_strict_scalars(TypeAdapter(Config).core_schema))
 
 
-def _type_name(tp: Any) -> str:
-    return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp)) or str(tp)
+def _strict_scalars(schema: Any) -> Any:
+    """A copy of a pydantic core schema with every int, bool, str and float strict; a float also takes
+    a numeric string, as YAML 1.1 reads ``1e-4`` (no dot) as one."""
+    if isinstance(schema, list):
+        return [_strict_scalars(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {k: _strict_scalars(v) for k, v in schema.items()}
+    if schema.get("type") in ("int", "bool", "str", "float"):
+        schema["strict"] = True
+    if schema.get("type") == "float":
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_before_validator_function(_number_from_string, schema)
+    return schema
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+def _number_from_string(value: Any) -> Any:
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value  # the float check rejects it, naming the key
+
+
+def _empty_sections_as_defaults(cls: type, data: dict) -> None:
+    """A section whose keys are all commented out reads as null in YAML: it means the defaults."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"unknown config key '{where}' (known: {sorted(names)})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in data:
-            kwargs[f.name] = _check_type(data[f.name], hints[f.name], key)
-        elif dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], {}, key)
-    return cls(**kwargs)
+    for name, value in data.items():
+        if name in hints and dataclasses.is_dataclass(hints[name]):
+            if value is None:
+                data[name] = {}
+            elif isinstance(value, dict):
+                _empty_sections_as_defaults(hints[name], value)
+
+
+def _type_error(error: Any, data: dict) -> str:
+    """One of pydantic's errors as a message naming the dotted key (list items as ``key[0]``), what
+    the key takes and the value given, found by walking the error's location through the annotations."""
+    loc, what = error["loc"], None
+    if loc[-1:] == ("[key]",):  # a mapping's key, not its value, has the wrong type
+        loc, what = loc[:-2], f"string keys, got {loc[-2]!r}"
+    elif error["type"] == "missing":  # a list too short for a tuple: pydantic names its first absent item
+        loc = loc[:-1]
+    key, tp, value = "", Config, data
+    for part in loc:
+        arms = [arm for arm in typing.get_args(tp) if arm is not type(None)]
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            if len(arms) > 1:
+                break  # pydantic names the member it tried next: the value fits none, report the union
+            tp = arms[0]  # X | None: the error is X's
+        if dataclasses.is_dataclass(tp):
+            name, known = f"{key}.{part}" if key else str(part), sorted(f.name for f in dataclasses.fields(tp))
+            if part not in known:
+                return f"unknown config key '{name}' (known: {known})"
+            key, tp = name, typing.get_type_hints(tp)[part]
+        elif typing.get_origin(tp) is dict:
+            key, tp = f"{key}.{part}", typing.get_args(tp)[1]
+        else:  # a list's or a tuple's item
+            items = typing.get_args(tp)
+            key, tp = f"{key}[{part}]", items[part] if typing.get_origin(tp) is tuple else items[0]
+        value = value[part]
+    return f"{key or 'config'}: expected {what or f'{_expected(tp)}, got {value!r}'}"
+
+
+_YAML_NAMES = {
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    type(None): "null",
+}
+
+
+def _expected(tp: Any) -> str:
+    """What a value of annotation ``tp`` is, in YAML's words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(arg) for arg in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is tuple:
+        return f"a list of {len(args)} values"
+    return _YAML_NAMES.get(origin or tp, "a mapping")  # or a section
 
 
 def _validate(cfg: Config) -> None:
-    flat = _flatten(config_to_dict(cfg))
+    flat = flatten(config_to_dict(cfg))
     for keys, ok, rule in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
                            (_FRACTIONS, lambda v: 0 <= v <= 1, "within [0, 1]")):  # fmt: skip
         for key in sorted(k for pattern in keys for k in _matching(flat, pattern)):
@@ -414,12 +440,14 @@ def _matching(flat: dict[str, Any], pattern: str) -> list[str]:
     return [pattern]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping by dotted key, ``{"a": {"b": 1}}`` as ``{"a.b": 1}``: what validation rules and
+    MLflow params name. An empty mapping stays the value of its own key (``model.tasks: {}``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
         else:
             out[key] = v
     return out
@@ -464,7 +492,14 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     data = _deepcopy(data or {})
     for o in overrides:
         _apply_override(data, o)
-    cfg = _build(Config, data, "")
+    _empty_sections_as_defaults(Config, data)
+    from pydantic import ValidationError  # here, not above: see _validator
+
+    try:
+        cfg = _validator().validate_python(data)
+    except ValidationError as e:
+        # Every bad key at once; a value that fits no member of a union is reported once per member.
+        raise ConfigError("; ".join(dict.fromkeys(_type_error(err, data) for err in e.errors()))) from None
     _validate(cfg)
     return cfg
 

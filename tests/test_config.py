@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, flatten, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -53,6 +55,7 @@ def test_overrides_parse_yaml_scalars_and_nest():
     assert cfg.model.fusion == "gated"
     assert cfg.data.label_columns == ["a", "b"]
     assert cfg.train.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
+    assert all(type(v) is float for v in (cfg.train.lr, *cfg.train.resources_per_worker.values()))  # YAML ints
 
 
 def test_config_is_frozen():
@@ -70,7 +73,22 @@ def test_config_is_frozen():
         ("model.fusion=sum", "model.fusion"),
         ("model.dropout=1.5", "model.dropout"),
         ("train.use_gpu=maybe", "train.use_gpu"),
-        ("data.image.mean=[0.5, 0.5]", "data.image.mean"),
+        ("data.image.mean=[0.5, 0.5]", "data.image.mean: expected a list of 3 values, got [0.5, 0.5]"),
+        ("data.image.mean=[0.5, x, 0.5]", "data.image.mean[1]: expected a number, got 'x'"),
+        # No guessing: a quoted number, a float or a bool is not an int, 1 is not true, true is not a number.
+        ("train.epochs='3'", "train.epochs: expected an integer, got '3'"),
+        ("train.epochs=3.0", "train.epochs: expected an integer, got 3.0"),
+        ("train.epochs=true", "train.epochs: expected an integer, got True"),
+        ("train.use_gpu=1", "train.use_gpu: expected true/false, got 1"),
+        ("train.lr=true", "train.lr: expected a number, got True"),
+        ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+        ("data.train=5", "data.train: expected a string or null, got 5"),
+        ("data.label_column=[a, 2]", "data.label_column: expected a string or a list, got ['a', 2]"),
+        ("data.image_uri_roots=[/ok, 2]", "data.image_uri_roots[1]: expected a string, got 2"),
+        ("model.image_encoder.freeze=all", "model.image_encoder.freeze: expected true/false or an integer, got 'all'"),
+        ("model.tasks={1: binary}", "model.tasks: expected string keys, got 1"),
+        ("model.loss_weights={label: x}", "model.loss_weights.label: expected a number, got 'x'"),
+        ("train=3", "train: expected a mapping, got 3"),
         ("model.tasks={label: ranking}", "model.tasks.label"),
         ("model.fusion_rank=0", "model.fusion_rank: must be > 0"),
         ("model.aux_loss_weight=-0.1", "model.aux_loss_weight: must be >= 0"),
@@ -87,8 +105,19 @@ def test_config_is_frozen():
     ],
 )
 def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(None, [override])
+
+
+def test_every_wrong_type_and_unknown_key_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"train": {"epochs": "x", "lr": 0.1, "learning_rate": 0.1}, "modle": {}})
+    train_keys = sorted(f.name for f in dataclasses.fields(Config().train))
+    assert str(e.value) == (
+        "train.epochs: expected an integer, got 'x'; "
+        f"unknown config key 'train.learning_rate' (known: {train_keys}); "
+        "unknown config key 'modle' (known: ['data', 'model', 'score', 'storage', 'train'])"
+    )
 
 
 def test_malformed_override_is_rejected():
@@ -103,9 +132,24 @@ def test_unknown_key_in_yaml_names_it(tmp_path):
         load_config(path)
 
 
-def test_round_trip_through_dict():
-    cfg = load_config(None, ["model.fusion=late", "data.image.size=48"])
+def test_a_section_with_every_key_commented_out_is_the_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  # epochs: 2\nmodel:\n  image_encoder:\n")
+    assert load_config(path) == Config()
+
+
+def test_round_trip_through_dict_and_pickle():
+    """Checkpoints and MLflow store the dict; Ray workers get the Config pickled."""
+    cfg = load_config(None, ["model.fusion=late", "data.image.size=48", "data.label_column=[a, b]"])
     assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_flatten_names_every_leaf_by_its_dotted_key():
+    flat = flatten(config_to_dict(load_config(None, ["model.loss_weights={label: 2}"])))
+    assert flat["train.early_stopping.patience"] == 3 and flat["model.loss_weights.label"] == 2
+    assert flat["model.tasks"] == {}  # an empty mapping is a value (an MLflow param), not dropped
+    assert not any(isinstance(v, dict) and v for v in flat.values())
 
 
 def test_text_preprocessing_keys_are_checked_together():
