@@ -11,7 +11,7 @@ import importlib.util
 import json
 from typing import Any, Protocol
 
-from mmray.config import Config, config_to_dict
+from mmray.config import Config, config_to_dict, flatten
 from mmray.data import storage
 
 __all__ = ["HISTORY_FILE", "Tracker", "check_trackers_available", "make_trackers", "read_history"]
@@ -95,7 +95,8 @@ class MlflowTracker:
         mlflow.set_tracking_uri(cfg.train.mlflow_tracking_uri)
         mlflow.set_experiment(cfg.train.mlflow_experiment)
         mlflow.start_run(run_name=run_name, tags={"mmray.run": run_name})
-        mlflow.log_params(_flat_params(config_to_dict(cfg)))
+        # Redacted first, then cut (a cut could split a secret from its "@"); MLflow caps values at 500.
+        mlflow.log_params({k: storage.redact(str(v))[:500] for k, v in flatten(config_to_dict(cfg)).items()})
 
     def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
         metrics = {k: v for k, v in _numeric(record).items() if k != "epoch"}
@@ -103,18 +104,6 @@ class MlflowTracker:
 
     def close(self) -> None:
         self.mlflow.end_run()
-
-
-def _flat_params(d: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and v:
-            out.update(_flat_params(v, key))
-        else:
-            # Redacted first, then cut (a cut could split a secret from its "@"); MLflow caps values at 500.
-            out[key] = storage.redact(str(v))[:500]
-    return out
 
 
 def check_trackers_available(cfg: Config) -> None:
