@@ -317,15 +317,15 @@ def _number_from_string(value: Any) -> Any:
         return value  # the float check rejects it, naming the key
 
 
-def _empty_sections_as_defaults(cls: type, data: dict) -> None:
+def _empty_sections_as_defaults(cls: type, data: Any) -> None:
     """A section whose keys are all commented out reads as null in YAML: it means the defaults."""
+    if not isinstance(data, dict):
+        return  # not a mapping: pydantic says so, naming the key
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
-        if name in hints and dataclasses.is_dataclass(hints[name]):
-            if value is None:
-                data[name] = {}
-            elif isinstance(value, dict):
-                _empty_sections_as_defaults(hints[name], value)
+        if dataclasses.is_dataclass(hints.get(name)):
+            data[name] = {} if value is None else value
+            _empty_sections_as_defaults(hints[name], data[name])
 
 
 def _type_error(error: Any, data: dict) -> str:
@@ -498,7 +498,7 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     try:
         cfg = _validator().validate_python(data)
     except ValidationError as e:
-        # Every bad key at once; a value that fits no member of a union is reported once per member.
+        # Every bad key at once; pydantic reports a value that fits no member of a union once per member.
         raise ConfigError("; ".join(dict.fromkeys(_type_error(err, data) for err in e.errors()))) from None
     _validate(cfg)
     return cfg
