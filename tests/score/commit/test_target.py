@@ -1,0 +1,49 @@
+"""Targets: partition values that become safe Hive paths, or are refused before any path is built."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mmray.score import commit
+from mmray.score.commit import Target
+
+
+@pytest.mark.parametrize(
+    "partition", [{"date": "2024-05-01"}, {"region": "eu_west-1", "hour": "07"}, {"d": "2024-05-01T00:00"}]
+)
+def test_valid_partitions_become_hive_paths_with_sorted_keys(tmp_path, partition):
+    target = Target(str(tmp_path / "out"), partition)
+    assert target.uri == os.path.join(tmp_path, "out", *(f"{k}={partition[k]}" for k in sorted(partition)))
+
+
+def test_partition_key_order_is_one_target_and_one_identity(tmp_path):
+    ab, ba = Target(str(tmp_path / "out"), {"a": "1", "b": "2"}), Target(str(tmp_path / "out"), {"b": "2", "a": "1"})
+    assert ab.uri == ba.uri == os.path.join(tmp_path, "out", "a=1", "b=2")
+    assert commit.run_identity([], "m", {}, ab.partition) == commit.run_identity([], "m", {}, {"b": "2", "a": "1"})
+
+
+BAD_VALUES = {  # partition value -> what the error names
+    "../../etc": "'/'",
+    "..": "'..'",
+    "a..b": "'..'",
+    "2024/05": "'/'",
+    "a\\b": "'\\\\'",
+    "x\ny": "'\\n'",
+    "x\x00": "'\\x00'",
+    "a=b": "'='",
+    "2024-*": "'*'",
+    "": "non-empty",
+}
+BAD_KEYS = ("_date", "da/te", "")
+
+
+@pytest.mark.parametrize(
+    "partition, fragment",
+    [*(({"date": v}, f) for v, f in BAD_VALUES.items()), *(({k: "1"}, "invalid partition key") for k in BAD_KEYS)],
+)
+def test_invalid_partitions_are_refused_before_any_path_is_built(partition, fragment):
+    with pytest.raises(ValueError) as e:
+        Target("/tmp/never-created", partition)
+    assert fragment in str(e.value)
