@@ -8,7 +8,7 @@ import pytest
 from mmray.config import load_config
 from mmray.data.synthetic import SCHEMA
 from mmray.score import commit, job
-from tests.score.test_commit import stage_run
+from tests.score.commit.conftest import stage_run
 
 
 class NoLease:
