@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray.train
@@ -67,7 +67,9 @@ class LoopInputs:
     config: Config
     tasks: list[Task]
     preprocess: dict[str, Any]  # PreprocessSpec.to_dict(): the settings the checkpoint records
-    tokenizer_files: dict[str, bytes]  # file name -> contents, shipped by value: no shared storage needed
+    # file name -> contents, shipped by value: no shared storage needed. Out of the repr, which Ray Train
+    # records as the run's train_loop_config in its state export.
+    tokenizer_files: dict[str, bytes] = field(repr=False)
     vocab_size: int
     train_rows: int  # usable training rows over all workers: sets the schedule's length
     run_dir: str
