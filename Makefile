@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: demo test test-fast bench bench-quality bench-text clean
+.PHONY: demo test test-fast lint format bench bench-quality bench-text clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mmray demo --workdir work/demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+# ruff: lint + formatting check (configured in pyproject.toml); `make format` rewrites in place.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

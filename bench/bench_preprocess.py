@@ -53,7 +53,7 @@ from mmray.data import pipeline, prepare  # noqa: E402
 from mmray.data import schema as S  # noqa: E402
 from mmray.data.image import decode_image, resize_uint8  # noqa: E402
 from mmray.data.labels import Task  # noqa: E402
-from mmray.data.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
+from mmray.data.preprocess import Preprocessor, PreprocessSpec  # noqa: E402
 from mmray.data.synthetic import SCHEMA, make_rows  # noqa: E402
 from mmray.data.text import TextNormalizer, train_wordpiece  # noqa: E402
 
@@ -74,7 +74,7 @@ class PeakSampler:
             self.peak = max(self.peak, self.read())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self.baseline = self.read()
         self._thread.start()
         return self
@@ -103,9 +103,15 @@ def write_dataset(folder: Path, rows: int, base: dict[str, list]) -> str:
     n = len(base["id"])
     for start in range(0, rows, ROWS_PER_FILE):
         idx = [i % n for i in range(start, min(rows, start + ROWS_PER_FILE))]
-        table = pa.table({"id": [f"r{start + j}" for j in range(len(idx))], "text": [base["text"][i] for i in idx],
-                          "image": [base["image"][i] for i in idx], "label": [base["label"][i] for i in idx]},
-                         schema=SCHEMA)  # fmt: skip
+        table = pa.table(
+            {
+                "id": [f"r{start + j}" for j in range(len(idx))],
+                "text": [base["text"][i] for i in idx],
+                "image": [base["image"][i] for i in idx],
+                "label": [base["label"][i] for i in idx],
+            },
+            schema=SCHEMA,
+        )
         pq.write_table(table, folder / f"part-{start // ROWS_PER_FILE:05d}.parquet", row_group_size=100)
     return str(folder)
 
@@ -120,8 +126,9 @@ def spec_and_tokenizer(tmp: Path, base: dict) -> tuple[PreprocessSpec, dict[str,
 def preprocessed(uri: str, spec: PreprocessSpec, tok: dict[str, bytes]) -> ray.data.Dataset:
     pcfg = PreprocessConfig(concurrency=1, batch_size=100, num_cpus=0.5)
     files = pipeline.input_files(uri, spec.input_columns(), StorageConfig())
-    return pipeline.preprocess(pipeline.read_input(uri, files, StorageConfig(), list(spec.input_columns())), spec,
-                               tok, pcfg)  # fmt: skip
+    return pipeline.preprocess(
+        pipeline.read_input(uri, files, StorageConfig(), list(spec.input_columns())), spec, tok, pcfg
+    )
 
 
 def bench_streaming(uris: dict[int, str], spec, tok) -> dict:
@@ -214,9 +221,11 @@ def bench_fetch_threads(base: dict, n: int = 64, latency_s: float = 0.02) -> dic
         with tempfile.TemporaryDirectory() as tmp:
             train_wordpiece(base["text"], 200, tmp)
             tok = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-        batch = {"id": np.array([str(i) for i in range(n)], dtype=object),
-                 "text": np.array(["a cat"] * n, dtype=object),
-                 "image_uri": np.array([f"s3://bench/img/{i}.png" for i in range(n)], dtype=object)}  # fmt: skip
+        batch = {
+            "id": np.array([str(i) for i in range(n)], dtype=object),
+            "text": np.array(["a cat"] * n, dtype=object),
+            "image_uri": np.array([f"s3://bench/img/{i}.png" for i in range(n)], dtype=object),
+        }
         times = {}
         for threads in (1, 8):
             pre = Preprocessor(spec, tok, fetch_threads=threads)
@@ -259,8 +268,9 @@ def bench_actor_start(spec, tok: dict[str, bytes], base: dict, repeats: int = 3)
         for mode in ("torch-free", "with-torch"):
             runs = []
             for _ in range(repeats):
-                proc = subprocess.run([sys.executable, "-c", _ACTOR, str(args), mode], capture_output=True, text=True,
-                                      check=True)  # fmt: skip
+                proc = subprocess.run(
+                    [sys.executable, "-c", _ACTOR, str(args), mode], capture_output=True, text=True, check=True
+                )
                 runs.append(tuple(float(x) for x in proc.stdout.split()))
             out[mode] = {"start_s": sorted(r[0] for r in runs)[repeats // 2], "peak_rss_bytes": max(r[1] for r in runs)}
     return out
@@ -303,15 +313,26 @@ def main() -> None:
     }
     if fetch:
         ratios["fetch_1_thread_over_8_threads_time"] = fetch["threads_1_s"] / fetch["threads_8_s"]
-    result = {"rows": {"N": small, "4N": large}, "ratios": ratios, "streaming": streaming, "driver": driver,
-              "uint8_vs_float32": dtype, "jpeg": jpeg, "fetch": fetch, "actor_start": actor, "cpus": os.cpu_count()}  # fmt: skip
+    result = {
+        "rows": {"N": small, "4N": large},
+        "ratios": ratios,
+        "streaming": streaming,
+        "driver": driver,
+        "uint8_vs_float32": dtype,
+        "jpeg": jpeg,
+        "fetch": fetch,
+        "actor_start": actor,
+        "cpus": os.cpu_count(),
+    }
     print(f"\nmmray data-layer benchmark (N={small}, 4N={large}):")
     for name, value in ratios.items():
         print(f"  {name:<45} {value:6.2f}")
     mib = 2**20
-    print(f"  (streaming peak {streaming[small]['streaming_peak_bytes'] / mib:.1f} -> "
-          f"{streaming[large]['streaming_peak_bytes'] / mib:.1f} MiB; materialized "
-          f"{streaming[small]['materialized_bytes'] / mib:.1f} -> {streaming[large]['materialized_bytes'] / mib:.1f} MiB)")  # fmt: skip
+    print(
+        f"  (streaming peak {streaming[small]['streaming_peak_bytes'] / mib:.1f} -> "
+        f"{streaming[large]['streaming_peak_bytes'] / mib:.1f} MiB; materialized "
+        f"{streaming[small]['materialized_bytes'] / mib:.1f} -> {streaming[large]['materialized_bytes'] / mib:.1f} MiB)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"  results: {args.out}")

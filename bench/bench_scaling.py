@@ -44,7 +44,7 @@ from mmray.checkpoint import CheckpointInfo, save_checkpoint  # noqa: E402
 from mmray.config import load_config  # noqa: E402
 from mmray.data import schema as S  # noqa: E402
 from mmray.data.labels import Task  # noqa: E402
-from mmray.data.preprocess import PreprocessSpec, Preprocessor  # noqa: E402
+from mmray.data.preprocess import Preprocessor, PreprocessSpec  # noqa: E402
 from mmray.data.synthetic import make_rows  # noqa: E402
 from mmray.data.text import TokenEncoder, train_wordpiece  # noqa: E402
 from mmray.score.predictor import Predictor  # noqa: E402
@@ -112,7 +112,7 @@ def measure(config: str, images: str, rows: int, tmp: Path) -> dict:
     keys = [k for k, v in out.items() if isinstance(v, np.ndarray) and v.dtype != object]
     tensors = {k: torch.from_numpy(np.ascontiguousarray(out[k])) for k in keys}
     bs = cfg.train.batch_size
-    batches = [{k: v[i:i + bs] for k, v in tensors.items()} for i in range(0, rows, bs)]
+    batches = [{k: v[i : i + bs] for k, v in tensors.items()} for i in range(0, rows, bs)]
     parts = build_parts(cfg, [TASK], vocab, rows, 1, torch.device("cpu"))
     train_s = cpu_seconds(lambda: train_epoch(parts, batches, cfg, [TASK]), repeat=2)
 
@@ -122,15 +122,18 @@ def measure(config: str, images: str, rows: int, tmp: Path) -> dict:
     predictor = Predictor(str(ckpt), cfg.storage)
     sb = cfg.score.batch_size
     unlabeled = {k: v for k, v in out.items() if S.task_of_label_key(k) is None}
-    score_batches = [{k: v[i:i + sb] for k, v in unlabeled.items()} for i in range(0, rows, sb)]
+    score_batches = [{k: v[i : i + sb] for k, v in unlabeled.items()} for i in range(0, rows, sb)]
     score_s = cpu_seconds(lambda: [predictor(b) for b in score_batches], repeat=2)
     return {
-        "config": config, "images": images, "rows": rows,
-        "image_size": cfg.data.image.size, "text_max_length": cfg.data.text.max_length,
+        "config": config,
+        "images": images,
+        "rows": rows,
+        "image_size": cfg.data.image.size,
+        "text_max_length": cfg.data.text.max_length,
         "preprocess_rows_per_cpu_s": rows / pre_s,
         "train_samples_per_cpu_s": rows / train_s,
         "score_rows_per_cpu_s": rows / score_s,
-    }  # fmt: skip
+    }
 
 
 def driver_s(rows: int) -> dict[str, float]:
@@ -173,11 +176,16 @@ def print_table(report: dict) -> None:
     (r,) = [x for x in report["results"] if x["config"] == "cpu.yaml" and x["images"] == "photo_640x480_jpeg"]
     times = wall_times(r)
     for kind, title in (("score", "nightly scoring"), ("train_epoch", "one training epoch")):
-        print(f"\n{title} (configs/cpu.yaml, 640x480 JPEG):\n| rows | " + " | ".join(f"{n} node(s)" for n in NODES) + " |")
+        print(
+            f"\n{title} (configs/cpu.yaml, 640x480 JPEG):\n| rows | " + " | ".join(f"{n} node(s)" for n in NODES) + " |"
+        )
         print("| --- |" + " --- |" * len(NODES))
         for rows in ROWS:
-            cells = [_duration(times[kind][f"{rows}/{n}"]) + ("" if kind == "score" or times[kind][f"{rows}/{n}/cached"]
-                     else " (streamed)") for n in NODES]  # fmt: skip
+            cells = [
+                _duration(times[kind][f"{rows}/{n}"])
+                + ("" if kind == "score" or times[kind][f"{rows}/{n}/cached"] else " (streamed)")
+                for n in NODES
+            ]
             print(f"| {rows:,} | " + " | ".join(cells) + " |")
     print("\ndriver-side seconds (any node count):")
     for rows in ROWS:
@@ -201,8 +209,13 @@ def main() -> None:
                 r = measure(config, images, args.rows, Path(tmp))
                 print(json.dumps(r), flush=True)
                 results.append(r)
-    report = {"results": results, "torch_threads": 1, "load_average_1m": os.getloadavg()[0],
-              "cpus": os.cpu_count(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    report = {
+        "results": results,
+        "torch_threads": 1,
+        "load_average_1m": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     print_table(report)

@@ -63,7 +63,7 @@ def preprocessing_rates(config: str, overrides: list[str], data: dict, tokenizer
     from mmray.config import load_config
     from mmray.data import schema as S
     from mmray.data.labels import Task
-    from mmray.data.preprocess import PreprocessSpec, Preprocessor
+    from mmray.data.preprocess import Preprocessor, PreprocessSpec
     from mmray.data.text import read_tokenizer_dir
 
     cfg = load_config(REPO / config, overrides)
@@ -72,8 +72,13 @@ def preprocessing_rates(config: str, overrides: list[str], data: dict, tokenizer
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, [task])
     files = read_tokenizer_dir(tokenizer_dir)
     # Start-up in a fresh process (this one may already hold a shared jieba dictionary).
-    startup = subprocess.run([sys.executable, "-c", _STARTUP, cfg.data.text.segmenter, str(cfg.data.text.pos_tags).lower(),
-                              tokenizer_dir], cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+    startup = subprocess.run(
+        [sys.executable, "-c", _STARTUP, cfg.data.text.segmenter, str(cfg.data.text.pos_tags).lower(), tokenizer_dir],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pre = Preprocessor(spec, files)
     n, size = len(table["id"]), cfg.data.preprocess.batch_size
     batches = [{k: np.array(v[i : i + size], dtype=object) for k, v in table.items()} for i in range(0, n, size)]
@@ -90,10 +95,14 @@ def preprocessing_rates(config: str, overrides: list[str], data: dict, tokenizer
         out = outs
     ids = np.concatenate([o[S.INPUT_IDS] for o in out])
     mask = np.concatenate([o[S.ATTENTION_MASK] for o in out])
-    return {"rows_per_s": round(n / min(whole)), "text_rows_per_s": round(n / min(text_only)),
-            "startup_s": round(float(startup.stdout.strip().splitlines()[-1]), 2),
-            "tokens_per_row": round(float(mask.sum(1).mean()), 1), "vocab_used": int(len(np.unique(ids[mask > 0]))),
-            "unk_share": round(float((ids[mask > 0] == 1).mean()), 4)}  # fmt: skip
+    return {
+        "rows_per_s": round(n / min(whole)),
+        "text_rows_per_s": round(n / min(text_only)),
+        "startup_s": round(float(startup.stdout.strip().splitlines()[-1]), 2),
+        "tokens_per_row": round(float(mask.sum(1).mean()), 1),
+        "vocab_used": int(len(np.unique(ids[mask > 0]))),
+        "unk_share": round(float((ids[mask > 0] == 1).mean()), 4),
+    }
 
 
 def main() -> int:
@@ -114,35 +123,48 @@ def main() -> int:
     started = time.perf_counter()
     rows = []
     try:
-        data = cli(["make-data", str(workdir / "data"), "--task", args.task, "--lang", "zh", "--rows", str(args.rows)],
-                   env)["splits"]  # fmt: skip
+        data = cli(
+            ["make-data", str(workdir / "data"), "--task", args.task, "--lang", "zh", "--rows", str(args.rows)], env
+        )["splits"]
         for name, overrides in SETTINGS.items():
             extra = [*overrides, f"data.text.stopwords={args.stopwords or ''}", f"train.epochs={args.epochs}"]
             label = f"{args.task}-zh-{name.replace('+', '_')}"
             cell = run_cell(label, "concat", data, args.config, workdir, env, extra)
             run_dir = sorted((workdir / "runs").glob(f"{label}-concat-*"))[-1]
             rates = preprocessing_rates(args.config, extra, data, str(run_dir / "tokenizer"))
-            row = {"setting": name, "test_accuracy": cell["test_accuracy"], "val_accuracy": cell["val_accuracy"],
-                   "train_s": cell["train_s"], **rates}  # fmt: skip
+            row = {
+                "setting": name,
+                "test_accuracy": cell["test_accuracy"],
+                "val_accuracy": cell["val_accuracy"],
+                "train_s": cell["train_s"],
+                **rates,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
     total_s = time.perf_counter() - started
-    head = ("| setting | test acc | val acc by epoch | train s | rows/s (whole actor) | rows/s (text part) | "
-            "actor start s | tokens/row | ids used | [UNK] |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    lines = [f"| {r['setting']} | {r['test_accuracy']:.3f} | {' '.join(f'{a:.2f}' for a in r['val_accuracy'])} | "
-             f"{r['train_s']:.0f} | {r['rows_per_s']} | {r['text_rows_per_s']} | {r['startup_s']} | "
-             f"{r['tokens_per_row']} | {r['vocab_used']} | {r['unk_share']:.2%} |" for r in rows]  # fmt: skip
+    head = (
+        "| setting | test acc | val acc by epoch | train s | rows/s (whole actor) | rows/s (text part) | "
+        "actor start s | tokens/row | ids used | [UNK] |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"| {r['setting']} | {r['test_accuracy']:.3f} | {' '.join(f'{a:.2f}' for a in r['val_accuracy'])} | "
+        f"{r['train_s']:.0f} | {r['rows_per_s']} | {r['text_rows_per_s']} | {r['startup_s']} | "
+        f"{r['tokens_per_row']} | {r['vocab_used']} | {r['unk_share']:.2%} |"
+        for r in rows
+    ]
     text = "\n".join([head, *lines])
     load = os.getloadavg()[0]
     print(f"\n{text}\n\ntotal {total_s / 60:.1f} min, load average {load:.1f}")
     if not args.no_record:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n### Text preprocessing on Chinese captions {stamp} ({machine()}; `{args.config}`, "
-                    f"`--task {args.task} --lang zh --rows {args.rows}`, {args.epochs} epochs, stopwords {args.stopwords}, concat; "
-                    f"{total_s / 60:.1f} min, load average {load:.1f})\n\n{text}\n")  # fmt: skip
+            f.write(
+                f"\n### Text preprocessing on Chinese captions {stamp} ({machine()}; `{args.config}`, "
+                f"`--task {args.task} --lang zh --rows {args.rows}`, {args.epochs} epochs, stopwords {args.stopwords}, concat; "
+                f"{total_s / 60:.1f} min, load average {load:.1f})\n\n{text}\n"
+            )
     return 0
 
 

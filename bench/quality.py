@@ -37,8 +37,9 @@ ADDITIVE_GOAL, INTERACTION_GOAL, LAZY_MARGIN = 0.99, 0.97, 0.1
 
 def cli(args: list[str], env: dict[str, str]) -> dict:
     """Runs ``mmray ARGS``; returns its final JSON line (raises with stderr on failure)."""
-    proc = subprocess.run([sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=3600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=3600
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"mmray {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
@@ -54,20 +55,37 @@ def epochs_to_95(history: list[dict]) -> int | None:
 
 def run_cell(task: str, fusion: str, data: dict, config: str, workdir: Path, env: dict, extra: list[str]) -> dict:
     started = time.perf_counter()
-    trained = cli(["train", "--config", config, f"model.fusion={fusion}", f"data.train={data['train']['path']}",
-                   f"data.val={data['val']['path']}", f"train.storage_path={workdir / 'runs'}",
-                   f"train.name={task}-{fusion}-{int(time.time())}", *extra], env)  # fmt: skip
+    trained = cli(
+        [
+            "train",
+            "--config",
+            config,
+            f"model.fusion={fusion}",
+            f"data.train={data['train']['path']}",
+            f"data.val={data['val']['path']}",
+            f"train.storage_path={workdir / 'runs'}",
+            f"train.name={task}-{fusion}-{int(time.time())}",
+            *extra,
+        ],
+        env,
+    )
     train_s = time.perf_counter() - started
     history = [json.loads(line) for line in Path(trained["run_dir"], "history.jsonl").read_text().splitlines()]
     evaluated = cli(["evaluate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"]], env)
     m = evaluated["metrics"]
     return {
-        "task": task, "fusion": fusion, "test_accuracy": m["full"]["accuracy"],
-        "text_only": m["image_masked"]["accuracy"], "image_only": m["text_masked"]["accuracy"],
-        "aux_text": m.get("unimodal.text", {}).get("accuracy"), "aux_image": m.get("unimodal.image", {}).get("accuracy"),
-        "epochs": len(history), "epochs_to_95": epochs_to_95(history), "train_s": round(train_s, 1),
+        "task": task,
+        "fusion": fusion,
+        "test_accuracy": m["full"]["accuracy"],
+        "text_only": m["image_masked"]["accuracy"],
+        "image_only": m["text_masked"]["accuracy"],
+        "aux_text": m.get("unimodal.text", {}).get("accuracy"),
+        "aux_image": m.get("unimodal.image", {}).get("accuracy"),
+        "epochs": len(history),
+        "epochs_to_95": epochs_to_95(history),
+        "train_s": round(train_s, 1),
         "val_accuracy": [round(h["val_accuracy"], 3) for h in history],
-    }  # fmt: skip
+    }
 
 
 def goal_misses(rows: list[dict]) -> list[str]:
@@ -79,8 +97,10 @@ def goal_misses(rows: list[dict]) -> list[str]:
         if r["task"] == "match" and r["fusion"] != "late" and r["test_accuracy"] < INTERACTION_GOAL:
             misses.append(f"{name}: test accuracy {r['test_accuracy']:.3f} < {INTERACTION_GOAL}")
         if r["task"] == "lazy" and r["test_accuracy"] < max(r["text_only"], r["image_only"]) + LAZY_MARGIN:
-            misses.append(f"{name}: {r['test_accuracy']:.3f} does not beat the best single modality "
-                          f"{max(r['text_only'], r['image_only']):.3f} by {LAZY_MARGIN}")  # fmt: skip
+            misses.append(
+                f"{name}: {r['test_accuracy']:.3f} does not beat the best single modality "
+                f"{max(r['text_only'], r['image_only']):.3f} by {LAZY_MARGIN}"
+            )
     return misses
 
 
@@ -89,20 +109,28 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| task | fusion | test acc | text only | image only | aux text | aux image | epochs to 95% | "
-            "train s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    lines = [f"| {r['task']} | {r['fusion']} | {_fmt(r['test_accuracy'])} | {_fmt(r['text_only'])} | "
-             f"{_fmt(r['image_only'])} | {_fmt(r['aux_text'])} | {_fmt(r['aux_image'])} | "
-             f"{_fmt(r['epochs_to_95'])}/{r['epochs']} | {r['train_s']:.0f} |" for r in rows]  # fmt: skip
+    head = (
+        "| task | fusion | test acc | text only | image only | aux text | aux image | epochs to 95% | "
+        "train s |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"| {r['task']} | {r['fusion']} | {_fmt(r['test_accuracy'])} | {_fmt(r['text_only'])} | "
+        f"{_fmt(r['image_only'])} | {_fmt(r['aux_text'])} | {_fmt(r['aux_image'])} | "
+        f"{_fmt(r['epochs_to_95'])}/{r['epochs']} | {r['train_s']:.0f} |"
+        for r in rows
+    ]
     return "\n".join([head, *lines])
 
 
 def machine() -> str:
     import psutil
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "mmray", "configs"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()  # fmt: skip
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "mmray", "configs"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     gib = psutil.virtual_memory().total / 2**30
     return f"{os.cpu_count()} CPUs, {gib:.0f} GiB, no GPU, {platform.python_version()}, git {sha}{'+dirty' if dirty else ''}"
 
@@ -153,8 +181,10 @@ def main() -> int:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         extra = f", overrides `{' '.join(args.overrides)}`" if args.overrides else ""
         with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n### Quality run {stamp} ({machine()}; `{args.config}`{extra}; {total_s / 60:.1f} min)\n\n"
-                    f"{text}\n\nGoals: {'all met' if not misses else '; '.join(misses)}\n")  # fmt: skip
+            f.write(
+                f"\n### Quality run {stamp} ({machine()}; `{args.config}`{extra}; {total_s / 60:.1f} min)\n\n"
+                f"{text}\n\nGoals: {'all met' if not misses else '; '.join(misses)}\n"
+            )
     return 1 if args.strict and misses else 0
 
 

@@ -87,14 +87,21 @@ def _cell(text: str) -> str:
 
 def config_page() -> str:
     comments = field_comments(Path(C.__file__).read_text())
-    out = [_GENERATED, "", "# Configuration reference", "",
-           "Every key of `mmray.config.Config`, with its type, default and the comment beside it in "
-           "`mmray/config.py`. Set keys in a YAML file (`--config`) or as dotted overrides "
-           "(`train.epochs=10`); an unknown key or a bad value is rejected with a message naming it.", ""]  # fmt: skip
+    out = [
+        _GENERATED,
+        "",
+        "# Configuration reference",
+        "",
+        "Every key of `mmray.config.Config`, with its type, default and the comment beside it in "
+        "`mmray/config.py`. Set keys in a YAML file (`--config`) or as dotted overrides "
+        "(`train.epochs=10`); an unknown key or a bad value is rejected with a message naming it.",
+        "",
+    ]
     for section in dataclasses.fields(C.Config):
         out += [f"## `{section.name}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for key, tp, default, comment in config_rows(typing.get_type_hints(C.Config)[section.name],
-                                                     f"{section.name}.", comments):  # fmt: skip
+        for key, tp, default, comment in config_rows(
+            typing.get_type_hints(C.Config)[section.name], f"{section.name}.", comments
+        ):
             out.append(f"| `{key}` | `{_cell(tp)}` | `{_cell(default)}` | {_cell(comment)} |")
         out.append("")
     return "\n".join(out)

@@ -39,9 +39,20 @@ from mmray.data.text import read_tokenizer_dir
 from mmray.models.builder import build_model, save_architecture
 
 __all__ = [
-    "ARCHITECTURE_DIR", "BUNDLE_FILE", "CheckpointInfo", "FORMAT_VERSION", "OpenCheckpoint", "TOKENIZER_DIR",
-    "TRAIN_STATE_FILE", "WEIGHTS_FILE", "load_info", "load_model", "model_id", "open_checkpoint", "save_checkpoint",
-]  # fmt: skip
+    "ARCHITECTURE_DIR",
+    "BUNDLE_FILE",
+    "CheckpointInfo",
+    "FORMAT_VERSION",
+    "OpenCheckpoint",
+    "TOKENIZER_DIR",
+    "TRAIN_STATE_FILE",
+    "WEIGHTS_FILE",
+    "load_info",
+    "load_model",
+    "model_id",
+    "open_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "mmray.json"
@@ -134,8 +145,12 @@ def model_id(directory: str | os.PathLike) -> str:
     """Content hash of the inference bundle (weights, bundle, tokenizer): stable across copies."""
     d = Path(directory)
     h = hashlib.sha256()
-    files = [d / BUNDLE_FILE, d / WEIGHTS_FILE, *sorted((d / TOKENIZER_DIR).rglob("*")),
-             *sorted((d / ARCHITECTURE_DIR).rglob("*"))]  # fmt: skip
+    files = [
+        d / BUNDLE_FILE,
+        d / WEIGHTS_FILE,
+        *sorted((d / TOKENIZER_DIR).rglob("*")),
+        *sorted((d / ARCHITECTURE_DIR).rglob("*")),
+    ]
     for f in files:
         if f.is_file():
             h.update(str(f.relative_to(d)).encode())

@@ -90,9 +90,15 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from mmray.train.tune import TuneSettings, load_space, run_tune
 
     cfg = load_config(args.config, args.overrides)
-    settings = TuneSettings(num_samples=args.num_samples, metric=args.metric, mode=args.mode,
-                            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                            max_concurrent=args.max_concurrent, name=args.name)  # fmt: skip
+    settings = TuneSettings(
+        num_samples=args.num_samples,
+        metric=args.metric,
+        mode=args.mode,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        max_concurrent=args.max_concurrent,
+        name=args.name,
+    )
     _emit(run_tune(cfg, load_space(args.space), settings, address=args.address))
 
 
@@ -102,9 +108,19 @@ def cmd_score(args: argparse.Namespace) -> None:
     cfg = _config(args)
     partition = _partition(args.partition)
     # Ray is started only when there is work: an "already scored" rerun returns in a second.
-    _emit(run_scoring(cfg, args.checkpoint, args.input, args.output, partition, overwrite=args.overwrite,
-                      evaluate=args.evaluate, address=args.address,
-                      retry_quarantined=args.retry_quarantined))  # fmt: skip
+    _emit(
+        run_scoring(
+            cfg,
+            args.checkpoint,
+            args.input,
+            args.output,
+            partition,
+            overwrite=args.overwrite,
+            evaluate=args.evaluate,
+            address=args.address,
+            retry_quarantined=args.retry_quarantined,
+        )
+    )
 
 
 def cmd_nightly(args: argparse.Namespace) -> None:
@@ -115,22 +131,30 @@ def cmd_nightly(args: argparse.Namespace) -> None:
     if args.date_from is not None and args.date is not None:
         raise NightlyError("give either --date or --from/--to, not both")
     cfg = _config(args)
-    where = {"checkpoint": args.checkpoint, "input_root": args.input, "output_root": args.output,
-             "overwrite": args.overwrite, "address": args.address, "tz": args.tz}  # fmt: skip
+    where = {
+        "checkpoint": args.checkpoint,
+        "input_root": args.input,
+        "output_root": args.output,
+        "overwrite": args.overwrite,
+        "address": args.address,
+        "tz": args.tz,
+    }
     if args.date_from is None:
         _emit(run_nightly(cfg, args.date, **where))
         return
     result = run_backfill(cfg, args.date_from, args.date_to, **where)
     _emit(result)
     if result["failed"]:
-        raise NightlyError(f"backfill: {len(result['failed'])} of {len(result['partitions'])} dates failed: "
-                           f"{', '.join(result['failed'])} (the others are committed; rerun to retry)")  # fmt: skip
+        raise NightlyError(
+            f"backfill: {len(result['failed'])} of {len(result['partitions'])} dates failed: "
+            f"{', '.join(result['failed'])} (the others are committed; rerun to retry)"
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from mmray.config import load_config
-    from mmray.score.ablation import run_evaluation
     from mmray.runtime import init_ray
+    from mmray.score.ablation import run_evaluation
 
     cfg = load_config(args.config, args.overrides)
     init_ray(args.address)
@@ -198,10 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out_dir")
     sp.add_argument("--rows", type=int, default=2000)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--task", default="demo", choices=["demo", "classify", "sum", "match", "lazy", "missing"],
-                    help="demo: the quick-start set; the others are the quality benchmark's tasks (mmray.data.tasks)")
-    sp.add_argument("--lang", default="mixed", choices=["mixed", "en", "zh"],
-                    help="captions of the benchmark tasks (not demo): half English, half Chinese, or all one")
+    sp.add_argument(
+        "--task",
+        default="demo",
+        choices=["demo", "classify", "sum", "match", "lazy", "missing"],
+        help="demo: the quick-start set; the others are the quality benchmark's tasks (mmray.data.tasks)",
+    )
+    sp.add_argument(
+        "--lang",
+        default="mixed",
+        choices=["mixed", "en", "zh"],
+        help="captions of the benchmark tasks (not demo): half English, half Chinese, or all one",
+    )
     sp.set_defaults(fn=cmd_make_data)
 
     sp = command("train", help="train a fusion model with Ray Train")
@@ -227,8 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--partition", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--overwrite", action="store_true", help="replace an already committed output (atomically)")
     sp.add_argument("--evaluate", action="store_true", help="the input has labels: also write _metrics.json")
-    sp.add_argument("--retry-quarantined", action="store_true",
-                    help="score again the committed rows quarantined for transient image-fetch errors (new commit)")
+    sp.add_argument(
+        "--retry-quarantined",
+        action="store_true",
+        help="score again the committed rows quarantined for transient image-fetch errors (new commit)",
+    )
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_score)
 
@@ -237,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", dest="date_from", default=None, metavar="DATE", help="backfill: first date")
     sp.add_argument("--to", dest="date_to", default=None, metavar="DATE", help="backfill: last date (included)")
     sp.add_argument("--tz", default="UTC", help="IANA time zone that 'yesterday' is in (default UTC)")
-    sp.add_argument("--checkpoint", default=None, help="default: score.checkpoint, else <train.storage_path>/latest.json")
+    sp.add_argument(
+        "--checkpoint", default=None, help="default: score.checkpoint, else <train.storage_path>/latest.json"
+    )
     sp.add_argument("--input", default=None, help="root holding date=... partitions (default: score.input)")
     sp.add_argument("--output", default=None, help="output root (default: score.output)")
     sp.add_argument("--overwrite", action="store_true", help="replace committed partitions (a backfill rescores them)")
@@ -256,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_demo)
 
-    sp = command("validate-data", help="check a Parquet dataset as train/score would read it (exit 0 ok, 1 problems, "
-                                        "2 unreadable)")
+    sp = command(
+        "validate-data",
+        help="check a Parquet dataset as train/score would read it (exit 0 ok, 1 problems, 2 unreadable)",
+    )
     sp.add_argument("uri", help="Parquet file, folder or glob; local path or s3://")
     sp.add_argument("--unlabeled", action="store_true", help="data to score: label columns are not required")
     sp.add_argument("--max-rows", type=int, default=None, help="check at most this many rows (default: all)")
@@ -266,11 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     sp.set_defaults(fn=cmd_validate_data)
 
-    sp = command("report", help="RUN_DIR/report.html: curves, confusion, per-class scores, ablation, calibration, "
-                                 "data, config, lineage")
+    sp = command(
+        "report",
+        help="RUN_DIR/report.html: curves, confusion, per-class scores, ablation, calibration, data, config, lineage",
+    )
     sp.add_argument("run_dir", help="a run directory (train.storage_path/train.name), local or s3://")
-    sp.add_argument("--no-evaluate", action="store_true",
-                    help="skip the evaluation on the validation split (no Ray; no confusion/ablation/calibration)")
+    sp.add_argument(
+        "--no-evaluate",
+        action="store_true",
+        help="skip the evaluation on the validation split (no Ray; no confusion/ablation/calibration)",
+    )
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_report)
 
@@ -281,11 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mmray.config import ConfigError
+    from mmray.console import describe_error, set_verbose, verbose
     from mmray.data.labels import LabelError
     from mmray.data.pipeline import DataQualityError
     from mmray.data.schema import SchemaError
-
-    from mmray.console import describe_error, set_verbose, verbose
 
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose or verbose())

@@ -254,26 +254,58 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 
 _POSITIVE = {
-    "data.preprocess.concurrency", "data.preprocess.batch_size", "data.preprocess.fetch_threads",
-    "data.preprocess.fetch_attempts", "data.preprocess.fetch_timeout_s", "data.text.max_length",
-    "data.text.max_chars", "data.text.max_bytes", "data.image.max_bytes",
-    "data.text.vocab_size", "data.image.size", "data.image.max_pixels", "model.hidden_dim",
-    "model.text_encoder.dim", "model.text_encoder.layers", "model.text_encoder.heads",
-    "model.image_encoder.dim", "model.image_encoder.convs_per_stage",
-    "model.fusion_layers", "model.fusion_heads", "model.fusion_rank", "train.epochs", "train.batch_size", "train.lr",
-    "train.num_workers", "train.grad_accum_steps", "train.num_to_keep", "train.early_stopping.patience",
+    "data.preprocess.concurrency",
+    "data.preprocess.batch_size",
+    "data.preprocess.fetch_threads",
+    "data.preprocess.fetch_attempts",
+    "data.preprocess.fetch_timeout_s",
+    "data.text.max_length",
+    "data.text.max_chars",
+    "data.text.max_bytes",
+    "data.image.max_bytes",
+    "data.text.vocab_size",
+    "data.image.size",
+    "data.image.max_pixels",
+    "model.hidden_dim",
+    "model.text_encoder.dim",
+    "model.text_encoder.layers",
+    "model.text_encoder.heads",
+    "model.image_encoder.dim",
+    "model.image_encoder.convs_per_stage",
+    "model.fusion_layers",
+    "model.fusion_heads",
+    "model.fusion_rank",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.num_workers",
+    "train.grad_accum_steps",
+    "train.num_to_keep",
+    "train.early_stopping.patience",
     "train.lr_reference_batch",
-    "score.concurrency", "score.batch_size", "score.rows_per_file",
-}  # fmt: skip
+    "score.concurrency",
+    "score.batch_size",
+    "score.rows_per_file",
+}
 # A key ending in ".*" covers every entry of that mapping. Freeze: false/true/N blocks (bools are 0/1).
 _NON_NEGATIVE = {
-    "model.aux_loss_weight", "model.loss_weights.*", "model.text_encoder.freeze", "model.image_encoder.freeze",
-    "train.resources_per_worker.*", "train.prefetch_batches", "score.num_gpus", "score.num_cpus",
-}  # fmt: skip
+    "model.aux_loss_weight",
+    "model.loss_weights.*",
+    "model.text_encoder.freeze",
+    "model.image_encoder.freeze",
+    "train.resources_per_worker.*",
+    "train.prefetch_batches",
+    "score.num_gpus",
+    "score.num_cpus",
+}
 _FRACTIONS = {
-    "data.max_bad_fraction", "data.cache_max_fraction", "model.dropout", "model.modality_dropout",
-    "train.warmup_fraction", "train.label_smoothing",
-}  # fmt: skip
+    "data.max_bad_fraction",
+    "data.cache_max_fraction",
+    "model.dropout",
+    "model.modality_dropout",
+    "train.warmup_fraction",
+    "train.label_smoothing",
+}
 _TASK_KINDS = ("multiclass", "multilabel", "binary", "regression")
 
 
@@ -381,8 +413,11 @@ def _expected(tp: Any) -> str:
 
 def _validate(cfg: Config) -> None:
     flat = flatten(config_to_dict(cfg))
-    for keys, ok, rule in ((_POSITIVE, lambda v: v > 0, "> 0"), (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                           (_FRACTIONS, lambda v: 0 <= v <= 1, "within [0, 1]")):  # fmt: skip
+    for keys, ok, rule in (
+        (_POSITIVE, lambda v: v > 0, "> 0"),
+        (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+        (_FRACTIONS, lambda v: 0 <= v <= 1, "within [0, 1]"),
+    ):
         for key in sorted(k for pattern in keys for k in _matching(flat, pattern)):
             if flat[key] is not None and not ok(flat[key]):  # None: "derived" or "off", where a key allows it
                 raise ConfigError(f"{key}: must be {rule}, got {flat[key]!r}")
@@ -393,21 +428,28 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.image_column / data.image_uri_column: at least one must be set")
     for root in cfg.data.image_uri_roots or ():
         if "://" in root or not root.startswith("/"):
-            raise ConfigError(f"data.image_uri_roots: {root!r} must be an absolute local directory "
-                              "(s3:// image URIs are always allowed)")  # fmt: skip
+            raise ConfigError(
+                f"data.image_uri_roots: {root!r} must be an absolute local directory "
+                "(s3:// image URIs are always allowed)"
+            )
     # Credentials never live in a config: it is logged (MLflow params), copied and stored in checkpoints.
     endpoint = cfg.storage.s3_endpoint_url
     if endpoint and _embeds_credentials(endpoint if "://" in endpoint else f"https://{endpoint}"):  # a bare host
-        raise ConfigError("storage.s3_endpoint_url: must not embed credentials (user:password@host); "
-                          "S3 credentials come from the AWS chain")  # fmt: skip
+        raise ConfigError(
+            "storage.s3_endpoint_url: must not embed credentials (user:password@host); "
+            "S3 credentials come from the AWS chain"
+        )
     if _embeds_credentials(cfg.train.mlflow_tracking_uri):
-        raise ConfigError("train.mlflow_tracking_uri: must not embed credentials (user:password@host); "
-                          "use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")  # fmt: skip
+        raise ConfigError(
+            "train.mlflow_tracking_uri: must not embed credentials (user:password@host); "
+            "use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+        )
     if cfg.data.text.pos_model and not cfg.data.text.pos_tags:
         raise ConfigError("data.text.pos_model: set, but data.text.pos_tags is false (nothing would use it)")
     if cfg.data.text.user_dict and cfg.data.text.segmenter != "jieba" and not cfg.data.text.pos_tags:
-        raise ConfigError("data.text.user_dict: only jieba reads it: set data.text.segmenter=jieba "
-                          "(or data.text.pos_tags=true)")  # fmt: skip
+        raise ConfigError(
+            "data.text.user_dict: only jieba reads it: set data.text.segmenter=jieba (or data.text.pos_tags=true)"
+        )
     if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
         raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
     if cfg.train.max_failures < -1:
@@ -415,14 +457,16 @@ def _validate(cfg: Config) -> None:
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip: must be > 0 or null (no clipping), got {cfg.train.grad_clip}")
     hook = cfg.train.before_step
-    if hook is not None and (hook.count(":") != 1 or not all(part.replace(".", "_").isidentifier()
-                                                               for part in hook.split(":"))):  # fmt: skip
+    if hook is not None and (
+        hook.count(":") != 1 or not all(part.replace(".", "_").isidentifier() for part in hook.split(":"))
+    ):
         raise ConfigError(f"train.before_step: {hook!r} is not 'package.module:function'")
     if cfg.model.text_encoder.dim % cfg.model.text_encoder.heads:
         raise ConfigError("model.text_encoder.dim: must be divisible by model.text_encoder.heads")
     if cfg.model.fusion == "cross_attention" and cfg.model.hidden_dim % cfg.model.fusion_heads:
-        raise ConfigError(f"model.fusion_heads: {cfg.model.fusion_heads} must divide model.hidden_dim="
-                          f"{cfg.model.hidden_dim}")  # fmt: skip
+        raise ConfigError(
+            f"model.fusion_heads: {cfg.model.fusion_heads} must divide model.hidden_dim={cfg.model.hidden_dim}"
+        )
 
 
 def _embeds_credentials(uri: str | None) -> bool:

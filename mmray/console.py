@@ -27,10 +27,22 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "VERBOSE_ENV", "Ticker", "describe_error", "doing", "epoch_line", "format_count", "format_duration",
-    "progress_interval", "quiet_ray_data", "ray_init_options", "say", "set_verbose", "train_log_level",
-    "verbose", "versions",
-]  # fmt: skip
+    "VERBOSE_ENV",
+    "Ticker",
+    "describe_error",
+    "doing",
+    "epoch_line",
+    "format_count",
+    "format_duration",
+    "progress_interval",
+    "quiet_ray_data",
+    "ray_init_options",
+    "say",
+    "set_verbose",
+    "train_log_level",
+    "verbose",
+    "versions",
+]
 
 VERBOSE_ENV = "MMRAY_VERBOSE"
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -129,7 +141,7 @@ class Ticker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mmray-progress", daemon=True)
 
-    def __enter__(self) -> "Ticker":
+    def __enter__(self) -> Ticker:
         self._thread.start()
         return self
 
@@ -219,11 +231,25 @@ def versions() -> dict[str, str]:
     checkout = os.path.dirname(_PACKAGE_DIR)
     if os.path.exists(os.path.join(checkout, ".git")):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            sha = subprocess.run(["git", "-C", checkout, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                 text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-            dirty = subprocess.run(["git", "-C", checkout, "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+            sha = subprocess.run(
+                ["git", "-C", checkout, "rev-parse", "--short=12", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", checkout, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             mmray += f" (git {sha}{', modified' if dirty else ''})"
     cuda = f"yes, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "no"
-    return {"mmray": mmray, "ray": ray.__version__, "torch": torch.__version__, "cuda": cuda,
-            "python": sys.version.split()[0]}  # fmt: skip
+    return {
+        "mmray": mmray,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "cuda": cuda,
+        "python": sys.version.split()[0],
+    }

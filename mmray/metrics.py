@@ -40,9 +40,12 @@ def per_row_loss(task: Task, logits: Tensor, target: Tensor, label_smoothing: fl
 
 
 def weighted_row_loss(
-    tasks: Sequence[Task], logits: dict[str, Tensor], targets: dict[str, Tensor], loss_weights: dict[str, float],
+    tasks: Sequence[Task],
+    logits: dict[str, Tensor],
+    targets: dict[str, Tensor],
+    loss_weights: dict[str, float],
     label_smoothing: float = 0.0,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """The fused heads' training loss per row ``[B]``: ``per_row_loss`` weighted by ``model.loss_weights``
     (default 1), summed over tasks. The one definition, so that the ``loss`` of training, ``mmray
     evaluate`` and ``score --evaluate`` means the same; ``MetricAccumulator.update`` takes its ``.sum()``.
@@ -143,8 +146,11 @@ class MetricAccumulator:
             st = self._state[sl]
             if t.kind == "multiclass":
                 c = len(t.classes)
-                out[t.name] = {"confusion": st[: c * c].view(c, c), "calibration_rows": st[c * c : c * c + _CAL_BINS],
-                               "calibration_correct": st[c * c + _CAL_BINS :]}  # fmt: skip
+                out[t.name] = {
+                    "confusion": st[: c * c].view(c, c),
+                    "calibration_rows": st[c * c : c * c + _CAL_BINS],
+                    "calibration_correct": st[c * c + _CAL_BINS :],
+                }
             elif t.kind == "regression":
                 out[t.name] = {"abs_err": st[0], "sq_err": st[1]}
             else:

@@ -40,8 +40,7 @@ from mmray.train.tracking import read_history
 __all__ = ["REPORT_FILE", "SECTIONS", "best_checkpoint", "load_run", "render_report", "write_report"]
 
 REPORT_FILE = "report.html"
-SECTIONS = ("summary", "curves", "lr", "confusion", "per-class", "ablation", "calibration", "data", "config",
-            "lineage")  # fmt: skip
+SECTIONS = ("summary", "curves", "lr", "confusion", "per-class", "ablation", "calibration", "data", "config", "lineage")
 _CONFIG_FILE = "config.json"  # written by mmray.train.launcher.run_training
 _TOP_REASONS = 8
 
@@ -172,8 +171,15 @@ def _confusion(name: str, classes: list[str], cm: np.ndarray) -> str:
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                    fontsize=8,
+                )
     return _img(_png(fig), f"{name} confusion matrix")
 
 
@@ -193,8 +199,13 @@ def _calibration(name: str, confidence: np.ndarray, accuracy: np.ndarray, rows: 
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
     seen = rows > 0
     ax.plot(confidence[seen], accuracy[seen], marker="o", label=what)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="predicted probability", ylabel="observed frequency",
-           title=f"{name}: calibration (validation)")  # fmt: skip
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="predicted probability",
+        ylabel="observed frequency",
+        title=f"{name}: calibration (validation)",
+    )
     ax.legend(fontsize="small")
     return _img(_png(fig), f"{name} calibration")
 
@@ -220,8 +231,14 @@ def _task_sections(tasks: list[dict], stats: dict[str, dict]) -> dict[str, list[
             for j, label in enumerate(labels):
                 tp, fp, fn, tn = counts[j]
                 out["confusion"].append(_confusion(f"{name}/{label}", ["no", "yes"], np.array([[tn, fp], [fn, tp]])))
-            out["per-class"].append(_per_class(name, labels, counts[:, 0] / np.maximum(counts[:, 0] + counts[:, 1], 1),
-                                               counts[:, 0] / np.maximum(counts[:, 0] + counts[:, 2], 1)))  # fmt: skip
+            out["per-class"].append(
+                _per_class(
+                    name,
+                    labels,
+                    counts[:, 0] / np.maximum(counts[:, 0] + counts[:, 1], 1),
+                    counts[:, 0] / np.maximum(counts[:, 0] + counts[:, 2], 1),
+                )
+            )
             pos, neg = st["pos_hist"].sum(0), st["neg_hist"].sum(0)
             k = 10  # 200 histogram bins -> 10 for a readable reliability diagram
             pos, neg = pos.reshape(k, -1).sum(1), neg.reshape(k, -1).sum(1)
@@ -264,17 +281,27 @@ def _section(key: str, title: str, body: str) -> str:
     return f'<section id="{key}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
-def render_report(run: dict[str, Any], evaluation: dict[str, Any] | None, checkpoint: str | None,
-                  model_id: str | None = None, tasks: list[dict] | None = None) -> str:  # fmt: skip
+def render_report(
+    run: dict[str, Any],
+    evaluation: dict[str, Any] | None,
+    checkpoint: str | None,
+    model_id: str | None = None,
+    tasks: list[dict] | None = None,
+) -> str:
     """The report's HTML. ``evaluation`` is ``run_evaluation(..., with_stats=True)``'s result, or None
     (the sections that need it say why they are empty)."""
     history, metrics = run["history"], run["metrics"]
     missing_eval = '<p class="note">not evaluated (mmray report --no-evaluate, or no checkpoint)</p>'
     last = history[-1] if history else {}
     summary_rows = [["epochs run", len(history)], ["train_loss (last epoch)", last.get("train_loss", "")]]
-    summary_rows += [[f"val {k} (reported checkpoint)", v] for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "train_loss")
-                     and not ("/" in k and k.split("/", 1)[1] in metrics)]  # fmt: skip
+    summary_rows += [
+        [f"val {k} (reported checkpoint)", v]
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k not in ("epoch", "train_loss")
+        and not ("/" in k and k.split("/", 1)[1] in metrics)
+    ]
     sections = {"summary": ("Summary", _table(["", "value"], summary_rows))}
     if history:
         sections["curves"] = ("Loss and metric curves", "".join(_curves(history)))
@@ -287,23 +314,34 @@ def render_report(run: dict[str, Any], evaluation: dict[str, Any] | None, checkp
         sections["confusion"] = ("Confusion matrices (validation)", "".join(blocks["confusion"]))
         sections["per-class"] = ("Per-class precision and recall (validation)", "".join(blocks["per-class"]))
         variants = list(evaluation["metrics"])
-        keys = [k for k in ("loss", "accuracy", "macro_f1", "auroc", "mae", "rmse")
-                if any(k in evaluation["metrics"][v] for v in variants)]  # fmt: skip
-        rows = [[v, *[evaluation["metrics"][v].get(k, "") for k in keys], int(evaluation["metrics"][v].get("rows", 0))]
-                for v in variants]  # fmt: skip
+        keys = [
+            k
+            for k in ("loss", "accuracy", "macro_f1", "auroc", "mae", "rmse")
+            if any(k in evaluation["metrics"][v] for v in variants)
+        ]
+        rows = [
+            [v, *[evaluation["metrics"][v].get(k, "") for k in keys], int(evaluation["metrics"][v].get("rows", 0))]
+            for v in variants
+        ]
         ablation = _table(["variant", *keys, "rows"], rows) + (
             f'<p class="note">{evaluation["rows_evaluated"]:,} validation rows evaluated, '
-            f'{evaluation["rows_quarantined"]:,} quarantined. Masked variants mark that modality missing on every '
+            f"{evaluation['rows_quarantined']:,} quarantined. Masked variants mark that modality missing on every "
             "row; they mean most for models trained with model.modality_dropout &gt; 0.</p>"
         )
         sections["ablation"] = ("Modality ablation (mmray evaluate on the validation set)", ablation)
         sections["calibration"] = ("Calibration (validation)", "".join(blocks["calibration"]))
     else:
-        for key, title in (("confusion", "Confusion matrices"), ("per-class", "Per-class precision and recall"),
-                           ("ablation", "Modality ablation"), ("calibration", "Calibration")):  # fmt: skip
+        for key, title in (
+            ("confusion", "Confusion matrices"),
+            ("per-class", "Per-class precision and recall"),
+            ("ablation", "Modality ablation"),
+            ("calibration", "Calibration"),
+        ):
             sections[key] = (title, missing_eval)
-    data_rows = [[split, c.get("rows_in", ""), c.get("rows_used", ""), c.get("rows_quarantined", "")]
-                 for split, c in metrics.get("data", {}).items()]  # fmt: skip
+    data_rows = [
+        [split, c.get("rows_in", ""), c.get("rows_used", ""), c.get("rows_quarantined", "")]
+        for split, c in metrics.get("data", {}).items()
+    ]
     data = _table(["split", "rows in", "rows used", "rows quarantined"], data_rows)
     if "data_cached" in metrics:
         where = "cached in the object store" if metrics["data_cached"] else "streamed"
@@ -313,16 +351,24 @@ def render_report(run: dict[str, Any], evaluation: dict[str, Any] | None, checkp
             data += f"<h3>top quarantine reasons: {html.escape(split)}</h3>" + _table(["reason", "rows"], q["reasons"])
     sections["data"] = ("Data and quarantine", data)
     config = json.dumps(run["config"], indent=2, sort_keys=True, default=str) if run["config"] else "(not recorded)"
-    sections["config"] = ("Resolved config", f"<details><summary>{len(config.splitlines())} lines</summary>"
-                                             f"<pre>{html.escape(config)}</pre></details>")  # fmt: skip
-    lineage = [["run dir", run["run_dir"]], ["checkpoint", storage.redact(checkpoint or "(none)")],
-               ["model_id", model_id or ""], *[[k, v] for k, v in run["versions"].items()],
-               ["report made", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")]]  # fmt: skip
+    sections["config"] = (
+        "Resolved config",
+        f"<details><summary>{len(config.splitlines())} lines</summary><pre>{html.escape(config)}</pre></details>",
+    )
+    lineage = [
+        ["run dir", run["run_dir"]],
+        ["checkpoint", storage.redact(checkpoint or "(none)")],
+        ["model_id", model_id or ""],
+        *[[k, v] for k, v in run["versions"].items()],
+        ["report made", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")],
+    ]
     sections["lineage"] = ("Lineage", _table(["", ""], lineage))
     body = "".join(_section(key, *sections[key]) for key in SECTIONS)
     title = f"mmray run report: {run['run_dir'].rstrip('/').rsplit('/', 1)[-1]}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")  # fmt: skip
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
 
 
 def write_report(run_dir: str, cfg: Config | None = None, evaluate: bool = True) -> dict[str, Any]:
@@ -347,5 +393,9 @@ def write_report(run_dir: str, cfg: Config | None = None, evaluate: bool = True)
             evaluation = run_evaluation(run_cfg, checkpoint, run_cfg.data.val, with_stats=True)
     uri = storage.join(run_dir, REPORT_FILE)
     storage.write_text(uri, render_report(run, evaluation, checkpoint, mid, tasks), run_cfg.storage)
-    return {"report": storage.redact(uri), "checkpoint": checkpoint, "model_id": mid,
-            "evaluated": evaluation is not None}
+    return {
+        "report": storage.redact(uri),
+        "checkpoint": checkpoint,
+        "model_id": mid,
+        "evaluated": evaluation is not None,
+    }

@@ -16,8 +16,17 @@ import ray
 
 from mmray.console import quiet_ray_data, ray_init_options, say
 
-__all__ = ["READ_TASKS", "RAY_CLIENT_UNSUPPORTED", "Demand", "ResourceBudgetError", "check_resources",
-           "cluster_capacity", "init_ray", "release_ray", "total_demand"]  # fmt: skip
+__all__ = [
+    "READ_TASKS",
+    "RAY_CLIENT_UNSUPPORTED",
+    "Demand",
+    "ResourceBudgetError",
+    "check_resources",
+    "cluster_capacity",
+    "init_ray",
+    "release_ray",
+    "total_demand",
+]
 
 RAY_CLIENT_UNSUPPORTED = (
     "Ray Client addresses (ray://) cannot run mmray: Ray Data's streaming executor needs a driver "
@@ -134,8 +143,9 @@ def check_resources(job: str, demands: list[Demand]) -> None:
     for resource, need in sorted(total_demand(demands).items()):
         have = capacity.get(resource, 0.0)
         if need > have + 1e-9:
-            parts = "; ".join(f"{d.keys}: {d.count:g} x {d.per_unit[resource]:g}" for d in demands
-                              if d.per_unit.get(resource, 0) > 0)  # fmt: skip
+            parts = "; ".join(
+                f"{d.keys}: {d.count:g} x {d.per_unit[resource]:g}" for d in demands if d.per_unit.get(resource, 0) > 0
+            )
             raise ResourceBudgetError(
                 f"{job} would wait forever: it holds {need:g} {resource} at once ({parts}) but the cluster has "
                 f"{have:g} {resource} ({source}). Lower those settings, or add nodes"

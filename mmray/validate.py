@@ -30,7 +30,7 @@ from PIL import Image
 from mmray.config import Config
 from mmray.data import schema as S
 from mmray.data import storage
-from mmray.data.preprocess import PreprocessSpec, Preprocessor
+from mmray.data.preprocess import Preprocessor, PreprocessSpec
 
 __all__ = ["CannotReadError", "format_report", "validate_data"]
 
@@ -82,8 +82,12 @@ def _quantiles(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}  # fmt: skip
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "max": float(a.max()),
+    }
 
 
 _SIZE_BUCKETS = ((64, "<64 px"), (256, "64-255 px"), (1024, "256-1023 px"), (4096, "1024-4095 px"))
@@ -97,8 +101,9 @@ def _image_header(data: bytes) -> tuple[str, str, str]:
         return str(img.format), img.mode, size
 
 
-def validate_data(uri: str, cfg: Config, labeled: bool = True, max_rows: int | None = None,
-                  image_sample: int = 500) -> dict[str, Any]:  # fmt: skip
+def validate_data(
+    uri: str, cfg: Config, labeled: bool = True, max_rows: int | None = None, image_sample: int = 500
+) -> dict[str, Any]:
     """Checks the Parquet dataset at ``uri`` as ``cfg`` would read it.
 
     Args:
@@ -137,9 +142,13 @@ def validate_data(uri: str, cfg: Config, labeled: bool = True, max_rows: int | N
     with tempfile.TemporaryDirectory() as tmp:
         inherited = storage.join(cfg.train.resume_from, TOKENIZER_DIR) if cfg.train.resume_from else None
         tokenizer_files = prepare.prepare_tokenizer(cfg, uri, files, tmp, inherited)
-    preprocessor = Preprocessor(spec, tokenizer_files, fetch_threads=cfg.data.preprocess.fetch_threads,
-                                fetch_attempts=cfg.data.preprocess.fetch_attempts,
-                                fetch_timeout_s=cfg.data.preprocess.fetch_timeout_s)  # fmt: skip
+    preprocessor = Preprocessor(
+        spec,
+        tokenizer_files,
+        fetch_threads=cfg.data.preprocess.fetch_threads,
+        fetch_attempts=cfg.data.preprocess.fetch_attempts,
+        fetch_timeout_s=cfg.data.preprocess.fetch_timeout_s,
+    )
     report.update(_row_checks(uri, files, cfg, spec, preprocessor, max_rows, image_sample))
     report["labels"] = {t.name: report["labels"].get(t.name, {}) for t in tasks}
     problems = []
@@ -151,8 +160,15 @@ def validate_data(uri: str, cfg: Config, labeled: bool = True, max_rows: int | N
     return report
 
 
-def _row_checks(uri: str, files: list[str], cfg: Config, spec: PreprocessSpec, preprocessor: Preprocessor,
-                max_rows: int | None, image_sample: int) -> dict[str, Any]:  # fmt: skip
+def _row_checks(
+    uri: str,
+    files: list[str],
+    cfg: Config,
+    spec: PreprocessSpec,
+    preprocessor: Preprocessor,
+    max_rows: int | None,
+    image_sample: int,
+) -> dict[str, Any]:
     fs, _ = storage.resolve(uri, cfg.storage)
     columns = list(spec.input_columns())
     rows = 0
@@ -213,19 +229,30 @@ def _row_checks(uri: str, files: list[str], cfg: Config, spec: PreprocessSpec, p
         "rows_checked": rows,
         "labels": {name: dict(c.most_common(_TOP_LABELS)) for name, c in labels.items()},
         "label_classes": {name: len(c) for name, c in labels.items()},
-        "text_tokens": {**_quantiles(tokens), "max_length": spec.text.max_length,
-                        "truncated": truncated / max(len(tokens), 1)},  # fmt: skip
-        "images": {"sampled": sampled, "decode_errors": image_errors,
-                   **{name: dict(c.most_common()) for name, c in images.items()}},  # fmt: skip
+        "text_tokens": {
+            **_quantiles(tokens),
+            "max_length": spec.text.max_length,
+            "truncated": truncated / max(len(tokens), 1),
+        },
+        "images": {
+            "sampled": sampled,
+            "decode_errors": image_errors,
+            **{name: dict(c.most_common()) for name, c in images.items()},
+        },
         "missing": {m: missing[m] / max(rows, 1) for m in ("text", "image")},
-        "duplicate_ids": {"ids": len(duplicated), "rows": sum(duplicated.values()) + len(duplicated),
-                          "examples": [i for i, _ in duplicated.most_common(5)]},  # fmt: skip
+        "duplicate_ids": {
+            "ids": len(duplicated),
+            "rows": sum(duplicated.values()) + len(duplicated),
+            "examples": [i for i, _ in duplicated.most_common(5)],
+        },
         "quarantine": {
             "rows": bad,
             "fraction": bad / max(rows, 1),
             "max_bad_fraction": cfg.data.max_bad_fraction,
-            "reasons": [{"stage": st, "column": col, "error": err, "rows": n, "example_id": examples[(st, col, err)]}
-                        for (st, col, err), n in reasons.most_common(_TOP_REASONS)],  # fmt: skip
+            "reasons": [
+                {"stage": st, "column": col, "error": err, "rows": n, "example_id": examples[(st, col, err)]}
+                for (st, col, err), n in reasons.most_common(_TOP_REASONS)
+            ],
         },
     }
 
@@ -249,8 +276,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"labels       {name}: {r['label_classes'][name]} values  {shown}")
     t = r["text_tokens"]
     if "p50" in t:
-        lines.append(f"text tokens  p50 {t['p50']:g}  p90 {t['p90']:g}  p99 {t['p99']:g}  max {t['max']:g}  "
-                     f"(max_length {t['max_length']}: {t['truncated']:.1%} truncated)")  # fmt: skip
+        lines.append(
+            f"text tokens  p50 {t['p50']:g}  p90 {t['p90']:g}  p99 {t['p99']:g}  max {t['max']:g}  "
+            f"(max_length {t['max_length']}: {t['truncated']:.1%} truncated)"
+        )
     im = r["images"]
     lines.append(f"images       {im['sampled']:,} sampled, {im['decode_errors']} unreadable")
     for name in ("format", "mode", "size"):
@@ -259,9 +288,13 @@ def format_report(r: dict[str, Any]) -> str:
     d = r["duplicate_ids"]
     lines.append(f"ids          {d['ids']:,} duplicated" + (f" (e.g. {', '.join(d['examples'])})" if d["ids"] else ""))
     q = r["quarantine"]
-    lines.append(f"quarantine   {q['rows']:,} rows ({q['fraction']:.1%}; training aborts above "
-                 f"data.max_bad_fraction={q['max_bad_fraction']})")  # fmt: skip
-    lines += [f"  {x['rows']:>6,}  {x['stage']}/{x['column'] or '-'}: {x['error']} (e.g. id {x['example_id']})"
-              for x in q["reasons"]]  # fmt: skip
+    lines.append(
+        f"quarantine   {q['rows']:,} rows ({q['fraction']:.1%}; training aborts above "
+        f"data.max_bad_fraction={q['max_bad_fraction']})"
+    )
+    lines += [
+        f"  {x['rows']:>6,}  {x['stage']}/{x['column'] or '-'}: {x['error']} (e.g. id {x['example_id']})"
+        for x in q["reasons"]
+    ]
     lines.append("result       " + ("OK" if r["ok"] else "PROBLEMS: " + "; ".join(r["problems"])))
     return "\n".join(lines)

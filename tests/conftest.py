@@ -41,6 +41,7 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") == "true" else "dev"))
 
+
 @pytest.fixture
 def seed() -> int:
     random.seed(0)

@@ -29,16 +29,25 @@ def tiny_overrides(data: dict, storage_path: Path | str, **extra: object) -> lis
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def run_cli(args: list[str], ray_address: str | None = None, timeout: int = CLI_TIMEOUT, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+def run_cli(
+    args: list[str],
+    ray_address: str | None = None,
+    timeout: int = CLI_TIMEOUT,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Runs the real ``mmray`` CLI; ``.json`` on the result is its last stdout line, parsed."""
     full_env = {**os.environ, **(env or {})}
     if ray_address:
         full_env["RAY_ADDRESS"] = ray_address
     proc = subprocess.run(
-        [sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+        [sys.executable, "-m", "mmray.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"mmray {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -50,8 +59,9 @@ def kill_cli_when(args: list[str], env: dict, ready, log: Path, timeout: float =
     """Runs the real CLI and SIGKILLs it (no cleanup, as when the driver's node is lost) as soon as
     ``ready()`` holds; returns its output. Fails when the run ends first or ``ready()`` never holds."""
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmray.cli", *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + timeout
             while not ready():
@@ -70,5 +80,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-

@@ -40,9 +40,19 @@ def roots(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def trained(corpus, ray_address) -> dict:
-    proc = run_cli(["train", "--config", "configs/demo.yaml", f"data.train={corpus['train']['path']}",
-                    f"data.val={corpus['val']['path']}", f"train.storage_path={corpus['root'] / 'runs'}", *FAST,
-                    roots(corpus["root"])], ray_address)  # fmt: skip
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.train={corpus['train']['path']}",
+            f"data.val={corpus['val']['path']}",
+            f"train.storage_path={corpus['root'] / 'runs'}",
+            *FAST,
+            roots(corpus["root"]),
+        ],
+        ray_address,
+    )
     return proc.json
 
 
@@ -80,8 +90,19 @@ def test_training_quarantines_every_broken_kind_and_counts_reconcile(trained, co
 def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, ray_address):
     out = corpus["root"] / "preds"
     test = corpus["test"]
-    res = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", test["path"], "--output", str(out),
-                   roots(corpus["root"])], ray_address).json  # the image URI column comes from the checkpoint
+    res = run_cli(
+        [
+            "score",
+            "--checkpoint",
+            trained["checkpoint"],
+            "--input",
+            test["path"],
+            "--output",
+            str(out),
+            roots(corpus["root"]),
+        ],
+        ray_address,
+    ).json  # the image URI column comes from the checkpoint
     assert res["rows_in"] == test["rows"]
     assert res["rows_quarantined"] == test["bad"]
     assert res["rows_scored"] + res["rows_quarantined"] == res["rows_in"]
@@ -101,9 +122,21 @@ def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, r
 def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address, tmp_path):
     garbage = make_corpus(tmp_path / "garbage", good=4, seed=4)
     runs = tmp_path / "runs"
-    proc = run_cli(["train", "--config", "configs/demo.yaml", f"data.train={garbage['path']}",
-                    f"data.val={corpus['val']['path']}", f"train.storage_path={runs}", "train.name=garbage", *FAST,
-                    roots(tmp_path)], ray_address, check=False)  # fmt: skip
+    proc = run_cli(
+        [
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.train={garbage['path']}",
+            f"data.val={corpus['val']['path']}",
+            f"train.storage_path={runs}",
+            "train.name=garbage",
+            *FAST,
+            roots(tmp_path),
+        ],
+        ray_address,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert "data.max_bad_fraction=0.1" in message and f"{garbage['bad']} of {garbage['rows']} rows" in message
@@ -118,8 +151,19 @@ def test_scoring_hostile_rows_scores_or_quarantines_every_row(trained, ray_addre
     quarantined with its reason, every other row scored, the counts add up, no secret is printed."""
     hostile = make_hostile(tmp_path / "hostile", good=160)  # 14 attacks in 179 rows: under max_bad_fraction
     out = tmp_path / "preds"
-    proc = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", hostile["input"], "--output", str(out),
-                    roots(Path(hostile["root"]))], ray_address)  # fmt: skip
+    proc = run_cli(
+        [
+            "score",
+            "--checkpoint",
+            trained["checkpoint"],
+            "--input",
+            hostile["input"],
+            "--output",
+            str(out),
+            roots(Path(hostile["root"])),
+        ],
+        ray_address,
+    )
     res = proc.json
     assert res["rows_in"] == hostile["rows"] and res["rows_quarantined"] == len(hostile["quarantined"])
     assert res["rows_scored"] + res["rows_quarantined"] == res["rows_in"]

@@ -43,7 +43,9 @@ def test_train_reports_run_dir_checkpoint_and_metrics(trained):
 
 
 def test_training_learns(trained):
-    history = [json.loads(line) for line in (Path(trained["result"]["run_dir"]) / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line) for line in (Path(trained["result"]["run_dir"]) / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert trained["result"]["metrics"]["accuracy"] >= 0.6  # chance is 0.25, one modality alone 0.5
@@ -52,8 +54,10 @@ def test_training_learns(trained):
 def test_score_writes_every_id_exactly_once(trained, ray_address):
     out = trained["root"] / "preds"
     test_split = trained["data"]["test"]
-    res = run_cli(["score", "--checkpoint", trained["result"]["checkpoint"], "--input", test_split["path"],
-                   "--output", str(out)], ray_address).json  # fmt: skip
+    res = run_cli(
+        ["score", "--checkpoint", trained["result"]["checkpoint"], "--input", test_split["path"], "--output", str(out)],
+        ray_address,
+    ).json
     assert res["rows_in"] == res["rows_scored"] == test_split["rows"]
     table = pads.dataset(str(out), format="parquet").to_table()
     assert {"id", "prediction", "confidence", "probabilities"} <= set(table.column_names)
@@ -74,10 +78,28 @@ def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_add
     """``mmray demo`` itself (tiny), joining the session's cluster through ``--address`` (no RAY_ADDRESS)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mmray.cli", "demo", "--workdir", str(tmp_path / "demo"), "--rows", "200",
-         "--address", ray_address, "--config", "configs/demo.yaml", "train.epochs=1", "train.num_workers=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mmray.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--rows",
+            "200",
+            "--address",
+            ray_address,
+            "--config",
+            "configs/demo.yaml",
+            "train.epochs=1",
+            "train.num_workers=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"mmray: joined the Ray cluster at {ray_address}" in proc.stderr  # not a new local Ray
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -115,10 +137,25 @@ def test_a_ray_client_address_is_refused_before_connecting(trained, tmp_path):
         out = tmp_path / f"preds{len(how)}"
         started = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "mmray.cli", "score", *how, "--checkpoint", trained["result"]["checkpoint"],
-             "--input", trained["data"]["test"]["path"], "--output", str(out)],
-            cwd=REPO, env={**env, **extra_env}, capture_output=True, text=True, timeout=CLI_TIMEOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mmray.cli",
+                "score",
+                *how,
+                "--checkpoint",
+                trained["result"]["checkpoint"],
+                "--input",
+                trained["data"]["test"]["path"],
+                "--output",
+                str(out),
+            ],
+            cwd=REPO,
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "ray://127.0.0.1:1" in proc.stderr and "ray job submit" in proc.stderr
         assert "started a local Ray instance" not in proc.stderr and "joined the Ray cluster" not in proc.stderr

@@ -77,15 +77,31 @@ def _start_node(temp_dir: Path, env: dict, head_address: str | None = None) -> d
     and retried with fresh ports.
     """
     for attempt in range(START_ATTEMPTS):
-        ports = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics", "env_agent",
-                                                 "agent_grpc", "node_manager")}  # fmt: skip
-        args = [RAY, "start", f"--temp-dir={temp_dir}", "--num-cpus=2", f"--resources={json.dumps({SLOT: 1})}",
-                f"--dashboard-agent-listen-port={ports['agent']}", f"--metrics-export-port={ports['metrics']}",
-                f"--runtime-env-agent-port={ports['env_agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-                f"--node-manager-port={ports['node_manager']}", "--disable-usage-stats"]  # fmt: skip
+        ports = {
+            name: free_port()
+            for name in ("gcs", "dashboard", "client", "agent", "metrics", "env_agent", "agent_grpc", "node_manager")
+        }
+        args = [
+            RAY,
+            "start",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=2",
+            f"--resources={json.dumps({SLOT: 1})}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--metrics-export-port={ports['metrics']}",
+            f"--runtime-env-agent-port={ports['env_agent']}",
+            f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+            f"--node-manager-port={ports['node_manager']}",
+            "--disable-usage-stats",
+        ]
         if head_address is None:
-            args += ["--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}"]  # fmt: skip
+            args += [
+                "--head",
+                f"--port={ports['gcs']}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={ports['dashboard']}",
+                f"--ray-client-server-port={ports['client']}",
+            ]
         else:
             args.append(f"--address={head_address}")
         proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
@@ -93,7 +109,9 @@ def _start_node(temp_dir: Path, env: dict, head_address: str | None = None) -> d
             return ports
         _stop(str(temp_dir))
         if attempt == START_ATTEMPTS - 1:
-            raise AssertionError(f"ray start failed {START_ATTEMPTS} times:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            raise AssertionError(
+                f"ray start failed {START_ATTEMPTS} times:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+            )
     raise AssertionError("unreachable")
 
 
@@ -105,7 +123,9 @@ def cluster(s3_server):
     # their workers, which run the train.before_step hook, have the environment of `ray start`.
     hold = root / "hold.json"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MMRAY_DEBUG": "1", faults.ENV_VAR: str(hold)}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` on the nodes: this venv's
+    env["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` on the nodes: this venv's
+    )
     # A worker process that has not registered after 60 s is killed and started again; on a loaded 2-core
     # machine Python start-up alone can take that long, and the restarts feed the load.
     env["RAY_worker_register_timeout_seconds"] = "300"
@@ -115,8 +135,15 @@ def cluster(s3_server):
         ports = _start_node(root / "head", env)
         gcs = f"127.0.0.1:{ports['gcs']}"
         _start_node(root / "node2", env, gcs)
-        yield {"dashboard": f"http://127.0.0.1:{ports['dashboard']}", "gcs": gcs, "env": env, "root": root,
-               "hold": hold, "s3": s3_server, "store": StorageConfig(s3_endpoint_url=s3_server)}  # fmt: skip
+        yield {
+            "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
+            "gcs": gcs,
+            "env": env,
+            "root": root,
+            "hold": hold,
+            "s3": s3_server,
+            "store": StorageConfig(s3_endpoint_url=s3_server),
+        }
     finally:
         _stop(str(root))  # every node: head, node2 and any replacement
         shutil.rmtree(root, ignore_errors=True)
@@ -124,8 +151,22 @@ def cluster(s3_server):
 
 def _submit_args(cluster: dict, submission_id: str, entrypoint: list[str]) -> list[str]:
     """The README's command: `ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- ...`."""
-    return [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--runtime-env",
-            "cluster/runtime_env.yaml", "--submission-id", submission_id, "--", "python", *entrypoint]  # fmt: skip
+    return [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster["dashboard"],
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--submission-id",
+        submission_id,
+        "--",
+        "python",
+        *entrypoint,
+    ]
 
 
 def _result(proc: subprocess.CompletedProcess | str) -> dict:
@@ -136,8 +177,14 @@ def _result(proc: subprocess.CompletedProcess | str) -> dict:
 
 
 def _submit(cluster: dict, submission_id: str, entrypoint: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_submit_args(cluster, submission_id, entrypoint), env=cluster["env"], capture_output=True,
-                          text=True, timeout=JOB_TIMEOUT, cwd=REPO)  # fmt: skip
+    proc = subprocess.run(
+        _submit_args(cluster, submission_id, entrypoint),
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, f"job {submission_id} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     return proc
 
@@ -149,16 +196,30 @@ def _actor_nodes(cluster: dict, submission_id: str) -> dict[str, list[str]]:
 
     job_id = JobSubmissionClient(cluster["dashboard"]).get_job_info(submission_id).job_id
     nodes = defaultdict(list)
-    for actor in list_actors(address=cluster["dashboard"], filters=[("job_id", "=", job_id)], detail=True,
-                             limit=10_000, raise_on_missing_output=False):  # fmt: skip
+    for actor in list_actors(
+        address=cluster["dashboard"],
+        filters=[("job_id", "=", job_id)],
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
+    ):
         nodes[actor.repr_name or actor.class_name].append(actor.node_id)
     return dict(nodes)
 
 
 def _train_args(cluster: dict, data: dict, name: str, **extra: object) -> list[str]:
-    overrides = tiny_overrides(data, f"s3://{BUCKET}/runs", **{
-        "train.name": name, "train.num_workers": 2, f"train.resources_per_worker.{SLOT}": 1,
-        "storage.s3_endpoint_url": cluster["s3"], "data.preprocess.num_cpus": 0.25, **extra})  # fmt: skip
+    overrides = tiny_overrides(
+        data,
+        f"s3://{BUCKET}/runs",
+        **{
+            "train.name": name,
+            "train.num_workers": 2,
+            f"train.resources_per_worker.{SLOT}": 1,
+            "storage.s3_endpoint_url": cluster["s3"],
+            "data.preprocess.num_cpus": 0.25,
+            **extra,
+        },
+    )
     return ["jobs/train.py", "--config", "configs/demo.yaml", *overrides]
 
 
@@ -193,11 +254,26 @@ def test_two_trainer_workers_run_on_two_nodes_with_checkpoints_on_s3(cluster, da
 
 def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster, data, trained):
     out = f"s3://{BUCKET}/preds"
-    proc = _submit(cluster, "score-two-nodes", [
-        "jobs/score.py", "--checkpoint", trained["result"]["checkpoint"], "--input", data["test"]["path"],
-        "--output", out, f"storage.s3_endpoint_url={cluster['s3']}", "data.preprocess.concurrency=2",
-        "data.preprocess.num_cpus=0.25", "data.preprocess.batch_size=16", "score.concurrency=2",
-        "score.num_cpus=0.25", "score.batch_size=16"])  # fmt: skip
+    proc = _submit(
+        cluster,
+        "score-two-nodes",
+        [
+            "jobs/score.py",
+            "--checkpoint",
+            trained["result"]["checkpoint"],
+            "--input",
+            data["test"]["path"],
+            "--output",
+            out,
+            f"storage.s3_endpoint_url={cluster['s3']}",
+            "data.preprocess.concurrency=2",
+            "data.preprocess.num_cpus=0.25",
+            "data.preprocess.batch_size=16",
+            "score.concurrency=2",
+            "score.num_cpus=0.25",
+            "score.batch_size=16",
+        ],
+    )
     scored = _result(proc)
     assert scored["status"] == "committed"
     assert scored["rows_scored"] + scored["rows_quarantined"] == scored["rows_in"] == data["test"]["rows"]
@@ -223,16 +299,26 @@ def test_losing_a_node_mid_training_resumes_from_the_committed_checkpoint(cluste
     name = "lost-node"
     hold = cluster["hold"]
     hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": JOB_TIMEOUT}))
-    args = _submit_args(cluster, "train-lost-node", _train_args(cluster, data, name, **{
-        "train.epochs": 2, "train.max_failures": 1, "data.cache": "never", "train.before_step": faults.HOOK}))  # fmt: skip
+    args = _submit_args(
+        cluster,
+        "train-lost-node",
+        _train_args(
+            cluster,
+            data,
+            name,
+            **{"train.epochs": 2, "train.max_failures": 1, "data.cache": "never", "train.before_step": faults.HOOK},
+        ),
+    )
     log = tmp_path / "lost-node.log"
     with open(log, "w") as out:
         job = subprocess.Popen(args, env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             snapshot = f"s3://{BUCKET}/runs/{name}/checkpoint_manager_snapshot.json"
             deadline = time.monotonic() + JOB_TIMEOUT
-            while not (storage.exists(snapshot, cluster["store"])
-                       and "checkpoint_epoch0000" in storage.read_text(snapshot, cluster["store"])):  # fmt: skip
+            while not (
+                storage.exists(snapshot, cluster["store"])
+                and "checkpoint_epoch0000" in storage.read_text(snapshot, cluster["store"])
+            ):
                 assert job.poll() is None, f"the job ended early:\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"no checkpoint was recorded on S3:\n{log.read_text()[-3000:]}"
                 time.sleep(0.5)

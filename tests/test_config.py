@@ -18,8 +18,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_defaults_have_the_required_keys():
     cfg = Config()
     assert (cfg.data.id_column, cfg.data.text_column, cfg.data.image_column, cfg.data.label_column) == (
-        "id", "text", "image", "label",
-    )  # fmt: skip
+        "id",
+        "text",
+        "image",
+        "label",
+    )
     assert cfg.model.fusion == "concat"
     assert cfg.train.storage_path == "./runs" and cfg.train.name is None
 
@@ -49,8 +52,17 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_parse_yaml_scalars_and_nest():
-    cfg = load_config(None, ["train.epochs=7", "train.lr=1e-4", "train.use_gpu=true", "model.fusion=gated",
-                             "data.label_column=[a, b]", "train.resources_per_worker={CPU: 1, GPU: 1}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=7",
+            "train.lr=1e-4",
+            "train.use_gpu=true",
+            "model.fusion=gated",
+            "data.label_column=[a, b]",
+            "train.resources_per_worker={CPU: 1, GPU: 1}",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.train.lr == pytest.approx(1e-4) and cfg.train.use_gpu is True
     assert cfg.model.fusion == "gated"
     assert cfg.data.label_columns == ["a", "b"]

@@ -15,8 +15,15 @@ from mmray import cli, console
 
 
 def test_epoch_line_reads_like_the_issue_asks():
-    record = {"epoch": 2, "train_loss": 0.41, "val_loss": 0.38, "val_accuracy": 0.9123, "val_rows": 300.0,
-              "rows_per_s": 1850.4, "val_label/accuracy": 0.9123}  # fmt: skip
+    record = {
+        "epoch": 2,
+        "train_loss": 0.41,
+        "val_loss": 0.38,
+        "val_accuracy": 0.9123,
+        "val_rows": 300.0,
+        "rows_per_s": 1850.4,
+        "val_label/accuracy": 0.9123,
+    }
     assert console.epoch_line(record, 15, 42.0) == (
         "epoch 3/15  train_loss 0.41  val_loss 0.38  val_accuracy 0.912  1,850 rows/s  ETA 0:42"
     )
@@ -28,8 +35,10 @@ def test_format_duration(seconds, text):
     assert console.format_duration(seconds) == text
 
 
-@pytest.mark.parametrize("fraction, text", [(0.0, "[----]"), (0.5, "[##--]"), (0.74, "[###-]"), (1.0, "[####]"),
-                                            (1.7, "[####]"), (-1, "[----]")])  # fmt: skip
+@pytest.mark.parametrize(
+    "fraction, text",
+    [(0.0, "[----]"), (0.5, "[##--]"), (0.74, "[###-]"), (1.0, "[####]"), (1.7, "[####]"), (-1, "[----]")],
+)
 def test_bar(fraction, text):
     assert console.bar(fraction, width=4) == text
 
@@ -42,8 +51,10 @@ def test_verbosity_switches_rays_documented_settings(monkeypatch):
     try:
         for on in (False, True):
             console.set_verbose(on)
-            assert console.ray_init_options() == {"log_to_driver": on,
-                                                  "logging_level": logging.INFO if on else logging.WARNING}  # fmt: skip
+            assert console.ray_init_options() == {
+                "log_to_driver": on,
+                "logging_level": logging.INFO if on else logging.WARNING,
+            }
             console.quiet_ray_data()
             flags = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start)
             assert flags == (on,) * 3
@@ -76,6 +87,7 @@ def test_an_unexpected_error_names_its_type_and_the_mmray_frame_that_raised_it()
 
 def test_the_cli_prints_one_line_for_an_unexpected_error_and_the_traceback_with_debug(monkeypatch, capsys):
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
+
     def broken(args):
         from mmray.data.schema import check_columns
 
@@ -84,9 +96,12 @@ def test_the_cli_prints_one_line_for_an_unexpected_error_and_the_traceback_with_
     monkeypatch.setattr(cli, "cmd_version", broken)
     assert cli.main(["version"]) == 1
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [
-        f"mmray version: error: {err.split('error: ', 1)[1].strip()}"
-    ] and "KeyError" in err and "mmray/data/schema.py" in err and "--debug" in err
+    assert (
+        err.strip().splitlines() == [f"mmray version: error: {err.split('error: ', 1)[1].strip()}"]
+        and "KeyError" in err
+        and "mmray/data/schema.py" in err
+        and "--debug" in err
+    )
     assert cli.main(["version", "--debug"]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 

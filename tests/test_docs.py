@@ -10,8 +10,9 @@ from tests.helpers import REPO
 
 
 def test_reference_pages_are_current():
-    proc = subprocess.run([sys.executable, "docs/gen_reference.py", "--check"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "docs/gen_reference.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 

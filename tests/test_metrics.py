@@ -8,8 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, mean_absolute_error, roc_auc_score,
-                             root_mean_squared_error)  # fmt: skip
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    hamming_loss,
+    mean_absolute_error,
+    roc_auc_score,
+    root_mean_squared_error,
+)
 
 from mmray.data.labels import Task
 from mmray.metrics import MetricAccumulator, weighted_row_loss
@@ -58,7 +64,9 @@ def test_binary_accuracy_f1_and_auroc_match_scikit_learn(seed):
     y = rng.integers(0, 2, size=90)
     logits = _bin_centre_logits(rng, y)
     task = Task("flag", "binary", ("no", "yes"))
-    m = _accumulate([task], {"flag": torch.tensor(logits).unsqueeze(-1)}, {"flag": torch.tensor(y, dtype=torch.float32)})
+    m = _accumulate(
+        [task], {"flag": torch.tensor(logits).unsqueeze(-1)}, {"flag": torch.tensor(y, dtype=torch.float32)}
+    )
     scores = 1 / (1 + np.exp(-logits))
     pred = (scores >= 0.5).astype(int)
     assert m["rows"] == 90

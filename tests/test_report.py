@@ -21,14 +21,27 @@ from mmray import cli
 from mmray.config import Config, config_to_dict
 from mmray.report import SECTIONS, load_run, render_report
 
-TASKS = [{"name": "label", "kind": "multiclass", "classes": ["cat", "dog", "fox"]},
-         {"name": "spam", "kind": "binary", "classes": ["0", "1"]}]  # fmt: skip
+TASKS = [
+    {"name": "label", "kind": "multiclass", "classes": ["cat", "dog", "fox"]},
+    {"name": "spam", "kind": "binary", "classes": ["0", "1"]},
+]
 
 
 def _history(epochs: int) -> list[dict]:
-    return [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1), "val_accuracy": 0.5 + 0.1 * e,
-             "val_macro_f1": 0.4 + 0.1 * e, "val_rows": 30.0, "rows_per_s": 100.0, "lr": 1e-3 * (epochs - e),
-             "encoder_lr": 5e-4 * (epochs - e)} for e in range(epochs)]  # fmt: skip
+    return [
+        {
+            "epoch": e,
+            "train_loss": 1.0 / (e + 1),
+            "val_loss": 1.2 / (e + 1),
+            "val_accuracy": 0.5 + 0.1 * e,
+            "val_macro_f1": 0.4 + 0.1 * e,
+            "val_rows": 30.0,
+            "rows_per_s": 100.0,
+            "lr": 1e-3 * (epochs - e),
+            "encoder_lr": 5e-4 * (epochs - e),
+        }
+        for e in range(epochs)
+    ]
 
 
 @pytest.fixture
@@ -36,14 +49,28 @@ def run_dir(tmp_path):
     d = tmp_path / "runs" / "mmray-test-run"
     (d / "quarantine").mkdir(parents=True)
     (d / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in _history(3)))
-    metrics = {"loss": 0.4, "accuracy": 0.7, "epoch": 2, "train_loss": 0.33,
-               "data": {"train": {"rows_in": 100, "rows_used": 98, "rows_quarantined": 2},
-                        "val": {"rows_in": 30, "rows_used": 30, "rows_quarantined": 0}}, "data_cached": True}  # fmt: skip
+    metrics = {
+        "loss": 0.4,
+        "accuracy": 0.7,
+        "epoch": 2,
+        "train_loss": 0.33,
+        "data": {
+            "train": {"rows_in": 100, "rows_used": 98, "rows_quarantined": 2},
+            "val": {"rows_in": 30, "rows_used": 30, "rows_quarantined": 0},
+        },
+        "data_cached": True,
+    }
     (d / "metrics.json").write_text(json.dumps(metrics))
     saved = {"config": config_to_dict(Config()), "versions": {"mmray": "0.1.0 (git abc)"}}
     (d / "config.json").write_text(json.dumps(saved))
-    q = pa.table({"id": ["a", "b"], "stage": ["preprocess"] * 2, "column": ["image", "image"],
-                  "error": ["undecodable image: cannot identify image file"] * 2})  # fmt: skip
+    q = pa.table(
+        {
+            "id": ["a", "b"],
+            "stage": ["preprocess"] * 2,
+            "column": ["image", "image"],
+            "error": ["undecodable image: cannot identify image file"] * 2,
+        }
+    )
     pq.write_table(q, d / "quarantine" / "train.parquet")
     return d
 
@@ -51,11 +78,18 @@ def run_dir(tmp_path):
 def _evaluation() -> dict:
     rng = np.random.default_rng(0)
     hist = rng.integers(0, 5, size=(2, 200)).tolist()
-    stats = {"label": {"confusion": [[8, 1, 1], [0, 9, 1], [2, 0, 8]], "calibration_rows": [0] * 5 + [3, 5, 7, 6, 9],
-                       "calibration_correct": [0] * 5 + [1, 3, 5, 5, 9]},
-             "spam": {"counts": [[10, 2, 3, 15]], "pos_hist": [hist[0]], "neg_hist": [hist[1]]}}  # fmt: skip
-    metrics = {v: {"loss": 0.4 + i, "accuracy": 0.83 - 0.2 * i, "rows": 30.0}
-               for i, v in enumerate(("full", "text_masked", "image_masked"))}  # fmt: skip
+    stats = {
+        "label": {
+            "confusion": [[8, 1, 1], [0, 9, 1], [2, 0, 8]],
+            "calibration_rows": [0] * 5 + [3, 5, 7, 6, 9],
+            "calibration_correct": [0] * 5 + [1, 3, 5, 5, 9],
+        },
+        "spam": {"counts": [[10, 2, 3, 15]], "pos_hist": [hist[0]], "neg_hist": [hist[1]]},
+    }
+    metrics = {
+        v: {"loss": 0.4 + i, "accuracy": 0.83 - 0.2 * i, "rows": 30.0}
+        for i, v in enumerate(("full", "text_masked", "image_masked"))
+    }
     return {"metrics": metrics, "stats": stats, "rows_evaluated": 30, "rows_quarantined": 0}
 
 
@@ -101,10 +135,24 @@ def test_a_headless_browser_renders_the_report(run_dir, tmp_path):
     (tmp_path / "report.html").write_text(page)
     shot = tmp_path / "shot.png"
     # No network: every resource of the page is inline, so a page that needed one would render blank parts.
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--proxy-server=127.0.0.1:9",
-                    "--window-size=1200,3000", f"--screenshot={shot}", (tmp_path / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--proxy-server=127.0.0.1:9",
+            "--window-size=1200,3000",
+            f"--screenshot={shot}",
+            (tmp_path / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (3000, 1200)
     assert (pixels < 128).mean() > 0.01  # text and plots: not a blank page

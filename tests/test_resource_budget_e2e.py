@@ -26,23 +26,44 @@ def fails_fast(args: list[str], ray_address: str) -> str:
 def test_scoring_with_a_whole_cpu_per_predictor_fails_fast(ray_address, tmp_path, demo_data):
     """The issue's case: score.num_cpus=1 on 2 CPUs: 0.5 (preprocessing) + 1 (predictor) + 1 (reads)."""
     ckpt = make_checkpoint(tmp_path, [TASK])
-    err = fails_fast(["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"], "--output",
-                      str(tmp_path / "preds"), "score.num_cpus=1"], ray_address)  # fmt: skip
+    err = fails_fast(
+        [
+            "score",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            demo_data["test"]["path"],
+            "--output",
+            str(tmp_path / "preds"),
+            "score.num_cpus=1",
+        ],
+        ray_address,
+    )
     assert "mmray score would wait forever: it holds 2.5 CPU at once" in err
     assert "score.concurrency x (score.num_cpus, score.num_gpus): 1 x 1" in err and "has 2 CPU" in err
     assert not any((tmp_path / "preds").glob("*.parquet"))  # nothing committed
 
 
-@pytest.mark.parametrize("extra, keys", [
-    ({"train.num_workers": 2, "train.resources_per_worker.CPU": 1}, "train.num_workers x train.resources_per_worker: 2 x 1"),
-    ({"train.num_workers": 2, "data.cache": "never"}, "data.preprocess.concurrency x data.preprocess.num_cpus: 1 x 0.5"),
-    ({"data.preprocess.concurrency": 3}, "data.preprocess.concurrency x data.preprocess.num_cpus: 3 x 0.5"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, keys",
+    [
+        (
+            {"train.num_workers": 2, "train.resources_per_worker.CPU": 1},
+            "train.num_workers x train.resources_per_worker: 2 x 1",
+        ),
+        (
+            {"train.num_workers": 2, "data.cache": "never"},
+            "data.preprocess.concurrency x data.preprocess.num_cpus: 1 x 0.5",
+        ),
+        ({"data.preprocess.concurrency": 3}, "data.preprocess.concurrency x data.preprocess.num_cpus: 3 x 0.5"),
+    ],
+)
 def test_over_subscribed_training_fails_fast_naming_the_keys(extra, keys, ray_address, tmp_path, demo_data):
     """Trainer workers that leave no CPU for reads; streamed splits (preprocessing runs while the
     workers train: 1 + 0.5 + 1 > 2); a preprocessing pool that leaves none."""
-    err = fails_fast(["train", "--config", "configs/demo.yaml", *tiny_overrides(demo_data, tmp_path / "runs", **extra)],
-                     ray_address)  # fmt: skip
+    err = fails_fast(
+        ["train", "--config", "configs/demo.yaml", *tiny_overrides(demo_data, tmp_path / "runs", **extra)], ray_address
+    )
     assert "would wait forever" in err and keys in err and "has 2 CPU" in err
     if extra.get("data.cache") == "never" or "data.preprocess.concurrency" in extra:
         # Known before any work: no split was preprocessed (its quarantine file comes with the first pass).

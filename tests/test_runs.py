@@ -27,6 +27,9 @@ def test_fresh_names_sort_by_time_and_do_not_collide():
 
 
 def test_ray_s_scheme_less_s3_paths_become_uris_again():
-    assert result_uri("bucket/runs/r/checkpoint_epoch0001", "s3://bucket/runs") == "s3://bucket/runs/r/checkpoint_epoch0001"
+    assert (
+        result_uri("bucket/runs/r/checkpoint_epoch0001", "s3://bucket/runs")
+        == "s3://bucket/runs/r/checkpoint_epoch0001"
+    )
     assert result_uri("s3://bucket/runs/r/c", "s3://bucket/runs") == "s3://bucket/runs/r/c"
     assert result_uri("/local/runs/r/c", "/local/runs") == "/local/runs/r/c"

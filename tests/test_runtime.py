@@ -32,8 +32,12 @@ def test_a_job_that_fits_exactly_passes(cluster):
 
 def test_over_subscribed_cpus_fail_naming_every_key_and_the_figures(cluster):
     cluster({"CPU": 2.0})
-    cfg = config_from_dict({"data": {"preprocess": {"concurrency": 1, "num_cpus": 0.5}},
-                            "train": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "data": {"preprocess": {"concurrency": 1, "num_cpus": 0.5}},
+            "train": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+        }
+    )
     with pytest.raises(ResourceBudgetError) as e:
         check_resources("mmray train", [trainer_demand(cfg), preprocess_demand(cfg.data.preprocess), READ_TASKS])
     msg = str(e.value)
@@ -60,8 +64,10 @@ def test_one_unit_larger_than_any_node_fails_even_when_the_total_fits(cluster):
 
 def test_an_autoscaler_maximum_is_the_capacity_and_nodes_not_up_yet_do_not_count(cluster):
     cluster({"CPU": 64.0}, largest={}, autoscaler=True)  # a head with num-cpus 0 and no worker up yet
-    check_resources("mmray score", [Demand("score.concurrency x (score.num_cpus, score.num_gpus)", 8, {"CPU": 4}),
-                                    READ_TASKS])  # fmt: skip
+    check_resources(
+        "mmray score", [Demand("score.concurrency x (score.num_cpus, score.num_gpus)", 8, {"CPU": 4}), READ_TASKS]
+    )
     with pytest.raises(ResourceBudgetError, match=r"has 64 CPU \(its autoscaler's maximum\)"):
-        check_resources("mmray score", [Demand("score.concurrency x (score.num_cpus, score.num_gpus)", 16, {"CPU": 4}),
-                                        READ_TASKS])  # fmt: skip
+        check_resources(
+            "mmray score", [Demand("score.concurrency x (score.num_cpus, score.num_gpus)", 16, {"CPU": 4}), READ_TASKS]
+        )

@@ -66,14 +66,20 @@ def s3(s3_server, tmp_path_factory) -> dict:
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
     store = StorageConfig(s3_endpoint_url=s3_server, s3_region=REGION)
-    splits = {name: _upload_split(client, store, bucket, name, n, seed) for name, n, seed in
-              [("train", 160, 11), ("val", 50, 12), ("test", 40, 13)]}  # fmt: skip
+    splits = {
+        name: _upload_split(client, store, bucket, name, n, seed)
+        for name, n, seed in [("train", 160, 11), ("val", 50, 12), ("test", 40, 13)]
+    }
     # A tokenizer trained on other text with a small vocabulary: nothing a fresh run would build.
     tok = tmp_path_factory.mktemp("tokenizer")
     train_wordpiece(make_rows(100, seed=99)["text"], vocab_size=150, out_dir=tok)
     storage.copy_dir_to(str(tok), f"s3://{bucket}/tokenizers/small", store)
-    common = [f"storage.s3_endpoint_url={s3_server}", f"storage.s3_region={REGION}", "data.image_column=null",
-              "data.image_uri_column=image_uri"]  # fmt: skip
+    common = [
+        f"storage.s3_endpoint_url={s3_server}",
+        f"storage.s3_region={REGION}",
+        "data.image_column=null",
+        "data.image_uri_column=image_uri",
+    ]
 
     recorder = f"{s3_server}/moto-api/recorder"
     with pytest.MonkeyPatch.context() as mp:
@@ -81,8 +87,15 @@ def s3(s3_server, tmp_path_factory) -> dict:
         requests.post(f"{recorder}/reset-recording", timeout=30).raise_for_status()
         requests.post(f"{recorder}/start-recording", timeout=30).raise_for_status()
         try:
-            yield {"bucket": bucket, "store": store, "splits": splits, "common": common, "logs": [],
-                   "tokenizer": tok, "recorder": recorder}  # fmt: skip
+            yield {
+                "bucket": bucket,
+                "store": store,
+                "splits": splits,
+                "common": common,
+                "logs": [],
+                "tokenizer": tok,
+                "recorder": recorder,
+            }
         finally:
             requests.post(f"{recorder}/stop-recording", timeout=30)
 
@@ -97,10 +110,20 @@ def trained(s3, ray_address, tmp_path_factory) -> dict:
     """Training with its run on S3: the driver is SIGKILLed once epoch 0's checkpoint is recorded there,
     then the same command (same ``train.name``) resumes and finishes the run."""
     sp = s3["splits"]
-    args = ["train", "--config", "configs/demo.yaml", f"data.train={sp['train']['uri']}", f"data.val={sp['val']['uri']}",
-            f"train.storage_path=s3://{s3['bucket']}/runs", f"train.name={RUN}", "train.epochs=2", "train.num_workers=1",
-            f"model.text_encoder.tokenizer=s3://{s3['bucket']}/tokenizers/small", f"train.before_step={faults.HOOK}",
-            *s3["common"]]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.train={sp['train']['uri']}",
+        f"data.val={sp['val']['uri']}",
+        f"train.storage_path=s3://{s3['bucket']}/runs",
+        f"train.name={RUN}",
+        "train.epochs=2",
+        "train.num_workers=1",
+        f"model.text_encoder.tokenizer=s3://{s3['bucket']}/tokenizers/small",
+        f"train.before_step={faults.HOOK}",
+        *s3["common"],
+    ]
     tmp = tmp_path_factory.mktemp("s3_train")
     # Rank 0 waits at the start of epoch 1 until the driver is gone.
     hold = faults.arm(rank=0, epoch=1, step=0, action="pause", max_s=CLI_TIMEOUT)
@@ -119,8 +142,10 @@ def trained(s3, ray_address, tmp_path_factory) -> dict:
 def scored(trained, s3, ray_address) -> dict:
     test = s3["splits"]["test"]
     out = f"s3://{s3['bucket']}/preds"
-    proc = run_cli(["score", "--checkpoint", trained["checkpoint"], "--input", test["uri"], "--output", out,
-                    *s3["common"][:2]], ray_address)  # fmt: skip
+    proc = run_cli(
+        ["score", "--checkpoint", trained["checkpoint"], "--input", test["uri"], "--output", out, *s3["common"][:2]],
+        ray_address,
+    )
     s3["logs"] += [proc.stdout, proc.stderr]
     return {"result": proc.json, "out": out}
 
@@ -138,8 +163,14 @@ def test_train_reads_and_writes_s3(trained, s3):
     assert counts == {"rows_in": 160, "rows_used": 159, "rows_quarantined": 1}
     quarantine = pq.read_table(io.BytesIO(_read(s3, f"{run_dir}/quarantine/train.parquet"))).to_pylist()
     missing = s3["splits"]["train"]["missing"]
-    assert quarantine == [{"id": missing, "stage": "preprocess", "column": "image_uri",
-                           "error": f"image not found: s3://{s3['bucket']}/images/gone-{missing}.png"}]  # fmt: skip
+    assert quarantine == [
+        {
+            "id": missing,
+            "stage": "preprocess",
+            "column": "image_uri",
+            "error": f"image not found: s3://{s3['bucket']}/images/gone-{missing}.png",
+        }
+    ]
     assert b'"rows_quarantined": 1' in _read(s3, f"{run_dir}/metrics.json")
     latest = json.loads(_read(s3, f"s3://{s3['bucket']}/runs/latest.json"))
     assert latest["checkpoint"] == trained["checkpoint"] and latest["run_dir"] == run_dir
@@ -198,8 +229,11 @@ def test_credentials_never_leak_into_logs_or_written_objects(trained, scored, s3
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), path
     fs, _ = storage.resolve(f"s3://{s3['bucket']}", s3["store"])
-    written = [f.path for f in fs.get_file_info(pafs.FileSelector(s3["bucket"], recursive=True))
-               if f.type == pafs.FileType.File and "/images/" not in f.path]  # fmt: skip
+    written = [
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(s3["bucket"], recursive=True))
+        if f.type == pafs.FileType.File and "/images/" not in f.path
+    ]
     assert any("/runs/" in p for p in written) and any("/preds/" in p for p in written)
     for path in written:
         with fs.open_input_stream(path) as f:

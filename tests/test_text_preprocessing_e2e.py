@@ -13,7 +13,7 @@ import pytest
 from mmray.checkpoint import TOKENIZER_DIR, load_info
 from mmray.config import load_config
 from mmray.data import schema as S
-from mmray.data.preprocess import PreprocessSpec, Preprocessor
+from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.text import read_tokenizer_dir
 from tests.helpers import REPO, run_cli, tiny_overrides
 
@@ -24,14 +24,27 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
     made = run_cli(["make-data", str(tmp_path / "data"), "--task", "match", "--lang", "zh", "--rows", "160"]).json
     user_dict = tmp_path / "dict.txt"
     user_dict.write_text("红色圆圈 5 nz\n", encoding="utf-8")  # a domain term jieba does not know
-    overrides = tiny_overrides(made["splits"], tmp_path / "runs", **{
-        "train.epochs": 1, "train.num_workers": 1, "data.text.segmenter": "jieba", "data.text.pos_tags": "true",
-        "data.text.stopwords": "zh", "data.text.user_dict": str(user_dict)})  # fmt: skip
+    overrides = tiny_overrides(
+        made["splits"],
+        tmp_path / "runs",
+        **{
+            "train.epochs": 1,
+            "train.num_workers": 1,
+            "data.text.segmenter": "jieba",
+            "data.text.pos_tags": "true",
+            "data.text.stopwords": "zh",
+            "data.text.user_dict": str(user_dict),
+        },
+    )
     trained = run_cli(["train", "--config", "configs/demo.yaml", *overrides], ray_address).json
     ckpt = Path(trained["checkpoint"])
     info = load_info(ckpt)
     text = info.preprocess["text"]
-    assert (text["segmenter"], text["pos_tags"], info.preprocess["user_dict_lines"]) == ("jieba", True, ["红色圆圈 5 nz"])
+    assert (text["segmenter"], text["pos_tags"], info.preprocess["user_dict_lines"]) == (
+        "jieba",
+        True,
+        ["红色圆圈 5 nz"],
+    )
     files = read_tokenizer_dir(ckpt / TOKENIZER_DIR)
     vocab = json.loads(files["tokenizer.json"])["model"]["vocab"]
     assert {"红色", "圆圈", "红色圆圈"} <= set(vocab) and "一个" not in vocab  # whole words; a stopword gone
@@ -49,7 +62,17 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
         assert np.array_equal(at_scoring[key], at_training[key]), key
     assert (at_scoring[S.POS_IDS] > 0).sum() >= (at_scoring[S.ATTENTION_MASK].sum() - 2 * len(rows["id"])) * 0.9
 
-    scored = run_cli(["score", "--checkpoint", str(ckpt), "--input", made["splits"]["test"]["path"],
-                      "--output", str(tmp_path / "preds")], ray_address).json  # fmt: skip
+    scored = run_cli(
+        [
+            "score",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            made["splits"]["test"]["path"],
+            "--output",
+            str(tmp_path / "preds"),
+        ],
+        ray_address,
+    ).json
     assert scored["rows_in"] == scored["rows_scored"] == made["splits"]["test"]["rows"]
     assert scored["rows_quarantined"] == 0

@@ -37,10 +37,18 @@ METRICS = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "val_rows",
 
 
 def overrides(demo_data, root: Path, name: str, **extra) -> list[str]:
-    return tiny_overrides(demo_data, root, **{
-        "train.epochs": EPOCHS, "train.batch_size": 32, "train.seed": 0, "train.name": name,
-        "train.num_to_keep": EPOCHS, **extra,
-    })  # fmt: skip
+    return tiny_overrides(
+        demo_data,
+        root,
+        **{
+            "train.epochs": EPOCHS,
+            "train.batch_size": 32,
+            "train.seed": 0,
+            "train.name": name,
+            "train.num_to_keep": EPOCHS,
+            **extra,
+        },
+    )
 
 
 ONE_WORKER = {"train.num_workers": 1, "train.grad_accum_steps": 2}
@@ -71,7 +79,9 @@ def test_reference_run_learns_and_checkpoints_every_epoch(reference, demo_data):
     # The mean pre-clip gradient norm of each epoch's optimizer steps, from the real DDP loop.
     assert all(0 < h["grad_norm"] < float("inf") for h in history)
     run_dir = Path(reference["result"]["run_dir"])
-    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == [f"checkpoint_epoch{e:04d}" for e in range(EPOCHS)]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == [
+        f"checkpoint_epoch{e:04d}" for e in range(EPOCHS)
+    ]
 
 
 def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_address, demo_data, tmp_path):
@@ -104,8 +114,10 @@ def test_resume_from_a_checkpoint_continues_it_exactly(reference, demo_data, tmp
     """``train.resume_from`` in a new run: model, optimizer, schedule, RNG and tokenizer come from the
     reference's epoch-0 checkpoint, so epochs 1 and 2 reproduce the reference's."""
     source = Path(reference["result"]["run_dir"]) / "checkpoint_epoch0000"
-    cfg = load_config("configs/demo.yaml", overrides(demo_data, tmp_path, "from_checkpoint", **ONE_WORKER,
-                                                     **{"train.resume_from": str(source)}))  # fmt: skip
+    cfg = load_config(
+        "configs/demo.yaml",
+        overrides(demo_data, tmp_path, "from_checkpoint", **ONE_WORKER, **{"train.resume_from": str(source)}),
+    )
     result = run_training(cfg)
     assert (source / "model.safetensors").exists()  # a local source is read in place, never removed
     history = [h for h in read_history(result["run_dir"]) if h["epoch"] > 0]
@@ -114,18 +126,32 @@ def test_resume_from_a_checkpoint_continues_it_exactly(reference, demo_data, tmp
         assert {k: mine[k] for k in METRICS} == {k: ref[k] for k in METRICS}, f"epoch {mine['epoch']}"
 
 
-def test_early_stopping_ends_the_run_and_only_the_best_checkpoint_is_kept_and_named_by_latest(ray_session, demo_data,
-                                                                                               tmp_path):  # fmt: skip
+def test_early_stopping_ends_the_run_and_only_the_best_checkpoint_is_kept_and_named_by_latest(
+    ray_session, demo_data, tmp_path
+):
     """After warm-up the cosine schedule lowers ``lr`` every epoch, so with mode ``max`` it never
     improves again: patience 1 must stop the run after epoch 1 of 5. Ranked by the same ``lr``
     (``train.checkpoint_metric``, mode max), the best checkpoint is epoch 0's, not the newest:
     ``num_to_keep=1`` keeps it and, as Ray Train V2 always does (a run resumes from it), the newest one;
     the run reports the best, and ``latest.json`` names it."""
-    cfg = load_config("configs/demo.yaml", overrides(demo_data, tmp_path, "early_stop", **ONE_WORKER, **{
-        "train.epochs": 5, "train.num_to_keep": 1, "train.early_stopping.metric": "lr",
-        "train.early_stopping.mode": "max", "train.early_stopping.patience": 1,
-        "train.checkpoint_metric": "lr", "train.checkpoint_mode": "max",
-    }))  # fmt: skip
+    cfg = load_config(
+        "configs/demo.yaml",
+        overrides(
+            demo_data,
+            tmp_path,
+            "early_stop",
+            **ONE_WORKER,
+            **{
+                "train.epochs": 5,
+                "train.num_to_keep": 1,
+                "train.early_stopping.metric": "lr",
+                "train.early_stopping.mode": "max",
+                "train.early_stopping.patience": 1,
+                "train.checkpoint_metric": "lr",
+                "train.checkpoint_mode": "max",
+            },
+        ),
+    )
     result = run_training(cfg)
     history = read_history(result["run_dir"])
     assert [h["epoch"] for h in history] == [0, 1]
@@ -142,11 +168,27 @@ def two_workers(ray_session, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("two_workers")
     # Rank 1 dies mid-epoch 1, once Ray Train has recorded epoch 0's checkpoint (a worker that dies
     # within one controller poll of reporting would take that report with it: see tests/faults.py).
-    fault = faults.arm(rank=1, epoch=1, step=2, max_s=CLI_TIMEOUT, wait_for_text="checkpoint_epoch0000",
-                       wait_for=str(root / "two_workers" / "checkpoint_manager_snapshot.json"))  # fmt: skip
-    cfg = load_config("configs/demo.yaml", overrides(demo_data, root, "two_workers", **{
-        "train.num_workers": 2, "train.max_failures": 1, "train.before_step": faults.HOOK,
-    }))  # fmt: skip
+    fault = faults.arm(
+        rank=1,
+        epoch=1,
+        step=2,
+        max_s=CLI_TIMEOUT,
+        wait_for_text="checkpoint_epoch0000",
+        wait_for=str(root / "two_workers" / "checkpoint_manager_snapshot.json"),
+    )
+    cfg = load_config(
+        "configs/demo.yaml",
+        overrides(
+            demo_data,
+            root,
+            "two_workers",
+            **{
+                "train.num_workers": 2,
+                "train.max_failures": 1,
+                "train.before_step": faults.HOOK,
+            },
+        ),
+    )
     try:
         result = run_training(cfg)
         fired = not fault.exists()  # the hook removes the file, then exits

@@ -23,16 +23,24 @@ def dataset(tmp_path_factory):
     with neither text nor image."""
     root = tmp_path_factory.mktemp("validate")
     red, blue = encoded((200, 30, 30)), encoded((30, 30, 200))
-    rows = [{"id": f"r{i}", "text": f"a {'red' if i % 2 else 'blue'} thing number {i}",
-             "image": red if i % 2 else blue, "label": "red" if i % 2 else "blue"} for i in range(20)]  # fmt: skip
+    rows = [
+        {
+            "id": f"r{i}",
+            "text": f"a {'red' if i % 2 else 'blue'} thing number {i}",
+            "image": red if i % 2 else blue,
+            "label": "red" if i % 2 else "blue",
+        }
+        for i in range(20)
+    ]
     rows += [
         {"id": "r3", "text": "a red twin", "image": red, "label": "red"},
         {"id": "junk", "text": "a red thing", "image": b"not an image", "label": "red"},
         {"id": "nolabel", "text": "a blue thing", "image": blue, "label": None},
         {"id": "empty", "text": None, "image": None, "label": "blue"},
     ]
-    table = pa.Table.from_pylist(rows, pa.schema([("id", pa.string()), ("text", pa.string()),
-                                                  ("image", pa.binary()), ("label", pa.string())]))  # fmt: skip
+    table = pa.Table.from_pylist(
+        rows, pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("label", pa.string())])
+    )
     (root / "data").mkdir()
     pq.write_table(table.slice(0, 12), root / "data" / "part-0.parquet")
     pq.write_table(table.slice(12), root / "data" / "part-1.parquet")
@@ -46,8 +54,11 @@ def test_reports_every_kind_of_problem_with_trainings_reasons(dataset):
     assert [f["rows"] for f in r["files"]] == [12, 12] and r["rows"] == r["rows_checked"] == 24
     assert not r["ok"] and r["schema_problems"] == []
     reasons = {x["example_id"]: (x["stage"], x["column"], x["rows"]) for x in r["quarantine"]["reasons"]}
-    assert reasons == {"junk": ("preprocess", "image", 1), "nolabel": ("label", "label", 1),
-                       "empty": ("preprocess", "text,image", 1)}  # fmt: skip
+    assert reasons == {
+        "junk": ("preprocess", "image", 1),
+        "nolabel": ("label", "label", 1),
+        "empty": ("preprocess", "text,image", 1),
+    }
     assert r["quarantine"]["rows"] == 3
     assert r["duplicate_ids"] == {"ids": 1, "rows": 2, "examples": ["r3"]}
     assert r["labels"] == {"label": {"red": 12, "blue": 11, "None": 1}}
@@ -55,8 +66,15 @@ def test_reports_every_kind_of_problem_with_trainings_reasons(dataset):
     assert 0 < r["text_tokens"]["p50"] <= r["text_tokens"]["max"] <= 8
     assert r["missing"] == {"text": 0.0, "image": 0.0}  # the row missing both is quarantined instead
     table = format_report(r)
-    for expected in ("schema       ok", "3 rows (12.5%", "label/label: ", "preprocess/image: ", "(e.g. id junk)",
-                     "1 duplicated (e.g. r3)", "result       PROBLEMS: 3 of 24 rows would be quarantined"):  # fmt: skip
+    for expected in (
+        "schema       ok",
+        "3 rows (12.5%",
+        "label/label: ",
+        "preprocess/image: ",
+        "(e.g. id junk)",
+        "1 duplicated (e.g. r3)",
+        "result       PROBLEMS: 3 of 24 rows would be quarantined",
+    ):
         assert expected in table, table
 
 
@@ -78,8 +96,7 @@ def test_a_schema_problem_is_reported_with_trainings_message(dataset, capsys, mo
     out = capsys.readouterr().out
     assert "column 'lable' is missing in " in out and "did you mean 'label'?" in out
     # data to score needs no label column
-    assert cli.main(["validate-data", "--unlabeled", str(dataset / "good"), "data.label_column=lable",
-                     *OVERRIDES]) == 0
+    assert cli.main(["validate-data", "--unlabeled", str(dataset / "good"), "data.label_column=lable", *OVERRIDES]) == 0
 
 
 def test_tokens_per_row_are_counted_with_the_configured_segmenter(tmp_path):

@@ -2,5 +2,14 @@
 Data pipeline with its quarantine, and synthetic demo data. Never imports a model."""
 
 __all__ = [
-    "image", "labels", "pipeline", "prepare", "preprocess", "schema", "storage", "synthetic", "text", "transforms",
+    "image",
+    "labels",
+    "pipeline",
+    "prepare",
+    "preprocess",
+    "schema",
+    "storage",
+    "synthetic",
+    "text",
+    "transforms",
 ]

@@ -6,10 +6,9 @@ Kinds: ``multiclass`` (one label string/int per row), ``multilabel`` (a list of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import math
 
 import numpy as np
 import pyarrow as pa

@@ -26,14 +26,26 @@ import ray.data
 from mmray.config import PreprocessConfig, StorageConfig
 from mmray.data import schema as S
 from mmray.data import storage
-from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
+from mmray.data.preprocess import Preprocessor, PreprocessSpec, keep_good
 from mmray.runtime import Demand
 
 __all__ = [
-    "DataQualityError", "Quarantine", "check_bad_fraction", "count_rows", "input_files", "map_with_actors",
-    "preprocess", "preprocess_demand", "quarantine_records", "ranked_reasons", "read_input", "reason_counts",
-    "stream_quarantine", "summarize_reasons", "usable_rows",
-]  # fmt: skip
+    "DataQualityError",
+    "Quarantine",
+    "check_bad_fraction",
+    "count_rows",
+    "input_files",
+    "map_with_actors",
+    "preprocess",
+    "preprocess_demand",
+    "quarantine_records",
+    "ranked_reasons",
+    "read_input",
+    "reason_counts",
+    "stream_quarantine",
+    "summarize_reasons",
+    "usable_rows",
+]
 
 _FOOTER_READERS = 16  # footers are tiny: parallel reads hide S3 latency on inputs of many files
 
@@ -70,8 +82,9 @@ def _schemas(uri: str, files: list[str], store: StorageConfig) -> dict[str, pa.S
         except (pa.ArrowException, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            raise S.SchemaError(f"{_shown(uri, path)} is not a readable Parquet file: "
-                                f"{storage.redact(str(e))[:200]}") from None  # fmt: skip
+            raise S.SchemaError(
+                f"{_shown(uri, path)} is not a readable Parquet file: {storage.redact(str(e))[:200]}"
+            ) from None
 
     with ThreadPoolExecutor(min(_FOOTER_READERS, len(files))) as pool:
         return {_shown(uri, f): schema for f, schema in zip(files, pool.map(read, files))}  # first failure re-raised
@@ -100,8 +113,12 @@ def read_input(uri: str, files: list[str], store: StorageConfig, columns: list[s
 
 
 def preprocess(
-    ds: ray.data.Dataset, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], pcfg: PreprocessConfig,
-    actor: type = Preprocessor, extra_args: tuple = (),
+    ds: ray.data.Dataset,
+    spec: PreprocessSpec,
+    tokenizer_files: dict[str, bytes],
+    pcfg: PreprocessConfig,
+    actor: type = Preprocessor,
+    extra_args: tuple = (),
 ) -> ray.data.Dataset:
     """Maps raw rows to model inputs in a bounded actor pool (one output row per input row).
 
@@ -170,7 +187,7 @@ class Quarantine:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
-    def __enter__(self) -> "Quarantine":
+    def __enter__(self) -> Quarantine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -221,11 +238,15 @@ def reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:
     """``(column, reason) -> rows`` over quarantine records; the reason is the error's first 40
     characters, so variants of one problem ("undecodable image: ...") count as one."""
     reasons = pc.utf8_slice_codeunits(records.column("error"), 0, 40)
-    counts = pa.table({"column": records.column("column"), "reason": reasons}).group_by(["column", "reason"]).aggregate(
-        [([], "count_all")]
-    )  # fmt: skip
-    return {(c or "", r or ""): n for c, r, n in zip(*(counts.column(k).to_pylist() for k in
-                                                       ("column", "reason", "count_all")))}  # fmt: skip
+    counts = (
+        pa.table({"column": records.column("column"), "reason": reasons})
+        .group_by(["column", "reason"])
+        .aggregate([([], "count_all")])
+    )
+    return {
+        (c or "", r or ""): n
+        for c, r, n in zip(*(counts.column(k).to_pylist() for k in ("column", "reason", "count_all")))
+    }
 
 
 def stream_quarantine(ds: ray.data.Dataset, uri: str, store: StorageConfig) -> Quarantine:
@@ -255,8 +276,9 @@ def _as_string(column: pa.ChunkedArray | pa.Array | np.ndarray) -> pa.ChunkedArr
         return pa.array([None if v is None else str(v) for v in column.to_pylist()], type=pa.string())
 
 
-def check_bad_fraction(rows_in: int, rows_bad: int, limit: float, where: str,
-                       quarantine: pa.Table | Quarantine | None = None) -> None:  # fmt: skip
+def check_bad_fraction(
+    rows_in: int, rows_bad: int, limit: float, where: str, quarantine: pa.Table | Quarantine | None = None
+) -> None:
     """Raises DataQualityError when more than ``limit`` of the rows were quarantined.
 
     Args:

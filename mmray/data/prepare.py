@@ -45,8 +45,14 @@ def build_tasks(cfg: Config, uri: str, files: list[str]) -> list[Task]:
     return [c.task(cfg.model.tasks.get(name)) for name, c in collectors.items()]
 
 
-def sample_texts(uri: str, files: list[str], text_column: str, normalize: TextNormalizer, store: StorageConfig,
-                 limit: int = TOKENIZER_SAMPLE_ROWS) -> Iterator[str]:  # fmt: skip
+def sample_texts(
+    uri: str,
+    files: list[str],
+    text_column: str,
+    normalize: TextNormalizer,
+    store: StorageConfig,
+    limit: int = TOKENIZER_SAMPLE_ROWS,
+) -> Iterator[str]:
     """The first ``limit`` non-empty normalised texts (whole batches: a few more may come)."""
     seen = 0
     for batch in read_batches(uri, files, [text_column], store):
@@ -59,8 +65,9 @@ def sample_texts(uri: str, files: list[str], text_column: str, normalize: TextNo
             return
 
 
-def prepare_tokenizer(cfg: Config, uri: str, files: list[str], keep_in: str, inherit_from: str | None = None
-                      ) -> dict[str, bytes]:  # fmt: skip
+def prepare_tokenizer(
+    cfg: Config, uri: str, files: list[str], keep_in: str, inherit_from: str | None = None
+) -> dict[str, bytes]:
     """The tokenizer's files, also saved to ``keep_in``.
 
     Reused from ``keep_in`` when it holds one already (a resumed run), else copied from

@@ -27,8 +27,14 @@ from mmray.data import storage
 from mmray.data.image import ImageDecodeError, decode_image, resize_uint8
 from mmray.data.labels import LabelError, Task, task_from_dict
 from mmray.data.text import (
-    PosTagger, TextNormalizer, TokenEncoder, check_pos_model, load_stopwords, load_user_dict, shared_segmenter,
-)  # fmt: skip
+    PosTagger,
+    TextNormalizer,
+    TokenEncoder,
+    check_pos_model,
+    load_stopwords,
+    load_user_dict,
+    shared_segmenter,
+)
 
 __all__ = ["PreprocessSpec", "Preprocessor", "keep_good"]
 
@@ -60,13 +66,20 @@ class PreprocessSpec:
         if data.text.pos_tags:
             check_pos_model(data.text.pos_model)  # on the driver, before any actor starts
         return cls(
-            tasks=tuple(tasks), with_labels=with_labels, id_column=data.id_column,
-            text_column=data.text_column, image_column=data.image_column,
-            image_uri_column=data.image_uri_column, missing_modality=data.missing_modality,
-            text=data.text, image=data.image, stopword_list=load_stopwords(data.text.stopwords, storage),
+            tasks=tuple(tasks),
+            with_labels=with_labels,
+            id_column=data.id_column,
+            text_column=data.text_column,
+            image_column=data.image_column,
+            image_uri_column=data.image_uri_column,
+            missing_modality=data.missing_modality,
+            text=data.text,
+            image=data.image,
+            stopword_list=load_stopwords(data.text.stopwords, storage),
             user_dict_lines=load_user_dict(data.text.user_dict, storage),
-            storage=storage, image_uri_roots=tuple(data.image_uri_roots) if data.image_uri_roots else None,
-        )  # fmt: skip
+            storage=storage,
+            image_uri_roots=tuple(data.image_uri_roots) if data.image_uri_roots else None,
+        )
 
     def to_dict(self) -> dict:
         """The settings a checkpoint persists; ``from_dict(d, tasks=...)`` restores the spec.
@@ -80,7 +93,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides: Any) -> "PreprocessSpec":
+    def from_dict(cls, d: dict, **overrides: Any) -> PreprocessSpec:
         d = {**d, **overrides}
         d["tasks"] = tuple(t if isinstance(t, Task) else task_from_dict(t) for t in d.get("tasks", ()))
         d["text"] = TextConfig(**d["text"]) if isinstance(d.get("text"), dict) else d.get("text", TextConfig())
@@ -137,8 +150,14 @@ class Preprocessor:
         fetch_timeout_s: one image URI's time, all attempts (``data.preprocess.fetch_timeout_s``).
     """
 
-    def __init__(self, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], fetch_threads: int = 8,
-                 fetch_attempts: int = 3, fetch_timeout_s: float = 30.0):  # fmt: skip
+    def __init__(
+        self,
+        spec: PreprocessSpec,
+        tokenizer_files: dict[str, bytes],
+        fetch_threads: int = 8,
+        fetch_attempts: int = 3,
+        fetch_timeout_s: float = 30.0,
+    ):
         self.spec = spec
         self.tokenize = TokenEncoder(tokenizer_files, spec.text.max_length)
         text = spec.text
@@ -172,8 +191,11 @@ class Preprocessor:
             try:
                 out[S.ID][i] = self._row(batch, i, out, texts, labels, fetched)
             except Exception as e:  # one bad row must never fail the batch (and with it the job)
-                error = e if isinstance(e, _RowError) else _RowError(
-                    "preprocess", "", f"unexpected error: {type(e).__name__}: {e}")  # fmt: skip
+                error = (
+                    e
+                    if isinstance(e, _RowError)
+                    else _RowError("preprocess", "", f"unexpected error: {type(e).__name__}: {e}")
+                )
                 self._flag(out, i, _id_str(batch[spec.id_column][i]), error)
                 texts[i] = ""
         ids, attn, pos, failed = self._tokenize(texts, length)
@@ -231,8 +253,11 @@ class Preprocessor:
         if len(raw) > cfg.max_bytes // 4:  # below that, even 4-byte characters fit: skip counting
             size = _utf8_size(raw)
             if size > cfg.max_bytes:
-                raise _RowError("preprocess", self.spec.text_column,
-                                f"text is {size} bytes, above data.text.max_bytes={cfg.max_bytes}")  # fmt: skip
+                raise _RowError(
+                    "preprocess",
+                    self.spec.text_column,
+                    f"text is {size} bytes, above data.text.max_bytes={cfg.max_bytes}",
+                )
         return self.normalize_text(raw[: cfg.max_chars])
 
     def _image(self, batch, i, fetched: dict[int, np.ndarray | _RowError]) -> tuple[np.ndarray | None, str]:
@@ -253,8 +278,9 @@ class Preprocessor:
     def _decode(self, data: bytes, column: str) -> np.ndarray | _RowError:
         image = self.spec.image
         if len(data) > image.max_bytes:
-            return _RowError("preprocess", column, f"image is {len(data)} bytes, above data.image.max_bytes="
-                                                   f"{image.max_bytes}")  # fmt: skip
+            return _RowError(
+                "preprocess", column, f"image is {len(data)} bytes, above data.image.max_bytes={image.max_bytes}"
+            )
         try:
             img = decode_image(bytes(data), image.pixel_limit, min_side=image.size)
         except ImageDecodeError as e:
@@ -295,8 +321,9 @@ class Preprocessor:
             late = [f for f, (_, _, deadline) in running.items() if deadline <= time.monotonic()]
             for future in late:
                 i, uri, _ = running.pop(future)
-                results[i] = _RowError("preprocess", spec.image_uri_column,
-                                       f"image fetch timed out after {self.fetch_timeout_s:g}s: {uri}")  # fmt: skip
+                results[i] = _RowError(
+                    "preprocess", spec.image_uri_column, f"image fetch timed out after {self.fetch_timeout_s:g}s: {uri}"
+                )
             if late:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = ThreadPoolExecutor(self.fetch_threads)
@@ -308,8 +335,9 @@ class Preprocessor:
             # Relative to what? Actors run in their own working directory, on any node.
             return _RowError("preprocess", column, f"relative image path {uri!r}: use an absolute path or s3://")
         try:
-            return storage.fetch_bytes(uri, self.spec.storage, attempts=self.fetch_attempts, max_bytes=limit,
-                                       local_roots=self._roots)  # fmt: skip
+            return storage.fetch_bytes(
+                uri, self.spec.storage, attempts=self.fetch_attempts, max_bytes=limit, local_roots=self._roots
+            )
         except storage.NotAllowedError as e:
             return _RowError("preprocess", column, f"image URI {e}: {uri}")
         except FileNotFoundError:
@@ -382,4 +410,3 @@ def keep_good(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     good = batch[S.ERROR] == ""
     drop = (S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE)
     return {k: v[good] for k, v in batch.items() if k not in drop}
-

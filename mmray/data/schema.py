@@ -11,10 +11,26 @@ import difflib
 import pyarrow as pa
 
 __all__ = [
-    "ATTENTION_MASK", "ERROR", "ERROR_COLUMN", "ERROR_STAGE", "ID", "IMAGE", "INPUT_IDS", "MODALITIES",
-    "MODEL_INPUTS", "PIXELS", "POS_IDS", "QUARANTINE_SCHEMA", "SchemaError", "TEXT", "check_columns", "label_key", "mask_key",
-    "task_of_label_key", "unify_columns",
-]  # fmt: skip
+    "ATTENTION_MASK",
+    "ERROR",
+    "ERROR_COLUMN",
+    "ERROR_STAGE",
+    "ID",
+    "IMAGE",
+    "INPUT_IDS",
+    "MODALITIES",
+    "MODEL_INPUTS",
+    "PIXELS",
+    "POS_IDS",
+    "QUARANTINE_SCHEMA",
+    "SchemaError",
+    "TEXT",
+    "check_columns",
+    "label_key",
+    "mask_key",
+    "task_of_label_key",
+    "unify_columns",
+]
 
 TEXT = "text"
 IMAGE = "image"
@@ -70,9 +86,13 @@ def _is_string(t: pa.DataType) -> bool:
 
 def _is_label(t: pa.DataType) -> bool:
     return (
-        _is_string(t) or pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t)
-        or pa.types.is_list(t) or pa.types.is_large_list(t)
-    )  # fmt: skip
+        _is_string(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+    )
 
 
 # kind -> (check, what the error message says was expected). An all-null column (Arrow type null, as
@@ -131,13 +151,18 @@ def unify_columns(schemas: dict[str, pa.Schema], expected: dict[str, str]) -> pa
         types = {t for t in seen.values() if not pa.types.is_null(t)}
         differ |= len(types) > 1
         try:
-            unified = pa.unify_schemas([pa.schema([(column, t)]) for t in seen.values()],
-                                       promote_options="permissive").field(column).type  # fmt: skip
+            unified = (
+                pa.unify_schemas([pa.schema([(column, t)]) for t in seen.values()], promote_options="permissive")
+                .field(column)
+                .type
+            )
         except (pa.ArrowTypeError, pa.ArrowInvalid):
             if any(pa.types.is_nested(t) for t in types) or kind == "binary":
                 first, second = _disagreeing(seen)
-                raise SchemaError(f"column '{column}' is {seen[first]} in {first} but {seen[second]} in {second}; "
-                                  "make the files agree") from None  # fmt: skip
+                raise SchemaError(
+                    f"column '{column}' is {seen[first]} in {first} but {seen[second]} in {second}; "
+                    "make the files agree"
+                ) from None
             unified = pa.string()
         fields.append(pa.field(column, unified))
     return pa.schema(fields) if differ else None

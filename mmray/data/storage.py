@@ -27,16 +27,40 @@ import pyarrow.fs as pafs
 from mmray.config import StorageConfig
 
 __all__ = [
-    "NotAllowedError", "TooLargeError", "copy_dir_from", "copy_dir_to", "exists", "fetch_bytes", "is_s3", "join", "list_parquet_files",
-    "local_dir", "read_bytes", "read_local_file", "read_text", "redact", "resolve", "write_bytes", "write_text",
-]  # fmt: skip
+    "NotAllowedError",
+    "TooLargeError",
+    "copy_dir_from",
+    "copy_dir_to",
+    "exists",
+    "fetch_bytes",
+    "is_s3",
+    "join",
+    "list_parquet_files",
+    "local_dir",
+    "read_bytes",
+    "read_local_file",
+    "read_text",
+    "redact",
+    "resolve",
+    "write_bytes",
+    "write_text",
+]
 
 _S3_ATTEMPTS = 3  # pyarrow's own retries of one S3 request (throttling, 5xx, dropped connections)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN")
 _SPACE = re.compile(r"\s")
 # S3 errors that another attempt cannot fix; everything else (network, throttling, 5xx) is retried.
-_PERMANENT = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
-              "Forbidden", "AccessDenied", "InvalidAccessKeyId", "NoSuchBucket")  # fmt: skip
+_PERMANENT = (
+    "ACCESS_DENIED",
+    "NO_SUCH_BUCKET",
+    "NO_SUCH_KEY",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "Forbidden",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "NoSuchBucket",
+)
 
 
 def redact(text: str) -> str:
@@ -90,8 +114,7 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSy
         bucket = path.split("/", 1)[0]
         if "@" in bucket or ":" in bucket:
             # pyarrow would read s3://KEY:SECRET@bucket as credentials; we refuse, and never echo them.
-            raise ValueError("s3:// URIs must not embed credentials (use the AWS credential chain): "
-                             f"{redact(uri)}")  # fmt: skip
+            raise ValueError(f"s3:// URIs must not embed credentials (use the AWS credential chain): {redact(uri)}")
         if not bucket:
             raise ValueError(f"s3:// URI without a bucket: {uri!r}")
         return _s3(*_s3_settings(storage)), path
@@ -210,9 +233,13 @@ def read_local_file(path: str, roots: tuple[str, ...], max_bytes: int | None = N
 
 
 def fetch_bytes(
-    uri: str, storage: StorageConfig | None = None, attempts: int = 3, backoff_s: float = 0.25,
-    max_bytes: int | None = None, local_roots: tuple[str, ...] | None = None,
-) -> bytes:  # fmt: skip
+    uri: str,
+    storage: StorageConfig | None = None,
+    attempts: int = 3,
+    backoff_s: float = 0.25,
+    max_bytes: int | None = None,
+    local_roots: tuple[str, ...] | None = None,
+) -> bytes:
     """``read_bytes`` with retries (exponential backoff) on transient errors.
 
     A missing object, a permission error or an oversized object is not retried. Error messages are

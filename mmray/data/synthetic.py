@@ -27,9 +27,17 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "LABELS", "SCHEMA", "encode_png_or_jpeg", "make_dataset", "make_image", "make_imbalanced_rows",
-    "make_multitask_rows", "make_rows", "make_text", "write_splits",
-]  # fmt: skip
+    "LABELS",
+    "SCHEMA",
+    "encode_png_or_jpeg",
+    "make_dataset",
+    "make_image",
+    "make_imbalanced_rows",
+    "make_multitask_rows",
+    "make_rows",
+    "make_text",
+    "write_splits",
+]
 
 ANIMALS = {
     "cat": ["cat", "kitten", "kitty", "猫", "小猫", "猫咪"],
@@ -143,8 +151,9 @@ def _pseudo_words(count: int, seed: int) -> list[str]:
     return words
 
 
-def make_imbalanced_rows(n: int, seed: int, id_prefix: str = "h", synonyms: int = 16,
-                         filler_words: int = 8) -> dict[str, list]:  # fmt: skip
+def make_imbalanced_rows(
+    n: int, seed: int, id_prefix: str = "h", synonyms: int = 16, filler_words: int = 8
+) -> dict[str, list]:
     """Like ``make_rows`` (label = animal_colour, text decides the animal, image the colour), but the
     text is much harder to learn than the image: the animal is named by one of ``synonyms`` made-up
     words per class, hidden among ``filler_words`` made-up filler words, while the image colour is
@@ -174,8 +183,9 @@ def make_multitask_rows(n: int, seed: int, id_prefix: str = "m") -> dict[str, li
     return rows
 
 
-def write_splits(data: dict[str, list], out_dir: str | os.PathLike, files_per_split: int = 2,
-                 schema: pa.Schema | None = None) -> dict:  # fmt: skip
+def write_splits(
+    data: dict[str, list], out_dir: str | os.PathLike, files_per_split: int = 2, schema: pa.Schema | None = None
+) -> dict:
     """Writes rows (column -> values, already shuffled) as 70/15/15 ``train/``, ``val/``, ``test/`` Parquet.
 
     Returns:

@@ -39,10 +39,21 @@ __all__ = ["LANGS", "TASKS", "make_task_dataset", "make_task_rows", "render_scen
 COLOURS = {"red": (205, 40, 35), "green": (40, 160, 60), "blue": (35, 70, 205), "yellow": (225, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
 _COLOURS_ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
-_SHAPES_EN = {"circle": ["circle", "disc", "round dot"], "square": ["square", "box", "block"],
-              "triangle": ["triangle", "wedge", "pyramid"]}  # fmt: skip
-_SHAPES_ZH = {"circle": ["圆形", "圆圈", "圆点"], "square": ["正方形", "方块", "方形"], "triangle": ["三角形", "三角", "尖角"]}
-_NUMBERS = {0: ["0", "zero", "no", "零", "没有"], 1: ["1", "one", "a single", "一", "一个"], 2: ["2", "two", "a pair of", "二", "两个"]}
+_SHAPES_EN = {
+    "circle": ["circle", "disc", "round dot"],
+    "square": ["square", "box", "block"],
+    "triangle": ["triangle", "wedge", "pyramid"],
+}
+_SHAPES_ZH = {
+    "circle": ["圆形", "圆圈", "圆点"],
+    "square": ["正方形", "方块", "方形"],
+    "triangle": ["三角形", "三角", "尖角"],
+}
+_NUMBERS = {
+    0: ["0", "zero", "no", "零", "没有"],
+    1: ["1", "one", "a single", "一", "一个"],
+    2: ["2", "two", "a pair of", "二", "两个"],
+}
 _FILLER_EN = ["today", "really", "quite", "photo", "picture", "look", "nice", "small", "old", "new", "here", "again"]
 _FILLER_ZH = ["今天", "真的", "照片", "图片", "看看", "很好", "这里", "又是", "非常", "好像"]
 LANGS = ("mixed", "en", "zh")
@@ -65,8 +76,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     corners = {"square": 4, "triangle": 3}[shape]
     start = angle + (math.pi / 4 if shape == "square" else -math.pi / 2)
     radius = r * _REACH[shape]
-    return [(cx + radius * math.cos(start + 2 * math.pi * k / corners),
-             cy + radius * math.sin(start + 2 * math.pi * k / corners)) for k in range(corners)]  # fmt: skip
+    return [
+        (
+            cx + radius * math.cos(start + 2 * math.pi * k / corners),
+            cy + radius * math.sin(start + 2 * math.pi * k / corners),
+        )
+        for k in range(corners)
+    ]
 
 
 def render_scene(objects: list[tuple[str, str]], rng: np.random.Generator, clutter: bool = True) -> bytes:
@@ -146,8 +162,16 @@ def _object_caption(colour: str, shape: str, rng: np.random.Generator, lang: str
         text = _pick(["图里有一个{c}的{s}", "这是{c}{s}", "一个{c}的{s}在画面中", "{c}{s}"], rng).format(c=c, s=s)
         return _with_distractors(text, rng, zh=True)
     s = _pick(_SHAPES_EN[shape], rng)
-    text = _pick(["a {c} {s}", "there is a {c} {s} in the picture", "one {c} {s} on a plain background",
-                  "the {s} is {c}", "a {s}, coloured {c}"], rng).format(c=colour, s=s)  # fmt: skip
+    text = _pick(
+        [
+            "a {c} {s}",
+            "there is a {c} {s} in the picture",
+            "one {c} {s} on a plain background",
+            "the {s} is {c}",
+            "a {s}, coloured {c}",
+        ],
+        rng,
+    ).format(c=colour, s=s)
     return _with_distractors(text, rng, zh=False)
 
 
@@ -157,8 +181,9 @@ def _animal_caption(animal: str, rng: np.random.Generator, lang: str) -> str:
     if zh:
         text = _pick(["这是我家的{a}", "{a}在沙发上睡觉", "看看这只{a}", "我们的{a}今天很开心"], rng).format(a=word)
     else:
-        text = _pick(["my {a} at home", "look at this {a}", "the {a} slept on the sofa", "our {a} was happy today"],
-                     rng).format(a=word)  # fmt: skip
+        text = _pick(
+            ["my {a} at home", "look at this {a}", "the {a} slept on the sofa", "our {a} was happy today"], rng
+        ).format(a=word)
     return _with_distractors(text, rng, zh=zh)
 
 
@@ -166,8 +191,9 @@ def _number_caption(n: int, rng: np.random.Generator, lang: str) -> str:
     word = _pick(_in_lang(_NUMBERS[n], lang), rng)
     if _is_zh(word):
         return _with_distractors(_pick(["加上{n}", "再来{n}", "数字是{n}"], rng).format(n=word), rng, zh=True)
-    return _with_distractors(_pick(["add {n}", "plus {n} more", "the number is {n}"], rng).format(n=word), rng,
-                             zh=False)  # fmt: skip
+    return _with_distractors(
+        _pick(["add {n}", "plus {n} more", "the number is {n}"], rng).format(n=word), rng, zh=False
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,8 +256,12 @@ def _missing(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
 
 
 TASKS: dict[str, Callable[[int, np.random.Generator, str], dict[str, list]]] = {
-    "classify": _classify, "sum": _sum, "match": _match, "lazy": _lazy, "missing": _missing,
-}  # fmt: skip
+    "classify": _classify,
+    "sum": _sum,
+    "match": _match,
+    "lazy": _lazy,
+    "missing": _missing,
+}
 _SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("label", pa.string())])
 
 
@@ -248,7 +278,13 @@ def make_task_rows(task: str, n: int, seed: int = 0, lang: str = "mixed") -> dic
     return {"id": [f"{task[:2]}{i:07d}" for i in range(n)], **out}
 
 
-def make_task_dataset(task: str, out_dir: str | os.PathLike, rows: int = 2000, seed: int = 0,
-                      files_per_split: int = 2, lang: str = "mixed") -> dict:  # fmt: skip
+def make_task_dataset(
+    task: str,
+    out_dir: str | os.PathLike,
+    rows: int = 2000,
+    seed: int = 0,
+    files_per_split: int = 2,
+    lang: str = "mixed",
+) -> dict:
     """Writes ``train/``, ``val/``, ``test/`` (70/15/15) Parquet of ``task`` under ``out_dir``."""
     return write_splits(make_task_rows(task, rows, seed, lang), out_dir, files_per_split, _SCHEMA)

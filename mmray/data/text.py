@@ -27,10 +27,20 @@ import numpy as np
 from mmray.config import StorageConfig, TextConfig
 
 __all__ = [
-    "POS_TAGS", "PosTagger", "Segmenter", "TextNormalizer", "TokenEncoder", "check_pos_model", "load_stopwords",
-    "load_tokenizer", "load_user_dict", "read_tokenizer_dir", "shared_segmenter", "train_wordpiece",
+    "POS_TAGS",
+    "PosTagger",
+    "Segmenter",
+    "TextNormalizer",
+    "TokenEncoder",
+    "check_pos_model",
+    "load_stopwords",
+    "load_tokenizer",
+    "load_user_dict",
+    "read_tokenizer_dir",
+    "shared_segmenter",
+    "train_wordpiece",
     "wordpiece_vocab",
-]  # fmt: skip
+]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_WORD_CHARS = 100  # BERT's limit: a longer "word" is [UNK]
@@ -46,18 +56,65 @@ _SPACES = re.compile(r"\s+")
 
 # Universal POS (universaldependencies.org/u/pos): one tag set for jieba's and spaCy's tags, fixed here so
 # a checkpoint's POS embedding rows keep their meaning. Id 0: special tokens, padding, untagged text.
-POS_TAGS = ("[NONE]", "ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
-            "PUNCT", "SCONJ", "SYM", "VERB", "X")  # fmt: skip
+POS_TAGS = (
+    "[NONE]",
+    "ADJ",
+    "ADP",
+    "ADV",
+    "AUX",
+    "CCONJ",
+    "DET",
+    "INTJ",
+    "NOUN",
+    "NUM",
+    "PART",
+    "PRON",
+    "PROPN",
+    "PUNCT",
+    "SCONJ",
+    "SYM",
+    "VERB",
+    "X",
+)
 _POS_ID = {t: i for i, t in enumerate(POS_TAGS)}
 # jieba's (ICTCLAS) tags -> Universal POS, looked up by the tag, then its first two letters, then its
 # first letter (nrt, nrfg -> nr; uj, ul -> u; vg -> v). Classifiers (q) are NOUN, as in UD Chinese.
 _JIEBA_UPOS = {
-    "a": "ADJ", "ad": "ADV", "an": "NOUN", "b": "ADJ", "c": "CCONJ", "d": "ADV", "e": "INTJ", "eng": "X",
-    "f": "ADP", "g": "X", "h": "X", "i": "X", "j": "NOUN", "k": "PART", "l": "X", "m": "NUM", "n": "NOUN",
-    "nr": "PROPN", "ns": "PROPN", "nt": "PROPN", "nz": "PROPN", "o": "X", "p": "ADP", "q": "NOUN", "r": "PRON",
-    "s": "NOUN", "t": "NOUN", "u": "PART", "v": "VERB", "vd": "ADV", "vn": "NOUN", "w": "PUNCT", "y": "PART",
+    "a": "ADJ",
+    "ad": "ADV",
+    "an": "NOUN",
+    "b": "ADJ",
+    "c": "CCONJ",
+    "d": "ADV",
+    "e": "INTJ",
+    "eng": "X",
+    "f": "ADP",
+    "g": "X",
+    "h": "X",
+    "i": "X",
+    "j": "NOUN",
+    "k": "PART",
+    "l": "X",
+    "m": "NUM",
+    "n": "NOUN",
+    "nr": "PROPN",
+    "ns": "PROPN",
+    "nt": "PROPN",
+    "nz": "PROPN",
+    "o": "X",
+    "p": "ADP",
+    "q": "NOUN",
+    "r": "PRON",
+    "s": "NOUN",
+    "t": "NOUN",
+    "u": "PART",
+    "v": "VERB",
+    "vd": "ADV",
+    "vn": "NOUN",
+    "w": "PUNCT",
+    "y": "PART",
     "z": "ADJ",
-}  # fmt: skip
+}
 
 
 class TextNormalizer:
@@ -70,8 +127,13 @@ class TextNormalizer:
             list itself, so scoring never depends on the training machine's file).
     """
 
-    def __init__(self, cfg: TextConfig, storage: StorageConfig | None = None, stopwords: Iterable[str] | None = None,
-                 segmenter: Segmenter | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TextConfig,
+        storage: StorageConfig | None = None,
+        stopwords: Iterable[str] | None = None,
+        segmenter: Segmenter | None = None,
+    ):
         self.nfkc = cfg.nfkc
         self.lowercase = cfg.lowercase
         words = load_stopwords(cfg.stopwords, storage) if stopwords is None else stopwords
@@ -187,8 +249,11 @@ class PosTagger:
 
     def __call__(self, text: str) -> list[tuple[int, int, int]]:
         if self.nlp is not None and not _has_cjk(text):
-            return [(t.idx, t.idx + len(t.text), _POS_ID.get(t.pos_, _POS_ID["X"]))
-                    for t in self.nlp(text) if not t.is_space]  # fmt: skip
+            return [
+                (t.idx, t.idx + len(t.text), _POS_ID.get(t.pos_, _POS_ID["X"]))
+                for t in self.nlp(text)
+                if not t.is_space
+            ]
         spans, at = [], 0
         for chunk in text.split(" "):
             for word, flag in self.segmenter.tagged(chunk) if chunk else ():
@@ -214,14 +279,18 @@ def _load_spacy(name: str):
     try:
         import spacy
     except ImportError:
-        raise ValueError(f"data.text.pos_model: {name!r} is a spaCy pipeline, but spaCy is not installed "
-                         f"(pip install spacy && python -m spacy download {name}); or set data.text.pos_model=null "
-                         "to tag every row with jieba") from None  # fmt: skip
+        raise ValueError(
+            f"data.text.pos_model: {name!r} is a spaCy pipeline, but spaCy is not installed "
+            f"(pip install spacy && python -m spacy download {name}); or set data.text.pos_model=null "
+            "to tag every row with jieba"
+        ) from None
     try:
         return spacy.load(name, exclude=["parser", "ner", "lemmatizer", "textcat"])  # only what tags
     except OSError as e:
-        raise ValueError(f"data.text.pos_model: spaCy pipeline {name!r} is not installed "
-                         f"(python -m spacy download {name}): {str(e)[:200]}") from None  # fmt: skip
+        raise ValueError(
+            f"data.text.pos_model: spaCy pipeline {name!r} is not installed "
+            f"(python -m spacy download {name}): {str(e)[:200]}"
+        ) from None
 
 
 def check_pos_model(name: str | None) -> None:
@@ -264,8 +333,10 @@ def load_stopwords(spec: str | None, storage: StorageConfig | None = None) -> tu
     try:
         text = st.read_text(spec, storage)
     except FileNotFoundError:
-        raise FileNotFoundError(f"data.text.stopwords: no stopword file at {st.redact(spec)} "
-                                f"(built-in lists: {' | '.join(sorted(_STOPWORDS))})") from None  # fmt: skip
+        raise FileNotFoundError(
+            f"data.text.stopwords: no stopword file at {st.redact(spec)} "
+            f"(built-in lists: {' | '.join(sorted(_STOPWORDS))})"
+        ) from None
     words = {line.strip().lstrip("\ufeff") for line in text.splitlines()}
     return tuple(sorted(w for w in words if w and not w.startswith("#")))
 
@@ -306,8 +377,9 @@ class TokenEncoder:
         if pad_id is None:
             raise ValueError(f"tokenizer has no pad token in its vocabulary (pad_token: {pad!r})")
         self.backend.enable_truncation(max_length, direction=config.get("truncation_side", "right"))
-        self.backend.enable_padding(direction=config.get("padding_side", "right"), pad_id=pad_id, pad_token=pad,
-                                    length=max_length)  # fmt: skip
+        self.backend.enable_padding(
+            direction=config.get("padding_side", "right"), pad_id=pad_id, pad_token=pad, length=max_length
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -319,8 +391,11 @@ class TokenEncoder:
         ids, mask, _ = self.encode(texts)
         return ids, mask
 
-    def encode(self, texts: list[str], spans: list[list[tuple[int, int, int]]] | None = None,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    def encode(
+        self,
+        texts: list[str],
+        spans: list[list[tuple[int, int, int]]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Token ids, attention mask and, given each text's ``PosTagger`` spans, int64 POS ids aligned
         with the tokens: a (sub-)token takes the tag of the word its first character is in; special
         tokens, padding and untagged characters get 0."""
@@ -365,16 +440,23 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     for text in texts:
         words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     vocab = wordpiece_vocab(words, vocab_size)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]",
-                                     max_input_chars_per_word=MAX_WORD_CHARS))  # fmt: skip
+    tok = Tokenizer(
+        models.WordPiece(
+            {t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=MAX_WORD_CHARS
+        )
+    )
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
-    )  # fmt: skip
+    )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return fast

@@ -22,17 +22,20 @@ from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
 from mmray.models.freeze import apply_freeze
 from mmray.models.fusion import BilinearFusion, ConcatFusion, CrossAttentionFusion, GatedFusion, LateFusion
 
-__all__ = ["build_fusion", "build_image_encoder", "build_model", "build_text_encoder",
-           "save_architecture"]  # fmt: skip
+__all__ = ["build_fusion", "build_image_encoder", "build_model", "build_text_encoder", "save_architecture"]
+
 
 def _architecture(architecture_dir: str | None, modality: str) -> str | None:
     return os.path.join(architecture_dir, modality) if architecture_dir else None
 
 
 def build_text_encoder(
-    cfg: ModelConfig, text: TextConfig, vocab_size: int, architecture_dir: str | None = None,
+    cfg: ModelConfig,
+    text: TextConfig,
+    vocab_size: int,
+    architecture_dir: str | None = None,
     storage: StorageConfig | None = None,
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     enc = cfg.text_encoder
     pos_vocab = len(POS_TAGS) if text.pos_tags else 0
     if enc.kind == "tiny":

@@ -84,7 +84,9 @@ class FusionClassifier(nn.Module):
 
     def aux_logits(self, features: dict[str, Encoded]) -> dict[str, dict[str, Tensor]]:
         """Unimodal logits: modality -> task -> logits from that encoder's pooled vector alone."""
-        return {m: {t: head(features[m].pooled) for t, head in self.aux_heads[m].items()} for m in sorted(self.aux_heads)}
+        return {
+            m: {t: head(features[m].pooled) for t, head in self.aux_heads[m].items()} for m in sorted(self.aux_heads)
+        }
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         features = self.encode(batch)

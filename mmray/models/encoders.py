@@ -55,8 +55,9 @@ class TinyTextEncoder(FrozenEvalMixin, nn.Module):
     """Embedding (+ POS embedding, given ``pos_vocab``) + small Transformer encoder, mean or CLS pooled.
     For tests, demos and small data."""
 
-    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_length: int, pooling: str,
-                 pos_vocab: int = 0):  # fmt: skip
+    def __init__(
+        self, vocab_size: int, dim: int, layers: int, heads: int, max_length: int, pooling: str, pos_vocab: int = 0
+    ):
         super().__init__()
         self.out_dim = self.token_dim = dim
         self.pooling = pooling

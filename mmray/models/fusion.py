@@ -22,9 +22,15 @@ from torch import Tensor, nn
 from mmray.models.encoders import Encoded, masked_mean
 
 __all__ = [
-    "BilinearFusion", "ConcatFusion", "CrossAttentionFusion", "GatedFusion", "LateFusion", "presence_weights",
+    "BilinearFusion",
+    "ConcatFusion",
+    "CrossAttentionFusion",
+    "GatedFusion",
+    "LateFusion",
+    "presence_weights",
     "zero_missing",
-]  # fmt: skip
+]
+
 
 def presence_weights(logits: Tensor, masks: Tensor) -> Tensor:
     """Softmax over modalities (dim 1) that gives missing modalities exactly zero weight.
@@ -68,9 +74,12 @@ class ConcatFusion(_MissingAware):
         super().__init__(in_dims)
         self.out_dim = hidden_dim
         self.mlp = nn.Sequential(
-            nn.Linear(sum(in_dims.values()), hidden_dim), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-        )  # fmt: skip
+            nn.Linear(sum(in_dims.values()), hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+        )
 
     def forward(self, features: dict[str, Encoded], masks: dict[str, Tensor]) -> Tensor:
         pooled = self.pooled(features, masks)
@@ -133,7 +142,8 @@ class CrossAttentionFusion(nn.Module):
         self.null = nn.ParameterDict({m: nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02) for m in self.keys})
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(hidden_dim)) for m in self.keys})
         self.layers = nn.ModuleList(
-            nn.ModuleDict({m: _CrossAttentionLayer(hidden_dim, heads, dropout) for m in self.keys}) for _ in range(layers)
+            nn.ModuleDict({m: _CrossAttentionLayer(hidden_dim, heads, dropout) for m in self.keys})
+            for _ in range(layers)
         )
         self.norm = nn.LayerNorm(hidden_dim)
         self.out = nn.Sequential(nn.Linear(hidden_dim * len(self.keys), hidden_dim), nn.GELU(), nn.Dropout(dropout))
@@ -174,10 +184,12 @@ class BilinearFusion(_MissingAware):
         super().__init__(in_dims)
         self.out_dim, self.keys = hidden_dim, sorted(in_dims)
         self.norm = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in sorted(in_dims.items())})
-        self.factors = nn.ParameterDict({
-            m: nn.Parameter(nn.init.xavier_normal_(torch.empty(rank, d + 1, hidden_dim)))
-            for m, d in sorted(in_dims.items())
-        })  # fmt: skip
+        self.factors = nn.ParameterDict(
+            {
+                m: nn.Parameter(nn.init.xavier_normal_(torch.empty(rank, d + 1, hidden_dim)))
+                for m, d in sorted(in_dims.items())
+            }
+        )
         self.rank_weights = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, rank)).squeeze(0))
         self.bias = nn.Parameter(torch.zeros(hidden_dim))
         self.dropout = nn.Dropout(dropout)
@@ -203,10 +215,14 @@ class LateFusion(nn.Module):
     def __init__(self, in_dims: dict[str, int], hidden_dim: int, dropout: float):
         super().__init__()
         self.out_dim, self.keys = hidden_dim, sorted(in_dims)
-        self.branches = nn.ModuleDict({
-            m: nn.Sequential(nn.Linear(d, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim))
-            for m, d in sorted(in_dims.items())
-        })  # fmt: skip
+        self.branches = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    nn.Linear(d, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim)
+                )
+                for m, d in sorted(in_dims.items())
+            }
+        )
         self.weight_logits = nn.Parameter(torch.zeros(len(self.keys)))
 
     def forward(self, features: dict[str, Encoded], masks: dict[str, Tensor]) -> Tensor:

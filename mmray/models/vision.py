@@ -123,7 +123,9 @@ class TorchvisionImageEncoder(FrozenEvalMixin, nn.Module):
 
 
 def _is_file(weights: str) -> bool:
-    return weights.startswith("s3://") or os.sep in weights or weights.endswith(_FILE_SUFFIXES) or os.path.exists(weights)
+    return (
+        weights.startswith("s3://") or os.sep in weights or weights.endswith(_FILE_SUFFIXES) or os.path.exists(weights)
+    )
 
 
 def _read_state_dict(uri: str, storage: StorageConfig | None) -> dict[str, Tensor]:
@@ -172,7 +174,9 @@ def build_torchvision_encoder(
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise ValueError(f"model.image_encoder.name: {name!r} is not a torchvision classification model (known: {known})")
+        raise ValueError(
+            f"model.image_encoder.name: {name!r} is not a torchvision classification model (known: {known})"
+        )
     kwargs = {"image_size": image_size} if name.startswith("vit_") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     prefix = _drop_classifier(model, name)

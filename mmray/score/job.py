@@ -97,8 +97,10 @@ class ScoringProgress:
         elapsed = time.monotonic() - self.started
         rate = done / max(elapsed, 1e-9)
         eta = f"  ETA {format_duration((self.total - done) / rate)}" if 0 < done < self.total else ""
-        line = (f"mmray score: scored {done:,}/{self.total:,} rows ({done / max(self.total, 1):.0%})  "
-                f"{format_count(rate)} rows/s{eta}")  # fmt: skip
+        line = (
+            f"mmray score: scored {done:,}/{self.total:,} rows ({done / max(self.total, 1):.0%})  "
+            f"{format_count(rate)} rows/s{eta}"
+        )
         if sys.stderr.isatty():
             line = f"{line}  {bar(done / max(self.total, 1))}"
             print(f"\r{line}\033[K", end="\n" if done >= self.total else "", file=sys.stderr, flush=True)
@@ -118,8 +120,11 @@ def _demands(cfg: Config, num_gpus: float) -> list[Demand]:
     """The preprocessing pool, the predictor pool and Ray Data's tasks all run at once while scoring."""
     sc = cfg.score
     predictor = {"CPU": sc.num_cpus, "GPU": num_gpus}
-    return [pipeline.preprocess_demand(cfg.data.preprocess),
-            Demand("score.concurrency x (score.num_cpus, score.num_gpus)", sc.concurrency, predictor), READ_TASKS]  # fmt: skip
+    return [
+        pipeline.preprocess_demand(cfg.data.preprocess),
+        Demand("score.concurrency x (score.num_cpus, score.num_gpus)", sc.concurrency, predictor),
+        READ_TASKS,
+    ]
 
 
 def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dataset:
@@ -132,9 +137,19 @@ def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dat
     return ds.map_batches(keep, batch_format="pyarrow")
 
 
-def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[str], spec: PreprocessSpec,
-                   tokenizer_files: dict[str, bytes], checkpoint: str, mid: str, label_tasks: tuple[Task, ...],
-                   num_gpus: float, only: list[str] | None = None) -> ray.data.Dataset:  # fmt: skip
+def _scored_stream(
+    cfg: Config,
+    input_uri: str,
+    files: list[str],
+    columns: list[str],
+    spec: PreprocessSpec,
+    tokenizer_files: dict[str, bytes],
+    checkpoint: str,
+    mid: str,
+    label_tasks: tuple[Task, ...],
+    num_gpus: float,
+    only: list[str] | None = None,
+) -> ray.data.Dataset:
     sc = cfg.score
     source = pipeline.read_input(input_uri, files, cfg.storage, columns)
     if only is not None:
@@ -146,8 +161,17 @@ def _scored_stream(cfg: Config, input_uri: str, files: list[str], columns: list[
     return pipeline.map_with_actors(preprocessed, Predictor, args, sc.batch_size, sc.concurrency, sc.num_cpus, num_gpus)
 
 
-def _manifest(run_id: str, scored_at: dt.datetime, checkpoint: str, mid: str, tasks: tuple[Task, ...],
-              identity: dict, result: Finalized, counts: dict[str, int], evaluate: bool) -> dict[str, Any]:  # fmt: skip
+def _manifest(
+    run_id: str,
+    scored_at: dt.datetime,
+    checkpoint: str,
+    mid: str,
+    tasks: tuple[Task, ...],
+    identity: dict,
+    result: Finalized,
+    counts: dict[str, int],
+    evaluate: bool,
+) -> dict[str, Any]:
     return {
         "format_version": MANIFEST_FORMAT,
         "run_id": run_id,
@@ -246,8 +270,10 @@ def run_scoring(
     """
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
     if retry_quarantined and (overwrite or evaluate):
-        raise ValueError("--retry-quarantined merges into the committed result: it does not combine with "
-                         f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}")  # fmt: skip
+        raise ValueError(
+            "--retry-quarantined merges into the committed result: it does not combine with "
+            f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}"
+        )
     with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
         info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
     spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
@@ -271,8 +297,13 @@ def run_scoring(
         if retry is not None and not retry.ids:
             _log(f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error")
             counts = {k: retry.manifest[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
-            return {"output": target.uri, "status": "nothing to retry", "run_id": retry.manifest["run_id"],
-                    "model_id": mid, **counts}  # fmt: skip
+            return {
+                "output": target.uri,
+                "status": "nothing to retry",
+                "run_id": retry.manifest["run_id"],
+                "model_id": mid,
+                **counts,
+            }
         if retry is None and not overwrite and (done := _already_scored(target, identity)) is not None:
             return {**done, "model_id": mid}  # the run that held the lease before us committed the same
         commit.check_replaceable(target)
@@ -286,24 +317,44 @@ def run_scoring(
                 init_ray(address)
                 num_gpus = _gpus_per_actor(cfg.score.num_gpus)
                 check_resources("mmray score", _demands(cfg, num_gpus))
-                stream = _scored_stream(cfg, input_uri, files, list(columns), spec, tokenizer_files, checkpoint, mid,
-                                        label_tasks, num_gpus, retry.ids if retry else None)  # fmt: skip
+                stream = _scored_stream(
+                    cfg,
+                    input_uri,
+                    files,
+                    list(columns),
+                    spec,
+                    tokenizer_files,
+                    checkpoint,
+                    mid,
+                    label_tasks,
+                    num_gpus,
+                    retry.ids if retry else None,
+                )
                 with Ticker(ScoringProgress(stage, rows_in).poll, progress_interval()):
                     stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
             evaluation = LabelMetrics(info.tasks, info.model.loss_weights) if evaluate else None
             first = len(retry.manifest["files"]) if retry else 0
-            result = finalize(stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation,
-                              first)  # fmt: skip
-            counts = {"rows_in": rows_in, "rows_scored": result.rows_scored, "rows_quarantined": result.quarantine.num_rows}
+            result = finalize(
+                stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation, first
+            )
+            counts = {
+                "rows_in": rows_in,
+                "rows_scored": result.rows_scored,
+                "rows_quarantined": result.quarantine.num_rows,
+            }
             if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
                 raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
             if retry is not None:
                 result = _merge_retry(stage, retry, result)
-                counts = {"rows_in": retry.manifest["rows_in"], "rows_scored": result.rows_scored,
-                          "rows_quarantined": result.quarantine.num_rows}  # fmt: skip
+                counts = {
+                    "rows_in": retry.manifest["rows_in"],
+                    "rows_scored": result.rows_scored,
+                    "rows_quarantined": result.quarantine.num_rows,
+                }
                 if counts["rows_scored"] + counts["rows_quarantined"] != counts["rows_in"]:
-                    raise RuntimeError(f"retried row counts do not reconcile with run {retry.manifest['run_id']}: "
-                                       f"{counts}")  # fmt: skip
+                    raise RuntimeError(
+                        f"retried row counts do not reconcile with run {retry.manifest['run_id']}: {counts}"
+                    )
                 rows_in = counts["rows_in"]
             if commit.fingerprint_inputs(files, in_fs, cfg.storage) != identity["inputs"]:
                 raise RuntimeError(f"input {input_uri} changed while it was being scored; nothing committed, rerun")
@@ -318,19 +369,29 @@ def run_scoring(
             if (now := (commit.committed_run(target) or {}).get("run_id")) != seen_run:
                 raise commit.ConcurrentCommitError(
                     f"{target.uri} changed while this run was scoring (committed run {seen_run} -> {now}); "
-                    "nothing was committed: rerun (with --overwrite to replace it)")  # fmt: skip
+                    "nothing was committed: rerun (with --overwrite to replace it)"
+                )
             committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
             commit.publish(stage, manifest, {"run_id": run_id, "committed_at": committed_at, **counts}, held)
         except BaseException:
             stage.discard()
             raise
         took = (dt.datetime.now(dt.timezone.utc) - scored_at).total_seconds()
-        _log(f"committed {counts['rows_scored']:,} rows in {len(result.files)} files to {target.uri} "
-             f"({counts['rows_quarantined']:,} quarantined) in {format_duration(took)}, "
-             f"{format_count(rows_in / max(took, 1e-9))} rows/s")  # fmt: skip
-        out = {"output": target.uri, "status": "committed", "run_id": run_id, "model_id": mid,
-               "scored_at": scored_at.isoformat(), "files": len(result.files),
-               "quarantine": target.child_uri(commit.QUARANTINE_FILE), **counts}  # fmt: skip
+        _log(
+            f"committed {counts['rows_scored']:,} rows in {len(result.files)} files to {target.uri} "
+            f"({counts['rows_quarantined']:,} quarantined) in {format_duration(took)}, "
+            f"{format_count(rows_in / max(took, 1e-9))} rows/s"
+        )
+        out = {
+            "output": target.uri,
+            "status": "committed",
+            "run_id": run_id,
+            "model_id": mid,
+            "scored_at": scored_at.isoformat(),
+            "files": len(result.files),
+            "quarantine": target.child_uri(commit.QUARANTINE_FILE),
+            **counts,
+        }
         if retry is not None:
             out.update(retried=len(retry.ids), retried_from=retry.manifest["run_id"])
         if result.metrics is not None:

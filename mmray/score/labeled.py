@@ -16,7 +16,7 @@ import numpy as np
 from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import LabelError, Task
-from mmray.data.preprocess import PreprocessSpec, Preprocessor
+from mmray.data.preprocess import Preprocessor, PreprocessSpec
 
 __all__ = ["LABEL_ERROR", "LabeledPreprocessor"]
 
@@ -30,8 +30,13 @@ class LabeledPreprocessor:
     ``--evaluate``. ``preprocessor_kwargs`` go to ``Preprocessor`` (fetch threads, attempts).
     """
 
-    def __init__(self, spec: PreprocessSpec, tokenizer_files: dict[str, bytes], label_tasks: Sequence[Task] = (),
-                 **preprocessor_kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        spec: PreprocessSpec,
+        tokenizer_files: dict[str, bytes],
+        label_tasks: Sequence[Task] = (),
+        **preprocessor_kwargs: Any,
+    ):
         self.preprocess = Preprocessor(spec, tokenizer_files, **preprocessor_kwargs)
         self.tasks = tuple(label_tasks)
 

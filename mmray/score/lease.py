@@ -39,9 +39,16 @@ from mmray.config import StorageConfig
 from mmray.data import storage
 
 __all__ = [
-    "DEFAULT_TTL_S", "Lease", "LeaseHeldError", "LeaseLostError", "acquire", "describe", "process_record",
-    "record_alive", "s3_client",
-]  # fmt: skip
+    "DEFAULT_TTL_S",
+    "Lease",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "acquire",
+    "describe",
+    "process_record",
+    "record_alive",
+    "s3_client",
+]
 
 DEFAULT_TTL_S = 300.0  # an S3 lease whose holder stopped renewing is broken this long after its last renewal
 _CLOCK_SKEW_S = 30.0  # hosts' clocks may disagree this much: an expired lease is broken only after it too
@@ -118,7 +125,8 @@ def describe(record: dict | None) -> str:
     since = ""
     with contextlib.suppress(TypeError, ValueError, OverflowError):
         since = " since " + dt.datetime.fromtimestamp(float(record["created"]), dt.timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ")  # fmt: skip
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
     return f"pid {record.get('pid', '?')} on host {record.get('host', '?')}{since}"
 
 
@@ -146,8 +154,10 @@ class Lease(Protocol):
 
 
 def _held(uri: str, what: str, record: dict | None) -> LeaseHeldError:
-    return LeaseHeldError(f"{what} is being scored by another run ({describe(record)}; lease {storage.redact(uri)}); "
-                          "nothing was done: rerun after it finishes")  # fmt: skip
+    return LeaseHeldError(
+        f"{what} is being scored by another run ({describe(record)}; lease {storage.redact(uri)}); "
+        "nothing was done: rerun after it finishes"
+    )
 
 
 @contextlib.contextmanager
@@ -177,7 +187,7 @@ class _LocalLease:
         self.path, self.uri, self._fd = path, uri, fd
 
     @classmethod
-    def take(cls, path: str, uri: str, what: str) -> "_LocalLease":
+    def take(cls, path: str, uri: str, what: str) -> _LocalLease:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -222,8 +232,12 @@ def _client(endpoint: str | None, region: str | None):
     import boto3
     from botocore.config import Config as BotoConfig
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region,
-                        config=BotoConfig(retries={"mode": "standard", "max_attempts": 3}))  # fmt: skip
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        config=BotoConfig(retries={"mode": "standard", "max_attempts": 3}),
+    )
 
 
 def s3_client(store: StorageConfig):
@@ -235,8 +249,9 @@ def s3_client(store: StorageConfig):
 
 def _code(error: Exception) -> str:
     response = getattr(error, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", "")) or str(response.get("ResponseMetadata", {}).get(
-        "HTTPStatusCode", ""))  # fmt: skip
+    return str(response.get("Error", {}).get("Code", "")) or str(
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+    )
 
 
 _CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -251,14 +266,16 @@ class _S3Lease:
         self._thread = threading.Thread(target=self._renew_loop, name="mmray-lease", daemon=True)
 
     @classmethod
-    def take(cls, client, bucket: str, key: str, uri: str, what: str, ttl_s: float) -> "_S3Lease":
+    def take(cls, client, bucket: str, key: str, uri: str, what: str, ttl_s: float) -> _S3Lease:
         from botocore.exceptions import ClientError
 
         lease_id = uuid.uuid4().hex
         for _ in range(5):
             record = process_record(lease_id=lease_id, expires=time.time() + ttl_s)
             try:
-                etag = client.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode(), IfNoneMatch="*")["ETag"]
+                etag = client.put_object(Bucket=bucket, Key=key, Body=json.dumps(record).encode(), IfNoneMatch="*")[
+                    "ETag"
+                ]
                 return cls(client, bucket, key, uri, ttl_s, record, etag)._start()
             except ClientError as e:
                 if _code(e) not in _CONFLICT:
@@ -290,7 +307,7 @@ class _S3Lease:
             raise
         return _parse(obj["Body"].read()), obj["ETag"]
 
-    def _start(self) -> "_S3Lease":
+    def _start(self) -> _S3Lease:
         self._thread.start()
         return self
 
@@ -303,8 +320,9 @@ class _S3Lease:
                 if self._stop.is_set():
                     return
                 try:
-                    self._etag = self.client.put_object(Bucket=self.bucket, Key=self.key, IfMatch=self._etag,
-                                                        Body=json.dumps(record).encode())["ETag"]  # fmt: skip
+                    self._etag = self.client.put_object(
+                        Bucket=self.bucket, Key=self.key, IfMatch=self._etag, Body=json.dumps(record).encode()
+                    )["ETag"]
                     self.record = record
                 except ClientError as e:
                     if _code(e) in _CONFLICT | _MISSING:
@@ -320,8 +338,9 @@ class _S3Lease:
                 if etag is None or (holder or {}).get("lease_id") != self.record["lease_id"]:
                     self._lost = f"it is now held by {describe(holder)}" if etag else "it was removed"
         if self._lost:
-            raise LeaseLostError(f"this run lost its lease {storage.redact(self.uri)} ({self._lost}); "
-                                 "nothing was committed")  # fmt: skip
+            raise LeaseLostError(
+                f"this run lost its lease {storage.redact(self.uri)} ({self._lost}); nothing was committed"
+            )
 
     def release(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

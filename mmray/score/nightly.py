@@ -30,13 +30,24 @@ import pyarrow.parquet as pq
 from mmray.config import Config
 from mmray.data import storage
 from mmray.data.pipeline import DataQualityError
-from mmray.score import commit
 from mmray.runs import LATEST_POINTER, storage_root
+from mmray.score import commit
 from mmray.score.job import run_scoring
 
-__all__ = ["MAX_BACKFILL_DAYS", "PARTITION_KEY", "NightlyError", "date_range", "input_partition",
-           "latest_checkpoint", "parse_date", "resolve_date", "run_backfill", "run_nightly", "time_zone",
-           "yesterday"]  # fmt: skip
+__all__ = [
+    "MAX_BACKFILL_DAYS",
+    "PARTITION_KEY",
+    "NightlyError",
+    "date_range",
+    "input_partition",
+    "latest_checkpoint",
+    "parse_date",
+    "resolve_date",
+    "run_backfill",
+    "run_nightly",
+    "time_zone",
+    "yesterday",
+]
 
 PARTITION_KEY = "date"
 YESTERDAY = "yesterday"
@@ -68,7 +79,9 @@ def time_zone(name: str) -> zoneinfo.ZoneInfo:
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise NightlyError(f"--tz {name!r}: unknown time zone (use an IANA name such as UTC or Europe/Berlin)") from None
+        raise NightlyError(
+            f"--tz {name!r}: unknown time zone (use an IANA name such as UTC or Europe/Berlin)"
+        ) from None
 
 
 def yesterday(tz: str = "UTC", now: dt.datetime | None = None) -> str:
@@ -169,8 +182,9 @@ def run_nightly(
     source = input_partition(input_root, date)
     _check_input(source, cfg)
     checkpoint = checkpoint or latest_checkpoint(cfg)
-    result = run_scoring(cfg, checkpoint, source, output_root, {PARTITION_KEY: date}, overwrite=overwrite,
-                         address=address)  # fmt: skip
+    result = run_scoring(
+        cfg, checkpoint, source, output_root, {PARTITION_KEY: date}, overwrite=overwrite, address=address
+    )
     return {**result, "date": date, "input": source, "checkpoint": checkpoint}
 
 
@@ -218,5 +232,11 @@ def run_backfill(
         partitions.append(result)
     by_status = {s: [p["date"] for p in partitions if p["status"] == s] for s in ("committed", "skipped", "failed")}
     by_status["committed"] += [p["date"] for p in partitions if p["status"] == "already scored"]
-    return {"from": start, "to": end, "output": output_root, "checkpoint": checkpoint, **by_status,
-            "partitions": partitions}  # fmt: skip
+    return {
+        "from": start,
+        "to": end,
+        "output": output_root,
+        "checkpoint": checkpoint,
+        **by_status,
+        "partitions": partitions,
+    }

@@ -60,8 +60,11 @@ def output_schema(tasks: Sequence[Task]) -> pa.Schema:
             fields.append(pa.field(names["prediction"], pa.float64()))
             continue
         pred = pa.list_(pa.string()) if t.kind == "multilabel" else pa.string()
-        fields += [pa.field(names["prediction"], pred), pa.field(names["confidence"], pa.float64()),
-                   pa.field(names["probabilities"], pa.list_(pa.float64()))]  # fmt: skip
+        fields += [
+            pa.field(names["prediction"], pred),
+            pa.field(names["confidence"], pa.float64()),
+            pa.field(names["probabilities"], pa.list_(pa.float64())),
+        ]
     return pa.schema(fields)
 
 
@@ -78,8 +81,14 @@ class Predictor:
         evaluate: pass the encoded label columns through and add the hidden logits columns.
     """
 
-    def __init__(self, checkpoint_uri: str, store: StorageConfig, expected_model_id: str | None = None,
-                 device: str = "cpu", evaluate: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        store: StorageConfig,
+        expected_model_id: str | None = None,
+        device: str = "cpu",
+        evaluate: bool = False,
+    ):
         self.device = torch.device(device)
         with open_checkpoint(checkpoint_uri, store) as checkpoint:
             found = checkpoint.model_id()

@@ -33,9 +33,14 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 
 __all__ = [
-    "ShardConfig", "cache_decision", "object_store_bytes", "ordered_blocks", "prepare_datasets", "prepare_split",
+    "ShardConfig",
+    "cache_decision",
+    "object_store_bytes",
+    "ordered_blocks",
+    "prepare_datasets",
+    "prepare_split",
     "row_bytes",
-]  # fmt: skip
+]
 
 TRAIN = "train"
 _ROW_OVERHEAD = 64  # Arrow offsets/validity per row and column, rounded up
@@ -67,8 +72,10 @@ def cache_decision(mode: str, nbytes: int, store_bytes: int, max_fraction: float
     budget = int(store_bytes * max_fraction)
     fits = nbytes <= budget
     verb = "fits in" if fits else "exceeds"
-    return fits, (f"data.cache=auto: ~{nbytes / 2**20:.1f} MiB preprocessed {verb} "
-                  f"{max_fraction:.0%} of the {store_bytes / 2**30:.1f} GiB object store")  # fmt: skip
+    return fits, (
+        f"data.cache=auto: ~{nbytes / 2**20:.1f} MiB preprocessed {verb} "
+        f"{max_fraction:.0%} of the {store_bytes / 2**30:.1f} GiB object store"
+    )
 
 
 @contextmanager
@@ -82,8 +89,17 @@ def ordered_blocks() -> Iterator[None]:
         options.preserve_order = before
 
 
-def prepare_split(cfg: Config, uri: str, files: list[str], spec: PreprocessSpec, tokenizer_files: dict[str, bytes],
-                  run_dir: str, split: str, rows_in: int, cache: bool) -> tuple[ray.data.Dataset, dict[str, int]]:  # fmt: skip
+def prepare_split(
+    cfg: Config,
+    uri: str,
+    files: list[str],
+    spec: PreprocessSpec,
+    tokenizer_files: dict[str, bytes],
+    run_dir: str,
+    split: str,
+    rows_in: int,
+    cache: bool,
+) -> tuple[ray.data.Dataset, dict[str, int]]:
     """Preprocesses one split, writes its quarantine, returns (usable rows, counts).
 
     Cached: preprocessing runs once and the usable rows stay in the object store. Streamed: one pass
@@ -98,9 +114,11 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec: PreprocessSpec,
         cache: from ``cache_decision``.
     """
     processed = pipeline.preprocess(
-        pipeline.read_input(uri, files, cfg.storage, list(spec.input_columns())), spec, tokenizer_files,
+        pipeline.read_input(uri, files, cfg.storage, list(spec.input_columns())),
+        spec,
+        tokenizer_files,
         cfg.data.preprocess,
-    )  # fmt: skip
+    )
     if cache:
         processed = processed.materialize()
     where = storage.join(run_dir, "quarantine", f"{split}.parquet")
@@ -115,8 +133,14 @@ def prepare_split(cfg: Config, uri: str, files: list[str], spec: PreprocessSpec,
     return usable, counts
 
 
-def prepare_datasets(cfg: Config, spec: PreprocessSpec, tasks: list[Task], tokenizer_files: dict[str, bytes],
-                     run_dir: str, inputs: dict[str, tuple[str, list[str]]]) -> tuple[dict, dict, bool]:  # fmt: skip
+def prepare_datasets(
+    cfg: Config,
+    spec: PreprocessSpec,
+    tasks: list[Task],
+    tokenizer_files: dict[str, bytes],
+    run_dir: str,
+    inputs: dict[str, tuple[str, list[str]]],
+) -> tuple[dict, dict, bool]:
     """Preprocesses every split, cached or streamed per ``data.cache``; returns (datasets, counts, cached).
 
     Args:

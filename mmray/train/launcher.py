@@ -31,7 +31,15 @@ from ray.train.torch import TorchTrainer
 from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
 from mmray.config import Config, TrainConfig, config_to_dict
 from mmray.console import (
-    Ticker, bar, doing, epoch_line, format_duration, progress_interval, say, train_log_level, versions,
+    Ticker,
+    bar,
+    doing,
+    epoch_line,
+    format_duration,
+    progress_interval,
+    say,
+    train_log_level,
+    versions,
 )
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
@@ -46,9 +54,17 @@ from mmray.train.loop import LoopInputs, train_loop_per_worker
 from mmray.train.tracking import check_trackers_available, read_history
 
 __all__ = [
-    "CONFIG_FILE", "EpochPrinter", "Prepared", "TrainResult", "build_trainer", "loop_inputs", "prepare",
-    "run_training", "scaling_config", "trainer_demand",
-]  # fmt: skip
+    "CONFIG_FILE",
+    "EpochPrinter",
+    "Prepared",
+    "TrainResult",
+    "build_trainer",
+    "loop_inputs",
+    "prepare",
+    "run_training",
+    "scaling_config",
+    "trainer_demand",
+]
 
 TrainResult = dict[str, Any]  # {"run_dir", "checkpoint", "metrics"}
 CONFIG_FILE = "config.json"  # in the run dir: the resolved config (redacted) and the versions that ran it
@@ -108,8 +124,9 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     check_trackers_available(cfg)
     load_before_step(cfg.train.before_step)  # the workers import it again; a typo fails here, in seconds
     if cfg.train.resume_from and not storage.exists(storage.join(cfg.train.resume_from, BUNDLE_FILE), cfg.storage):
-        raise FileNotFoundError(f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray "
-                                f"checkpoint (no {BUNDLE_FILE})")  # fmt: skip
+        raise FileNotFoundError(
+            f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray checkpoint (no {BUNDLE_FILE})"
+        )
     unlabeled = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=(), with_labels=False)
     expected = {**unlabeled.input_columns(), **{c: "label" for c in cfg.data.label_columns}}
     train_files = pipeline.input_files(cfg.data.train, expected, cfg.storage)
@@ -159,26 +176,37 @@ def run_training(cfg: Config) -> TrainResult:
         prepared = prepare(cfg, run_dir)
     check_resources("mmray train", _training_demands(cfg, streamed=not prepared.cached))
     t, counts = cfg.train, prepared.counts
-    say(f"run {storage.redact(run_dir)}: {t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s), "
+    say(
+        f"run {storage.redact(run_dir)}: {t.num_workers} {'GPU' if t.use_gpu else 'CPU'} worker(s), "
         f"{counts['train']['rows_used']:,} train + {counts['val']['rows_used']:,} val rows "
-        f"({'cached in the object store' if prepared.cached else 'streamed'}), {t.epochs} epochs", "train")  # fmt: skip
+        f"({'cached in the object store' if prepared.cached else 'streamed'}), {t.epochs} epochs",
+        "train",
+    )
     resolved = {"config": config_to_dict(cfg), "versions": versions()}  # what mmray report shows as lineage
-    storage.write_text(storage.join(run_dir, CONFIG_FILE), storage.redact(json.dumps(resolved, indent=2, default=str)),
-                       cfg.storage)  # fmt: skip
+    storage.write_text(
+        storage.join(run_dir, CONFIG_FILE), storage.redact(json.dumps(resolved, indent=2, default=str)), cfg.storage
+    )
     printer = EpochPrinter(run_dir, cfg)
     with Ticker(printer.poll, interval_s=progress_interval()):
         result = build_trainer(cfg, prepared, root, name).fit()
     printer.clear()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = result_uri(best.path, root)
-    metrics = {k[len("val_"):]: v for k, v in result.metrics.items() if k.startswith("val_")}
+    metrics = {k[len("val_") :]: v for k, v in result.metrics.items() if k.startswith("val_")}
     metrics.update(epoch=result.metrics["epoch"], train_loss=result.metrics["train_loss"])
-    say(f"finished in {format_duration(time.monotonic() - started)}: {printer.summary(result.metrics)}; "
-        f"best checkpoint {storage.redact(checkpoint_uri)}", "train")  # fmt: skip
+    say(
+        f"finished in {format_duration(time.monotonic() - started)}: {printer.summary(result.metrics)}; "
+        f"best checkpoint {storage.redact(checkpoint_uri)}",
+        "train",
+    )
     metrics["data"] = prepared.counts
     metrics["data_cached"] = prepared.cached
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(metrics, indent=2), cfg.storage)
-    pointer = {"run_dir": run_dir, "checkpoint": checkpoint_uri, "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    pointer = {
+        "run_dir": run_dir,
+        "checkpoint": checkpoint_uri,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
     storage.write_text(storage.join(root, LATEST_POINTER), json.dumps(pointer, indent=2), cfg.storage)
     return {"run_dir": run_dir, "checkpoint": checkpoint_uri, "metrics": metrics}
 
@@ -218,8 +246,13 @@ class EpochPrinter:
         if live and len(self.done) < self.epochs:  # a live status line under the epoch lines
             running = len(self.done) + 1
             took = f" (one takes ~{format_duration(sum(self.seconds) / len(self.seconds))})" if self.seconds else ""
-            print(f"\r\033[K{bar(len(self.done) / self.epochs)} epoch {running}/{self.epochs} running "
-                  f"{format_duration(time.monotonic() - self.since)}{took}", end="", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"\r\033[K{bar(len(self.done) / self.epochs)} epoch {running}/{self.epochs} running "
+                f"{format_duration(time.monotonic() - self.since)}{took}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def clear(self) -> None:
         """Removes the live status line (terminal only)."""

@@ -32,8 +32,8 @@ from mmray.checkpoint import CheckpointInfo, save_checkpoint, unwrap
 from mmray.config import Config
 from mmray.data import schema as S
 from mmray.data import storage
-from mmray.data.transforms import augment
 from mmray.data.labels import Task
+from mmray.data.transforms import augment
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.models.builder import build_model
 from mmray.train import optim
@@ -51,9 +51,16 @@ from mmray.train.state import (
 from mmray.train.tracking import Tracker, make_trackers
 
 __all__ = [
-    "EpochTotals", "LoopInputs", "Parts", "build_parts", "compute_loss", "epoch_record", "evaluate",
-    "train_epoch", "train_loop_per_worker",
-]  # fmt: skip
+    "EpochTotals",
+    "LoopInputs",
+    "Parts",
+    "build_parts",
+    "compute_loss",
+    "epoch_record",
+    "evaluate",
+    "train_epoch",
+    "train_loop_per_worker",
+]
 
 T = TypeVar("T")
 
@@ -95,26 +102,45 @@ class Parts:
     device: torch.device
 
 
-def build_parts(cfg: Config, tasks: list[Task], vocab_size: int, train_rows: int, world_size: int,
-                device: torch.device, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Parts:  # fmt: skip
+def build_parts(
+    cfg: Config,
+    tasks: list[Task],
+    vocab_size: int,
+    train_rows: int,
+    world_size: int,
+    device: torch.device,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> Parts:
     """Model (wrapped for DDP by ``wrap``), optimizer, schedule and scaler for one worker.
 
     Every rank builds the model from the same seed; DDP also broadcasts rank 0's weights.
     """
     t = cfg.train
     seed_everything(t.seed)
-    model = wrap(build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage).to(device))
+    model = wrap(
+        build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage).to(device)
+    )
     optimizer = optim.build_optimizer(model, t, world_size)
     total = optim.steps_per_epoch(train_rows, world_size, t.batch_size, t.grad_accum_steps) * t.epochs
     precision = optim.resolve_precision(t.precision, device)
-    return Parts(model, optimizer, optim.build_scheduler(optimizer, total, t.warmup_fraction),
-                 optim.make_scaler(precision, device), precision, device)  # fmt: skip
+    return Parts(
+        model,
+        optimizer,
+        optim.build_scheduler(optimizer, total, t.warmup_fraction),
+        optim.make_scaler(precision, device),
+        precision,
+        device,
+    )
 
 
 def compute_loss(
-    out: dict, batch: dict[str, Tensor], tasks: list[Task], loss_weights: dict[str, float], aux_weight: float,
+    out: dict,
+    batch: dict[str, Tensor],
+    tasks: list[Task],
+    loss_weights: dict[str, float],
+    aux_weight: float,
     label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """Returns (mean training loss incl. auxiliary heads, per-row fused loss for metrics).
 
     Auxiliary (unimodal) head losses count only rows that have that modality.
@@ -154,8 +180,13 @@ class EpochTotals:
     grad_norm_sum: float = 0.0  # sum over steps of the pre-clip gradient norm (this worker's view)
 
 
-def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config, tasks: list[Task],
-                before_step: Callable[[int], None] | None = None) -> EpochTotals:  # fmt: skip
+def train_epoch(
+    parts: Parts,
+    batches: Iterable[dict[str, Tensor]],
+    cfg: Config,
+    tasks: list[Task],
+    before_step: Callable[[int], None] | None = None,
+) -> EpochTotals:
     """One pass over this worker's batches.
 
     Gradients accumulate over ``train.grad_accum_steps`` batches; DDP all-reduces only on the batch
@@ -180,8 +211,9 @@ def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config,
         with sync:
             with optim.autocast(parts.precision, parts.device):
                 out = model(batch)
-                loss, _ = compute_loss(out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight,
-                                       t.label_smoothing)  # fmt: skip
+                loss, _ = compute_loss(
+                    out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight, t.label_smoothing
+                )
             scaled = loss / t.grad_accum_steps
             (parts.scaler.scale(scaled) if parts.scaler else scaled).backward()
         if boundary:
@@ -196,9 +228,15 @@ def train_epoch(parts: Parts, batches: Iterable[dict[str, Tensor]], cfg: Config,
     return EpochTotals(float(loss_sum), rows, steps, float(norm_sum))
 
 
-def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], tasks: list[Task],
-             loss_weights: dict[str, float], precision: str = "fp32", device: torch.device | None = None,
-             reduce: Callable[[Tensor], Tensor] = all_reduce) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    tasks: list[Task],
+    loss_weights: dict[str, float],
+    precision: str = "fp32",
+    device: torch.device | None = None,
+    reduce: Callable[[Tensor], Tensor] = all_reduce,
+) -> dict[str, float]:
     """Validation metrics over every worker's shard.
 
     Pass the bare model (``unwrap``), not the DDP wrapper: shards may hold different numbers of
@@ -219,8 +257,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, Tensor]], tasks: list
     return acc.compute()
 
 
-def epoch_record(epoch: int, train: Tensor, val: dict[str, float], train_s: float, val_s: float,
-                 parts: Parts, progress: Progress) -> dict[str, Any]:  # fmt: skip
+def epoch_record(
+    epoch: int, train: Tensor, val: dict[str, float], train_s: float, val_s: float, parts: Parts, progress: Progress
+) -> dict[str, Any]:
     """One line of ``history.jsonl`` (also the metrics reported to Ray Train).
 
     Args:
@@ -273,8 +312,9 @@ def _resume(parts: Parts, cfg: Config, rank: int, world: int) -> Progress:
     return progress
 
 
-def _report(parts: Parts, inputs: LoopInputs, progress: Progress, record: dict[str, Any], rank: int,
-            trackers: list[Tracker]) -> None:  # fmt: skip
+def _report(
+    parts: Parts, inputs: LoopInputs, progress: Progress, record: dict[str, Any], rank: int, trackers: list[Tracker]
+) -> None:
     """Every worker reports the record; rank 0 alone writes and attaches the checkpoint."""
     rng_states = gather_objects(get_rng_state())  # each rank's own stream, restored per rank
     with tempfile.TemporaryDirectory() as tmp:
@@ -304,10 +344,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
-    parts = build_parts(cfg, tasks, inputs.vocab_size, inputs.train_rows, world, device,
-                        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))  # fmt: skip
+    parts = build_parts(
+        cfg,
+        tasks,
+        inputs.vocab_size,
+        inputs.train_rows,
+        world,
+        device,
+        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+    )
     progress = _resume(parts, cfg, rank, world)
-    if progress.next_epoch >= t.epochs or (t.early_stopping.metric and progress.bad_epochs >= t.early_stopping.patience):
+    if progress.next_epoch >= t.epochs or (
+        t.early_stopping.metric and progress.bad_epochs >= t.early_stopping.patience
+    ):
         # Already finished (e.g. the driver died after the last epoch): report where it ended.
         print0(f"mmray: run already finished at epoch {progress.epoch}")
         ray.train.report(progress.history[-1] if progress.history else {"epoch": progress.epoch})
@@ -324,13 +373,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             hook = functools.partial(before_step, rank, epoch) if before_step else None
             totals = train_epoch(parts, batches, cfg, tasks, hook)
             train_s = time.perf_counter() - started
-            summed = all_reduce(torch.tensor([totals.loss_sum, totals.rows, totals.grad_norm_sum, totals.steps],
-                                             dtype=torch.float64))  # fmt: skip
+            summed = all_reduce(
+                torch.tensor([totals.loss_sum, totals.rows, totals.grad_norm_sum, totals.steps], dtype=torch.float64)
+            )
             broadcast_buffers(parts.model)
             # The bare module: DDP's forward runs collectives (buffer broadcasts), and validation shards
             # may differ in length, so a wrapped forward could wait forever for a rank with no rows left.
-            val = evaluate(unwrap(parts.model), val_shard.iter_torch_batches(**iter_kwargs), tasks,
-                           cfg.model.loss_weights, parts.precision, device)  # fmt: skip
+            val = evaluate(
+                unwrap(parts.model),
+                val_shard.iter_torch_batches(**iter_kwargs),
+                tasks,
+                cfg.model.loss_weights,
+                parts.precision,
+                device,
+            )
             progress.epoch, progress.step = epoch, int(parts.scheduler.last_epoch)
             record = epoch_record(epoch, summed, val, train_s, time.perf_counter() - started - train_s, parts, progress)
             require_metric(record, t.checkpoint_metric, "train.checkpoint_metric")
@@ -340,8 +396,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress.history.append(record)
             _report(parts, inputs, progress, record, rank, trackers)
             if stop:
-                print0(f"mmray: early stopping at epoch {epoch}: {t.early_stopping.metric} did not improve "
-                       f"for {progress.bad_epochs} epochs")  # fmt: skip
+                print0(
+                    f"mmray: early stopping at epoch {epoch}: {t.early_stopping.metric} did not improve "
+                    f"for {progress.bad_epochs} epochs"
+                )
                 break
     finally:
         for tracker in trackers:

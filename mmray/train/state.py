@@ -121,8 +121,10 @@ def restore(directory: str, model: nn.Module, optimizer, scheduler, scaler, rank
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:  # parameter groups changed: a different model or freeze setting
-        raise ValueError(f"{directory}: optimizer state does not match this model ({e}); "
-                         "resume with the same model config, or start from its weights only") from None  # fmt: skip
+        raise ValueError(
+            f"{directory}: optimizer state does not match this model ({e}); "
+            "resume with the same model config, or start from its weights only"
+        ) from None
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -130,9 +132,14 @@ def restore(directory: str, model: nn.Module, optimizer, scheduler, scaler, rank
     if len(rngs) == world_size:
         set_rng_state(rngs[rank])
     return Progress(
-        epoch=state["epoch"], step=state["step"], history=list(state["history"]), best=state["best"],
-        bad_epochs=state["bad_epochs"], resumed_from_epoch=state["epoch"], rng_restored=len(rngs) == world_size,
-    )  # fmt: skip
+        epoch=state["epoch"],
+        step=state["step"],
+        history=list(state["history"]),
+        best=state["best"],
+        bad_epochs=state["bad_epochs"],
+        resumed_from_epoch=state["epoch"],
+        rng_restored=len(rngs) == world_size,
+    )
 
 
 def require_metric(metrics: dict[str, Any], name: str, key: str) -> float:
@@ -153,8 +160,6 @@ def early_stopping_update(
     if not cfg.metric:
         return best, bad_epochs, False
     value = require_metric(metrics, cfg.metric, "train.early_stopping.metric")
-    improved = not math.isnan(value) and (
-        best is None or (value < best if cfg.mode == "min" else value > best)
-    )
+    improved = not math.isnan(value) and (best is None or (value < best if cfg.mode == "min" else value > best))
     best, bad_epochs = (value, 0) if improved else (best, bad_epochs + 1)
     return best, bad_epochs, bad_epochs >= cfg.patience

@@ -109,8 +109,10 @@ class MlflowTracker:
 def check_trackers_available(cfg: Config) -> None:
     """Fails before any work when a configured tracker's package is missing."""
     if cfg.train.tensorboard_dir and _summary_writer_class() is None:
-        raise ValueError("train.tensorboard_dir is set but neither `tensorboard` nor `tensorboardX` is installed "
-                         "(pip install tensorboard)")  # fmt: skip
+        raise ValueError(
+            "train.tensorboard_dir is set but neither `tensorboard` nor `tensorboardX` is installed "
+            "(pip install tensorboard)"
+        )
     if cfg.train.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
         raise ValueError("train.mlflow_tracking_uri is set but `mlflow` is not installed (pip install mlflow)")
 

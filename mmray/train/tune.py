@@ -52,10 +52,22 @@ from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, 
 from mmray.data import storage
 
 __all__ = [
-    "DISTRIBUTIONS", "Dimension", "PREPROCESS_KEYS", "TuneSettings", "concurrency", "default_mode", "load_space",
-    "needs_own_preprocessing", "parse_space", "release_orphaned_placement_groups", "results_table", "run_tune",
-    "trial_resources", "validate_space", "with_values",
-]  # fmt: skip
+    "DISTRIBUTIONS",
+    "Dimension",
+    "PREPROCESS_KEYS",
+    "TuneSettings",
+    "concurrency",
+    "default_mode",
+    "load_space",
+    "needs_own_preprocessing",
+    "parse_space",
+    "release_orphaned_placement_groups",
+    "results_table",
+    "run_tune",
+    "trial_resources",
+    "validate_space",
+    "with_values",
+]
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 # Keys the sweep owns: each trial's Train run gets its own name under the sweep's directory.
@@ -65,9 +77,14 @@ RESERVED = {
 }
 # Sampling one of these keys (or a key under or above one) changes what preprocessing produces.
 PREPROCESS_KEYS = (
-    "data", "storage", "model.tasks", "model.text_encoder.kind", "model.text_encoder.name",
-    "model.text_encoder.tokenizer", "train.resume_from",
-)  # fmt: skip
+    "data",
+    "storage",
+    "model.tasks",
+    "model.text_encoder.kind",
+    "model.text_encoder.name",
+    "model.text_encoder.tokenizer",
+    "train.resume_from",
+)
 DRIVER_CPU = 0.01  # the trial actor only drives Train (TorchTrainer's controller itself asks for 0 CPUs)
 MAX_CORNERS = 4096  # combinations of extreme values checked up front
 TOP = 5
@@ -110,8 +127,9 @@ def parse_space(data: Any, source: str = "space") -> list[Dimension]:
         if key in RESERVED:
             raise ConfigError(f"{source}: {key}: cannot be sampled ({RESERVED[key]})")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ConfigError(f"{source}: {key}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, "
-                              f"got {spec!r}")  # fmt: skip
+            raise ConfigError(
+                f"{source}: {key}: expected one of {{{', '.join(f'{d}: ...' for d in DISTRIBUTIONS)}}}, got {spec!r}"
+            )
         kind, args = next(iter(spec.items()))
         dims.append(Dimension(key, kind, _parse_args(f"{source}: {key}: {kind}", kind, args)))
     return dims
@@ -181,8 +199,9 @@ def validate_space(base: dict, dims: list[Dimension]) -> list[Config]:
 
 def needs_own_preprocessing(dims: list[Dimension]) -> bool:
     """Whether a sampled key changes what preprocessing produces (then every trial preprocesses)."""
-    return any(d.key == p or d.key.startswith(p + ".") or p.startswith(d.key + ".")
-               for d in dims for p in PREPROCESS_KEYS)  # fmt: skip
+    return any(
+        d.key == p or d.key.startswith(p + ".") or p.startswith(d.key + ".") for d in dims for p in PREPROCESS_KEYS
+    )
 
 
 def trial_resources(cfg: Config, reads_data: bool) -> dict[str, float]:
@@ -210,9 +229,11 @@ def concurrency(cluster: dict[str, float], need: dict[str, float], reads_data: b
         n = math.floor(spare / amount + 1e-9)
         if n < 1:
             why = " with one whole CPU left for Ray Data's file listing" if resource == "CPU" and reads_data else ""
-            raise ValueError(f"one trial needs {amount:g} {resource} (train.num_workers x train.resources_per_worker"
-                             f"{', + the data.preprocess pool' if reads_data else ''}) but the cluster has "
-                             f"{have:g}{why}")  # fmt: skip
+            raise ValueError(
+                f"one trial needs {amount:g} {resource} (train.num_workers x train.resources_per_worker"
+                f"{', + the data.preprocess pool' if reads_data else ''}) but the cluster has "
+                f"{have:g}{why}"
+            )
         fits.append(n)
     return min(fits)
 
@@ -288,9 +309,13 @@ def release_orphaned_placement_groups() -> int:
     released = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        orphan = (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached and pg.creator_actor_dead
-                  and not ray.ActorID(pg.creator_actor_id).is_nil()  # a driver's own groups count as actor-dead
-                  and pg.creator_job_id.hex() == job)  # fmt: skip
+        orphan = (
+            pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+            and not pg.is_detached
+            and pg.creator_actor_dead
+            and not ray.ActorID(pg.creator_actor_id).is_nil()  # a driver's own groups count as actor-dead
+            and pg.creator_job_id.hex() == job
+        )
         if orphan:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             released += 1
@@ -334,19 +359,21 @@ def _rows(grid: Any, dims: list[Dimension], metric: str, mode: str, base: dict, 
         values = [float(h[metric]) for h in history]
         at_best = history[values.index(best(values))] if values else {}
         status = "error" if result.error else ("completed" if len(history) >= epochs else "stopped_early")
-        rows.append({
-            "trial_id": trial_id,
-            **{d.key: config.get(d.key) for d in dims},
-            "status": status,
-            "epochs": len(history),
-            "final_metric": values[-1] if values else None,
-            "best_metric": at_best.get(metric),
-            "best_epoch": at_best.get("epoch"),
-            "metric_history": values,
-            "run_dir": storage.join(runs, trial_id) if trial_id else None,
-            "checkpoint": result_uri(at_best["checkpoint_path"], root) if at_best.get("checkpoint_path") else None,
-            "error": storage.redact(str(result.error)) if result.error else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial_id": trial_id,
+                **{d.key: config.get(d.key) for d in dims},
+                "status": status,
+                "epochs": len(history),
+                "final_metric": values[-1] if values else None,
+                "best_metric": at_best.get(metric),
+                "best_epoch": at_best.get("epoch"),
+                "metric_history": values,
+                "run_dir": storage.join(runs, trial_id) if trial_id else None,
+                "checkpoint": result_uri(at_best["checkpoint_path"], root) if at_best.get("checkpoint_path") else None,
+                "error": storage.redact(str(result.error)) if result.error else None,
+            }
+        )
     return sorted(rows, key=lambda r: str(r["trial_id"]))
 
 
@@ -376,8 +403,16 @@ def _rank(rows: list[dict], mode: str) -> list[dict]:
 def format_top(rows: list[dict], dims: list[Dimension], metric: str, mode: str, k: int = TOP) -> str:
     """The best ``k`` trials as an aligned text table."""
     header = ["trial_id", f"best {metric}", "epochs", "status", *(d.key for d in dims)]
-    body = [[str(r["trial_id"]), f"{r['best_metric']:.4f}", str(r["epochs"]), r["status"],
-             *(_short(r[d.key]) for d in dims)] for r in _rank(rows, mode)[:k]]  # fmt: skip
+    body = [
+        [
+            str(r["trial_id"]),
+            f"{r['best_metric']:.4f}",
+            str(r["epochs"]),
+            r["status"],
+            *(_short(r[d.key]) for d in dims),
+        ]
+        for r in _rank(rows, mode)[:k]
+    ]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = [f"top {min(k, len(body))} of {len(rows)} trials by {metric} ({mode}):"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
@@ -441,12 +476,15 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
     fits = concurrency(ray.cluster_resources(), need, reads_data)
     limit = settings.max_concurrent or fits
     max_epochs = max(c.train.epochs for c in checked)
-    print(f"mmray tune: {name}: {settings.num_samples} trials, {limit} at a time (one needs {need}; the cluster "
-          f"holds {fits}), ASHA on {settings.metric} ({mode}) over <= {max_epochs} epochs, grace "
-          f"{settings.grace_period}, reduction factor {settings.reduction_factor:g}; preprocessing "
-          f"{'per trial' if own_prep else 'shared'}", flush=True)  # fmt: skip
+    print(
+        f"mmray tune: {name}: {settings.num_samples} trials, {limit} at a time (one needs {need}; the cluster "
+        f"holds {fits}), ASHA on {settings.metric} ({mode}) over <= {max_epochs} epochs, grace "
+        f"{settings.grace_period}, reduction factor {settings.reduction_factor:g}; preprocessing "
+        f"{'per trial' if own_prep else 'shared'}",
+        flush=True,
+    )
 
-    fs, tune_storage = (storage.resolve(root, cfg.storage) if storage.is_s3(root) else (None, root))
+    fs, tune_storage = storage.resolve(root, cfg.storage) if storage.is_s3(root) else (None, root)
     # Trials run where the driver's relative paths still mean what they did (Tune would chdir).
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     trainable = ray.tune.with_parameters(_trial, base=base, prepared=prepared, runs=runs)
@@ -460,12 +498,17 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
             max_concurrent_trials=limit,
             # stop_last_trials=False: a trial that reaches max_t ends on its own, so its Train run
             # shuts down cleanly instead of being killed at the finish line.
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                    grace_period=min(settings.grace_period, max_epochs),
-                                    reduction_factor=settings.reduction_factor, stop_last_trials=False),  # fmt: skip
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max_epochs,
+                grace_period=min(settings.grace_period, max_epochs),
+                reduction_factor=settings.reduction_factor,
+                stop_last_trials=False,
+            ),
         ),
-        run_config=ray.tune.RunConfig(name=name, storage_path=tune_storage, storage_filesystem=fs, verbose=1,
-                                      callbacks=[_janitor()]),  # fmt: skip
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=tune_storage, storage_filesystem=fs, verbose=1, callbacks=[_janitor()]
+        ),
     )
     grid = tuner.fit()
     release_orphaned_placement_groups()
@@ -477,14 +520,22 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
     out: dict[str, Any] = {"results": results_uri, "trials": len(rows), "metric": settings.metric, "mode": mode}
     if not ranked:
         errors = sorted({r["error"] for r in rows if r["error"]})
-        raise ValueError(f"no trial reported {settings.metric!r} ({len(rows)} trials, results in "
-                         f"{storage.redact(results_uri)}); first error: {errors[0] if errors else 'none'}")  # fmt: skip
+        raise ValueError(
+            f"no trial reported {settings.metric!r} ({len(rows)} trials, results in "
+            f"{storage.redact(results_uri)}); first error: {errors[0] if errors else 'none'}"
+        )
     best = ranked[0]
     best_cfg = with_values(base, {d.key: best[d.key] for d in dims})
     best_uri = storage.join(sweep, "best_config.yaml")
-    header = (f"# mmray tune {name}: best of {len(rows)} trials by {settings.metric} ({mode}) = "
-              f"{best['best_metric']:.6g}, trial {best['trial_id']}\n")  # fmt: skip
+    header = (
+        f"# mmray tune {name}: best of {len(rows)} trials by {settings.metric} ({mode}) = "
+        f"{best['best_metric']:.6g}, trial {best['trial_id']}\n"
+    )
     storage.write_text(best_uri, header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False), cfg.storage)
-    out.update(best_config=best_uri, best_metric=best["best_metric"], best_trial=best["trial_id"],
-               best_checkpoint=storage.redact(best["checkpoint"]) if best["checkpoint"] else None)  # fmt: skip
+    out.update(
+        best_config=best_uri,
+        best_metric=best["best_metric"],
+        best_trial=best["trial_id"],
+        best_checkpoint=storage.redact(best["checkpoint"]) if best["checkpoint"] else None,
+    )
     return out

@@ -19,12 +19,12 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 from mmray.cli import build_parser
@@ -33,8 +33,11 @@ from tests.helpers import REPO
 
 CLUSTER = REPO / "cluster"
 KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayCronJob": "ray.io_raycronjobs.yaml"}  # fmt: skip
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCronJob": "ray.io_raycronjobs.yaml",
+}
 YAML_FILES = sorted(CLUSTER.glob("*.yaml"))
 CREDENTIAL_ENV = re.compile(r"^AWS_(SECRET_ACCESS_KEY|ACCESS_KEY_ID|SESSION_TOKEN|SECURITY_TOKEN)$")
 ACCESS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
@@ -117,11 +120,11 @@ def entrypoint_args(spec: dict) -> tuple[str, list[str]]:
     """(script path in the repo, its arguments) of a RayJob entrypoint ``python <script> ...``."""
     python, script, *args = shlex.split(spec["entrypoint"])
     assert python == "python" and script.startswith(image_root()), spec["entrypoint"]
-    return script[len(image_root()):], [in_repo(a) for a in args]
+    return script[len(image_root()) :], [in_repo(a) for a in args]
 
 
 def in_repo(arg: str) -> str:
-    return str(REPO / arg[len(image_root()):]) if arg.startswith(image_root()) else arg
+    return str(REPO / arg[len(image_root()) :]) if arg.startswith(image_root()) else arg
 
 
 def job_config(spec: dict):
@@ -139,8 +142,10 @@ def strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and not schema.get(
-        "x-kubernetes-preserve-unknown-fields"
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
     ):
         out["additionalProperties"] = False
     return out
@@ -175,8 +180,14 @@ def cpus(quantity: str | int) -> float:
 
 def test_the_deployment_files_exist():
     names = {p.name for p in YAML_FILES}
-    assert {"raycluster.yaml", "kuberay-rayjob.yaml", "nightly-raycronjob.yaml", "nightly-cronjob.yaml", "aws.yaml",
-            "runtime_env.yaml"} <= names  # fmt: skip
+    assert {
+        "raycluster.yaml",
+        "kuberay-rayjob.yaml",
+        "nightly-raycronjob.yaml",
+        "nightly-cronjob.yaml",
+        "aws.yaml",
+        "runtime_env.yaml",
+    } <= names
     assert {k for _, o in all_objects() for k in [o["kind"]]} >= {"RayCluster", "RayJob", "RayCronJob", "CronJob"}
 
 
@@ -191,10 +202,15 @@ def test_every_yaml_parses_into_objects(path):
                 assert e["apiVersion"] and e["kind"]
 
 
-@pytest.mark.parametrize("name, obj", [o for o in all_objects() if o[1]["apiVersion"] == "ray.io/v1"],
-                         ids=lambda v: v if isinstance(v, str) else v["kind"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, obj",
+    [o for o in all_objects() if o[1]["apiVersion"] == "ray.io/v1"],
+    ids=lambda v: v if isinstance(v, str) else v["kind"],
+)
 def test_kuberay_objects_validate_strictly_against_the_crds(name, obj):
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)
+    ]
     assert not errors, f"{name}: " + "\n".join(errors)
 
 
@@ -249,7 +265,7 @@ def test_launcher_mounts_and_installs_the_checkout():
     for source in config["file_mounts"].values():
         assert (REPO / source).exists(), source
     (target,) = config["file_mounts"]
-    assert any(f"pip install" in c and target in c for c in config["setup_commands"])
+    assert any("pip install" in c and target in c for c in config["setup_commands"])
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"] == {"CPU": 0} and "--num-cpus=0" in " ".join(config["head_start_ray_commands"])
     workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
@@ -320,7 +336,9 @@ def test_long_lived_cluster_has_cpu_and_gpu_groups_and_autoscales():
     spec = one("RayCluster", "raycluster.yaml")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    gpu = [g for g in groups.values() if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu = [
+        g for g in groups.values() if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu and len(gpu) < len(groups)
     for g in groups.values():
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["minReplicas"] < g["maxReplicas"]

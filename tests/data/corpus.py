@@ -18,8 +18,15 @@ from PIL import Image
 
 from mmray.data.synthetic import make_rows
 
-SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()),
-                    ("image_uri", pa.string()), ("label", pa.string())])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("image", pa.binary()),
+        ("image_uri", pa.string()),
+        ("label", pa.string()),
+    ]
+)
 
 # id -> (stage, column, reason prefix) for rows that must be quarantined.
 QUARANTINED = {
@@ -34,8 +41,12 @@ QUARANTINED = {
 NULL_ID = (None, "preprocess", "id", "null id")  # quarantined with a null id
 UNKNOWN_LABEL = ("bad-unknown-label", "label", "label", "label 'unicorn' in column 'label' is not in the label map")
 # Rows kept with one modality masked out: id -> (text present, image present).
-KEPT_PARTIAL = {"ok-no-text": (0.0, 1.0), "ok-blank-text": (0.0, 1.0), "ok-no-image": (1.0, 0.0),
-                "ok-by-uri": (1.0, 1.0)}  # fmt: skip
+KEPT_PARTIAL = {
+    "ok-no-text": (0.0, 1.0),
+    "ok-blank-text": (0.0, 1.0),
+    "ok-no-image": (1.0, 0.0),
+    "ok-by-uri": (1.0, 1.0),
+}
 
 
 def png_bomb(side: int = 12_000) -> bytes:
@@ -55,8 +66,9 @@ def encoded(colour: tuple[int, int, int], fmt: str = "PNG", size: tuple[int, int
     return buf.getvalue()
 
 
-def make_corpus(folder: Path, good: int, seed: int, with_labels: bool = True, unknown_label: bool = False,
-                files: int = 2) -> dict:  # fmt: skip
+def make_corpus(
+    folder: Path, good: int, seed: int, with_labels: bool = True, unknown_label: bool = False, files: int = 2
+) -> dict:
     """Writes good synthetic rows plus every broken kind as Parquet under ``folder``.
 
     Returns:

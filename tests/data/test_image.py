@@ -40,18 +40,32 @@ GREY_OF_RED = RGB.convert("L").getpixel((0, 0))  # ITU-R 601 luma of RED
 
 # (format, source image, colour the decoder must produce at the centre)
 CASES = [
-    ("PNG", RGB, RED), ("JPEG", RGB, RED), ("WEBP", RGB, RED), ("GIF", RGB, RED), ("BMP", RGB, RED),
+    ("PNG", RGB, RED),
+    ("JPEG", RGB, RED),
+    ("WEBP", RGB, RED),
+    ("GIF", RGB, RED),
+    ("BMP", RGB, RED),
     ("TIFF", RGB, RED),
-    ("AVIF", RGB, RED), ("AVIF", RGB.convert("RGBA"), RED), ("AVIF", RGB.convert("L"), grey(GREY_OF_RED)),
-    ("PNG", RGB.convert("L"), grey(GREY_OF_RED)), ("JPEG", RGB.convert("L"), grey(GREY_OF_RED)),
-    ("PNG", RGB.convert("LA"), grey(GREY_OF_RED)), ("TIFF", RGB.convert("LA"), grey(GREY_OF_RED)),
-    ("PNG", RGB.convert("P"), RED), ("BMP", RGB.convert("P"), RED), ("TIFF", RGB.convert("P"), RED),
-    ("PNG", RGB.convert("RGBA"), RED), ("WEBP", RGB.convert("RGBA"), RED), ("TIFF", RGB.convert("RGBA"), RED),
-    ("JPEG", RGB.convert("CMYK"), RED), ("TIFF", RGB.convert("CMYK"), RED),
+    ("AVIF", RGB, RED),
+    ("AVIF", RGB.convert("RGBA"), RED),
+    ("AVIF", RGB.convert("L"), grey(GREY_OF_RED)),
+    ("PNG", RGB.convert("L"), grey(GREY_OF_RED)),
+    ("JPEG", RGB.convert("L"), grey(GREY_OF_RED)),
+    ("PNG", RGB.convert("LA"), grey(GREY_OF_RED)),
+    ("TIFF", RGB.convert("LA"), grey(GREY_OF_RED)),
+    ("PNG", RGB.convert("P"), RED),
+    ("BMP", RGB.convert("P"), RED),
+    ("TIFF", RGB.convert("P"), RED),
+    ("PNG", RGB.convert("RGBA"), RED),
+    ("WEBP", RGB.convert("RGBA"), RED),
+    ("TIFF", RGB.convert("RGBA"), RED),
+    ("JPEG", RGB.convert("CMYK"), RED),
+    ("TIFF", RGB.convert("CMYK"), RED),
     ("PNG", Image.fromarray(np.full((30, 40), 40_000, dtype=np.uint16)), grey(156)),  # I;16: 40000/257
     ("TIFF", Image.fromarray(np.full((30, 40), 40_000, dtype=np.uint16)), grey(156)),
-    ("PNG", Image.new("1", (40, 30), 1), grey(255)), ("TIFF", Image.new("1", (40, 30), 0), grey(0)),
-]  # fmt: skip
+    ("PNG", Image.new("1", (40, 30), 1), grey(255)),
+    ("TIFF", Image.new("1", (40, 30), 0), grey(0)),
+]
 
 
 @pytest.mark.parametrize("fmt, img, colour", CASES, ids=[f"{f}-{i.mode}" for f, i, _ in CASES])
@@ -115,11 +129,17 @@ def test_truncated_files_are_refused(fmt):
         decode_image(data[: len(data) // 2], BIG)
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty image bytes"),
-    (b"definitely not an image", "unknown or unsupported image format"),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "unknown or unsupported image format"),  # no Ghostscript
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty image bytes"),
+        (b"definitely not an image", "unknown or unsupported image format"),
+        (
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+            "unknown or unsupported image format",
+        ),  # no Ghostscript
+    ],
+)
 def test_unusable_bytes_get_a_short_stable_reason(data, reason):
     with pytest.raises(ImageDecodeError) as e:
         decode_image(data, BIG)
@@ -161,9 +181,11 @@ def test_decoding_and_resizing_never_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, io; from PIL import Image; from mmray.data.image import decode_image, resize_uint8; "
-            "b = io.BytesIO(); Image.new('RGB', (40, 30)).save(b, 'PNG'); "
-            "resize_uint8(decode_image(b.getvalue(), 10**6), 8); assert 'torch' not in sys.modules")  # fmt: skip
+    code = (
+        "import sys, io; from PIL import Image; from mmray.data.image import decode_image, resize_uint8; "
+        "b = io.BytesIO(); Image.new('RGB', (40, 30)).save(b, 'PNG'); "
+        "resize_uint8(decode_image(b.getvalue(), 10**6), 8); assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -182,13 +204,18 @@ def test_random_bytes_never_crash_the_decoder(data):
     _decodes_or_refuses(data)
 
 
-_SEEDS = {fmt: encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)), fmt)
-          for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")}  # fmt: skip
+_SEEDS = {
+    fmt: encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)), fmt)
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(_SEEDS)), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
-       st.integers(0, 10**6))  # fmt: skip
+@given(
+    st.sampled_from(sorted(_SEEDS)),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    st.integers(0, 10**6),
+)
 def test_corrupted_real_images_never_crash_the_decoder(fmt, flips, cut):
     data = bytearray(_SEEDS[fmt])
     for pos, value in flips:

@@ -22,14 +22,17 @@ def test_collector_streams_batches_into_one_sorted_label_map():
     assert collect(*chunks).task() == Task("y", "multiclass", ("a", "b", "c"))
 
 
-@pytest.mark.parametrize("chunks, task", [
-    ([pa.array([True, False, None])], Task("y", "binary", ("false", "true"))),
-    ([pa.array([0, 1, 1], pa.int64())], Task("y", "binary", ("0", "1"))),
-    ([pa.array([3, 1, 2], pa.int32())], Task("y", "multiclass", ("1", "2", "3"))),
-    ([pa.array([0.5, 1.5])], Task("y", "regression")),
-    ([pa.array([["x"], ["z", "x"], [], None])], Task("y", "multilabel", ("x", "z"))),
-    ([pa.nulls(2), pa.array(["p", "q"])], Task("y", "multiclass", ("p", "q"))),  # an all-null first file
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "chunks, task",
+    [
+        ([pa.array([True, False, None])], Task("y", "binary", ("false", "true"))),
+        ([pa.array([0, 1, 1], pa.int64())], Task("y", "binary", ("0", "1"))),
+        ([pa.array([3, 1, 2], pa.int32())], Task("y", "multiclass", ("1", "2", "3"))),
+        ([pa.array([0.5, 1.5])], Task("y", "regression")),
+        ([pa.array([["x"], ["z", "x"], [], None])], Task("y", "multilabel", ("x", "z"))),
+        ([pa.nulls(2), pa.array(["p", "q"])], Task("y", "multiclass", ("p", "q"))),  # an all-null first file
+    ],
+)
 def test_collector_infers_the_kind_from_the_arrow_type(chunks, task):
     assert collect(*chunks).task() == task
 
@@ -51,10 +54,13 @@ def test_encode_is_strict_about_nulls_unknowns_and_kinds():
     assert mc.encode("b") == 1 and ml.encode(np.array(["b"], dtype=object)).tolist() == [0.0, 1.0]
     assert reg.encode(np.float32(2.5)) == 2.5 and reg.encode("3") == 3.0
     for task, value, message in [
-        (mc, None, "null label in column 'y'"), (mc, float("nan"), "null label"),
+        (mc, None, "null label in column 'y'"),
+        (mc, float("nan"), "null label"),
         (mc, "c", "label 'c' in column 'y' is not in the label map"),
-        (ml, "a", "is not a list of labels"), (ml, ["a", None], "null entry"),
-        (reg, "high", "is not a number"), (reg, float("inf"), "non-finite label"),
-    ]:  # fmt: skip
+        (ml, "a", "is not a list of labels"),
+        (ml, ["a", None], "null entry"),
+        (reg, "high", "is not a number"),
+        (reg, float("inf"), "non-finite label"),
+    ]:
         with pytest.raises(LabelError, match=message):
             task.encode(value)

@@ -30,8 +30,9 @@ def processed(ray_session, tmp_path_factory):
     ids = [None if i == 3 else i for i in range(n)]
     labels = [None if i == 5 else i % 2 for i in range(n)]
     images = [b"junk" if i == 7 else image for i in range(n)]
-    table = pa.table({"id": pa.array(ids, pa.int64()), "text": ["a cat"] * n, "image": images,
-                      "label": pa.array(labels, pa.int64())})  # fmt: skip
+    table = pa.table(
+        {"id": pa.array(ids, pa.int64()), "text": ["a cat"] * n, "image": images, "label": pa.array(labels, pa.int64())}
+    )
     (root / "in").mkdir()
     pq.write_table(table.slice(0, 25), root / "in" / "part-0.parquet")
     pq.write_table(table.slice(25), root / "in" / "part-1.parquet")
@@ -84,8 +85,16 @@ def test_a_mostly_bad_input_streams_to_the_quarantine_file_in_bounded_memory(tmp
     with pipeline.Quarantine(str(where), STORE) as q:
         for chunk in range(30):
             ids = [f"r{chunk}-{i}" for i in range(400)]
-            q.add(pa.table({"id": ids, "stage": ["label"] * 400, "column": ["label"] * 400,
-                            "error": [f"label '{i}' is not in the label map" for i in ids]}))  # fmt: skip
+            q.add(
+                pa.table(
+                    {
+                        "id": ids,
+                        "stage": ["label"] * 400,
+                        "column": ["label"] * 400,
+                        "error": [f"label '{i}' is not in the label map" for i in ids],
+                    }
+                )
+            )
             assert q._pending_rows < 1000 + 400 and len(q.reasons) <= 50
     assert q.rows == 12_000
     written = pq.ParquetFile(where)
@@ -117,8 +126,14 @@ def test_one_quarantine_record_from_a_numpy_batch_or_an_arrow_table():
 
 
 def test_bad_fraction_aborts_naming_the_share_the_reasons_and_the_file():
-    quarantine = pa.table({"id": ["a", "b", "c"], "stage": ["preprocess"] * 3, "column": ["image", "image", "text"],
-                           "error": ["truncated image", "truncated image", "missing text"]})  # fmt: skip
+    quarantine = pa.table(
+        {
+            "id": ["a", "b", "c"],
+            "stage": ["preprocess"] * 3,
+            "column": ["image", "image", "text"],
+            "error": ["truncated image", "truncated image", "missing text"],
+        }
+    )
     pipeline.check_bad_fraction(30, 3, 0.1, "/runs/r/quarantine/train.parquet", quarantine)  # exactly 10%: fine
     with pytest.raises(pipeline.DataQualityError) as e:
         pipeline.check_bad_fraction(20, 3, 0.1, "/runs/r/quarantine/train.parquet", quarantine)

@@ -30,9 +30,7 @@ def test_label_maps_are_sorted_and_kinds_come_from_the_config_or_the_column_type
         Task("score", "regression"),
     ]
     as_classes = config_from_dict({"data": {"label_column": ["score"]}, "model": {"tasks": {"score": "multiclass"}}})
-    assert build_tasks(as_classes, str(tmp_path), files) == [
-        Task("score", "multiclass", ("0", "0.5", "1", "1.5", "2"))
-    ]
+    assert build_tasks(as_classes, str(tmp_path), files) == [Task("score", "multiclass", ("0", "0.5", "1", "1.5", "2"))]
 
 
 def test_sample_texts_normalises_skips_empty_rows_and_stops_after_the_limit(files, tmp_path):
@@ -53,6 +51,7 @@ def test_a_trained_tokenizer_is_kept_reused_and_inherited(files, tmp_path):
     # A new run continuing a checkpoint takes that checkpoint's tokenizer and keeps its own copy.
     fresh = tmp_path / "next" / "tokenizer"
     assert prepare_tokenizer(cfg, str(tmp_path), files, str(fresh), inherit_from=str(run)) == {
-        **trained, "tokenizer.json": b'{"kept": true}'
+        **trained,
+        "tokenizer.json": b'{"kept": true}',
     }
     assert (fresh / "tokenizer.json").read_bytes() == b'{"kept": true}'

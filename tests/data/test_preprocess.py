@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +16,7 @@ from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.data.pipeline import quarantine_records
-from mmray.data.preprocess import PreprocessSpec, Preprocessor, keep_good
+from mmray.data.preprocess import Preprocessor, PreprocessSpec, keep_good
 from mmray.data.synthetic import make_rows
 from mmray.data.text import POS_TAGS, TextNormalizer, TokenEncoder, train_wordpiece
 from tests.data.corpus import encoded
@@ -32,7 +31,9 @@ def tokenizer_files(tmp_path_factory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in Path(out).iterdir()}
 
 
-def spec(store: StorageConfig | None = None, tasks=(TASK,), text: TextConfig | None = None, **data_kw) -> PreprocessSpec:
+def spec(
+    store: StorageConfig | None = None, tasks=(TASK,), text: TextConfig | None = None, **data_kw
+) -> PreprocessSpec:
     data = DataConfig(text=text or TextConfig(max_length=16), image=ImageConfig(size=24), **data_kw)
     return PreprocessSpec.from_config(data, store or StorageConfig(), tasks=list(tasks))
 
@@ -61,10 +62,12 @@ def test_the_actor_never_imports_torch_or_transformers(tokenizer_files, tmp_path
     import sys
 
     (tmp_path / "args.pkl").write_bytes(pickle.dumps((spec(), tokenizer_files, batch_of(make_rows(3, seed=2)))))
-    code = ("import pickle, sys; from mmray.data.preprocess import Preprocessor; "
-            "spec, files, batch = pickle.loads(open(sys.argv[1], 'rb').read()); "
-            "assert list(Preprocessor(spec, files)(batch)['_error']) == [''] * 3; "
-            "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)")  # fmt: skip
+    code = (
+        "import pickle, sys; from mmray.data.preprocess import Preprocessor; "
+        "spec, files, batch = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "assert list(Preprocessor(spec, files)(batch)['_error']) == [''] * 3; "
+        "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "args.pkl")], check=True, timeout=120)
 
 
@@ -106,8 +109,13 @@ def test_missing_modality_quarantine_policy(tokenizer_files):
 
 def uri_rows(uris: list[str | None], images: list[bytes | None] | None = None) -> dict[str, list]:
     n = len(uris)
-    return {"id": [f"u{i}" for i in range(n)], "text": ["a photo of my cat"] * n,
-            "image": images or [None] * n, "image_uri": uris, "label": ["cat_red"] * n}  # fmt: skip
+    return {
+        "id": [f"u{i}" for i in range(n)],
+        "text": ["a photo of my cat"] * n,
+        "image": images or [None] * n,
+        "image_uri": uris,
+        "label": ["cat_red"] * n,
+    }
 
 
 NOT_ALLOWED = "image URI not allowed (local paths must be regular files under data.image_uri_roots): "
@@ -116,11 +124,19 @@ NOT_ALLOWED = "image URI not allowed (local paths must be regular files under da
 def test_images_by_local_uri_bytes_win_and_bad_uris_are_flagged(tokenizer_files, tmp_path):
     (tmp_path / "red.png").write_bytes(encoded((200, 30, 30)))
     blue = encoded((30, 60, 200))
-    uris = [str(tmp_path / "red.png"), f"file://{tmp_path}/red.png", str(tmp_path / "red.png"),
-            str(tmp_path / "missing.png"), "red.png", "http://example.com/x.png", str(tmp_path)]
+    uris = [
+        str(tmp_path / "red.png"),
+        f"file://{tmp_path}/red.png",
+        str(tmp_path / "red.png"),
+        str(tmp_path / "missing.png"),
+        "red.png",
+        "http://example.com/x.png",
+        str(tmp_path),
+    ]
     rows = uri_rows(uris, images=[None, None, blue, None, None, None, None])
     out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(tmp_path)]), tokenizer_files)(
-        batch_of(rows))  # fmt: skip
+        batch_of(rows)
+    )
     assert list(out[S.ERROR][:3]) == ["", "", ""]
     assert out[S.PIXELS][0, 0].mean() > 150 and out[S.PIXELS][2, 2].mean() > 150  # red by URI, blue by bytes
     assert out[S.mask_key(S.IMAGE)][:3].tolist() == [1.0, 1.0, 1.0]
@@ -140,10 +156,19 @@ def test_local_image_uris_outside_the_roots_are_refused_alike(tokenizer_files, t
     (private / "key.png").write_bytes(encoded((0, 0, 0)))
     (images / "link.png").symlink_to(private / "key.png")
     os.mkfifo(images / "fifo.png")
-    uris = [str(images / "red.png"), "/etc/passwd", "/etc/no-such-file", "file:///etc/passwd", "/dev/zero",
-            str(images / "link.png"), str(images / "fifo.png"), f"{images}/../private/key.png"]
+    uris = [
+        str(images / "red.png"),
+        "/etc/passwd",
+        "/etc/no-such-file",
+        "file:///etc/passwd",
+        "/dev/zero",
+        str(images / "link.png"),
+        str(images / "fifo.png"),
+        f"{images}/../private/key.png",
+    ]
     out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(images)]), tokenizer_files)(
-        batch_of(uri_rows(uris)))  # fmt: skip
+        batch_of(uri_rows(uris))
+    )
     assert out[S.ERROR][0] == ""
     assert list(out[S.ERROR][1:]) == [f"{NOT_ALLOWED}{u}" for u in uris[1:]]
     closed = Preprocessor(spec(image_uri_column="image_uri"), tokenizer_files)(batch_of(uri_rows(uris[:1])))
@@ -154,8 +179,11 @@ def test_oversized_images_are_refused_before_decoding(tokenizer_files, tmp_path)
     big = encoded((200, 30, 30), size=(400, 300))
     (tmp_path / "big.png").write_bytes(big)
     image = ImageConfig(size=24, max_bytes=len(big) - 1)
-    s = PreprocessSpec.from_config(DataConfig(image=image, image_uri_column="image_uri",
-                                              image_uri_roots=[str(tmp_path)]), StorageConfig(), tasks=[TASK])  # fmt: skip
+    s = PreprocessSpec.from_config(
+        DataConfig(image=image, image_uri_column="image_uri", image_uri_roots=[str(tmp_path)]),
+        StorageConfig(),
+        tasks=[TASK],
+    )
     rows = uri_rows([None, str(tmp_path / "big.png")], images=[big, None])
     rows["image"][1] = None
     out = Preprocessor(s, tokenizer_files)(batch_of(rows))
@@ -178,13 +206,22 @@ def test_a_fetch_that_hangs_is_quarantined_after_the_timeout(tokenizer_files, tm
     monkeypatch.setattr(storage, "fetch_bytes", fetch)
     s = spec(image_uri_column="image_uri", image_uri_roots=[str(tmp_path)])
     pre = Preprocessor(s, tokenizer_files, fetch_threads=1, fetch_timeout_s=0.5)
-    uris = [f"{tmp_path}/stalled-1.png", str(tmp_path / "red.png"), f"{tmp_path}/stalled-2.png", str(tmp_path / "red.png")]
+    uris = [
+        f"{tmp_path}/stalled-1.png",
+        str(tmp_path / "red.png"),
+        f"{tmp_path}/stalled-2.png",
+        str(tmp_path / "red.png"),
+    ]
     try:
         out = pre(batch_of(uri_rows(uris)))
     finally:
         release.set()
-    assert list(out[S.ERROR]) == [f"image fetch timed out after 0.5s: {uris[0]}", "",
-                                  f"image fetch timed out after 0.5s: {uris[2]}", ""]  # fmt: skip
+    assert list(out[S.ERROR]) == [
+        f"image fetch timed out after 0.5s: {uris[0]}",
+        "",
+        f"image fetch timed out after 0.5s: {uris[2]}",
+        "",
+    ]
     assert out[S.PIXELS][1, 0].mean() > 150 and out[S.PIXELS][3, 0].mean() > 150
 
 
@@ -214,8 +251,9 @@ def test_quarantine_reasons_never_carry_a_secret(tokenizer_files, s3_server):
     rows = uri_rows([f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@bucket/x.png", None])
     rows["label"][1] = f"https://admin:{secret}@labels.internal/x"
     rows["image"] = [None, encoded((1, 2, 3))]
-    out = Preprocessor(spec(StorageConfig(s3_endpoint_url=s3_server), image_uri_column="image_uri"),
-                       tokenizer_files)(batch_of(rows))  # fmt: skip
+    out = Preprocessor(spec(StorageConfig(s3_endpoint_url=s3_server), image_uri_column="image_uri"), tokenizer_files)(
+        batch_of(rows)
+    )
     assert out[S.ERROR][0].startswith("image fetch failed: s3://***@bucket/x.png")
     assert "https://***@labels.internal/x" in out[S.ERROR][1]
     assert not any("K7MDENG" in e or "AKIAIOSFODNN7EXAMPLE" in e for e in out[S.ERROR])
@@ -289,7 +327,9 @@ def test_stopwords_are_resolved_into_the_spec_and_survive_a_round_trip(tmp_path,
 
 ids = st.one_of(st.none(), st.text(max_size=8), st.integers())
 texts = st.one_of(st.none(), st.text(max_size=60))
-images = st.one_of(st.none(), st.binary(max_size=64), st.sampled_from([encoded((200, 30, 30)), encoded((0, 0, 0), "JPEG")]))
+images = st.one_of(
+    st.none(), st.binary(max_size=64), st.sampled_from([encoded((200, 30, 30)), encoded((0, 0, 0), "JPEG")])
+)
 labels = st.one_of(st.none(), st.sampled_from(list(TASK.classes) + ["unicorn", ""]))
 
 
@@ -305,7 +345,7 @@ def test_random_rows_never_crash_and_every_row_is_accounted_for(tokenizer_files,
     assert all(len(v) == n for v in out.values())
     good, bad = keep_good(out), quarantine_records(out)
     assert len(good[S.ID]) + bad.num_rows == n
-    for i, (raw_id, text, image, label) in enumerate(rows):
+    for i, (raw_id, _text, _image, label) in enumerate(rows):
         if out[S.ERROR][i] == "":
             assert out[S.ID][i] == str(raw_id) and label in TASK.classes
             assert out[S.mask_key(S.TEXT)][i] + out[S.mask_key(S.IMAGE)][i] >= 1.0
@@ -318,8 +358,9 @@ def test_segmenter_and_pos_tags_come_out_aligned_and_identical_from_the_stored_s
     import json
 
     (tmp_path / "dict.txt").write_text("红圆圈 5 nz\n", encoding="utf-8")
-    text = TextConfig(max_length=12, segmenter="jieba", stopwords="zh", pos_tags=True,
-                      user_dict=str(tmp_path / "dict.txt"))  # fmt: skip
+    text = TextConfig(
+        max_length=12, segmenter="jieba", stopwords="zh", pos_tags=True, user_dict=str(tmp_path / "dict.txt")
+    )
     rows = make_rows(4, seed=3)
     rows["text"] = ["我们的红圆圈在这里", "一个红色的三角形", "my cat 和 小狗", "没有"]  # the last: all stopwords
     at_training = spec(text=text)

@@ -11,7 +11,7 @@ from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import pipeline, storage
 from mmray.data import schema as S
 from mmray.data.labels import Task
-from mmray.data.preprocess import PreprocessSpec, Preprocessor
+from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.schema import SchemaError, check_columns
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
@@ -31,17 +31,27 @@ def test_accepts_the_usual_arrow_variants(tmp_path):
     rows = make_rows(6, seed=2)
     tags = [["a"], ["b"], [], ["a", "b"], ["b"], ["a"]]
     plain = pa.table({"id": rows["id"], "text": rows["text"], "image": rows["image"], "label": tags})
-    variants = plain.cast(pa.schema([("id", pa.string()), ("text", pa.large_string()), ("image", pa.large_binary()),
-                                     ("label", pa.list_(pa.string()))]))  # fmt: skip
+    variants = plain.cast(
+        pa.schema(
+            [
+                ("id", pa.string()),
+                ("text", pa.large_string()),
+                ("image", pa.large_binary()),
+                ("label", pa.list_(pa.string())),
+            ]
+        )
+    )
     variants = variants.set_column(1, "text", variants.column("text").cast(pa.string()).dictionary_encode())
     variants = variants.set_column(0, "id", pa.array(range(6), pa.int64()))
     pq.write_table(plain, tmp_path / "plain.parquet")
     (tmp_path / "variants").mkdir()
     pq.write_table(variants, tmp_path / "variants" / "part-0.parquet")
     assert pq.read_schema(tmp_path / "variants" / "part-0.parquet").field("text").type == pa.dictionary(
-        pa.int32(), pa.string())  # the variant survived the round trip  # fmt: skip
+        pa.int32(), pa.string()
+    )  # the variant survived the round trip
     assert pipeline.input_files(str(tmp_path / "variants"), EXPECTED, StorageConfig()) == [
-        str(tmp_path / "variants" / "part-0.parquet")]  # fmt: skip
+        str(tmp_path / "variants" / "part-0.parquet")
+    ]
 
     tok = tmp_path / "tok"
     train_wordpiece(rows["text"], vocab_size=120, out_dir=tok)
@@ -56,8 +66,12 @@ def test_accepts_the_usual_arrow_variants(tmp_path):
 
     all_null = pa.schema([("id", pa.string()), ("text", pa.null()), ("image", pa.null()), ("label", pa.null())])
     check_columns(all_null, EXPECTED, "f.parquet")  # rows missing a modality or label: the quarantine's job
-    nulls = pre({"id": np.array(["n0", "n1"], dtype=object), **{c: np.array([None, None], dtype=object)
-                                                                  for c in ("text", "image", "label")}})  # fmt: skip
+    nulls = pre(
+        {
+            "id": np.array(["n0", "n1"], dtype=object),
+            **{c: np.array([None, None], dtype=object) for c in ("text", "image", "label")},
+        }
+    )
     assert all(nulls[S.ERROR]), nulls[S.ERROR]
 
 
@@ -65,15 +79,20 @@ def test_missing_column_names_column_type_file_and_a_close_match():
     schema = pa.schema([("id", pa.string()), ("Text", pa.string()), ("image", pa.binary()), ("label", pa.string())])
     with pytest.raises(SchemaError) as e:
         check_columns(schema, EXPECTED, "s3://b/data/part-0.parquet")
-    assert str(e.value) == ("column 'text' is missing in s3://b/data/part-0.parquet (expected string; found "
-                            "['id', 'Text', 'image', 'label']); did you mean 'Text'?")  # fmt: skip
+    assert str(e.value) == (
+        "column 'text' is missing in s3://b/data/part-0.parquet (expected string; found "
+        "['id', 'Text', 'image', 'label']); did you mean 'Text'?"
+    )
 
 
-@pytest.mark.parametrize("column, arrow_type, expected", [
-    ("text", pa.int64(), "string"),
-    ("image", pa.string(), "binary (encoded image bytes)"),
-    ("label", pa.struct([("a", pa.int8())]), "string, integer, boolean, floating point or list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "column, arrow_type, expected",
+    [
+        ("text", pa.int64(), "string"),
+        ("image", pa.string(), "binary (encoded image bytes)"),
+        ("label", pa.struct([("a", pa.int8())]), "string, integer, boolean, floating point or list"),
+    ],
+)
 def test_mistyped_column_names_actual_and_expected_type(column, arrow_type, expected):
     schema = GOOD.set(GOOD.get_field_index(column), pa.field(column, arrow_type))
     with pytest.raises(SchemaError) as e:
@@ -125,14 +144,18 @@ def test_unify_promotes_or_reads_disagreeing_scalars_as_strings():
     assert S.unify_columns(schemas(pa.bool_(), pa.float64()), kinds).field("id").type == pa.string()
     with pytest.raises(SchemaError) as e:
         S.unify_columns(schemas(pa.string(), pa.null(), pa.list_(pa.string())), kinds)
-    assert str(e.value) == ("column 'id' is string in f0.parquet but list<item: string> in f2.parquet; "
-                            "make the files agree")  # fmt: skip
+    assert str(e.value) == (
+        "column 'id' is string in f0.parquet but list<item: string> in f2.parquet; make the files agree"
+    )
 
 
 def test_files_with_int_and_string_ids_and_labels_read_as_one_dataset(ray_session, tmp_path):
     """Ray's own read fails on them ('Unable to merge: Field id has incompatible types: int64 vs string')."""
-    uri = _files(tmp_path, pa.table({"id": pa.array([1, 2]), "text": ["a", "b"], "label": pa.array([0, 1])}),
-                 pa.table({"id": ["x", None], "text": ["c", "d"], "label": ["1", "0"]}))  # fmt: skip
+    uri = _files(
+        tmp_path,
+        pa.table({"id": pa.array([1, 2]), "text": ["a", "b"], "label": pa.array([0, 1])}),
+        pa.table({"id": ["x", None], "text": ["c", "d"], "label": ["1", "0"]}),
+    )
     expected = {"id": "any", "text": "string", "label": "label"}
     files = pipeline.input_files(uri, expected, StorageConfig())
     rows = pipeline.read_input(uri, files, StorageConfig(), list(expected)).take_all()
@@ -140,9 +163,14 @@ def test_files_with_int_and_string_ids_and_labels_read_as_one_dataset(ray_sessio
 
 
 def test_files_whose_types_cannot_be_unified_fail_before_any_work_naming_both(tmp_path):
-    uri = _files(tmp_path, pa.table({"id": ["a"], "text": ["t"], "label": ["cat"]}),
-                 pa.table({"id": ["b"], "text": ["t"], "label": [["cat", "dog"]]}))  # fmt: skip
+    uri = _files(
+        tmp_path,
+        pa.table({"id": ["a"], "text": ["t"], "label": ["cat"]}),
+        pa.table({"id": ["b"], "text": ["t"], "label": [["cat", "dog"]]}),
+    )
     with pytest.raises(SchemaError) as e:
         pipeline.input_files(uri, {"id": "any", "text": "string", "label": "label"}, StorageConfig())
-    assert str(e.value) == (f"column 'label' is string in {tmp_path}/part-0.parquet but list<element: string> in "
-                            f"{tmp_path}/part-1.parquet; make the files agree")  # fmt: skip
+    assert str(e.value) == (
+        f"column 'label' is string in {tmp_path}/part-0.parquet but list<element: string> in "
+        f"{tmp_path}/part-1.parquet; make the files agree"
+    )

@@ -37,11 +37,14 @@ def test_resolve_s3_is_scheme_less_and_reuses_one_client(s3):
     assert storage.resolve(f"{bucket}/other", store)[0] is fs
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("gs://bucket/x", "unsupported URI scheme"),
-    ("s3://", "without a bucket"),
-    ("", "expected a local path or s3:// URI"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("gs://bucket/x", "unsupported URI scheme"),
+        ("s3://", "without a bucket"),
+        ("", "expected a local path or s3:// URI"),
+    ],
+)
 def test_resolve_rejects_bad_uris(uri, message):
     with pytest.raises(ValueError, match=message):
         storage.resolve(uri)
@@ -112,8 +115,14 @@ def test_s3_round_trip_and_listing(s3, tmp_path):
     assert storage.exists(f"{bucket}/d/note.txt", store) and not storage.exists(f"{bucket}/d/nope", store)
     table = pa.table({"x": [1, 2]})
     fs, root = storage.resolve(f"{bucket}/data", store)
-    for rel in ("part-0.parquet", "sub/part-1.parquet", "_SUCCESS", ".hidden/part-2.parquet", "notes.txt",
-                "_staging/part-3.parquet"):  # fmt: skip
+    for rel in (
+        "part-0.parquet",
+        "sub/part-1.parquet",
+        "_SUCCESS",
+        ".hidden/part-2.parquet",
+        "notes.txt",
+        "_staging/part-3.parquet",
+    ):
         with fs.open_output_stream(f"{root}/{rel}") as f:
             pq.write_table(table, f)
     found = storage.list_parquet_files(f"{bucket}/data", store)
@@ -178,11 +187,14 @@ def test_fetch_bytes_gives_up_after_attempts_with_a_redacted_error(monkeypatch):
     assert flaky.calls == 3 and "NETWORK_CONNECTION" in str(e.value) and SECRET not in str(e.value)
 
 
-@pytest.mark.parametrize("error", [
-    FileNotFoundError("Path does not exist 'b/k'"),
-    OSError("AWS Error ACCESS_DENIED during GetObject operation"),
-    PermissionError("denied"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError("Path does not exist 'b/k'"),
+        OSError("AWS Error ACCESS_DENIED during GetObject operation"),
+        PermissionError("denied"),
+    ],
+)
 def test_fetch_bytes_does_not_retry_permanent_errors(monkeypatch, error):
     flaky = _Flaky(error, 5)
     monkeypatch.setattr(storage, "read_bytes", flaky)
@@ -203,8 +215,17 @@ def test_local_reads_only_regular_files_under_the_roots(tmp_path):
     roots = (os.path.realpath(root),)
     assert storage.read_local_file(str(root / "a.png"), roots, max_bytes=100) == b"pixels"
     assert storage.fetch_bytes(f"file://{root}/a.png", local_roots=roots) == b"pixels"
-    refused = [outside / "secret.txt", outside / "absent.txt", root / "escape.png", root / "fifo.png", root,
-               root / ".." / "private" / "secret.txt", "/etc/passwd", "/dev/zero", "/proc/self/environ"]
+    refused = [
+        outside / "secret.txt",
+        outside / "absent.txt",
+        root / "escape.png",
+        root / "fifo.png",
+        root,
+        root / ".." / "private" / "secret.txt",
+        "/etc/passwd",
+        "/dev/zero",
+        "/proc/self/environ",
+    ]
     messages = set()
     for path in refused:
         with pytest.raises(storage.NotAllowedError) as e:

@@ -56,14 +56,20 @@ def test_missing_rows_lack_one_modality_never_both():
 
 
 def test_cli_offers_every_task():
-    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["make-data"]._actions
-                  if a.dest == "task")  # fmt: skip
+    action = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["make-data"]._actions if a.dest == "task"
+    )
     assert set(action.choices) == {"demo", *TASKS}
 
 
 def test_make_data_task_writes_the_splits(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mmray.cli", "make-data", str(tmp_path), "--task", "match",
-                           "--rows", "100"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmray.cli", "make-data", str(tmp_path), "--task", "match", "--rows", "100"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     counts = {s: pq.read_table(tmp_path / s).num_rows for s in ("train", "val", "test")}
     assert counts == {"train": 70, "val": 15, "test": 15}
@@ -84,7 +90,9 @@ def test_objects_stay_inside_what_the_center_crop_keeps():
         red = (px[..., 0] - px[..., 1] > 100) & (px[..., 0] - px[..., 2] > 100)
         assert red.sum() > 0.05 * side * side
         ys, xs = np.nonzero(red)
-        assert xs.min() >= x0 - 1 and xs.max() <= x0 + side and ys.min() >= y0 - 1 and ys.max() <= y0 + side  # JPEG: 1 px
+        assert (
+            xs.min() >= x0 - 1 and xs.max() <= x0 + side and ys.min() >= y0 - 1 and ys.max() <= y0 + side
+        )  # JPEG: 1 px
 
 
 @pytest.mark.parametrize("task", ["classify", "sum", "match"])

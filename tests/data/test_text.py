@@ -12,9 +12,17 @@ from hypothesis import strategies as st
 
 from mmray.config import TextConfig
 from mmray.data.text import (
-    POS_TAGS, PosTagger, TextNormalizer, TokenEncoder, check_pos_model, load_tokenizer, load_user_dict,
-    read_tokenizer_dir, shared_segmenter, train_wordpiece,
-)  # fmt: skip
+    POS_TAGS,
+    PosTagger,
+    TextNormalizer,
+    TokenEncoder,
+    check_pos_model,
+    load_tokenizer,
+    load_user_dict,
+    read_tokenizer_dir,
+    shared_segmenter,
+    train_wordpiece,
+)
 
 CORPUS = [
     "这是我家的猫，在花园旁边",
@@ -148,8 +156,10 @@ def test_the_same_corpus_gives_the_same_tokenizer_in_another_process(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from mmray.data.text import train_wordpiece; from tests.data.test_text import CORPUS; "
-              "train_wordpiece(CORPUS, vocab_size=120, out_dir=sys.argv[1])")  # fmt: skip
+    script = (
+        "import sys; from mmray.data.text import train_wordpiece; from tests.data.test_text import CORPUS; "
+        "train_wordpiece(CORPUS, vocab_size=120, out_dir=sys.argv[1])"
+    )
     for i, seed in enumerate(["1", "2"]):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, timeout=120)
@@ -266,12 +276,24 @@ def test_a_wordpiece_over_segmented_text_learns_whole_chinese_words(tmp_path, se
 def test_jieba_tags_are_universal_pos_spans_of_the_normalised_text(segmenter):
     text = "我们 喜欢 红色 的 三角形 , 3 个 cat"
     tagged = [(text[a:b], POS_TAGS[t]) for a, b, t in PosTagger(segmenter)(text)]
-    assert tagged == [("我们", "PRON"), ("喜欢", "VERB"), ("红色", "NOUN"), ("的", "PART"), ("三角形", "NOUN"),
-                      (",", "PUNCT"), ("3", "NUM"), ("个", "NOUN"), ("cat", "X")]  # fmt: skip
+    assert tagged == [
+        ("我们", "PRON"),
+        ("喜欢", "VERB"),
+        ("红色", "NOUN"),
+        ("的", "PART"),
+        ("三角形", "NOUN"),
+        (",", "PUNCT"),
+        ("3", "NUM"),
+        ("个", "NOUN"),
+        ("cat", "X"),
+    ]
     # Unsegmented runs are cut by jieba.posseg for their tags; the spans still index the same text.
     flat = "我们喜欢红色"
     assert [(flat[a:b], POS_TAGS[t]) for a, b, t in PosTagger(segmenter)(flat)] == [
-        ("我们", "PRON"), ("喜欢", "VERB"), ("红色", "NOUN")]  # fmt: skip
+        ("我们", "PRON"),
+        ("喜欢", "VERB"),
+        ("红色", "NOUN"),
+    ]
 
 
 def test_pos_ids_are_aligned_to_sub_tokens_and_zero_on_special_tokens_and_padding(tmp_path):
@@ -302,8 +324,11 @@ def test_a_missing_spacy_or_spacy_pipeline_is_a_clear_error_naming_the_key(monke
     import sys
 
     monkeypatch.setitem(sys.modules, "spacy", None)  # import spacy raises ImportError
-    with pytest.raises(ValueError, match=r"data.text.pos_model: 'en_core_web_sm' is a spaCy pipeline, but spaCy is "
-                                         r"not installed \(pip install spacy"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"data.text.pos_model: 'en_core_web_sm' is a spaCy pipeline, but spaCy is "
+        r"not installed \(pip install spacy",
+    ):
         PosTagger(segmenter, "en_core_web_sm")
 
     def missing(name, exclude=()):

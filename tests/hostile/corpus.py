@@ -24,8 +24,15 @@ from PIL import Image
 
 from mmray.data.synthetic import make_rows
 
-SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()),
-                    ("image_uri", pa.string()), ("label", pa.string())])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("image", pa.binary()),
+        ("image_uri", pa.string()),
+        ("label", pa.string()),
+    ]
+)
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example key: two '/'
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -134,10 +141,16 @@ def make_hostile(folder: Path, good: int = 40, seed: int = 11) -> dict:
     half = table.num_rows // 2  # two files, so the attacks cross file and batch boundaries
     pq.write_table(table.slice(0, half), data / "part-00000.parquet")
     pq.write_table(table.slice(half), data / "part-00001.parquet")
-    quarantined = {k: (stage, column, reason.replace("{root}", str(folder)))
-                   for k, (stage, column, reason) in QUARANTINED.items()}  # fmt: skip
-    return {"input": str(data), "root": str(images), "rows": table.num_rows, "good_ids": rows["id"][:good],
-            "quarantined": quarantined}  # fmt: skip
+    quarantined = {
+        k: (stage, column, reason.replace("{root}", str(folder))) for k, (stage, column, reason) in QUARANTINED.items()
+    }
+    return {
+        "input": str(data),
+        "root": str(images),
+        "rows": table.num_rows,
+        "good_ids": rows["id"][:good],
+        "quarantined": quarantined,
+    }
 
 
 if __name__ == "__main__":

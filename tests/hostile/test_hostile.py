@@ -68,8 +68,13 @@ def hostile(tmp_path_factory) -> dict:
 
 def test_every_attack_is_quarantined_within_a_bounded_rss(hostile, tmp_path):
     train_wordpiece(make_rows(50, seed=1)["text"], vocab_size=200, out_dir=tmp_path / "tok")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(hostile), str(tmp_path / "tok")],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(hostile), str(tmp_path / "tok")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows = result["rows"]

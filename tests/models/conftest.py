@@ -42,8 +42,14 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     path = tmp_path_factory.mktemp("tiny_bert")
     BertModel(cfg).save_pretrained(path)
     return str(path)

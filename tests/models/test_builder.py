@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmray.config import ImageConfig, ModelConfig, TextConfig, TextEncoderConfig, ImageEncoderConfig
+from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.models.builder import build_model
@@ -15,8 +15,9 @@ TASKS = [Task("label", "multiclass", ("a", "b", "c")), Task("tags", "multilabel"
 
 
 def tiny_model(**kw):
-    cfg = ModelConfig(hidden_dim=24, text_encoder=TextEncoderConfig(dim=16, heads=2),
-                      image_encoder=ImageEncoderConfig(dim=16), **kw)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_dim=24, text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16), **kw
+    )
     return build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
 
 
@@ -41,14 +42,23 @@ def test_no_aux_heads_when_weight_is_zero(seed):
 def pretrained_cfg(tiny_bert_dir: str, weights: str | None = None, fusion: str = "concat") -> ModelConfig:
     text = TextEncoderConfig(kind="hf", name=tiny_bert_dir, freeze=1)
     image = ImageEncoderConfig(kind="torchvision", name="mobilenet_v3_small", weights=weights)
-    return ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, aux_loss_weight=0.5, text_encoder=text, image_encoder=image)
+    return ModelConfig(
+        fusion=fusion, hidden_dim=16, fusion_heads=2, aux_loss_weight=0.5, text_encoder=text, image_encoder=image
+    )
 
 
 def test_pretrained_encoders_give_the_fusion_its_sizes(tiny_bert_dir, seed):
-    model = build_model(pretrained_cfg(tiny_bert_dir), TextConfig(max_length=8), ImageConfig(size=32), TASKS, vocab_size=60)
+    model = build_model(
+        pretrained_cfg(tiny_bert_dir), TextConfig(max_length=8), ImageConfig(size=32), TASKS, vocab_size=60
+    )
     assert model.fusion.mlp[0].in_features == 16 + 1024  # BERT hidden + MobileNetV3's pooled width
-    xattn = build_model(pretrained_cfg(tiny_bert_dir, fusion="cross_attention"), TextConfig(max_length=8),
-                        ImageConfig(size=32), TASKS, vocab_size=60)  # fmt: skip
+    xattn = build_model(
+        pretrained_cfg(tiny_bert_dir, fusion="cross_attention"),
+        TextConfig(max_length=8),
+        ImageConfig(size=32),
+        TASKS,
+        vocab_size=60,
+    )
     assert {m: p.in_features for m, p in xattn.fusion.proj.items()} == {S.TEXT: 16, S.IMAGE: 576}  # token widths
     assert xattn.aux_heads[S.IMAGE]["label"].in_features == 1024
 

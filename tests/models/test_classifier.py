@@ -11,15 +11,25 @@ from mmray.data.labels import Task
 from mmray.models.builder import build_model
 from tests.models.conftest import FUSION_NAMES, make_batch
 
-TASKS = [Task("label", "multiclass", ("a", "b", "c")), Task("tags", "multilabel", ("x", "y")),
-         Task("flag", "binary", ("false", "true")), Task("score", "regression")]  # fmt: skip
+TASKS = [
+    Task("label", "multiclass", ("a", "b", "c")),
+    Task("tags", "multilabel", ("x", "y")),
+    Task("flag", "binary", ("false", "true")),
+    Task("score", "regression"),
+]
 
 
 def model(fusion: str = "concat", **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(fusion=fusion, hidden_dim=16, fusion_heads=2, aux_loss_weight=0.5,
-                      text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16),
-                      **kw)  # fmt: skip
+    cfg = ModelConfig(
+        fusion=fusion,
+        hidden_dim=16,
+        fusion_heads=2,
+        aux_loss_weight=0.5,
+        text_encoder=TextEncoderConfig(dim=16, heads=2),
+        image_encoder=ImageEncoderConfig(dim=16),
+        **kw,
+    )
     return build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
 
 
@@ -50,8 +60,11 @@ def test_masks_come_from_the_batch_in_eval_mode():
 def test_modality_dropout_drops_whole_modalities_but_never_all_of_a_row():
     m = model(modality_dropout=0.5).train()
     b = 4000
-    batch = {S.INPUT_IDS: torch.ones(b, 4, dtype=torch.long), S.mask_key(S.TEXT): torch.ones(b),
-             S.mask_key(S.IMAGE): torch.ones(b)}  # fmt: skip
+    batch = {
+        S.INPUT_IDS: torch.ones(b, 4, dtype=torch.long),
+        S.mask_key(S.TEXT): torch.ones(b),
+        S.mask_key(S.IMAGE): torch.ones(b),
+    }
     batch[S.mask_key(S.IMAGE)][:100] = 0.0  # text-only rows must keep their text
     torch.manual_seed(0)
     masks = m.masks(batch)

@@ -85,8 +85,11 @@ def test_convs_per_stage_is_a_config_key_the_builder_and_checkpoint_keep(tmp_pat
     from mmray.data.preprocess import PreprocessSpec
     from mmray.models.builder import build_model
 
-    cfg = ModelConfig(hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2),
-                      image_encoder=ImageEncoderConfig(dim=16, convs_per_stage=2))  # fmt: skip
+    cfg = ModelConfig(
+        hidden_dim=16,
+        text_encoder=TextEncoderConfig(dim=16, heads=2),
+        image_encoder=ImageEncoderConfig(dim=16, convs_per_stage=2),
+    )
     tasks = [Task("label", "multiclass", ("a", "b"))]
     model = build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), tasks, vocab_size=50)
     assert len([m for m in model.encoders[S.IMAGE].modules() if isinstance(m, torch.nn.Conv2d)]) == 6
@@ -99,7 +102,9 @@ def test_convs_per_stage_is_a_config_key_the_builder_and_checkpoint_keep(tmp_pat
 def test_the_pos_embedding_changes_the_output_and_id_0_adds_nothing(batch):
     torch.manual_seed(0)
     plain = TinyTextEncoder(vocab_size=50, dim=16, layers=2, heads=2, max_length=8, pooling="mean").eval()
-    tagged = TinyTextEncoder(vocab_size=50, dim=16, layers=2, heads=2, max_length=8, pooling="mean", pos_vocab=18).eval()
+    tagged = TinyTextEncoder(
+        vocab_size=50, dim=16, layers=2, heads=2, max_length=8, pooling="mean", pos_vocab=18
+    ).eval()
     tagged.load_state_dict({**tagged.state_dict(), **plain.state_dict()})  # same weights but the POS table
     untagged = {**batch, S.POS_IDS: torch.zeros_like(batch[S.INPUT_IDS])}
     nouns = {**batch, S.POS_IDS: torch.full_like(batch[S.INPUT_IDS], 8)}

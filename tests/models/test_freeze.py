@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from mmray.config import (
-    ConfigError, ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig, load_config,
-)  # fmt: skip
+    ConfigError,
+    ImageConfig,
+    ImageEncoderConfig,
+    ModelConfig,
+    TextConfig,
+    TextEncoderConfig,
+    load_config,
+)
 from mmray.data.labels import Task
 from mmray.models.builder import build_model
 from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
@@ -63,8 +69,11 @@ def test_frozen_parts_stay_in_eval_mode_and_keep_batchnorm_statistics():
 def test_frozen_encoders_get_no_gradient_and_the_rest_does(seed):
     from tests.models.conftest import make_batch
 
-    cfg = ModelConfig(hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2, freeze=True),
-                      image_encoder=ImageEncoderConfig(dim=16, freeze=1))  # fmt: skip
+    cfg = ModelConfig(
+        hidden_dim=16,
+        text_encoder=TextEncoderConfig(dim=16, heads=2, freeze=True),
+        image_encoder=ImageEncoderConfig(dim=16, freeze=1),
+    )
     model = build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
     out = model(make_batch())
     (out["logits"]["label"].sum() + sum(h["label"].sum() for h in out["aux"].values())).backward()

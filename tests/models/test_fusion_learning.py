@@ -59,8 +59,15 @@ def xor_set(seed: int) -> dict[str, torch.Tensor]:
 def fit(fusion: str, steps: int = 300, seed: int = 0) -> tuple[torch.nn.Module, ModelConfig]:
     """Trains the default recipe's model shape at a tiny width (once per fusion in this module)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(fusion=fusion, hidden_dim=32, dropout=0.0, aux_loss_weight=0.0, fusion_heads=2,
-                      text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16))
+    cfg = ModelConfig(
+        fusion=fusion,
+        hidden_dim=32,
+        dropout=0.0,
+        aux_loss_weight=0.0,
+        fusion_heads=2,
+        text_encoder=TextEncoderConfig(dim=16, heads=2),
+        image_encoder=ImageEncoderConfig(dim=16),
+    )
     model = build_model(cfg, TextConfig(max_length=LENGTH), ImageConfig(size=SIZE), [TASK], VOCAB)
     train = TrainConfig(lr=3e-3, warmup_fraction=0.05)
     optimizer = optim.build_optimizer(model, train)

@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from mmray.checkpoint import CheckpointInfo, save_checkpoint
-from mmray.config import (DataConfig, ImageConfig, ImageEncoderConfig, ModelConfig, StorageConfig, TextConfig,
-                          TextEncoderConfig)  # fmt: skip
+from mmray.config import (
+    DataConfig,
+    ImageConfig,
+    ImageEncoderConfig,
+    ModelConfig,
+    StorageConfig,
+    TextConfig,
+    TextEncoderConfig,
+)
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.synthetic import SCHEMA, make_rows
@@ -30,8 +37,9 @@ def make_checkpoint(directory: Path, tasks: list[Task], seed: int = 0, **data: o
     """A real, loadable checkpoint of an untrained tiny model (deterministic weights); ``data``: more
     ``DataConfig`` fields (e.g. ``image_uri_column``)."""
     text, image = TextConfig(max_length=16), ImageConfig(size=16)
-    model_cfg = ModelConfig(hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2),
-                            image_encoder=ImageEncoderConfig(dim=16))  # fmt: skip
+    model_cfg = ModelConfig(
+        hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16)
+    )
     tok_dir = directory / "_tok"
     train_wordpiece(make_rows(60, seed=1)["text"], vocab_size=200, out_dir=tok_dir)
     tokenizer_files = {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()}
@@ -77,7 +85,12 @@ def trained(ray_session, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("trained")
     splits = make_dataset(root / "data", rows=160, seed=5)
-    overrides = [f"data.train={splits['train']['path']}", f"data.val={splits['val']['path']}",
-                 f"train.storage_path={root / 'runs'}", "train.epochs=1", "train.num_workers=1"]  # fmt: skip
+    overrides = [
+        f"data.train={splits['train']['path']}",
+        f"data.val={splits['val']['path']}",
+        f"train.storage_path={root / 'runs'}",
+        "train.epochs=1",
+        "train.num_workers=1",
+    ]
     result = run_training(load_config(REPO / "configs" / "demo.yaml", overrides))
     return {"checkpoint": result["checkpoint"], "storage_path": str(root / "runs")}

@@ -10,7 +10,7 @@ from mmray.checkpoint import CheckpointInfo, save_checkpoint
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
 from mmray.data import schema as S
 from mmray.data.labels import Task
-from mmray.data.preprocess import PreprocessSpec, Preprocessor
+from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
 from mmray.metrics import MetricAccumulator, per_row_loss
@@ -29,8 +29,12 @@ def setup(tmp_path_factory):
     train_wordpiece(rows["text"][:3] + rows["text"][4:], 200, root / "tok")
     tokenizer = {p.name: p.read_bytes() for p in (root / "tok").iterdir()}
     text, image = TextConfig(max_length=12), ImageConfig(size=16)
-    cfg = ModelConfig(hidden_dim=16, aux_loss_weight=0.5, text_encoder=TextEncoderConfig(dim=16, heads=2),
-                      image_encoder=ImageEncoderConfig(dim=16))  # fmt: skip
+    cfg = ModelConfig(
+        hidden_dim=16,
+        aux_loss_weight=0.5,
+        text_encoder=TextEncoderConfig(dim=16, heads=2),
+        image_encoder=ImageEncoderConfig(dim=16),
+    )
     torch.manual_seed(0)
     model = build_model(cfg, text, image, tasks, vocab_size=200).eval()
     spec = PreprocessSpec(tasks=tuple(tasks), text=text, image=image)
@@ -58,10 +62,18 @@ def test_variant_masks_mask_one_modality_on_every_row():
 
 
 def test_variant_names_follow_the_aux_heads():
-    assert variant_names(ModelConfig(aux_loss_weight=0.5)) == ["full", "text_masked", "image_masked",
-                                                               "unimodal.image", "unimodal.text"]  # fmt: skip
-    assert variant_names(ModelConfig()) == variant_names(ModelConfig(aux_loss_weight=0.0)) == ["full", "text_masked",
-                                                                                               "image_masked"]  # fmt: skip
+    assert variant_names(ModelConfig(aux_loss_weight=0.5)) == [
+        "full",
+        "text_masked",
+        "image_masked",
+        "unimodal.image",
+        "unimodal.text",
+    ]
+    assert (
+        variant_names(ModelConfig())
+        == variant_names(ModelConfig(aux_loss_weight=0.0))
+        == ["full", "text_masked", "image_masked"]
+    )
 
 
 def test_each_variant_equals_the_model_run_with_those_masks(setup):
@@ -71,8 +83,11 @@ def test_each_variant_equals_the_model_run_with_those_masks(setup):
         [(setup["batch"][S.ID][3], "text,image"), (setup["batch"][S.ID][5], "label")]
     )
     good = setup["batch"][S.ERROR] == ""
-    inputs = {k: torch.from_numpy(np.ascontiguousarray(v[good])) for k, v in setup["batch"].items()
-              if k in (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.TEXT), S.mask_key(S.IMAGE))}  # fmt: skip
+    inputs = {
+        k: torch.from_numpy(np.ascontiguousarray(v[good]))
+        for k, v in setup["batch"].items()
+        if k in (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.TEXT), S.mask_key(S.IMAGE))
+    }
     target = torch.from_numpy(setup["batch"][S.label_key("label")][good])
     task = setup["tasks"][0]
     for variant, masked in (("full", None), ("text_masked", S.TEXT), ("image_masked", S.IMAGE)):

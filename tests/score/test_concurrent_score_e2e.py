@@ -38,8 +38,14 @@ def race(args: list[str], ray_address: str, logs: Path) -> list[dict]:
     procs = []
     for i in range(2):
         err = open(logs / f"race-{len(list(logs.iterdir()))}-{i}.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "mmray.cli", "score", *args], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmray.cli", "score", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         procs.append((proc, err))
     results = []
     for proc, err in procs:
@@ -51,8 +57,13 @@ def race(args: list[str], ray_address: str, logs: Path) -> list[dict]:
             raise
         err.seek(0)
         lines = [line for line in out.splitlines() if line.strip()]
-        results.append({"rc": proc.returncode, "json": json.loads(lines[-1]) if proc.returncode == 0 else None,
-                        "stderr": err.read()})  # fmt: skip
+        results.append(
+            {
+                "rc": proc.returncode,
+                "json": json.loads(lines[-1]) if proc.returncode == 0 else None,
+                "stderr": err.read(),
+            }
+        )
         err.close()
     return results
 
@@ -72,8 +83,9 @@ def one_commit(results: list[dict], target_uri: str) -> dict:
     else:
         assert loser["rc"] == 0, loser["stderr"][-3000:]
         assert loser["json"]["status"] == "already scored" and loser["json"]["run_id"] == winner["run_id"]
-        assert {k: loser["json"][k] for k in ("rows_in", "rows_scored", "rows_quarantined")} == \
-            {k: winner[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}  # fmt: skip
+        assert {k: loser["json"][k] for k in ("rows_in", "rows_scored", "rows_quarantined")} == {
+            k: winner[k] for k in ("rows_in", "rows_scored", "rows_quarantined")
+        }
     return winner
 
 
@@ -90,27 +102,48 @@ def test_two_local_scorers_of_one_partition_commit_exactly_once(trained, source,
     logs.mkdir()
     for date in ("2024-05-01", "2024-05-02"):
         target = commit.Target(str(out), {"date": date})
-        args = ["--checkpoint", trained["checkpoint"], "--input", source["path"], "--output", str(out),
-                "--partition", f"date={date}", *TINY]  # fmt: skip
+        args = [
+            "--checkpoint",
+            trained["checkpoint"],
+            "--input",
+            source["path"],
+            "--output",
+            str(out),
+            "--partition",
+            f"date={date}",
+            *TINY,
+        ]
         winner = one_commit(race(args, ray_address, logs), target.uri)
         assert_every_id_once(target, winner, source)
     assert sorted(os.listdir(out)) == ["date=2024-05-01", "date=2024-05-02"]  # no staging, no lease left
 
     # Both arrive after the commit: both are no-ops naming it.
     results = race(args, ray_address, logs)
-    assert [(r["rc"], r["json"]["status"], r["json"]["run_id"]) for r in results] == \
-        [(0, "already scored", winner["run_id"])] * 2  # fmt: skip
+    assert [(r["rc"], r["json"]["status"], r["json"]["run_id"]) for r in results] == [
+        (0, "already scored", winner["run_id"])
+    ] * 2
 
 
-def test_two_s3_scorers_of_one_partition_commit_exactly_once(trained, source, ray_address, s3_server, s3_bucket,
-                                                             tmp_path):  # fmt: skip
+def test_two_s3_scorers_of_one_partition_commit_exactly_once(
+    trained, source, ray_address, s3_server, s3_bucket, tmp_path
+):
     out, logs = f"s3://{s3_bucket}/preds", tmp_path / "logs"
     logs.mkdir()
     store = StorageConfig(s3_endpoint_url=s3_server)
     for date in ("2024-05-01", "2024-05-02"):
         target = commit.Target(out, {"date": date}, store)
-        args = ["--checkpoint", trained["checkpoint"], "--input", source["path"], "--output", out,
-                "--partition", f"date={date}", *TINY, f"storage.s3_endpoint_url={s3_server}"]  # fmt: skip
+        args = [
+            "--checkpoint",
+            trained["checkpoint"],
+            "--input",
+            source["path"],
+            "--output",
+            out,
+            "--partition",
+            f"date={date}",
+            *TINY,
+            f"storage.s3_endpoint_url={s3_server}",
+        ]
         winner = one_commit(race(args, ray_address, logs), target.uri)
         assert_every_id_once(target, winner, source)
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")

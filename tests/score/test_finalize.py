@@ -43,11 +43,20 @@ def test_rows_are_cut_into_files_of_exactly_rows_per_file_with_lineage(tmp_path,
 
     result = finalize(st, output_schema([TASK]), "m" * 16, SCORED_AT, rows_per_file=5)
 
-    assert [(f["name"], f["rows"]) for f in result.files] == [("part-00000.parquet", 5), ("part-00001.parquet", 5),
-                                                              ("part-00002.parquet", 2)]  # fmt: skip
+    assert [(f["name"], f["rows"]) for f in result.files] == [
+        ("part-00000.parquet", 5),
+        ("part-00001.parquet", 5),
+        ("part-00002.parquet", 2),
+    ]
     assert result.rows_raw == 13 and result.rows_scored == 12
-    assert result.quarantine.to_pylist() == [{"id": first["id"][0], "stage": "preprocess", "column": "image",
-                                              "error": result.quarantine.column("error")[0].as_py()}]  # fmt: skip
+    assert result.quarantine.to_pylist() == [
+        {
+            "id": first["id"][0],
+            "stage": "preprocess",
+            "column": "image",
+            "error": result.quarantine.column("error")[0].as_py(),
+        }
+    ]
     parts = [pq.read_table(st.file(f["name"])) for f in result.files]
     assert all(p.schema == lineage_schema(output_schema([TASK])) for p in parts)
     table = pa.concat_tables(parts)
@@ -78,8 +87,12 @@ def test_evaluate_metrics_equal_a_direct_metric_accumulation(tmp_path, tiny_chec
     batch = preprocessed(tiny_checkpoint, {k: v[2:] for k, v in rows.items()})
     model = load_model(tiny_checkpoint)
     with torch.no_grad():
-        logits = model({k: torch.from_numpy(np.ascontiguousarray(batch[k])) for k in
-                        (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))})["logits"]
+        logits = model(
+            {
+                k: torch.from_numpy(np.ascontiguousarray(batch[k]))
+                for k in (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
+            }
+        )["logits"]
     target = torch.tensor([CLASSES.index(v) for v in rows["label"][2:]])
     expected = MetricAccumulator([TASK])
     expected.update(logits, {"label": target}, float(per_row_loss(TASK, logits["label"], target).sum()))

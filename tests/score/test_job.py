@@ -39,8 +39,11 @@ def test_a_commit_that_lands_while_scoring_is_never_replaced(tiny_checkpoint, em
         return real_finalize(*args, **kwargs)
 
     monkeypatch.setattr(job, "finalize", finalize_while_another_model_commits)
-    with pytest.raises(commit.ConcurrentCommitError, match=r"date=d1 changed while this run was scoring \(committed "
-                                                           r"run None -> [0-9a-f]{12}\); nothing was committed"):
+    with pytest.raises(
+        commit.ConcurrentCommitError,
+        match=r"date=d1 changed while this run was scoring \(committed "
+        r"run None -> [0-9a-f]{12}\); nothing was committed",
+    ):
         job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, {"date": "d1"})
     assert commit.committed_run(target)["run_id"] == foreign["run_id"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["date=d1"]  # staging and lease gone
@@ -70,8 +73,13 @@ def test_scoring_progress_counts_the_rows_of_finished_part_files(tmp_path, capsy
     import pyarrow as pa
     from pyarrow import fs as pafs
 
-    stage = commit.Staging(commit.Target(str(tmp_path / "out")), "run1", pafs.LocalFileSystem(), str(tmp_path / "st"),
-                           str(tmp_path / "out"))  # fmt: skip
+    stage = commit.Staging(
+        commit.Target(str(tmp_path / "out")),
+        "run1",
+        pafs.LocalFileSystem(),
+        str(tmp_path / "st"),
+        str(tmp_path / "out"),
+    )
     progress = job.ScoringProgress(stage, total=300)
     progress.poll()  # nothing written yet: nothing to say
     (tmp_path / "st" / "_raw").mkdir(parents=True)
@@ -90,12 +98,19 @@ def test_on_a_terminal_scoring_progress_is_one_line_with_a_bar_rewritten_in_plac
     from pyarrow import fs as pafs
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    stage = commit.Staging(commit.Target(str(tmp_path / "out")), "run1", pafs.LocalFileSystem(), str(tmp_path / "st"),
-                           str(tmp_path / "out"))  # fmt: skip
+    stage = commit.Staging(
+        commit.Target(str(tmp_path / "out")),
+        "run1",
+        pafs.LocalFileSystem(),
+        str(tmp_path / "st"),
+        str(tmp_path / "out"),
+    )
     progress = job.ScoringProgress(stage, total=200)
     (tmp_path / "st" / "_raw").mkdir(parents=True)
     for name, rows in (("a", 50), ("b", 150)):
-        pq.write_table(pa.table({"id": [f"{name}{i}" for i in range(rows)]}), tmp_path / "st" / "_raw" / f"{name}.parquet")
+        pq.write_table(
+            pa.table({"id": [f"{name}{i}" for i in range(rows)]}), tmp_path / "st" / "_raw" / f"{name}.parquet"
+        )
         progress.poll()
     first, last = capsys.readouterr().err.split("\r")[1:]
     assert first.startswith("mmray score: scored 50/200 rows (25%)") and first.endswith(f"[{'#' * 6}{'-' * 18}]\033[K")

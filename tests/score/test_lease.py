@@ -80,8 +80,14 @@ def test_a_killed_local_holder_frees_the_lease_at_once(tmp_path):
 def s3(s3_server, s3_bucket):
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     uri = f"s3://{s3_bucket}/preds/date=d1/_lease"
-    return {"client": client, "bucket": s3_bucket, "key": "preds/date=d1/_lease", "uri": uri,
-            "store": StorageConfig(s3_endpoint_url=s3_server), "endpoint": s3_server}  # fmt: skip
+    return {
+        "client": client,
+        "bucket": s3_bucket,
+        "key": "preds/date=d1/_lease",
+        "uri": uri,
+        "store": StorageConfig(s3_endpoint_url=s3_server),
+        "endpoint": s3_server,
+    }
 
 
 def stored(s3) -> dict | None:

@@ -17,8 +17,16 @@ from mmray.cli import main
 from mmray.config import load_config
 from mmray.data.synthetic import SCHEMA
 from mmray.score import commit
-from mmray.score.nightly import (MAX_BACKFILL_DAYS, NightlyError, date_range, latest_checkpoint, parse_date,
-                                 resolve_date, run_nightly, yesterday)  # fmt: skip
+from mmray.score.nightly import (
+    MAX_BACKFILL_DAYS,
+    NightlyError,
+    date_range,
+    latest_checkpoint,
+    parse_date,
+    resolve_date,
+    run_nightly,
+    yesterday,
+)
 from tests.helpers import CLI_TIMEOUT, REPO
 from tests.score.conftest import write_input
 
@@ -80,8 +88,9 @@ def test_latest_pointer_is_found_where_the_launcher_writes_it(tmp_path, monkeypa
 
 
 def test_missing_or_empty_input_partition_fails_before_any_scoring(tmp_path):
-    cfg = load_config(None, [f"score.input={tmp_path / 'in'}", f"score.output={tmp_path / 'out'}",
-                             "score.checkpoint=/never/read"])  # fmt: skip
+    cfg = load_config(
+        None, [f"score.input={tmp_path / 'in'}", f"score.output={tmp_path / 'out'}", "score.checkpoint=/never/read"]
+    )
     with pytest.raises(NightlyError, match=r"date=2024-05-01 does not exist"):
         run_nightly(cfg, "2024-05-01")
     (tmp_path / "in" / "date=2024-05-02").mkdir(parents=True)
@@ -94,11 +103,14 @@ def test_missing_or_empty_input_partition_fails_before_any_scoring(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--from", "2024-05-01"], "needs both --from and --to"),
-    (["--date", "2024-05-01", "--from", "2024-05-01", "--to", "2024-05-02"], "either --date or --from/--to"),
-    (["--date", "yesterday", "--tz", "Nowhere/Town"], "--tz 'Nowhere/Town'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--from", "2024-05-01"], "needs both --from and --to"),
+        (["--date", "2024-05-01", "--from", "2024-05-01", "--to", "2024-05-02"], "either --date or --from/--to"),
+        (["--date", "yesterday", "--tz", "Nowhere/Town"], "--tz 'Nowhere/Town'"),
+    ],
+)
 def test_cli_refuses_bad_date_arguments(args, message, capsys):
     assert main(["nightly", *args, "score.input=/in", "score.output=/out"]) == 2
     assert message in capsys.readouterr().err
@@ -107,11 +119,22 @@ def test_cli_refuses_bad_date_arguments(args, message, capsys):
 def test_cli_logs_its_resolved_config_with_secrets_redacted(tmp_path, monkeypatch, capsys):
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCY"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    assert main(["nightly", "--date", "2024-05-01", f"score.input={tmp_path}/in", f"score.output={tmp_path}/{secret}",
-                 "score.checkpoint=/never/read"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "nightly",
+                "--date",
+                "2024-05-01",
+                f"score.input={tmp_path}/in",
+                f"score.output={tmp_path}/{secret}",
+                "score.checkpoint=/never/read",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     logged = next(line for line in err.splitlines() if line.startswith("mmray nightly: config "))
-    config = json.loads(logged[len("mmray nightly: config "):])
+    config = json.loads(logged[len("mmray nightly: config ") :])
     assert config["score"]["output"] == f"{tmp_path}/***" and config["score"]["checkpoint"] == "/never/read"
     assert secret not in err and "date=2024-05-01 does not exist" in err
 
@@ -127,8 +150,14 @@ RAY_CONNECT = "mmray: joined the Ray cluster at"  # init_ray's line when it join
 
 def nightly(args: list[str], ray_address: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ADDRESS": ray_address}
-    return subprocess.run([sys.executable, "jobs/nightly_score.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=CLI_TIMEOUT)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "jobs/nightly_score.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -141,11 +170,16 @@ def tree(path: Path) -> dict[str, int]:
 
 @pytest.mark.integration
 def test_nightly_scores_dated_partitions_backfills_gaps_and_reruns_safely(trained, ray_address, tmp_path):
-    inputs = {d: write_input(tmp_path / "in" / f"date={d}", 40, seed=20 + i, prefix=f"n{i}-", bad=BAD_ROWS.get(d, 0))
-              for i, d in enumerate(DATES)}  # fmt: skip
+    inputs = {
+        d: write_input(tmp_path / "in" / f"date={d}", 40, seed=20 + i, prefix=f"n{i}-", bad=BAD_ROWS.get(d, 0))
+        for i, d in enumerate(DATES)
+    }
     out = tmp_path / "out"
-    overrides = [f"train.storage_path={trained['storage_path']}", "data.preprocess.batch_size=64",
-                 "score.batch_size=64"]  # fmt: skip
+    overrides = [
+        f"train.storage_path={trained['storage_path']}",
+        "data.preprocess.batch_size=64",
+        "score.batch_size=64",
+    ]
     common = ["--input", str(tmp_path / "in"), "--output", str(out), *overrides]
 
     first = nightly(["--date", DATES[0], *common], ray_address)

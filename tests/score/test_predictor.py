@@ -61,13 +61,25 @@ def test_a_checkpoint_that_changed_since_the_driver_hashed_it_is_refused(tiny_ch
 
 
 def test_multi_task_columns_are_suffixed_and_typed(tmp_path):
-    tasks = [TASK, Task("tags", "multilabel", ("a", "b", "c")), Task("flag", "binary", ("false", "true")),
-             Task("score", "regression")]  # fmt: skip
+    tasks = [
+        TASK,
+        Task("tags", "multilabel", ("a", "b", "c")),
+        Task("flag", "binary", ("false", "true")),
+        Task("score", "regression"),
+    ]
     ckpt = make_checkpoint(tmp_path, tasks)
     assert output_columns(tasks) == [
-        "prediction_label", "confidence_label", "probabilities_label", "prediction_tags", "confidence_tags",
-        "probabilities_tags", "prediction_flag", "confidence_flag", "probabilities_flag", "prediction_score",
-    ]  # fmt: skip
+        "prediction_label",
+        "confidence_label",
+        "probabilities_label",
+        "prediction_tags",
+        "confidence_tags",
+        "probabilities_tags",
+        "prediction_flag",
+        "confidence_flag",
+        "probabilities_flag",
+        "prediction_score",
+    ]
     schema = output_schema(tasks)
     assert schema.field("prediction_tags").type == pa.list_(pa.string())
     assert schema.field("prediction_score").type == pa.float64()
@@ -93,8 +105,9 @@ def test_evaluate_keeps_encoded_labels_and_logits_but_never_quarantines_for_a_la
 
 
 @pytest.mark.integration  # two real predictor actors on the session's Ray (each imports torch)
-def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(tiny_checkpoint, s3_server, s3_bucket, ray_session,
-                                                                   tmp_path, monkeypatch):  # fmt: skip
+def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(
+    tiny_checkpoint, s3_server, s3_bucket, ray_session, tmp_path, monkeypatch
+):
     """Each actor downloads the checkpoint itself (actors on any node need no shared storage), checks its
     hash, predicts exactly what a local load predicts, and leaves no download behind.
 
@@ -134,8 +147,11 @@ def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(tiny_checkpoin
     for i, out in enumerate(outs):
         assert list(out["prediction"]) == list(want["prediction"])
         np.testing.assert_allclose(np.stack(out["probabilities"]), np.stack(want["probabilities"]), rtol=0, atol=1e-6)
-        fetched = {r["url"].split("?")[0].rsplit("/ckpt/", 1)[-1] for r in recording if r["method"] == "GET"
-                   and f"Credential=ACTOR{i}KEY/" in r["headers"].get("Authorization", "")}  # fmt: skip
+        fetched = {
+            r["url"].split("?")[0].rsplit("/ckpt/", 1)[-1]
+            for r in recording
+            if r["method"] == "GET" and f"Credential=ACTOR{i}KEY/" in r["headers"].get("Authorization", "")
+        }
         assert {"mmray.json", "model.safetensors", f"{TOKENIZER_DIR}/tokenizer.json"} <= fetched, (i, fetched)
         assert temp_dirs[i].stat().st_mtime_ns > 0, f"actor {i} never used its TMPDIR"  # the download was there
         assert list(temp_dirs[i].iterdir()) == [], f"actor {i} left {list(temp_dirs[i].iterdir())}"  # and is gone

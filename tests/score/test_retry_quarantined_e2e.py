@@ -33,15 +33,34 @@ def test_transient_fetch_failures_are_retried_into_one_new_commit(ray_address, s
         data["image"][i], data["text"][i] = b"not an image", None
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({**data, "image_uri": uris}), tmp_path / "in" / "part-00000.parquet")
-    out, common = str(tmp_path / "out"), ["data.preprocess.fetch_attempts=1", "data.max_bad_fraction=0.9",
-                                          "score.rows_per_file=4", "data.preprocess.batch_size=4"]  # fmt: skip
+    out, common = (
+        str(tmp_path / "out"),
+        [
+            "data.preprocess.fetch_attempts=1",
+            "data.max_bad_fraction=0.9",
+            "score.rows_per_file=4",
+            "data.preprocess.batch_size=4",
+        ],
+    )
     down = f"storage.s3_endpoint_url=http://127.0.0.1:{free_port()}"  # nothing listens there
 
     first = run_scoring(load_config(None, [*common, down]), str(ckpt), str(tmp_path / "in"), out, {"date": "d1"})
     assert (first["rows_scored"], first["rows_quarantined"]) == (6, 6)
 
-    args = ["score", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--output", out, "--partition",
-            "date=d1", "--retry-quarantined", *common, f"storage.s3_endpoint_url={s3_server}"]  # fmt: skip
+    args = [
+        "score",
+        "--checkpoint",
+        str(ckpt),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        out,
+        "--partition",
+        "date=d1",
+        "--retry-quarantined",
+        *common,
+        f"storage.s3_endpoint_url={s3_server}",
+    ]
     retried = run_cli(args, ray_address).json
     assert retried["status"] == "committed" and retried["retried"] == 4 and retried["retried_from"] == first["run_id"]
     assert (retried["rows_in"], retried["rows_scored"], retried["rows_quarantined"]) == (12, 10, 2)
@@ -53,8 +72,10 @@ def test_transient_fetch_failures_are_retried_into_one_new_commit(ray_address, s
     by_run = {}
     for row_id, run in zip(ids, table.column("run_id").to_pylist()):
         by_run.setdefault(run, set()).add(row_id)
-    assert by_run == {first["run_id"]: {data["id"][i] for i in range(6, 12)},
-                      retried["run_id"]: {data["id"][i] for i in URI_ROWS}}  # fmt: skip
+    assert by_run == {
+        first["run_id"]: {data["id"][i] for i in range(6, 12)},
+        retried["run_id"]: {data["id"][i] for i in URI_ROWS},
+    }
     quarantine = pq.read_table(f"{target.uri}/{commit.QUARANTINE_FILE}")
     assert sorted(quarantine.column("id").to_pylist()) == sorted(data["id"][i] for i in BAD_ROWS)
     assert commit.committed_run(target)["rows_scored"] == 10

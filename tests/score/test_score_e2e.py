@@ -43,8 +43,18 @@ SLOW = ["data.preprocess.batch_size=2", "score.batch_size=2", "score.rows_per_fi
 
 
 def score_args(checkpoint: str, source: str, output: str, *extra: str) -> list[str]:
-    return ["score", "--checkpoint", checkpoint, "--input", source, "--output", output, "--partition",
-            f"date={DATE}", *extra]  # fmt: skip
+    return [
+        "score",
+        "--checkpoint",
+        checkpoint,
+        "--input",
+        source,
+        "--output",
+        output,
+        "--partition",
+        f"date={DATE}",
+        *extra,
+    ]
 
 
 def score_here(checkpoint: str, source: str, output: str, *overrides: str, **kwargs) -> dict:
@@ -126,13 +136,26 @@ def test_committed_output_has_every_id_once_in_sized_files_with_lineage(referenc
     partition = out / f"date={DATE}"
     assert result["status"] == "committed" and result["rows_in"] == result["rows_scored"] == ROWS
     assert left_in(out) == [f"date={DATE}"]  # no staging left behind
-    assert sorted(os.listdir(partition)) == ["_SUCCESS", "_manifest.json", "_metrics.json", "_quarantine",
-                                             *(f"part-{i:05d}.parquet" for i in range(FILES))]  # fmt: skip
+    assert sorted(os.listdir(partition)) == [
+        "_SUCCESS",
+        "_manifest.json",
+        "_metrics.json",
+        "_quarantine",
+        *(f"part-{i:05d}.parquet" for i in range(FILES)),
+    ]
     assert [pq.read_metadata(partition / f"part-{i:05d}.parquet").num_rows for i in range(FILES)] == [50] * FILES
     table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()  # a plain reader
     assert sorted(by_id(table)) == sorted(source["ids"])
-    assert table.column_names == ["id", "prediction", "confidence", "probabilities", "model_id", "scored_at", "run_id",
-                                  "date"]  # fmt: skip
+    assert table.column_names == [
+        "id",
+        "prediction",
+        "confidence",
+        "probabilities",
+        "model_id",
+        "scored_at",
+        "run_id",
+        "date",
+    ]
     assert set(table.column("prediction").to_pylist()) <= set(CLASSES)
     assert set(table.column("model_id").to_pylist()) == {result["model_id"]}
     assert set(table.column("run_id").to_pylist()) == {result["run_id"]}
@@ -175,7 +198,7 @@ def test_killed_runs_leave_nothing_visible_or_a_complete_commit_and_a_rerun_scor
         log = tmp_path / f"killed-{delay}.log"
         proc = start_killable(score_args(trained["checkpoint"], source["path"], str(out), *SLOW), ray_address, log)
         staged = str(out / f"_staging-*-date={DATE}" / "_raw" / "*.parquet")
-        killed = kill_at(proc, lambda: glob.glob(staged), log, delay=delay)
+        killed = kill_at(proc, lambda staged=staged: glob.glob(staged), log, delay=delay)
         partition = out / f"date={DATE}"
         if partition.exists():  # the commit (one rename) happened before the kill, or there was no kill
             assert sorted(p.name for p in partition.glob("part-*")) == [f"part-{i:05d}.parquet" for i in range(FILES)]
@@ -212,8 +235,11 @@ def _snapshot(path: Path):
                 return f.read()
 
         success = json.loads(read("_SUCCESS")) if "_SUCCESS" in names else None
-        parts = [pq.read_table(pa.BufferReader(read(n))) for n in sorted(names)
-                 if n.endswith(".parquet") and not n.startswith(("_", "."))]  # fmt: skip
+        parts = [
+            pq.read_table(pa.BufferReader(read(n)))
+            for n in sorted(names)
+            if n.endswith(".parquet") and not n.startswith(("_", "."))
+        ]
     except FileNotFoundError:
         parts = None  # files vanished: only the replaced (old) directory loses files
     if os.stat(path).st_ino != os.fstat(dfd).st_ino:
@@ -246,8 +272,9 @@ def test_overwrite_replaces_the_partition_atomically(reference, source, trained,
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        result = score_here(trained["checkpoint"], source["path"], str(out), *FAST, "score.rows_per_file=120",
-                            overwrite=True)  # fmt: skip
+        result = score_here(
+            trained["checkpoint"], source["path"], str(out), *FAST, "score.rows_per_file=120", overwrite=True
+        )
     finally:
         stop.set()
         thread.join()
@@ -310,6 +337,7 @@ def test_on_s3_a_killed_run_is_invisible_resumes_exactly_once_reruns_as_noop_and
 
     def visible() -> list[str]:
         """Data a plain reader would pick up: not hidden, not a (zero-byte) directory marker."""
+
         def hidden(key: str) -> bool:
             return any(part.startswith(("_", ".")) for part in key.split("/"))
 

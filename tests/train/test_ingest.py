@@ -69,8 +69,9 @@ def test_split_counts_and_quarantines_every_bad_row(ray_session, tmp_path, cache
     rows_in = pipeline.count_rows(uri, files, cfg.storage)
     assert rows_in == 30
 
-    usable, counts = ingest.prepare_split(cfg, uri, files, spec, tokenizer_files, str(tmp_path / "run"), "train",
-                                          rows_in, cache)  # fmt: skip
+    usable, counts = ingest.prepare_split(
+        cfg, uri, files, spec, tokenizer_files, str(tmp_path / "run"), "train", rows_in, cache
+    )
     assert counts == {"rows_in": 30, "rows_used": 27, "rows_quarantined": 3}
     quarantine = pq.read_table(tmp_path / "run" / "quarantine" / "train.parquet")
     assert set(quarantine.column("id").to_pylist()) == bad_ids

@@ -65,8 +65,14 @@ def test_epoch_printer_prints_each_new_epoch_once_with_an_eta(tmp_path, capsys):
 
     cfg = load_config(None, ["train.epochs=4"])
     history = tmp_path / "history.jsonl"
-    record = {"train_loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.75, "rows_per_s": 1000.0, "epoch_s": 8.0,
-              "eval_s": 2.0}
+    record = {
+        "train_loss": 0.5,
+        "val_loss": 0.4,
+        "val_accuracy": 0.75,
+        "rows_per_s": 1000.0,
+        "epoch_s": 8.0,
+        "eval_s": 2.0,
+    }
     history.write_text(json.dumps({**record, "epoch": 0}) + "\n")  # an epoch done before this run: resumed
     printer = launcher.EpochPrinter(str(tmp_path), cfg)
     assert capsys.readouterr().err == "mmray train: resuming: 1 epoch(s) already done\n"
@@ -95,5 +101,9 @@ def test_on_a_terminal_a_live_status_line_sits_under_the_epoch_lines(tmp_path, c
     printer.clear()
     err = capsys.readouterr().err
     empty, half = "[" + "-" * 24 + "]", "[" + "#" * 12 + "-" * 12 + "]"
-    assert err == (f"\r\033[K{empty} epoch 1/2 running 0:00" "\r\033[Kepoch 1/2  train_loss 0.5  ETA 1:01\n"
-                   f"\r\033[K{half} epoch 2/2 running 0:00 (one takes ~1:01)" "\r\033[K")  # fmt: skip
+    assert err == (
+        f"\r\033[K{empty} epoch 1/2 running 0:00"
+        "\r\033[Kepoch 1/2  train_loss 0.5  ETA 1:01\n"
+        f"\r\033[K{half} epoch 2/2 running 0:00 (one takes ~1:01)"
+        "\r\033[K"
+    )

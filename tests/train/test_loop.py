@@ -16,8 +16,8 @@ from mmray.config import ConfigError, config_from_dict, config_to_dict
 from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.train import optim
-from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, evaluate, train_epoch, with_last
 from mmray.train.hooks import load_before_step
+from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, evaluate, train_epoch, with_last
 from mmray.train.state import Progress
 
 CPU = torch.device("cpu")
@@ -48,8 +48,12 @@ class Linear(nn.Module):
 
 
 def cfg_with(**train):
-    return config_from_dict({"model": {"aux_loss_weight": 0.0},
-                             "train": {"grad_clip": None, "warmup_fraction": 0.0, "lr_scaling": "none", **train}})  # fmt: skip
+    return config_from_dict(
+        {
+            "model": {"aux_loss_weight": 0.0},
+            "train": {"grad_clip": None, "warmup_fraction": 0.0, "lr_scaling": "none", **train},
+        }
+    )
 
 
 def linear_parts(cfg, model=None, total_steps=10) -> Parts:
@@ -61,8 +65,10 @@ def linear_parts(cfg, model=None, total_steps=10) -> Parts:
 
 def xy_batches(n_batches: int, rows: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(rows, 3, generator=g), S.label_key("label"): torch.randint(0, 3, (rows,), generator=g)}
-            for _ in range(n_batches)]  # fmt: skip
+    return [
+        {"x": torch.randn(rows, 3, generator=g), S.label_key("label"): torch.randint(0, 3, (rows,), generator=g)}
+        for _ in range(n_batches)
+    ]
 
 
 def test_with_last_flags_only_the_final_item():
@@ -123,12 +129,18 @@ def test_empty_shard_takes_no_step():
 
 
 def tiny_cfg(**train):
-    return config_from_dict({
-        "data": {"text": {"max_length": 8}, "image": {"size": 16}},
-        "model": {"hidden_dim": 16, "dropout": 0.0, "text_encoder": {"dim": 8, "heads": 2},
-                  "image_encoder": {"dim": 8}},
-        "train": {"lr": 0.01, "warmup_fraction": 0.0, "lr_scaling": "none", **train},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "data": {"text": {"max_length": 8}, "image": {"size": 16}},
+            "model": {
+                "hidden_dim": 16,
+                "dropout": 0.0,
+                "text_encoder": {"dim": 8, "heads": 2},
+                "image_encoder": {"dim": 8},
+            },
+            "train": {"lr": 0.01, "warmup_fraction": 0.0, "lr_scaling": "none", **train},
+        }
+    )
 
 
 def fusion_batches(n: int = 2, rows: int = 8):
@@ -138,11 +150,16 @@ def fusion_batches(n: int = 2, rows: int = 8):
     for _ in range(n):
         y = torch.randint(0, 3, (rows,), generator=g)
         pixels = (y.view(-1, 1, 1, 1) * 100 + torch.randint(0, 30, (rows, 3, 16, 16), generator=g)).to(torch.uint8)
-        out.append({
-            S.INPUT_IDS: torch.randint(1, 30, (rows, 8), generator=g), S.ATTENTION_MASK: torch.ones(rows, 8, dtype=torch.long),
-            S.PIXELS: pixels, S.mask_key(S.TEXT): torch.ones(rows), S.mask_key(S.IMAGE): torch.ones(rows),
-            S.label_key("label"): y,
-        })  # fmt: skip
+        out.append(
+            {
+                S.INPUT_IDS: torch.randint(1, 30, (rows, 8), generator=g),
+                S.ATTENTION_MASK: torch.ones(rows, 8, dtype=torch.long),
+                S.PIXELS: pixels,
+                S.mask_key(S.TEXT): torch.ones(rows),
+                S.mask_key(S.IMAGE): torch.ones(rows),
+                S.label_key("label"): y,
+            }
+        )
     return out
 
 
@@ -160,8 +177,9 @@ def test_fusion_model_learns_in_each_precision(precision):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; runs wherever one is visible")
-@pytest.mark.parametrize("precision, dtype", [("auto", torch.bfloat16), ("bf16", torch.bfloat16),
-                                              ("fp16", torch.float16)])  # fmt: skip
+@pytest.mark.parametrize(
+    "precision, dtype", [("auto", torch.bfloat16), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
 def test_fusion_model_learns_on_cuda_in_mixed_precision(precision, dtype):
     """On a GPU ``auto`` means bf16; layers really run in the reduced dtype, fp32 master weights learn,
     and fp16 scales its loss."""
@@ -199,11 +217,19 @@ def test_build_parts_is_deterministic_under_the_seed():
 # give |errors| 0.5, 0, 1 | 2: MAE 3.5/4 = 0.875, RMSE sqrt(5.25/4); its MSE adds 5.25/4 to the loss.
 # ---------------------------------------------------------------------------------------------
 SHARDS = [
-    {"cls_logits": torch.tensor([[LN2, 0, 0], [0, LN2, 0], [LN2, 0, 0]]), S.label_key("label"): torch.tensor([0, 1, 2]),
-     "reg": torch.tensor([[1.0], [2.0], [0.0]]), S.label_key("score"): torch.tensor([1.5, 2.0, 1.0])},
-    {"cls_logits": torch.tensor([[0, LN2, 0]]), S.label_key("label"): torch.tensor([2]),
-     "reg": torch.tensor([[3.0]]), S.label_key("score"): torch.tensor([1.0])},
-]  # fmt: skip
+    {
+        "cls_logits": torch.tensor([[LN2, 0, 0], [0, LN2, 0], [LN2, 0, 0]]),
+        S.label_key("label"): torch.tensor([0, 1, 2]),
+        "reg": torch.tensor([[1.0], [2.0], [0.0]]),
+        S.label_key("score"): torch.tensor([1.5, 2.0, 1.0]),
+    },
+    {
+        "cls_logits": torch.tensor([[0, LN2, 0]]),
+        S.label_key("label"): torch.tensor([2]),
+        "reg": torch.tensor([[3.0]]),
+        S.label_key("score"): torch.tensor([1.0]),
+    },
+]
 
 
 def test_validation_sums_counts_across_workers_before_dividing():
@@ -233,9 +259,11 @@ def test_validation_reports_each_task_by_name():
 def test_aux_head_loss_counts_only_rows_that_have_the_modality():
     # Fused head right on both rows (ln2 each, x weight 2); the text head is right on row 0 (ln2) and
     # wrong on row 1 (ln4), but row 1 has no text, so only row 0 counts: 2ln2 + 0.5 * 2ln2 = 3 ln2.
-    out = {"logits": {"label": torch.tensor([[LN2, 0, 0], [LN2, 0, 0]])},
-           "aux": {S.TEXT: {"label": torch.tensor([[LN2, 0, 0], [0, LN2, 0]])}},
-           "masks": {S.TEXT: torch.tensor([1.0, 0.0])}}  # fmt: skip
+    out = {
+        "logits": {"label": torch.tensor([[LN2, 0, 0], [LN2, 0, 0]])},
+        "aux": {S.TEXT: {"label": torch.tensor([[LN2, 0, 0], [0, LN2, 0]])}},
+        "masks": {S.TEXT: torch.tensor([1.0, 0.0])},
+    }
     batch = {S.label_key("label"): torch.tensor([0, 0])}
     loss, rows = compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)
     assert loss.item() == pytest.approx(3 * LN2)
@@ -269,8 +297,15 @@ def test_two_processes_all_reduce_to_the_hand_computed_metrics(tmp_path):
 
 def test_epoch_record_has_the_history_fields():
     parts = build_parts(tiny_cfg(lr=0.01, encoder_lr=0.001), [CLS], 30, 16, 1, CPU)
-    record = epoch_record(2, torch.tensor([30.0, 20.0, 6.0, 4.0], dtype=torch.float64), {"loss": 1.2, "accuracy": 0.5},
-                          train_s=4.0, val_s=1.0, parts=parts, progress=Progress(epoch=2, resumed_from_epoch=0))  # fmt: skip
+    record = epoch_record(
+        2,
+        torch.tensor([30.0, 20.0, 6.0, 4.0], dtype=torch.float64),
+        {"loss": 1.2, "accuracy": 0.5},
+        train_s=4.0,
+        val_s=1.0,
+        parts=parts,
+        progress=Progress(epoch=2, resumed_from_epoch=0),
+    )
     assert record["epoch"] == 2 and record["train_loss"] == pytest.approx(1.5)
     assert record["val_loss"] == 1.2 and record["val_accuracy"] == 0.5
     assert record["rows_per_s"] == pytest.approx(5.0) and record["epoch_s"] == 4.0 and record["eval_s"] == 1.0
@@ -294,8 +329,9 @@ def test_resume_from_a_given_checkpoint_unless_ray_train_has_one(tmp_path, monke
     save_checkpoint(tmp_path / "given", trained.model, info, {}, state)
     monkeypatch.setattr(loop, "print0", lambda *a: None)
     monkeypatch.setattr(loop.ray.train, "get_checkpoint", lambda: None)
-    resumed_cfg = config_from_dict({**config_to_dict(cfg), "train": {**config_to_dict(cfg)["train"],
-                                                                      "resume_from": str(tmp_path / "given")}})  # fmt: skip
+    resumed_cfg = config_from_dict(
+        {**config_to_dict(cfg), "train": {**config_to_dict(cfg)["train"], "resume_from": str(tmp_path / "given")}}
+    )
     fresh = build_parts(resumed_cfg, [CLS], 30, 16, 1, CPU)
     progress = loop._resume(fresh, resumed_cfg, 0, 1)
     assert progress.next_epoch == 2 and progress.history == history and progress.resumed_from_epoch == 1

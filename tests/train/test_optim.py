@@ -98,7 +98,9 @@ def test_precision_auto_is_fp32_on_cpu_bf16_on_gpu():
     assert isinstance(optim.make_scaler("fp16", torch.device("cpu")), torch.amp.GradScaler)
 
 
-@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+)
 def test_autocast_runs_matmuls_in_the_requested_dtype(precision, dtype):
     a = torch.randn(4, 4)
     with optim.autocast(precision, torch.device("cpu")):

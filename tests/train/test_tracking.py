@@ -63,10 +63,15 @@ def test_mlflow_gets_params_and_metrics_per_epoch(tmp_path, monkeypatch):
     assert run.data.tags["mmray.run"] == "run-1"
     assert run.data.params["train.epochs"] == "7" and run.data.params["model.fusion"] == "concat"
     assert run.data.params["train.mlflow_tracking_uri"] == uri
-    history = {name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
-               for name in ("train_loss", "val_accuracy", "lr")}  # fmt: skip
-    assert history == {"train_loss": [(0, 1.5), (1, 1.1)], "val_accuracy": [(0, 0.4), (1, 0.6)],
-                       "lr": [(0, 0.01), (1, 0.005)]}  # fmt: skip
+    history = {
+        name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+        for name in ("train_loss", "val_accuracy", "lr")
+    }
+    assert history == {
+        "train_loss": [(0, 1.5), (1, 1.1)],
+        "val_accuracy": [(0, 0.4), (1, 0.6)],
+        "lr": [(0, 0.01), (1, 0.005)],
+    }
     assert set(run.data.metrics) == {"train_loss", "val_accuracy", "lr"}  # no epoch, no None-valued fields
 
 
@@ -82,8 +87,14 @@ def test_missing_packages_fail_naming_the_key(monkeypatch):
 SLASHED_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
 
-@pytest.mark.parametrize("uri", [f"https://admin:{SLASHED_SECRET}@mlflow.internal:5000",
-                                 "http://token@mlflow.internal", f"postgresql://u:{SLASHED_SECRET}@db/mlflow"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"https://admin:{SLASHED_SECRET}@mlflow.internal:5000",
+        "http://token@mlflow.internal",
+        f"postgresql://u:{SLASHED_SECRET}@db/mlflow",
+    ],
+)
 def test_credentials_in_the_mlflow_uri_are_refused_and_not_echoed(uri):
     with pytest.raises(ConfigError, match="train.mlflow_tracking_uri: must not embed credentials") as e:
         config_from_dict({"train": {"mlflow_tracking_uri": uri}})
@@ -97,11 +108,13 @@ def test_mlflow_params_are_the_redacted_config(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEJr-session-token")
     uri = (tmp_path / "mlruns").as_uri()
-    cfg = config_from_dict({
-        "train": {"mlflow_tracking_uri": uri, "name": "FwoGZXIvYXdzEJr-session-token"},
-        "data": {"train": f"s3://AKIAIOSFODNN7EXAMPLE:{SLASHED_SECRET}@bucket/train"},
-        "model": {"text_encoder": {"tokenizer": f"https://user:{SLASHED_SECRET}@hub.internal/tok"}},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "train": {"mlflow_tracking_uri": uri, "name": "FwoGZXIvYXdzEJr-session-token"},
+            "data": {"train": f"s3://AKIAIOSFODNN7EXAMPLE:{SLASHED_SECRET}@bucket/train"},
+            "model": {"text_encoder": {"tokenizer": f"https://user:{SLASHED_SECRET}@hub.internal/tok"}},
+        }
+    )
     run_trackers(cfg, tmp_path)
     client = mlflow.tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.train.mlflow_experiment).experiment_id])

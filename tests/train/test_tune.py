@@ -20,12 +20,14 @@ DEMO = config_to_dict(load_config(REPO / "configs/demo.yaml"))
 
 
 def test_space_parses_every_distribution():
-    dims = parse_space({
-        "train.lr": {"loguniform": ["1e-4", 1.0e-2]},  # YAML 1.1 reads 1e-4 as a string
-        "model.fusion": {"choice": ["concat", "gated"]},
-        "model.dropout": {"uniform": [0, 0.3]},
-        "train.batch_size": {"randint": [16, 65]},
-    })  # fmt: skip
+    dims = parse_space(
+        {
+            "train.lr": {"loguniform": ["1e-4", 1.0e-2]},  # YAML 1.1 reads 1e-4 as a string
+            "model.fusion": {"choice": ["concat", "gated"]},
+            "model.dropout": {"uniform": [0, 0.3]},
+            "train.batch_size": {"randint": [16, 65]},
+        }
+    )
     assert dims == [
         Dimension("train.lr", "loguniform", (1e-4, 1e-2)),
         Dimension("model.fusion", "choice", ("concat", "gated")),
@@ -36,33 +38,48 @@ def test_space_parses_every_distribution():
     assert dims[1].extremes() == ["concat", "gated"]
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"train.lr": {"normal": [0, 1]}}, "train.lr: expected one of"),
-    ({"train.lr": 0.1}, "train.lr: expected one of"),
-    ({"train.lr": {"uniform": [1, 2], "choice": [1]}}, "train.lr: expected one of"),
-    ({"train.lr": {"uniform": [0.1]}}, "train.lr: uniform: expected [low, high]"),
-    ({"train.lr": {"uniform": [0.2, 0.1]}}, "train.lr: uniform: low must be < high"),
-    ({"train.lr": {"loguniform": [0, 0.1]}}, "train.lr: loguniform: low must be > 0"),
-    ({"train.lr": {"uniform": ["a", 1]}}, "train.lr: uniform: expected two numbers"),
-    ({"train.epochs": {"randint": [1.5, 3]}}, "train.epochs: randint: expected two integers"),
-    ({"model.fusion": {"choice": []}}, "model.fusion: choice: expected a non-empty list"),
-    ({"train.name": {"choice": ["a", "b"]}}, "train.name: cannot be sampled"),
-    ({"train..lr": {"choice": [1]}}, "'train..lr' is not a dotted config key"),
-    ({}, "non-empty mapping"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"train.lr": {"normal": [0, 1]}}, "train.lr: expected one of"),
+        ({"train.lr": 0.1}, "train.lr: expected one of"),
+        ({"train.lr": {"uniform": [1, 2], "choice": [1]}}, "train.lr: expected one of"),
+        ({"train.lr": {"uniform": [0.1]}}, "train.lr: uniform: expected [low, high]"),
+        ({"train.lr": {"uniform": [0.2, 0.1]}}, "train.lr: uniform: low must be < high"),
+        ({"train.lr": {"loguniform": [0, 0.1]}}, "train.lr: loguniform: low must be > 0"),
+        ({"train.lr": {"uniform": ["a", 1]}}, "train.lr: uniform: expected two numbers"),
+        ({"train.epochs": {"randint": [1.5, 3]}}, "train.epochs: randint: expected two integers"),
+        ({"model.fusion": {"choice": []}}, "model.fusion: choice: expected a non-empty list"),
+        ({"train.name": {"choice": ["a", "b"]}}, "train.name: cannot be sampled"),
+        ({"train..lr": {"choice": [1]}}, "'train..lr' is not a dotted config key"),
+        ({}, "non-empty mapping"),
+    ],
+)
 def test_malformed_space_entries_name_the_key(space, message):
     with pytest.raises(ConfigError) as e:
         parse_space(space)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"train.lrr": {"uniform": [0.1, 0.2]}}, "space train.lrr: value 0.1 is rejected by the config: unknown config key 'train.lrr'"),
-    ({"model.fusion": {"choice": ["concat", "sum"]}}, "space model.fusion: value 'sum' is rejected"),
-    ({"model.dropout": {"uniform": [0.5, 1.5]}}, "space model.dropout: value 1.5 is rejected by the config: model.dropout: must be within [0, 1]"),
-    ({"train.epochs": {"uniform": [1, 3]}}, "space train.epochs: value 1.0 is rejected by the config: train.epochs: expected an integer"),
-    ({"train.batch_size": {"randint": [0, 8]}}, "space train.batch_size: value 0 is rejected"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (
+            {"train.lrr": {"uniform": [0.1, 0.2]}},
+            "space train.lrr: value 0.1 is rejected by the config: unknown config key 'train.lrr'",
+        ),
+        ({"model.fusion": {"choice": ["concat", "sum"]}}, "space model.fusion: value 'sum' is rejected"),
+        (
+            {"model.dropout": {"uniform": [0.5, 1.5]}},
+            "space model.dropout: value 1.5 is rejected by the config: model.dropout: must be within [0, 1]",
+        ),
+        (
+            {"train.epochs": {"uniform": [1, 3]}},
+            "space train.epochs: value 1.0 is rejected by the config: train.epochs: expected an integer",
+        ),
+        ({"train.batch_size": {"randint": [0, 8]}}, "space train.batch_size: value 0 is rejected"),
+    ],
+)
 def test_values_the_config_rejects_fail_naming_the_key(space, message):
     with pytest.raises(ConfigError) as e:
         validate_space(DEMO, parse_space(space))
@@ -71,17 +88,27 @@ def test_values_the_config_rejects_fail_naming_the_key(space, message):
 
 def test_combinations_of_extremes_are_checked_too():
     # Each alone is fine with the demo's hidden_dim 64 / fusion_heads 4; 64 with 3 heads is not.
-    space = parse_space({"model.fusion": {"choice": ["concat", "cross_attention"]},
-                         "model.hidden_dim": {"choice": [48, 64]}, "model.fusion_heads": {"choice": [4, 3]}})  # fmt: skip
+    space = parse_space(
+        {
+            "model.fusion": {"choice": ["concat", "cross_attention"]},
+            "model.hidden_dim": {"choice": [48, 64]},
+            "model.fusion_heads": {"choice": [4, 3]},
+        }
+    )
     with pytest.raises(ConfigError, match=r"space: the combination .*'model.fusion_heads': 3.* model.fusion_heads"):
         validate_space(DEMO, space)
 
 
 def test_valid_space_yields_every_corner_config():
-    configs = validate_space(DEMO, parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]},
-                                                "model.fusion": {"choice": ["concat", "gated"]}}))  # fmt: skip
+    configs = validate_space(
+        DEMO, parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.fusion": {"choice": ["concat", "gated"]}})
+    )
     assert sorted((c.train.lr, c.model.fusion) for c in configs) == [
-        (1e-4, "concat"), (1e-4, "gated"), (1e-2, "concat"), (1e-2, "gated")]
+        (1e-4, "concat"),
+        (1e-4, "gated"),
+        (1e-2, "concat"),
+        (1e-2, "gated"),
+    ]
     assert all(c.data == load_config(REPO / "configs/demo.yaml").data for c in configs)
 
 
@@ -99,18 +126,32 @@ def test_with_values_sets_nested_keys_and_validates():
         with_values(DEMO, {"train.lr.x": 1})
 
 
-@pytest.mark.parametrize("key, own", [
-    ("train.lr", False), ("model.fusion", False), ("model.text_encoder.dim", False),
-    ("data.image.size", True), ("data", True), ("model.text_encoder.tokenizer", True), ("model.tasks.label", True),
-    ("model.text_encoder", True), ("storage.s3_region", True), ("train.resume_from", True),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, own",
+    [
+        ("train.lr", False),
+        ("model.fusion", False),
+        ("model.text_encoder.dim", False),
+        ("data.image.size", True),
+        ("data", True),
+        ("model.text_encoder.tokenizer", True),
+        ("model.tasks.label", True),
+        ("model.text_encoder", True),
+        ("storage.s3_region", True),
+        ("train.resume_from", True),
+    ],
+)
 def test_keys_that_change_preprocessing_make_each_trial_preprocess(key, own):
     assert tune.needs_own_preprocessing([Dimension(key, "choice", (None,))]) is own
 
 
 def test_trial_resources_and_concurrency_leave_a_cpu_for_reads():
-    cfg = config_from_dict({"train": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
-                            "data": {"preprocess": {"concurrency": 2, "num_cpus": 0.25}}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "train": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+            "data": {"preprocess": {"concurrency": 2, "num_cpus": 0.25}},
+        }
+    )
     assert trial_resources(cfg, reads_data=False) == {"CPU": pytest.approx(1.0 + tune.DRIVER_CPU)}
     assert trial_resources(cfg, reads_data=True) == {"CPU": pytest.approx(1.5 + tune.DRIVER_CPU)}
     assert concurrency({"CPU": 8.0}, trial_resources(cfg, False), reads_data=False) == 7  # 8 / 1.01
@@ -131,18 +172,40 @@ def test_gpu_trials_are_limited_by_gpus():
 
 def test_default_mode_and_metric_names():
     assert [tune.default_mode(m) for m in ("val_loss", "train_loss", "val_mae", "val_accuracy", "val_auroc")] == [
-        "min", "min", "min", "max", "max"]
+        "min",
+        "min",
+        "min",
+        "max",
+        "max",
+    ]
     task = task_from_dict({"name": "label", "kind": "multiclass", "classes": ["a", "b"]})
     assert {"train_loss", "val_loss", "val_accuracy", "val_macro_f1"} <= set(tune.metric_names([task]))
 
 
 def test_results_table_keeps_types_and_falls_back_to_json_for_mixed_choices():
-    dims = [Dimension("train.lr", "uniform", (0.1, 0.2)), Dimension("train.grad_clip", "choice", (None, 1.0)),
-            Dimension("model.image_encoder.freeze", "choice", (True, 2))]  # fmt: skip
-    rows = [{"trial_id": "a_00000", "train.lr": 0.15, "train.grad_clip": None, "model.image_encoder.freeze": True,
-             "best_metric": 0.5, "metric_history": [0.7, 0.5]},
-            {"trial_id": "a_00001", "train.lr": 0.11, "train.grad_clip": 1.0, "model.image_encoder.freeze": 2,
-             "best_metric": None, "metric_history": []}]  # fmt: skip
+    dims = [
+        Dimension("train.lr", "uniform", (0.1, 0.2)),
+        Dimension("train.grad_clip", "choice", (None, 1.0)),
+        Dimension("model.image_encoder.freeze", "choice", (True, 2)),
+    ]
+    rows = [
+        {
+            "trial_id": "a_00000",
+            "train.lr": 0.15,
+            "train.grad_clip": None,
+            "model.image_encoder.freeze": True,
+            "best_metric": 0.5,
+            "metric_history": [0.7, 0.5],
+        },
+        {
+            "trial_id": "a_00001",
+            "train.lr": 0.11,
+            "train.grad_clip": 1.0,
+            "model.image_encoder.freeze": 2,
+            "best_metric": None,
+            "metric_history": [],
+        },
+    ]
     table = tune.results_table(rows, dims, "val_loss", "min")
     assert table.column("train.lr").to_pylist() == [0.15, 0.11]
     assert table.column("train.grad_clip").to_pylist() == [None, 1.0]
@@ -156,7 +219,9 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     space.write_text("train.lr: {loguniform: [1.0e-4, 1.0e-2]}\nmodel.fusoin: {choice: [concat, gated]}\n")
     proc = run_cli(["tune", "--config", "configs/demo.yaml", "--space", str(space)], check=False, timeout=120)
     assert proc.returncode == 2
-    assert "space model.fusoin: value 'concat' is rejected by the config: unknown config key 'model.fusoin'" in proc.stderr
+    assert (
+        "space model.fusoin: value 'concat' is rejected by the config: unknown config key 'model.fusoin'" in proc.stderr
+    )
     assert "started a local Ray instance" not in proc.stderr + proc.stdout
 
 
@@ -194,10 +259,31 @@ def sweep(ray_address, tmp_path_factory):
     data = make_dataset(root / "data", rows=240, seed=3)
     space = root / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    overrides = [f"data.train={data['train']['path']}", f"data.val={data['val']['path']}",
-                 f"train.storage_path={root / 'runs'}", f"train.epochs={EPOCHS}", "train.num_workers=1"]  # fmt: skip
-    args = ["tune", "--config", "configs/demo.yaml", "--space", str(space), "--num-samples", "4",
-            "--max-concurrent", "1", "--reduction-factor", "2", "--grace-period", "1", "--name", "sweep", *overrides]  # fmt: skip
+    overrides = [
+        f"data.train={data['train']['path']}",
+        f"data.val={data['val']['path']}",
+        f"train.storage_path={root / 'runs'}",
+        f"train.epochs={EPOCHS}",
+        "train.num_workers=1",
+    ]
+    args = [
+        "tune",
+        "--config",
+        "configs/demo.yaml",
+        "--space",
+        str(space),
+        "--num-samples",
+        "4",
+        "--max-concurrent",
+        "1",
+        "--reduction-factor",
+        "2",
+        "--grace-period",
+        "1",
+        "--name",
+        "sweep",
+        *overrides,
+    ]
     proc = run_cli(args, ray_address)
     return {"root": root, "proc": proc, "out": proc.json, "overrides": overrides}
 
