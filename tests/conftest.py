@@ -25,6 +25,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray Train's controller polls its workers every 2 s by default, so every run waits up to one poll to see
+# each report and another to see the end; the suite's ~30 tiny runs poll 4x as often instead.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The trigger file of tests.faults (the train.before_step hook the fault tests install): one per session.
 os.environ[ENV_VAR] = os.path.join(tempfile.gettempdir(), f"mmray-fault-{uuid.uuid4().hex[:12]}.json")
 # Fake credentials for the local S3 API server (never a real AWS account).

@@ -1,5 +1,5 @@
-"""End to end through the real CLI: make-data -> train (2 workers) -> score, and ``mmray demo``, on the
-session's Ray."""
+"""End to end through the real CLI: ``mmray demo`` (make-data -> train with 2 workers -> score -> report) on the
+session's Ray, then ``mmray score`` of its checkpoint."""
 
 from __future__ import annotations
 
@@ -13,26 +13,51 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from tests.helpers import CLI_TIMEOUT, REPO, run_cli, tiny_overrides
+from tests.helpers import CLI_TIMEOUT, REPO, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def trained(ray_address, tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    made = run_cli(["make-data", str(root / "data"), "--rows", "800", "--seed", "1"]).json["splits"]
-    result = run_cli(
-        ["train", "--config", "configs/demo.yaml", *tiny_overrides(made, root / "runs", **{"train.num_workers": 2})],
-        ray_address,
-    ).json
-    return {"root": root, "data": made, "result": result}
+def demo(ray_address, tmp_path_factory) -> dict:
+    """``mmray demo`` itself (make-data -> train with 2 workers -> score -> report), joining the session's
+    cluster through ``--address`` (no RAY_ADDRESS). Its run serves every test here: one training, since
+    each costs most of a minute of worker start-up on this machine."""
+    root = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmray.cli",
+            "demo",
+            "--workdir",
+            str(root),
+            "--rows",
+            "800",
+            "--address",
+            ray_address,
+            "--config",
+            "configs/demo.yaml",
+            "train.epochs=3",
+            "train.num_workers=2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    data = {split: {"path": str(root / "data" / split)} for split in ("train", "val", "test")}
+    return {"root": root, "proc": proc, "res": res, "result": res["train"], "data": data}
 
 
-def test_train_reports_run_dir_checkpoint_and_metrics(trained):
-    res = trained["result"]
+def test_train_reports_run_dir_checkpoint_and_metrics(demo):
+    res = demo["result"]
     run_dir = Path(res["run_dir"])
-    assert run_dir.parent == trained["root"] / "runs"
+    assert run_dir.parent == demo["root"] / "runs"
     assert {"accuracy", "macro_f1", "loss"} <= set(res["metrics"])
     assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == res["metrics"]["accuracy"]
     ckpt = Path(res["checkpoint"])
@@ -42,23 +67,23 @@ def test_train_reports_run_dir_checkpoint_and_metrics(trained):
     assert bundle["preprocess"]["image"]["size"] == 32
 
 
-def test_training_learns(trained):
+def test_training_learns(demo):
     history = [
-        json.loads(line) for line in (Path(trained["result"]["run_dir"]) / "history.jsonl").read_text().splitlines()
+        json.loads(line) for line in (Path(demo["result"]["run_dir"]) / "history.jsonl").read_text().splitlines()
     ]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert trained["result"]["metrics"]["accuracy"] >= 0.6  # chance is 0.25, one modality alone 0.5
+    assert demo["result"]["metrics"]["accuracy"] >= 0.6  # chance is 0.25, one modality alone 0.5
 
 
-def test_score_writes_every_id_exactly_once(trained, ray_address):
-    out = trained["root"] / "preds"
-    test_split = trained["data"]["test"]
+def test_score_writes_every_id_exactly_once(demo, ray_address):
+    out = demo["root"] / "preds"
+    test_split = demo["data"]["test"]
     res = run_cli(
-        ["score", "--checkpoint", trained["result"]["checkpoint"], "--input", test_split["path"], "--output", str(out)],
+        ["score", "--checkpoint", demo["result"]["checkpoint"], "--input", test_split["path"], "--output", str(out)],
         ray_address,
     ).json
-    assert res["rows_in"] == res["rows_scored"] == test_split["rows"]
+    assert res["rows_in"] == res["rows_scored"] == 120  # 15% of 800
     table = pads.dataset(str(out), format="parquet").to_table()
     assert {"id", "prediction", "confidence", "probabilities"} <= set(table.column_names)
     ids = table.column("id").to_pylist()
@@ -74,37 +99,10 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     assert proc.returncode == 2 and "train.epochz" in proc.stderr
 
 
-def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_address, tmp_path):
-    """``mmray demo`` itself (tiny), joining the session's cluster through ``--address`` (no RAY_ADDRESS)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mmray.cli",
-            "demo",
-            "--workdir",
-            str(tmp_path / "demo"),
-            "--rows",
-            "200",
-            "--address",
-            ray_address,
-            "--config",
-            "configs/demo.yaml",
-            "train.epochs=1",
-            "train.num_workers=1",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(demo, ray_address):
+    proc, res, root = demo["proc"], demo["res"], demo["root"]
     assert f"mmray: joined the Ray cluster at {ray_address}" in proc.stderr  # not a new local Ray
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    root = tmp_path / "demo"
-    assert res["score"]["rows_in"] == res["score"]["rows_scored"] == 30  # 15% of 200
+    assert res["score"]["rows_in"] == res["score"]["rows_scored"] == 120  # 15% of 800
     assert json.loads((root / "runs" / "latest.json").read_text())["checkpoint"] == res["train"]["checkpoint"]
     preds = pads.dataset(str(root / "predictions"), format="parquet").to_table(columns=["id", "prediction"])
     labels = pads.dataset(str(root / "data" / "test"), format="parquet").to_table(columns=["id", "label"])
@@ -112,10 +110,10 @@ def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_add
     got = dict(zip(preds.column("id").to_pylist(), preds.column("prediction").to_pylist()))
     assert got.keys() == truth.keys()
     assert res["test_accuracy"] == pytest.approx(sum(got[i] == truth[i] for i in truth) / len(truth))
-    assert f"mmray demo: test accuracy {res['test_accuracy']:.3f} (30 rows scored)" in proc.stdout
+    assert f"mmray demo: test accuracy {res['test_accuracy']:.3f} (120 rows scored)" in proc.stdout
     # mmray's own lines, and none of Ray's: the whole output fits one screen.
-    assert "mmray train: run " in proc.stderr and "epoch 1/1  train_loss " in proc.stderr
-    assert "mmray score: committed 30 rows" in proc.stderr
+    assert "mmray train: run " in proc.stderr and "epoch 3/3  train_loss " in proc.stderr
+    assert "mmray score: committed 120 rows" in proc.stderr
     for chatter in ("Reporting training result", "Execution plan", "TrainController", "Progress bars"):
         assert chatter not in proc.stderr + proc.stdout
     assert len((proc.stderr + proc.stdout).splitlines()) <= 30, proc.stderr + proc.stdout
@@ -128,7 +126,7 @@ def test_demo_runs_make_data_train_score_on_the_cluster_given_by_address(ray_add
     assert page.count('src="data:image/png;base64,') == 6  # curves x2, lr, confusion, per-class, calibration
 
 
-def test_a_ray_client_address_is_refused_before_connecting(trained, tmp_path):
+def test_a_ray_client_address_is_refused_before_connecting(demo, tmp_path):
     """``--address ray://...`` (or RAY_ADDRESS): Ray Data cannot stream through Ray Client on Ray 2.60
     (the executor fails deep inside with "'Worker' object has no attribute 'core_worker'", after the
     job did its checks). The CLI says so at once, names the way that works, and starts no Ray."""
@@ -144,9 +142,9 @@ def test_a_ray_client_address_is_refused_before_connecting(trained, tmp_path):
                 "score",
                 *how,
                 "--checkpoint",
-                trained["result"]["checkpoint"],
+                demo["result"]["checkpoint"],
                 "--input",
-                trained["data"]["test"]["path"],
+                demo["data"]["test"]["path"],
                 "--output",
                 str(out),
             ],
