@@ -236,20 +236,70 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(cluster, data) -> dict:
-    proc = _submit(cluster, "train-two-nodes", _train_args(cluster, data, "two-nodes", **{"train.epochs": 2}))
-    return {"result": _result(proc), "log": proc.stdout}
+def trained(cluster, data, tmp_path_factory) -> dict:
+    """One training serves the module (each costs a minute here): two workers on two nodes with
+    checkpoints on S3, and the second node's raylet SIGKILLed while rank 0 holds at the start of epoch 1
+    (after epoch 0's checkpoint is recorded on S3). ``train.max_failures=1`` restarts the worker group;
+    it needs two slots, so it waits until a replacement node joins (on KubeRay or the launcher the
+    autoscaler brings one), then resumes from epoch 0's checkpoint and finishes. ``data.cache=never``
+    streams the data: blocks cached in the lost node's object store would go with it."""
+    name = "lost-node"
+    hold = cluster["hold"]
+    hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": JOB_TIMEOUT}))
+    args = _submit_args(
+        cluster,
+        "train-lost-node",
+        _train_args(
+            cluster,
+            data,
+            name,
+            **{"train.epochs": 2, "train.max_failures": 1, "data.cache": "never", "train.before_step": faults.HOOK},
+        ),
+    )
+    log = tmp_path_factory.mktemp("lost_node") / "lost-node.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(args, env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            snapshot = f"s3://{BUCKET}/runs/{name}/checkpoint_manager_snapshot.json"
+            deadline = time.monotonic() + JOB_TIMEOUT
+            while not (
+                storage.exists(snapshot, cluster["store"])
+                and "checkpoint_epoch0000" in storage.read_text(snapshot, cluster["store"])
+            ):
+                assert job.poll() is None, f"the job ended early:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no checkpoint was recorded on S3:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+            (raylet,) = [p for p in _pids(str(cluster["root"] / "node2")) if "raylet" in p.name()]
+            raylet.kill()
+            _start_node(cluster["root"] / "node3", cluster["env"], cluster["gcs"])  # the replacement
+            hold.unlink()
+            job.wait(timeout=JOB_TIMEOUT)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    text = log.read_text()
+    assert job.returncode == 0, text[-4000:]
+    return {"name": name, "result": _result(text), "log": text}
 
 
+@pytest.mark.timeout(2 * JOB_TIMEOUT)  # the first test pays for the module's training
 def test_two_trainer_workers_run_on_two_nodes_with_checkpoints_on_s3(cluster, data, trained):
     result = trained["result"]
-    assert result["checkpoint"].startswith(f"s3://{BUCKET}/runs/two-nodes/checkpoint_epoch")
+    assert result["checkpoint"].startswith(f"s3://{BUCKET}/runs/{trained['name']}/checkpoint_epoch")
     assert storage.exists(f"{result['checkpoint']}/model.safetensors", cluster["store"])
     assert result["metrics"]["data"]["train"]["rows_in"] == data["train"]["rows"]
     assert "mmray train: config {" in trained["log"]  # the job logs its resolved config first
-    workers = _actor_nodes(cluster, "train-two-nodes")["RayTrainWorker"]
-    assert len(workers) == 2 and len(set(workers)) == 2, workers  # one worker per node, never restarted
-    assert [h["epoch"] for h in _history(cluster, "two-nodes")] == [0, 1]
+    # One worker per node in each worker group: head + node2, then (node2 lost) head + node3. Each node
+    # has one slot, so four workers on three distinct nodes is the only placement that satisfies it.
+    workers = _actor_nodes(cluster, "train-lost-node")["RayTrainWorker"]
+    assert len(workers) == 4 and len(set(workers)) == 3, workers
+
+
+def test_losing_a_node_mid_training_resumes_from_the_committed_checkpoint(cluster, trained):
+    history = _history(cluster, trained["name"])
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["resumed_from_epoch"] for h in history] == [None, 0]  # the restart resumed from epoch 0's checkpoint
+    assert storage.exists(f"{trained['result']['checkpoint']}/model.safetensors", cluster["store"])
 
 
 def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster, data, trained):
@@ -287,55 +337,3 @@ def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster
 
     expected = pads.dataset(data["test"]["path"], format="parquet").to_table(columns=["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)  # every row exactly once
-
-
-@pytest.mark.timeout(2 * JOB_TIMEOUT)
-def test_losing_a_node_mid_training_resumes_from_the_committed_checkpoint(cluster, data, tmp_path):
-    """The second node's raylet is SIGKILLed while training holds at the start of epoch 1 (after epoch 0's
-    checkpoint is recorded on S3). ``train.max_failures=1`` restarts the worker group; it needs two
-    slots, so it waits until a replacement node joins (on KubeRay or the launcher the autoscaler brings
-    one), then resumes from epoch 0's checkpoint and finishes. ``data.cache=never`` streams the data:
-    blocks cached in the lost node's object store would go with it."""
-    name = "lost-node"
-    hold = cluster["hold"]
-    hold.write_text(json.dumps({"rank": 0, "epoch": 1, "step": 0, "action": "pause", "max_s": JOB_TIMEOUT}))
-    args = _submit_args(
-        cluster,
-        "train-lost-node",
-        _train_args(
-            cluster,
-            data,
-            name,
-            **{"train.epochs": 2, "train.max_failures": 1, "data.cache": "never", "train.before_step": faults.HOOK},
-        ),
-    )
-    log = tmp_path / "lost-node.log"
-    with open(log, "w") as out:
-        job = subprocess.Popen(args, env=cluster["env"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            snapshot = f"s3://{BUCKET}/runs/{name}/checkpoint_manager_snapshot.json"
-            deadline = time.monotonic() + JOB_TIMEOUT
-            while not (
-                storage.exists(snapshot, cluster["store"])
-                and "checkpoint_epoch0000" in storage.read_text(snapshot, cluster["store"])
-            ):
-                assert job.poll() is None, f"the job ended early:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no checkpoint was recorded on S3:\n{log.read_text()[-3000:]}"
-                time.sleep(0.5)
-            (raylet,) = [p for p in _pids(str(cluster["root"] / "node2")) if "raylet" in p.name()]
-            raylet.kill()
-            _start_node(cluster["root"] / "node3", cluster["env"], cluster["gcs"])  # the replacement
-            hold.unlink()
-            job.wait(timeout=JOB_TIMEOUT)
-        finally:
-            if job.poll() is None:
-                job.kill()
-    text = log.read_text()
-    assert job.returncode == 0, text[-4000:]
-    result = _result(text)
-    history = _history(cluster, name)
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert [h["resumed_from_epoch"] for h in history] == [None, 0]  # the restart resumed from epoch 0's checkpoint
-    assert storage.exists(f"{result['checkpoint']}/model.safetensors", cluster["store"])
-    workers = _actor_nodes(cluster, "train-lost-node")["RayTrainWorker"]
-    assert len(workers) == 4 and len(set(workers)) == 3  # two on head + node2, then two on head + node3
