@@ -28,9 +28,21 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmray.config import Config
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
+from mmray.data.schema import (
+    ATTENTION_MASK,
+    ERROR,
+    ERROR_COLUMN,
+    ERROR_STAGE,
+    ID,
+    IMAGE,
+    TEXT,
+    SchemaError,
+    check_columns,
+    mask_key,
+    unify_columns,
+)
 
 __all__ = ["CannotReadError", "format_report", "validate_data"]
 
@@ -62,13 +74,13 @@ def _schema_problems(meta: dict[str, pq.FileMetaData], expected: dict[str, str])
     schemas = {path: m.schema.to_arrow_schema() for path, m in meta.items()}
     for path, schema in schemas.items():
         try:
-            S.check_columns(schema, expected, path)
-        except S.SchemaError as e:
+            check_columns(schema, expected, path)
+        except SchemaError as e:
             problems.append(str(e))
     if not problems:
         try:
-            S.unify_columns(schemas, expected)
-        except S.SchemaError as e:
+            unify_columns(schemas, expected)
+        except SchemaError as e:
             problems.append(str(e))
     return problems
 
@@ -193,19 +205,19 @@ def _row_checks(
                 raw = _numpy_batch(batch)
                 out = preprocessor(raw)
                 for i in range(batch.num_rows):
-                    error = out[S.ERROR][i]
+                    error = out[ERROR][i]
                     if error:
-                        key = (out[S.ERROR_STAGE][i], out[S.ERROR_COLUMN][i], error[:60])
+                        key = (out[ERROR_STAGE][i], out[ERROR_COLUMN][i], error[:60])
                         reasons[key] += 1
-                        examples.setdefault(key, str(out[S.ID][i]))
+                        examples.setdefault(key, str(out[ID][i]))
                     else:
-                        if out[S.mask_key(S.TEXT)][i]:
-                            n = int(out[S.ATTENTION_MASK][i].sum())
+                        if out[mask_key(TEXT)][i]:
+                            n = int(out[ATTENTION_MASK][i].sum())
                             tokens.append(n)
                             truncated += n >= spec.text.max_length
-                    missing["text"] += not out[S.mask_key(S.TEXT)][i] and not error
-                    missing["image"] += not out[S.mask_key(S.IMAGE)][i] and not error
-                    row_id = out[S.ID][i]
+                    missing["text"] += not out[mask_key(TEXT)][i] and not error
+                    missing["image"] += not out[mask_key(IMAGE)][i] and not error
+                    row_id = out[ID][i]
                     if row_id is not None:
                         (duplicated.update([row_id]) if row_id in seen else seen.add(row_id))
                 for t in spec.tasks:

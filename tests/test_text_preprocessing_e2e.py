@@ -12,8 +12,8 @@ import pytest
 
 from mmray.checkpoint import TOKENIZER_DIR, load_info
 from mmray.config import load_config
-from mmray.data import schema as S
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
+from mmray.data.schema import ATTENTION_MASK, INPUT_IDS, POS_IDS
 from mmray.data.text import read_tokenizer_dir
 from tests.helpers import REPO, run_cli, tiny_overrides
 
@@ -58,9 +58,9 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
     user_dict.unlink()
     from_ckpt = Preprocessor(PreprocessSpec.from_dict(info.preprocess, tasks=info.tasks, with_labels=False), files)
     at_scoring = from_ckpt(batch)
-    for key in (S.INPUT_IDS, S.ATTENTION_MASK, S.POS_IDS):
+    for key in (INPUT_IDS, ATTENTION_MASK, POS_IDS):
         assert np.array_equal(at_scoring[key], at_training[key]), key
-    assert (at_scoring[S.POS_IDS] > 0).sum() >= (at_scoring[S.ATTENTION_MASK].sum() - 2 * len(rows["id"])) * 0.9
+    assert (at_scoring[POS_IDS] > 0).sum() >= (at_scoring[ATTENTION_MASK].sum() - 2 * len(rows["id"])) * 0.9
 
     scored = run_cli(
         [

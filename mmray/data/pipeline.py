@@ -24,9 +24,18 @@ import pyarrow.parquet as pq
 import ray.data
 
 from mmray.config import PreprocessConfig, StorageConfig
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.preprocess import Preprocessor, PreprocessSpec, keep_good
+from mmray.data.schema import (
+    ERROR,
+    ERROR_COLUMN,
+    ERROR_STAGE,
+    ID,
+    QUARANTINE_SCHEMA,
+    SchemaError,
+    check_columns,
+    unify_columns,
+)
 from mmray.runtime import Demand
 
 __all__ = [
@@ -67,8 +76,8 @@ def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> lis
     files = storage.list_parquet_files(uri, store)
     schemas = _schemas(uri, files, store)
     for path, schema in schemas.items():  # sorted: the first failing file is named
-        S.check_columns(schema, expected, path)
-    S.unify_columns(schemas, expected)  # files that disagree on a column's type: cast, or fail naming both
+        check_columns(schema, expected, path)
+    unify_columns(schemas, expected)  # files that disagree on a column's type: cast, or fail naming both
     return files
 
 
@@ -82,7 +91,7 @@ def _schemas(uri: str, files: list[str], store: StorageConfig) -> dict[str, pa.S
         except (pa.ArrowException, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            raise S.SchemaError(
+            raise SchemaError(
                 f"{_shown(uri, path)} is not a readable Parquet file: {storage.redact(str(e))[:200]}"
             ) from None
 
@@ -108,7 +117,7 @@ def read_input(uri: str, files: list[str], store: StorageConfig, columns: list[s
     """Reads ``columns`` of ``files`` lazily; files whose types differ (``id`` int64 in one, string in
     another) are read through one unified schema, cast per file, instead of failing in Ray's merge."""
     fs, _ = storage.resolve(uri, store)
-    schema = S.unify_columns(_schemas(uri, files, store), dict.fromkeys(columns, "any")) if len(files) > 1 else None
+    schema = unify_columns(_schemas(uri, files, store), dict.fromkeys(columns, "any")) if len(files) > 1 else None
     return ray.data.read_parquet(files, filesystem=fs, columns=columns, schema=schema)
 
 
@@ -183,7 +192,7 @@ class Quarantine:
         self.uri, self.rows = uri, 0
         self.reasons: Counter[tuple[str, str]] = Counter()  # (column, reason prefix) -> rows
         self._sink = fs.open_output_stream(path)
-        self._writer = pq.ParquetWriter(self._sink, S.QUARANTINE_SCHEMA)
+        self._writer = pq.ParquetWriter(self._sink, QUARANTINE_SCHEMA)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
@@ -196,7 +205,7 @@ class Quarantine:
     def add(self, records: pa.Table) -> None:
         if not records.num_rows:
             return
-        records = records.cast(S.QUARANTINE_SCHEMA)
+        records = records.cast(QUARANTINE_SCHEMA)
         self.rows += records.num_rows
         for key, count in reason_counts(records).items():
             if key in self.reasons or len(self.reasons) < _MAX_REASON_KEYS:
@@ -225,13 +234,13 @@ _MAX_REASON_KEYS = 10_000  # distinct (column, reason prefix) pairs counted for 
 
 
 def quarantine_records(rows: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> pa.Table:
-    """The quarantine record (``id, stage, column, error``; ``S.QUARANTINE_SCHEMA``) of each row with an
+    """The quarantine record (``id, stage, column, error``; ``QUARANTINE_SCHEMA``) of each row with an
     error, from anything that carries the bookkeeping columns: a preprocessed or scored Arrow batch, or
     a numpy batch inside an actor. A row whose error is null is no good row either: it is quarantined."""
-    error = _as_string(rows[S.ERROR])
+    error = _as_string(rows[ERROR])
     bad = pc.invert(pc.fill_null(pc.equal(error, ""), False))
-    columns = [_as_string(rows[S.ID]), _as_string(rows[S.ERROR_STAGE]), _as_string(rows[S.ERROR_COLUMN]), error]
-    return pa.table([pc.filter(c, bad) for c in columns], schema=S.QUARANTINE_SCHEMA)
+    columns = [_as_string(rows[ID]), _as_string(rows[ERROR_STAGE]), _as_string(rows[ERROR_COLUMN]), error]
+    return pa.table([pc.filter(c, bad) for c in columns], schema=QUARANTINE_SCHEMA)
 
 
 def reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:
@@ -258,7 +267,7 @@ def stream_quarantine(ds: ray.data.Dataset, uri: str, store: StorageConfig) -> Q
     Returns:
         The closed ``Quarantine``: its ``rows`` and ``reasons`` (for ``summarize_reasons``).
     """
-    bookkeeping = ds.select_columns([S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE])
+    bookkeeping = ds.select_columns([ID, ERROR, ERROR_COLUMN, ERROR_STAGE])
     with Quarantine(uri, store) as quarantine:
         for batch in bookkeeping.iter_batches(batch_format="pyarrow", batch_size=None):
             quarantine.add(quarantine_records(batch))

@@ -22,10 +22,23 @@ from typing import Any
 import numpy as np
 
 from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.image import ImageDecodeError, decode_image, resize_uint8
 from mmray.data.labels import LabelError, Task, task_from_dict
+from mmray.data.schema import (
+    ATTENTION_MASK,
+    ERROR,
+    ERROR_COLUMN,
+    ERROR_STAGE,
+    ID,
+    IMAGE,
+    INPUT_IDS,
+    PIXELS,
+    POS_IDS,
+    TEXT,
+    label_key,
+    mask_key,
+)
 from mmray.data.text import (
     PosTagger,
     TextNormalizer,
@@ -176,20 +189,20 @@ class Preprocessor:
         spec, n = self.spec, len(batch[self.spec.id_column])
         size, length = spec.image.size, spec.text.max_length
         out: dict[str, Any] = {
-            S.ID: np.empty(n, dtype=object),
-            S.PIXELS: np.zeros((n, 3, size, size), dtype=np.uint8),
-            S.mask_key(S.IMAGE): np.zeros(n, dtype=np.float32),
-            S.mask_key(S.TEXT): np.zeros(n, dtype=np.float32),
-            S.ERROR: np.full(n, "", dtype=object),
-            S.ERROR_COLUMN: np.full(n, "", dtype=object),
-            S.ERROR_STAGE: np.full(n, "", dtype=object),
+            ID: np.empty(n, dtype=object),
+            PIXELS: np.zeros((n, 3, size, size), dtype=np.uint8),
+            mask_key(IMAGE): np.zeros(n, dtype=np.float32),
+            mask_key(TEXT): np.zeros(n, dtype=np.float32),
+            ERROR: np.full(n, "", dtype=object),
+            ERROR_COLUMN: np.full(n, "", dtype=object),
+            ERROR_STAGE: np.full(n, "", dtype=object),
         }
         labels = {t.name: [t.empty_target()] * n for t in spec.tasks} if spec.with_labels else {}
         texts: list[str] = [""] * n
         fetched = self._fetch_images(batch, n)
         for i in range(n):
             try:
-                out[S.ID][i] = self._row(batch, i, out, texts, labels, fetched)
+                out[ID][i] = self._row(batch, i, out, texts, labels, fetched)
             except Exception as e:  # one bad row must never fail the batch (and with it the job)
                 error = (
                     e
@@ -200,21 +213,21 @@ class Preprocessor:
                 texts[i] = ""
         ids, attn, pos, failed = self._tokenize(texts, length)
         for i, reason in failed.items():
-            self._flag(out, i, out[S.ID][i], _RowError("tokenize", spec.text_column, reason))
-        out[S.INPUT_IDS], out[S.ATTENTION_MASK] = ids, attn
+            self._flag(out, i, out[ID][i], _RowError("tokenize", spec.text_column, reason))
+        out[INPUT_IDS], out[ATTENTION_MASK] = ids, attn
         if pos is not None:
-            out[S.POS_IDS] = pos
+            out[POS_IDS] = pos
         for t in spec.tasks if spec.with_labels else ():
             dtype = np.int64 if t.kind == "multiclass" else np.float32
-            out[S.label_key(t.name)] = np.stack([np.asarray(v, dtype=dtype) for v in labels[t.name]])
+            out[label_key(t.name)] = np.stack([np.asarray(v, dtype=dtype) for v in labels[t.name]])
         return out
 
     @staticmethod
     def _flag(out: dict[str, Any], i: int, row_id: str | None, e: _RowError) -> None:
-        out[S.ID][i] = row_id
-        out[S.ERROR][i], out[S.ERROR_COLUMN][i], out[S.ERROR_STAGE][i] = e.reason or "error", e.column, e.stage
-        out[S.mask_key(S.IMAGE)][i] = out[S.mask_key(S.TEXT)][i] = 0.0
-        out[S.PIXELS][i] = 0
+        out[ID][i] = row_id
+        out[ERROR][i], out[ERROR_COLUMN][i], out[ERROR_STAGE][i] = e.reason or "error", e.column, e.stage
+        out[mask_key(IMAGE)][i] = out[mask_key(TEXT)][i] = 0.0
+        out[PIXELS][i] = 0
 
     def _row(self, batch, i, out, texts, labels, fetched) -> str:
         spec = self.spec
@@ -237,11 +250,11 @@ class Preprocessor:
                 except LabelError as e:
                     raise _RowError("label", t.name, str(e)) from None
         if pixels is not None:
-            out[S.PIXELS][i] = pixels
-            out[S.mask_key(S.IMAGE)][i] = 1.0
+            out[PIXELS][i] = pixels
+            out[mask_key(IMAGE)][i] = 1.0
         if text:
             texts[i] = text
-            out[S.mask_key(S.TEXT)][i] = 1.0
+            out[mask_key(TEXT)][i] = 1.0
         return row_id
 
     def _text(self, raw: Any) -> str:
@@ -407,6 +420,6 @@ def _py(v: Any) -> Any:
 
 def keep_good(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rows without an error, bookkeeping columns dropped (ready for ``iter_torch_batches``)."""
-    good = batch[S.ERROR] == ""
-    drop = (S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE)
+    good = batch[ERROR] == ""
+    drop = (ERROR, ERROR_COLUMN, ERROR_STAGE)
     return {k: v[good] for k, v in batch.items() if k not in drop}

@@ -307,12 +307,12 @@ def load_user_dict(spec: str | None, storage: StorageConfig | None = None) -> tu
     """
     if not spec:
         return ()
-    from mmray.data import storage as st
+    from mmray.data.storage import read_text, redact
 
     try:
-        text = st.read_text(spec, storage)
+        text = read_text(spec, storage)
     except FileNotFoundError:
-        raise FileNotFoundError(f"data.text.user_dict: no user dictionary at {st.redact(spec)}") from None
+        raise FileNotFoundError(f"data.text.user_dict: no user dictionary at {redact(spec)}") from None
     lines = (line.strip().lstrip("\ufeff") for line in text.splitlines())
     return tuple(line for line in lines if line and not line.startswith("#"))
 
@@ -328,13 +328,13 @@ def load_stopwords(spec: str | None, storage: StorageConfig | None = None) -> tu
     names = spec.split("+")
     if all(n in _STOPWORDS for n in names):
         return tuple(sorted({w for n in names for w in _STOPWORDS[n]}))
-    from mmray.data import storage as st
+    from mmray.data.storage import read_text, redact
 
     try:
-        text = st.read_text(spec, storage)
+        text = read_text(spec, storage)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"data.text.stopwords: no stopword file at {st.redact(spec)} "
+            f"data.text.stopwords: no stopword file at {redact(spec)} "
             f"(built-in lists: {' | '.join(sorted(_STOPWORDS))})"
         ) from None
     words = {line.strip().lstrip("\ufeff") for line in text.splitlines()}
@@ -493,11 +493,11 @@ def load_tokenizer(name_or_dir: str | Path, storage: StorageConfig | None = None
         FileNotFoundError: a local or S3 directory that does not exist.
         ValueError: anything else that cannot be loaded, naming the source.
     """
-    from mmray.data import storage as st
+    from mmray.data.storage import is_s3, local_dir
 
     name = str(name_or_dir)
-    if st.is_s3(name):
-        with st.local_dir(name, storage) as local:
+    if is_s3(name):
+        with local_dir(name, storage) as local:
             return _from_pretrained(local, shown=name)
     path = os.path.expanduser(name.removeprefix("file://"))
     if name.startswith(("/", "./", "../", "~", "file://")) and not os.path.isdir(path):
@@ -508,9 +508,9 @@ def load_tokenizer(name_or_dir: str | Path, storage: StorageConfig | None = None
 def _from_pretrained(path: str, shown: str):
     from transformers import AutoTokenizer
 
-    from mmray.data import storage as st
+    from mmray.data.storage import redact
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # HF reports a bad id, a missing file or no network as these
-        raise ValueError(f"cannot load a tokenizer from {st.redact(shown)}: {st.redact(str(e))[:300]}") from None
+        raise ValueError(f"cannot load a tokenizer from {redact(shown)}: {redact(str(e))[:300]}") from None

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from mmray.config import ImageConfig, ModelConfig, StorageConfig, TextConfig
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import IMAGE, TEXT
 from mmray.data.text import POS_TAGS
 from mmray.models.classifier import FusionClassifier
 from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
@@ -43,7 +43,7 @@ def build_text_encoder(
     elif enc.kind == "hf":
         from mmray.models.hf import HFTextEncoder, load_hf_model
 
-        model = load_hf_model(enc.name, storage, _architecture(architecture_dir, S.TEXT))
+        model = load_hf_model(enc.name, storage, _architecture(architecture_dir, TEXT))
         module = HFTextEncoder(model, enc.pooling, pos_vocab)
         limit = getattr(module.model.config, "max_position_embeddings", None)
         if limit is not None and text.max_length > limit:
@@ -119,8 +119,8 @@ def build_model(
     """
     encoders = nn.ModuleDict(
         {
-            S.TEXT: build_text_encoder(cfg, text, vocab_size, architecture_dir, storage),
-            S.IMAGE: build_image_encoder(cfg, image, architecture_dir, storage),
+            TEXT: build_text_encoder(cfg, text, vocab_size, architecture_dir, storage),
+            IMAGE: build_image_encoder(cfg, image, architecture_dir, storage),
         }
     )
     fusion = build_fusion(cfg, encoders)

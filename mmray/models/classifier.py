@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmray.data import schema as S
+from mmray.data.schema import INPUT_IDS, PIXELS, mask_key
 from mmray.data.transforms import normalize
 from mmray.models.encoders import Encoded
 
@@ -54,9 +54,9 @@ class FusionClassifier(nn.Module):
 
     def masks(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Modality presence per row (1/0) from the batch; with modality dropout while training."""
-        ref = batch[S.INPUT_IDS] if S.INPUT_IDS in batch else batch[S.PIXELS]
+        ref = batch[INPUT_IDS] if INPUT_IDS in batch else batch[PIXELS]
         ones = torch.ones(ref.shape[0], device=ref.device)
-        masks = {m: batch.get(S.mask_key(m), ones).float() for m in sorted(self.encoders)}
+        masks = {m: batch.get(mask_key(m), ones).float() for m in sorted(self.encoders)}
         if self.training and self.modality_dropout > 0 and len(masks) > 1:
             masks = self._drop_modalities(masks)
         return masks
@@ -73,8 +73,8 @@ class FusionClassifier(nn.Module):
 
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Encoded]:
         """Every encoder's output (uint8 pixels are normalised here, on the batch's device)."""
-        if S.PIXELS in batch and batch[S.PIXELS].dtype == torch.uint8:
-            batch = {**batch, S.PIXELS: normalize(batch[S.PIXELS], self.pixel_mean, self.pixel_std)}
+        if PIXELS in batch and batch[PIXELS].dtype == torch.uint8:
+            batch = {**batch, PIXELS: normalize(batch[PIXELS], self.pixel_mean, self.pixel_std)}
         return {m: self.encoders[m](batch) for m in sorted(self.encoders)}
 
     def predict(self, features: dict[str, Encoded], masks: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mmray.data import schema as S
+from mmray.data.schema import ATTENTION_MASK, INPUT_IDS, PIXELS, POS_IDS
 from mmray.models.freeze import FrozenEvalMixin
 
 __all__ = ["Encoded", "TinyImageEncoder", "TinyTextEncoder", "masked_mean", "pos_embedding"]
@@ -78,11 +78,11 @@ class TinyTextEncoder(FrozenEvalMixin, nn.Module):
         return list(self.blocks.layers)
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
-        ids, mask = batch[S.INPUT_IDS], batch[S.ATTENTION_MASK].bool()
+        ids, mask = batch[INPUT_IDS], batch[ATTENTION_MASK].bool()
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.embed(ids) + self.position(pos)
         if self.pos is not None:
-            x = x + self.pos(batch[S.POS_IDS])
+            x = x + self.pos(batch[POS_IDS])
         x = self.norm(self.blocks(x, src_key_padding_mask=~keep_one_key(mask)))
         pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
         return Encoded(pooled, x, mask)
@@ -111,7 +111,7 @@ class TinyImageEncoder(FrozenEvalMixin, nn.Module):
         return list(self.features)
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
-        grid = self.features(batch[S.PIXELS])  # [B, D, h, w]
+        grid = self.features(batch[PIXELS])  # [B, D, h, w]
         tokens = grid.flatten(2).transpose(1, 2)  # [B, h*w, D]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Encoded(tokens.mean(1), tokens, mask)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mmray.config import StorageConfig
-from mmray.data import schema as S
+from mmray.data.schema import ATTENTION_MASK, INPUT_IDS, POS_IDS
 from mmray.data.storage import is_s3, local_dir
 from mmray.models.encoders import Encoded, keep_one_key, masked_mean, pos_embedding
 from mmray.models.freeze import FrozenEvalMixin
@@ -83,12 +83,12 @@ class HFTextEncoder(FrozenEvalMixin, nn.Module):
         self.model.config.save_pretrained(directory)
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
-        ids, mask = batch[S.INPUT_IDS], batch[S.ATTENTION_MASK].bool()
+        ids, mask = batch[INPUT_IDS], batch[ATTENTION_MASK].bool()
         attn = keep_one_key(mask).long()
         if self.pos is None:
             hidden = self.model(input_ids=ids, attention_mask=attn).last_hidden_state
         else:  # the model adds its own position (and token-type) embeddings to inputs_embeds
-            embeds = self.model.get_input_embeddings()(ids) + self.pos(batch[S.POS_IDS])
+            embeds = self.model.get_input_embeddings()(ids) + self.pos(batch[POS_IDS])
             hidden = self.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, mask)
         return Encoded(pooled, hidden, mask)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mmray.config import StorageConfig
-from mmray.data import schema as S
+from mmray.data.schema import PIXELS
 from mmray.models.encoders import Encoded
 from mmray.models.freeze import FrozenEvalMixin
 
@@ -91,7 +91,7 @@ class TorchvisionImageEncoder(FrozenEvalMixin, nn.Module):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            enc = self({S.PIXELS: torch.zeros(2, 3, image_size, image_size)})
+            enc = self({PIXELS: torch.zeros(2, 3, image_size, image_size)})
         model.train(was_training)
         self.out_dim, self.token_dim = enc.pooled.shape[-1], enc.tokens.shape[-1]
 
@@ -106,7 +106,7 @@ class TorchvisionImageEncoder(FrozenEvalMixin, nn.Module):
         return grid.flatten(2).transpose(1, 2)
 
     def forward(self, batch: dict[str, Tensor]) -> Encoded:
-        x = batch[S.PIXELS]
+        x = batch[PIXELS]
         if self.grid_path is None:
             pooled = self.model(x)
             tokens = pooled.unsqueeze(1)
@@ -129,9 +129,9 @@ def _is_file(weights: str) -> bool:
 
 
 def _read_state_dict(uri: str, storage: StorageConfig | None) -> dict[str, Tensor]:
-    from mmray.data import storage as st
+    from mmray.data.storage import read_bytes
 
-    data = st.read_bytes(uri, storage)
+    data = read_bytes(uri, storage)
     if uri.endswith(".safetensors"):
         from safetensors.torch import load
 

@@ -31,15 +31,15 @@ import torch
 from mmray.checkpoint import open_checkpoint
 from mmray.config import Config, ModelConfig, StorageConfig
 from mmray.data import pipeline, storage
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import ERROR, IMAGE, MODALITIES, QUARANTINE_SCHEMA, TEXT, label_key
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.score.predictor import model_inputs
 
 __all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_evaluation", "variant_masks", "variant_names"]
 
 VARIANTS = ("full", "text_masked", "image_masked")
-_MASKED = {"text_masked": S.TEXT, "image_masked": S.IMAGE}
+_MASKED = {"text_masked": TEXT, "image_masked": IMAGE}
 _MAX_QUARANTINE_SAMPLES = 20
 
 
@@ -68,7 +68,7 @@ class AblationEvaluator:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        good = np.flatnonzero(batch[S.ERROR] == "")
+        good = np.flatnonzero(batch[ERROR] == "")
         states = [MetricAccumulator(self.tasks) for _ in self.names]
         bad = pipeline.quarantine_records(batch).to_pylist()
         if len(good):
@@ -80,7 +80,7 @@ class AblationEvaluator:
 
     def _update(self, batch: dict[str, np.ndarray], rows: np.ndarray, states: list[MetricAccumulator]) -> None:
         inputs = model_inputs(batch, rows, self.device)
-        labels = {t.name: np.ascontiguousarray(batch[S.label_key(t.name)][rows]) for t in self.tasks}
+        labels = {t.name: np.ascontiguousarray(batch[label_key(t.name)][rows]) for t in self.tasks}
         targets = {name: torch.from_numpy(v).to(self.device) for name, v in labels.items()}
         features = self.model.encode(inputs)
         masks = self.model.masks(inputs)
@@ -99,7 +99,7 @@ class AblationEvaluator:
 
 def variant_names(model_cfg: ModelConfig) -> list[str]:
     """The reported variants; ``unimodal.<m>`` when the model has auxiliary heads (builder's rule)."""
-    aux = sorted(S.MODALITIES) if model_cfg.aux_loss_weight > 0 else []
+    aux = sorted(MODALITIES) if model_cfg.aux_loss_weight > 0 else []
     return [*VARIANTS, *(f"unimodal.{m}" for m in aux)]
 
 
@@ -127,7 +127,7 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: boo
         preprocessed, AblationEvaluator, args, sc.batch_size, sc.concurrency, sc.num_cpus, sc.num_gpus
     )
     accumulators, quarantine = accumulate(names, info.tasks, summaries.iter_rows())
-    reasons = pipeline.ranked_reasons(pa.Table.from_pylist(quarantine, S.QUARANTINE_SCHEMA))
+    reasons = pipeline.ranked_reasons(pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA))
     metrics = {name: acc.compute() for name, acc in accumulators.items()}
     evaluated = int(metrics["full"]["rows"])
     full = accumulators["full"].task_stats()

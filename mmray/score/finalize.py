@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mmray.data import schema as S
 from mmray.data.pipeline import quarantine_records
+from mmray.data.schema import ERROR, QUARANTINE_SCHEMA
 from mmray.score.commit import QUARANTINE, QUARANTINE_FILE, Staging
 from mmray.score.label_metrics import LabelMetrics
 
@@ -120,7 +120,7 @@ def finalize(
             for batch in pq.ParquetFile(f).iter_batches():
                 table = pa.Table.from_batches([batch])
                 rows_raw += table.num_rows
-                good = pc.fill_null(pc.equal(table[S.ERROR], ""), False)
+                good = pc.fill_null(pc.equal(table[ERROR], ""), False)
                 quarantine.append(quarantine_records(table))
                 scored = table.filter(good)
                 if evaluation is not None:
@@ -128,7 +128,7 @@ def finalize(
                 writer.add(_scored_rows(scored, schema, lineage))
     files = writer.close()
     bad = [q for q in quarantine if q.num_rows]
-    quarantine_table = pa.concat_tables(bad) if bad else S.QUARANTINE_SCHEMA.empty_table()
+    quarantine_table = pa.concat_tables(bad) if bad else QUARANTINE_SCHEMA.empty_table()
     st.fs.create_dir(st.file(QUARANTINE), recursive=True)
     pq.write_table(quarantine_table, st.file(QUARANTINE_FILE), filesystem=st.fs)
     metrics = evaluation.result() if evaluation is not None else None

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import label_key
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.score.labeled import LABEL_ERROR
 from mmray.score.predictor import logits_key
@@ -45,7 +45,7 @@ class LabelMetrics:
         logits, targets = {}, {}
         for t in self.tasks:
             logits[t.name] = torch.tensor(rows[logits_key(t.name)].to_pylist(), dtype=torch.float32)
-            target = rows[S.label_key(t.name)].to_pylist()
+            target = rows[label_key(t.name)].to_pylist()
             targets[t.name] = torch.tensor(target, dtype=torch.int64 if t.kind == "multiclass" else torch.float32)
         loss = weighted_row_loss(self.tasks, logits, targets, self.loss_weights)
         self.acc.update(logits, targets, float(loss.sum()))

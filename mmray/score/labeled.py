@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import LabelError, Task
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
+from mmray.data.schema import ID, label_key
 
 __all__ = ["LABEL_ERROR", "LabeledPreprocessor"]
 
@@ -44,7 +44,7 @@ class LabeledPreprocessor:
         out = self.preprocess(batch)
         if not self.tasks:
             return out
-        n = len(out[S.ID])
+        n = len(out[ID])
         errors = np.full(n, "", dtype=object)
         for t in self.tasks:
             column = np.empty(n, dtype=object)
@@ -55,6 +55,6 @@ class LabeledPreprocessor:
                     value = t.empty_target()  # keeps the column typed; the row is excluded by LABEL_ERROR
                     errors[i] = errors[i] or storage.redact(str(e))
                 column[i] = value.tolist() if isinstance(value, np.ndarray) else value
-            out[S.label_key(t.name)] = column
+            out[label_key(t.name)] = column
         out[LABEL_ERROR] = errors
         return out

@@ -18,8 +18,8 @@ import torch
 
 from mmray.checkpoint import open_checkpoint
 from mmray.config import StorageConfig
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, MODEL_INPUTS, task_of_label_key
 from mmray.metrics import task_probabilities
 from mmray.score.labeled import LABEL_ERROR
 
@@ -34,9 +34,9 @@ def logits_key(task: str) -> str:
 
 
 def model_inputs(batch: dict[str, np.ndarray], rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    """What the model reads (``S.MODEL_INPUTS`` present in the batch) of ``rows``, as tensors on
+    """What the model reads (``MODEL_INPUTS`` present in the batch) of ``rows``, as tensors on
     ``device``: every inference actor (prediction, ablation) hands the model exactly this."""
-    return {k: torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(device) for k in S.MODEL_INPUTS if k in batch}
+    return {k: torch.from_numpy(np.ascontiguousarray(batch[k][rows])).to(device) for k in MODEL_INPUTS if k in batch}
 
 
 def _names(task: Task, multi: bool) -> dict[str, str]:
@@ -103,15 +103,15 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch[S.ID])
-        out = {k: np.asarray(batch[k]).copy() for k in (S.ID, S.ERROR, S.ERROR_COLUMN, S.ERROR_STAGE)}
+        n = len(batch[ID])
+        out = {k: np.asarray(batch[k]).copy() for k in (ID, ERROR, ERROR_COLUMN, ERROR_STAGE)}
         if self.evaluate:
-            out.update({k: v for k, v in batch.items() if S.task_of_label_key(k) is not None or k == LABEL_ERROR})
+            out.update({k: v for k, v in batch.items() if task_of_label_key(k) is not None or k == LABEL_ERROR})
         multi = len(self.tasks) > 1
         columns = {c: np.full(n, None, dtype=object) for c in output_columns(self.tasks)}
         if self.evaluate:
             columns.update({logits_key(t.name): np.full(n, None, dtype=object) for t in self.tasks})
-        rows = np.flatnonzero(out[S.ERROR] == "")
+        rows = np.flatnonzero(out[ERROR] == "")
         if len(rows):
             logits = self.model(model_inputs(batch, rows, self.device))["logits"]
             finite = np.ones(len(rows), dtype=bool)
@@ -123,7 +123,7 @@ class Predictor:
                 if self.evaluate:
                     _put_rows(columns[logits_key(t.name)], rows, raw.reshape(len(rows), -1).numpy())
             for r in rows[~finite]:
-                out[S.ERROR][r], out[S.ERROR_COLUMN][r], out[S.ERROR_STAGE][r] = "non-finite prediction", "", "predict"
+                out[ERROR][r], out[ERROR_COLUMN][r], out[ERROR_STAGE][r] = "non-finite prediction", "", "predict"
                 for col in columns.values():
                     col[r] = None
         out.update(columns)

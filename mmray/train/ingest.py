@@ -28,9 +28,9 @@ import ray.train
 from mmray.config import Config
 from mmray.console import say
 from mmray.data import pipeline, storage
-from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.data.schema import ID
 
 __all__ = [
     "ShardConfig",
@@ -124,7 +124,7 @@ def prepare_split(
     where = storage.join(run_dir, "quarantine", f"{split}.parquet")
     quarantine = pipeline.stream_quarantine(processed, where, cfg.storage)
     pipeline.check_bad_fraction(rows_in, quarantine.rows, cfg.data.max_bad_fraction, where, quarantine)
-    usable = pipeline.usable_rows(processed).drop_columns([S.ID])
+    usable = pipeline.usable_rows(processed).drop_columns([ID])
     counts = {"rows_in": rows_in, "rows_used": rows_in - quarantine.rows, "rows_quarantined": quarantine.rows}
     if cache:
         usable = usable.materialize()

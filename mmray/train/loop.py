@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from mmray.checkpoint import CheckpointInfo, save_checkpoint, unwrap
 from mmray.config import Config
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
+from mmray.data.schema import PIXELS, label_key
 from mmray.data.transforms import augment
 from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.models.builder import build_model
@@ -145,7 +145,7 @@ def compute_loss(
 
     Auxiliary (unimodal) head losses count only rows that have that modality.
     """
-    targets = {t.name: batch[S.label_key(t.name)] for t in tasks}
+    targets = {t.name: batch[label_key(t.name)] for t in tasks}
     fused_rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights, label_smoothing)
     loss = fused_rows.mean()
     for m, heads in out["aux"].items():
@@ -203,8 +203,8 @@ def train_epoch(
     loss_sum, rows, steps, window = torch.zeros((), device=parts.device), 0, 0, 0
     norm_sum = torch.zeros((), device=parts.device)
     for batch, last in with_last(batches):
-        if cfg.data.image.augment and S.PIXELS in batch:
-            batch[S.PIXELS] = augment(batch[S.PIXELS])  # per epoch, on the cached uint8 pixels
+        if cfg.data.image.augment and PIXELS in batch:
+            batch[PIXELS] = augment(batch[PIXELS])  # per epoch, on the cached uint8 pixels
         window += 1
         boundary = window == t.grad_accum_steps or last
         sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
@@ -250,7 +250,7 @@ def evaluate(
         for batch in batches:
             with optim.autocast(precision, device or torch.device("cpu")):
                 out = model(batch)
-            targets = {t.name: batch[S.label_key(t.name)] for t in tasks}
+            targets = {t.name: batch[label_key(t.name)] for t in tasks}
             rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights)  # the fused heads only
             acc.update(out["logits"], targets, rows.sum().item())
     acc.load_state(reduce(acc.state()))

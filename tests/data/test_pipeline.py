@@ -9,9 +9,9 @@ import pytest
 
 from mmray.config import DataConfig, ImageConfig, PreprocessConfig, StorageConfig, TextConfig
 from mmray.data import pipeline, storage
-from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, PIXELS, QUARANTINE_SCHEMA, label_key
 from mmray.data.text import train_wordpiece
 from tests.data.corpus import encoded
 
@@ -49,7 +49,7 @@ def processed(ray_session, tmp_path_factory):
 def test_every_row_comes_out_once_usable_or_quarantined(processed, tmp_path):
     streamed = pipeline.stream_quarantine(processed, str(tmp_path / "q" / "train.parquet"), STORE)
     quarantine = pq.read_table(tmp_path / "q" / "train.parquet")
-    assert quarantine.schema == S.QUARANTINE_SCHEMA and streamed.rows == quarantine.num_rows == 3
+    assert quarantine.schema == QUARANTINE_SCHEMA and streamed.rows == quarantine.num_rows == 3
     records = sorted(quarantine.to_pylist(), key=lambda r: str(r["id"]))
     assert records == [
         {"id": "5", "stage": "label", "column": "label", "error": "null label in column 'label'"},
@@ -59,15 +59,15 @@ def test_every_row_comes_out_once_usable_or_quarantined(processed, tmp_path):
     assert records[1]["error"].startswith("unknown or unsupported image format")
     usable = pipeline.usable_rows(processed).take_all()
     assert len(usable) + quarantine.num_rows == processed.count() == 40
-    assert sorted(int(r[S.ID]) for r in usable) == [i for i in range(40) if i not in (3, 5, 7)]  # "8", not "8.0"
-    assert all(r[S.label_key("label")] == int(r[S.ID]) % 2 for r in usable)
-    assert usable[0][S.PIXELS].dtype == np.uint8 and usable[0][S.PIXELS].shape == (3, 16, 16)
+    assert sorted(int(r[ID]) for r in usable) == [i for i in range(40) if i not in (3, 5, 7)]  # "8", not "8.0"
+    assert all(r[label_key("label")] == int(r[ID]) % 2 for r in usable)
+    assert usable[0][PIXELS].dtype == np.uint8 and usable[0][PIXELS].shape == (3, 16, 16)
 
 
 def test_quarantine_is_written_even_when_empty(tmp_path, s3_server, s3_bucket):
     with pipeline.Quarantine(str(tmp_path / "q" / "train.parquet"), STORE) as q:
-        q.add(S.QUARANTINE_SCHEMA.empty_table())
-    assert q.rows == 0 and pq.read_table(tmp_path / "q" / "train.parquet").schema == S.QUARANTINE_SCHEMA
+        q.add(QUARANTINE_SCHEMA.empty_table())
+    assert q.rows == 0 and pq.read_table(tmp_path / "q" / "train.parquet").schema == QUARANTINE_SCHEMA
     store = StorageConfig(s3_endpoint_url=s3_server)
     table = pa.table({"id": ["a"], "stage": ["preprocess"], "column": ["image"], "error": ["truncated image"]})
     uri = f"s3://{s3_bucket}/run/quarantine/val.parquet"
@@ -108,19 +108,19 @@ def test_one_quarantine_record_from_a_numpy_batch_or_an_arrow_table():
     """Actors hold numpy batches of Python objects, finalize reads Arrow: the records are the same, and a
     row whose error is null (neither good nor explained) is quarantined rather than lost."""
     columns = {
-        S.ID: ["a", "b", 7, None],
-        S.ERROR: ["", "bad", None, "x" * 50],
-        S.ERROR_STAGE: ["", "preprocess", "predict", "label"],
-        S.ERROR_COLUMN: ["", "image", None, "label"],
+        ID: ["a", "b", 7, None],
+        ERROR: ["", "bad", None, "x" * 50],
+        ERROR_STAGE: ["", "preprocess", "predict", "label"],
+        ERROR_COLUMN: ["", "image", None, "label"],
     }
     records = pipeline.quarantine_records({k: np.array(v, dtype=object) for k, v in columns.items()})
-    assert records.schema == S.QUARANTINE_SCHEMA
+    assert records.schema == QUARANTINE_SCHEMA
     assert records.to_pylist() == [
         {"id": "b", "stage": "preprocess", "column": "image", "error": "bad"},
         {"id": "7", "stage": "predict", "column": None, "error": None},
         {"id": None, "stage": "label", "column": "label", "error": "x" * 50},
     ]
-    arrow = pa.table({**columns, S.ID: pa.array([1, 2, 7, None], pa.int64())})
+    arrow = pa.table({**columns, ID: pa.array([1, 2, 7, None], pa.int64())})
     assert pipeline.quarantine_records(arrow).column("id").to_pylist() == ["2", "7", None]
     assert pipeline.ranked_reasons(records) == [(("", ""), 1), (("image", "bad"), 1), (("label", "x" * 40), 1)]
 

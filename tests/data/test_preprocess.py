@@ -12,11 +12,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.data.pipeline import quarantine_records
 from mmray.data.preprocess import Preprocessor, PreprocessSpec, keep_good
+from mmray.data.schema import (
+    ATTENTION_MASK,
+    ERROR,
+    ERROR_COLUMN,
+    ERROR_STAGE,
+    ID,
+    IMAGE,
+    INPUT_IDS,
+    PIXELS,
+    POS_IDS,
+    TEXT,
+    label_key,
+    mask_key,
+)
 from mmray.data.synthetic import make_rows
 from mmray.data.text import POS_TAGS, TextNormalizer, TokenEncoder, train_wordpiece
 from tests.data.corpus import encoded
@@ -45,14 +58,14 @@ def batch_of(rows: dict[str, list]) -> dict[str, np.ndarray]:
 def test_one_batch_shapes_and_types(tokenizer_files):
     rows = make_rows(6, seed=2)
     out = Preprocessor(spec(), tokenizer_files)(batch_of(rows))
-    assert out[S.INPUT_IDS].shape == (6, 16) and out[S.INPUT_IDS].dtype == np.int64
-    assert out[S.ATTENTION_MASK].shape == (6, 16)
-    assert out[S.PIXELS].shape == (6, 3, 24, 24) and out[S.PIXELS].dtype == np.uint8
-    assert list(out[S.ERROR]) == [""] * 6
-    assert out[S.mask_key(S.TEXT)].tolist() == [1.0] * 6 and out[S.mask_key(S.IMAGE)].tolist() == [1.0] * 6
-    assert [TASK.classes[i] for i in out[S.label_key("label")]] == rows["label"]
-    assert list(out[S.ID]) == rows["id"]
-    assert out[S.PIXELS].max() > 0
+    assert out[INPUT_IDS].shape == (6, 16) and out[INPUT_IDS].dtype == np.int64
+    assert out[ATTENTION_MASK].shape == (6, 16)
+    assert out[PIXELS].shape == (6, 3, 24, 24) and out[PIXELS].dtype == np.uint8
+    assert list(out[ERROR]) == [""] * 6
+    assert out[mask_key(TEXT)].tolist() == [1.0] * 6 and out[mask_key(IMAGE)].tolist() == [1.0] * 6
+    assert [TASK.classes[i] for i in out[label_key("label")]] == rows["label"]
+    assert list(out[ID]) == rows["id"]
+    assert out[PIXELS].max() > 0
 
 
 def test_the_actor_never_imports_torch_or_transformers(tokenizer_files, tmp_path):
@@ -78,15 +91,15 @@ def test_bad_rows_are_flagged_not_dropped(tokenizer_files):
     rows["label"][2] = "unicorn"
     rows["text"][3], rows["image"][3] = None, None
     out = Preprocessor(spec(), tokenizer_files)(batch_of(rows))
-    assert len(out[S.ID]) == 4
-    assert out[S.ERROR][0].startswith("unknown or unsupported image format") and out[S.ERROR_COLUMN][0] == "image"
-    assert out[S.ERROR][1] == "null id" and out[S.ERROR_COLUMN][1] == "id"
-    assert "not in the label map" in out[S.ERROR][2] and out[S.ERROR_STAGE][2] == "label"
-    assert out[S.ERROR][3] == "both modalities missing"
+    assert len(out[ID]) == 4
+    assert out[ERROR][0].startswith("unknown or unsupported image format") and out[ERROR_COLUMN][0] == "image"
+    assert out[ERROR][1] == "null id" and out[ERROR_COLUMN][1] == "id"
+    assert "not in the label map" in out[ERROR][2] and out[ERROR_STAGE][2] == "label"
+    assert out[ERROR][3] == "both modalities missing"
     good, bad = keep_good(out), quarantine_records(out)
-    assert len(good[S.ID]) == 0 and bad.num_rows == 4
+    assert len(good[ID]) == 0 and bad.num_rows == 4
     assert bad.column("column").to_pylist() == ["image", "id", "label", "text,image"]
-    assert S.ERROR not in good
+    assert ERROR not in good
 
 
 def test_missing_single_modality_is_kept_with_a_mask(tokenizer_files):
@@ -94,17 +107,17 @@ def test_missing_single_modality_is_kept_with_a_mask(tokenizer_files):
     rows["text"][0] = ""
     rows["image"][1] = None
     out = Preprocessor(spec(), tokenizer_files)(batch_of(rows))
-    assert list(out[S.ERROR]) == ["", ""]
-    assert out[S.mask_key(S.TEXT)].tolist() == [0.0, 1.0]
-    assert out[S.mask_key(S.IMAGE)].tolist() == [1.0, 0.0]
-    assert out[S.PIXELS][1].max() == 0
+    assert list(out[ERROR]) == ["", ""]
+    assert out[mask_key(TEXT)].tolist() == [0.0, 1.0]
+    assert out[mask_key(IMAGE)].tolist() == [1.0, 0.0]
+    assert out[PIXELS][1].max() == 0
 
 
 def test_missing_modality_quarantine_policy(tokenizer_files):
     rows = make_rows(2, seed=5)
     rows["text"][0] = None
     out = Preprocessor(spec(missing_modality="quarantine"), tokenizer_files)(batch_of(rows))
-    assert out[S.ERROR][0] == "missing text" and out[S.ERROR][1] == ""
+    assert out[ERROR][0] == "missing text" and out[ERROR][1] == ""
 
 
 def uri_rows(uris: list[str | None], images: list[bytes | None] | None = None) -> dict[str, list]:
@@ -137,14 +150,14 @@ def test_images_by_local_uri_bytes_win_and_bad_uris_are_flagged(tokenizer_files,
     out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(tmp_path)]), tokenizer_files)(
         batch_of(rows)
     )
-    assert list(out[S.ERROR][:3]) == ["", "", ""]
-    assert out[S.PIXELS][0, 0].mean() > 150 and out[S.PIXELS][2, 2].mean() > 150  # red by URI, blue by bytes
-    assert out[S.mask_key(S.IMAGE)][:3].tolist() == [1.0, 1.0, 1.0]
-    assert out[S.ERROR][3] == f"image not found: {tmp_path}/missing.png"
-    assert out[S.ERROR][4].startswith("relative image path 'red.png'")
-    assert "unsupported URI scheme" in out[S.ERROR][5]
-    assert out[S.ERROR][6] == f"{NOT_ALLOWED}{tmp_path}"  # a directory
-    assert set(out[S.ERROR_COLUMN][3:]) == {"image_uri"} and set(out[S.ERROR_STAGE][3:]) == {"preprocess"}
+    assert list(out[ERROR][:3]) == ["", "", ""]
+    assert out[PIXELS][0, 0].mean() > 150 and out[PIXELS][2, 2].mean() > 150  # red by URI, blue by bytes
+    assert out[mask_key(IMAGE)][:3].tolist() == [1.0, 1.0, 1.0]
+    assert out[ERROR][3] == f"image not found: {tmp_path}/missing.png"
+    assert out[ERROR][4].startswith("relative image path 'red.png'")
+    assert "unsupported URI scheme" in out[ERROR][5]
+    assert out[ERROR][6] == f"{NOT_ALLOWED}{tmp_path}"  # a directory
+    assert set(out[ERROR_COLUMN][3:]) == {"image_uri"} and set(out[ERROR_STAGE][3:]) == {"preprocess"}
 
 
 def test_local_image_uris_outside_the_roots_are_refused_alike(tokenizer_files, tmp_path):
@@ -169,10 +182,10 @@ def test_local_image_uris_outside_the_roots_are_refused_alike(tokenizer_files, t
     out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(images)]), tokenizer_files)(
         batch_of(uri_rows(uris))
     )
-    assert out[S.ERROR][0] == ""
-    assert list(out[S.ERROR][1:]) == [f"{NOT_ALLOWED}{u}" for u in uris[1:]]
+    assert out[ERROR][0] == ""
+    assert list(out[ERROR][1:]) == [f"{NOT_ALLOWED}{u}" for u in uris[1:]]
     closed = Preprocessor(spec(image_uri_column="image_uri"), tokenizer_files)(batch_of(uri_rows(uris[:1])))
-    assert list(closed[S.ERROR]) == [f"{NOT_ALLOWED}{uris[0]}"]  # default: no local roots at all
+    assert list(closed[ERROR]) == [f"{NOT_ALLOWED}{uris[0]}"]  # default: no local roots at all
 
 
 def test_oversized_images_are_refused_before_decoding(tokenizer_files, tmp_path):
@@ -187,10 +200,10 @@ def test_oversized_images_are_refused_before_decoding(tokenizer_files, tmp_path)
     rows = uri_rows([None, str(tmp_path / "big.png")], images=[big, None])
     rows["image"][1] = None
     out = Preprocessor(s, tokenizer_files)(batch_of(rows))
-    assert out[S.ERROR][0] == f"image is {len(big)} bytes, above data.image.max_bytes={len(big) - 1}"
-    assert out[S.ERROR_COLUMN][0] == "image"
-    assert out[S.ERROR][1].startswith(f"image above data.image.max_bytes={len(big) - 1} ({len(big)} bytes")
-    assert out[S.ERROR_COLUMN][1] == "image_uri"
+    assert out[ERROR][0] == f"image is {len(big)} bytes, above data.image.max_bytes={len(big) - 1}"
+    assert out[ERROR_COLUMN][0] == "image"
+    assert out[ERROR][1].startswith(f"image above data.image.max_bytes={len(big) - 1} ({len(big)} bytes")
+    assert out[ERROR_COLUMN][1] == "image_uri"
 
 
 def test_a_fetch_that_hangs_is_quarantined_after_the_timeout(tokenizer_files, tmp_path, monkeypatch):
@@ -216,13 +229,13 @@ def test_a_fetch_that_hangs_is_quarantined_after_the_timeout(tokenizer_files, tm
         out = pre(batch_of(uri_rows(uris)))
     finally:
         release.set()
-    assert list(out[S.ERROR]) == [
+    assert list(out[ERROR]) == [
         f"image fetch timed out after 0.5s: {uris[0]}",
         "",
         f"image fetch timed out after 0.5s: {uris[2]}",
         "",
     ]
-    assert out[S.PIXELS][1, 0].mean() > 150 and out[S.PIXELS][3, 0].mean() > 150
+    assert out[PIXELS][1, 0].mean() > 150 and out[PIXELS][3, 0].mean() > 150
 
 
 def test_huge_text_is_cut_before_normalising_and_refused_above_the_byte_limit(tokenizer_files):
@@ -237,13 +250,13 @@ def test_huge_text_is_cut_before_normalising_and_refused_above_the_byte_limit(to
     normalize = pre.normalize_text
     pre.normalize_text = lambda t: seen.append(len(t)) or normalize(t)
     out = pre(batch_of(rows))
-    assert out[S.ERROR][0] == "" and seen[0] == 30
+    assert out[ERROR][0] == "" and seen[0] == 30
     cut = pre(batch_of({**make_rows(1, seed=8), "text": ["a photo of my cat a photo of m"]}))  # 30 characters
-    assert out[S.INPUT_IDS][0].tolist() == cut[S.INPUT_IDS][0].tolist()
-    assert out[S.ERROR][1] == "text is 1002 bytes, above data.text.max_bytes=1000"
-    assert out[S.ERROR][2] == "text is 1001 bytes, above data.text.max_bytes=1000"
-    assert (out[S.ERROR_COLUMN][1], out[S.ERROR_STAGE][1]) == ("text", "preprocess")
-    assert out[S.ERROR][3] == ""
+    assert out[INPUT_IDS][0].tolist() == cut[INPUT_IDS][0].tolist()
+    assert out[ERROR][1] == "text is 1002 bytes, above data.text.max_bytes=1000"
+    assert out[ERROR][2] == "text is 1001 bytes, above data.text.max_bytes=1000"
+    assert (out[ERROR_COLUMN][1], out[ERROR_STAGE][1]) == ("text", "preprocess")
+    assert out[ERROR][3] == ""
 
 
 def test_quarantine_reasons_never_carry_a_secret(tokenizer_files, s3_server):
@@ -254,9 +267,9 @@ def test_quarantine_reasons_never_carry_a_secret(tokenizer_files, s3_server):
     out = Preprocessor(spec(StorageConfig(s3_endpoint_url=s3_server), image_uri_column="image_uri"), tokenizer_files)(
         batch_of(rows)
     )
-    assert out[S.ERROR][0].startswith("image fetch failed: s3://***@bucket/x.png")
-    assert "https://***@labels.internal/x" in out[S.ERROR][1]
-    assert not any("K7MDENG" in e or "AKIAIOSFODNN7EXAMPLE" in e for e in out[S.ERROR])
+    assert out[ERROR][0].startswith("image fetch failed: s3://***@bucket/x.png")
+    assert "https://***@labels.internal/x" in out[ERROR][1]
+    assert not any("K7MDENG" in e or "AKIAIOSFODNN7EXAMPLE" in e for e in out[ERROR])
 
 
 def test_images_by_s3_uri(tokenizer_files, s3_server, s3_bucket):
@@ -265,9 +278,9 @@ def test_images_by_s3_uri(tokenizer_files, s3_server, s3_bucket):
     rows = uri_rows([f"s3://{s3_bucket}/img/red.png", f"s3://{s3_bucket}/img/nope.png", f"s3://{s3_bucket}-x/a.png"])
     pre = Preprocessor(spec(store, image_column=None, image_uri_column="image_uri"), tokenizer_files, fetch_threads=2)
     out = pre(batch_of({k: v for k, v in rows.items() if k != "image"}))
-    assert out[S.ERROR][0] == "" and out[S.PIXELS][0, 0].mean() > 150
-    assert out[S.ERROR][1] == f"image not found: s3://{s3_bucket}/img/nope.png"
-    assert out[S.ERROR][2].startswith("image not found")  # no such bucket
+    assert out[ERROR][0] == "" and out[PIXELS][0, 0].mean() > 150
+    assert out[ERROR][1] == f"image not found: s3://{s3_bucket}/img/nope.png"
+    assert out[ERROR][2].startswith("image not found")  # no such bucket
 
 
 def test_label_kinds_and_bad_labels_are_flagged(tokenizer_files):
@@ -281,11 +294,11 @@ def test_label_kinds_and_bad_labels_are_flagged(tokenizer_files):
     for i, v in enumerate(rows["tags"]):
         batch["tags"][i] = np.array(v, dtype=object) if isinstance(v, list) else v
     out = Preprocessor(spec(tasks=tasks), tokenizer_files)(batch)
-    assert out[S.ERROR][0] == "" and out[S.label_key("tags")][0].tolist() == [1.0, 0.0, 1.0]
-    assert out[S.label_key("score")][0] == pytest.approx(0.5)
-    assert "is not a list of labels" in out[S.ERROR][1]
-    assert "'zzz' in column 'tags' is not in the label map" in out[S.ERROR][2]
-    assert "'high' in column 'score' is not a number" in out[S.ERROR][3] and out[S.ERROR_STAGE][3] == "label"
+    assert out[ERROR][0] == "" and out[label_key("tags")][0].tolist() == [1.0, 0.0, 1.0]
+    assert out[label_key("score")][0] == pytest.approx(0.5)
+    assert "is not a list of labels" in out[ERROR][1]
+    assert "'zzz' in column 'tags' is not in the label map" in out[ERROR][2]
+    assert "'high' in column 'score' is not a number" in out[ERROR][3] and out[ERROR_STAGE][3] == "label"
 
 
 class _PickyTokenizer:
@@ -307,10 +320,10 @@ def test_a_row_the_tokenizer_rejects_is_quarantined_alone(tokenizer_files):
     expected = pre(batch_of(make_rows(3, seed=7)))
     pre.tokenize = _PickyTokenizer(pre.tokenize)
     out = pre(batch_of(rows))
-    assert list(out[S.ERROR]) == ["", "tokenizer failed: ValueError: cannot tokenize BOOM", ""]
-    assert out[S.ERROR_STAGE][1] == "tokenize" and out[S.mask_key(S.TEXT)][1] == 0.0
+    assert list(out[ERROR]) == ["", "tokenizer failed: ValueError: cannot tokenize BOOM", ""]
+    assert out[ERROR_STAGE][1] == "tokenize" and out[mask_key(TEXT)][1] == 0.0
     for i in (0, 2):
-        assert out[S.INPUT_IDS][i].tolist() == expected[S.INPUT_IDS][i].tolist()
+        assert out[INPUT_IDS][i].tolist() == expected[INPUT_IDS][i].tolist()
 
 
 def test_stopwords_are_resolved_into_the_spec_and_survive_a_round_trip(tmp_path, tokenizer_files):
@@ -344,14 +357,14 @@ def test_random_rows_never_crash_and_every_row_is_accounted_for(tokenizer_files,
     n = len(rows)
     assert all(len(v) == n for v in out.values())
     good, bad = keep_good(out), quarantine_records(out)
-    assert len(good[S.ID]) + bad.num_rows == n
+    assert len(good[ID]) + bad.num_rows == n
     for i, (raw_id, _text, _image, label) in enumerate(rows):
-        if out[S.ERROR][i] == "":
-            assert out[S.ID][i] == str(raw_id) and label in TASK.classes
-            assert out[S.mask_key(S.TEXT)][i] + out[S.mask_key(S.IMAGE)][i] >= 1.0
-            assert (out[S.ATTENTION_MASK][i].sum() > 2) == (out[S.mask_key(S.TEXT)][i] == 1.0)
+        if out[ERROR][i] == "":
+            assert out[ID][i] == str(raw_id) and label in TASK.classes
+            assert out[mask_key(TEXT)][i] + out[mask_key(IMAGE)][i] >= 1.0
+            assert (out[ATTENTION_MASK][i].sum() > 2) == (out[mask_key(TEXT)][i] == 1.0)
         else:
-            assert out[S.ERROR_STAGE][i] in ("preprocess", "label", "tokenize") and len(out[S.ERROR][i]) <= 240
+            assert out[ERROR_STAGE][i] in ("preprocess", "label", "tokenize") and len(out[ERROR][i]) <= 240
 
 
 def test_segmenter_and_pos_tags_come_out_aligned_and_identical_from_the_stored_spec_alone(tmp_path):
@@ -368,22 +381,22 @@ def test_segmenter_and_pos_tags_come_out_aligned_and_identical_from_the_stored_s
     train_wordpiece([normalize(t) for t in rows["text"]], vocab_size=100, out_dir=tmp_path / "tok", split_cjk=False)
     files = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
     trained = Preprocessor(at_training, files)(batch_of(rows))
-    assert trained[S.POS_IDS].shape == trained[S.INPUT_IDS].shape == (4, 12)
+    assert trained[POS_IDS].shape == trained[INPUT_IDS].shape == (4, 12)
     enc = TokenEncoder(files, 12)
     tokens = enc.backend.encode(normalize(rows["text"][0])).tokens[:5]
     assert tokens == ["[CLS]", "红圆圈", "这里", "[SEP]", "[PAD]"]  # 我们, 的, 在 gone; the user's word whole
     propn = POS_TAGS.index("PROPN")  # nz, the tag the user dictionary gives
-    assert trained[S.POS_IDS][0, :5].tolist() == [0, propn, POS_TAGS.index("PRON"), 0, 0]
-    assert trained[S.mask_key(S.TEXT)].tolist() == [1.0, 1.0, 1.0, 0.0]  # nothing left of row 3's text
+    assert trained[POS_IDS][0, :5].tolist() == [0, propn, POS_TAGS.index("PRON"), 0, 0]
+    assert trained[mask_key(TEXT)].tolist() == [1.0, 1.0, 1.0, 0.0]  # nothing left of row 3's text
 
     # Scoring's spec comes from the checkpoint's JSON alone: the user dictionary's file is gone.
     (tmp_path / "dict.txt").unlink()
     stored = json.loads(json.dumps(at_training.to_dict(), ensure_ascii=False))
     assert stored["user_dict_lines"] == ["红圆圈 5 nz"] and stored["text"]["segmenter"] == "jieba"
     scored = Preprocessor(PreprocessSpec.from_dict(stored, tasks=(TASK,), with_labels=False), files)(batch_of(rows))
-    for key in (S.INPUT_IDS, S.ATTENTION_MASK, S.POS_IDS):
+    for key in (INPUT_IDS, ATTENTION_MASK, POS_IDS):
         assert np.array_equal(scored[key], trained[key]), key
 
 
 def test_without_pos_tags_there_is_no_pos_column(tokenizer_files):
-    assert S.POS_IDS not in Preprocessor(spec(), tokenizer_files)(batch_of(make_rows(2, seed=4)))
+    assert POS_IDS not in Preprocessor(spec(), tokenizer_files)(batch_of(make_rows(2, seed=4)))

@@ -9,10 +9,9 @@ import pytest
 
 from mmray.config import DataConfig, ImageConfig, StorageConfig, TextConfig
 from mmray.data import pipeline, storage
-from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
-from mmray.data.schema import SchemaError, check_columns
+from mmray.data.schema import ERROR, INPUT_IDS, PIXELS, SchemaError, check_columns, label_key, unify_columns
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
 
@@ -60,8 +59,8 @@ def test_accepts_the_usual_arrow_variants(tmp_path):
     spec = PreprocessSpec.from_config(data, StorageConfig(), tasks=tasks)
     pre = Preprocessor(spec, {p.name: p.read_bytes() for p in tok.iterdir()})
     want, got = pre(_batch(tmp_path / "plain.parquet")), pre(_batch(tmp_path / "variants" / "part-0.parquet"))
-    assert list(got[S.ERROR]) == [""] * 6
-    for key in (S.INPUT_IDS, S.PIXELS, S.label_key("label")):
+    assert list(got[ERROR]) == [""] * 6
+    for key in (INPUT_IDS, PIXELS, label_key("label")):
         np.testing.assert_array_equal(np.stack(got[key]), np.stack(want[key]), err_msg=key)
 
     all_null = pa.schema([("id", pa.string()), ("text", pa.null()), ("image", pa.null()), ("label", pa.null())])
@@ -72,7 +71,7 @@ def test_accepts_the_usual_arrow_variants(tmp_path):
             **{c: np.array([None, None], dtype=object) for c in ("text", "image", "label")},
         }
     )
-    assert all(nulls[S.ERROR]), nulls[S.ERROR]
+    assert all(nulls[ERROR]), nulls[ERROR]
 
 
 def test_missing_column_names_column_type_file_and_a_close_match():
@@ -138,12 +137,12 @@ def test_unify_promotes_or_reads_disagreeing_scalars_as_strings():
         return {f"f{i}.parquet": pa.schema([("id", t), ("label", pa.string())]) for i, t in enumerate(types)}
 
     kinds = {"id": "any", "label": "label"}
-    assert S.unify_columns(schemas(pa.int64(), pa.int64(), pa.null()), kinds) is None  # they agree: read as is
-    assert S.unify_columns(schemas(pa.int32(), pa.int64()), kinds).field("id").type == pa.int64()
-    assert S.unify_columns(schemas(pa.int64(), pa.string()), kinds).field("id").type == pa.string()
-    assert S.unify_columns(schemas(pa.bool_(), pa.float64()), kinds).field("id").type == pa.string()
+    assert unify_columns(schemas(pa.int64(), pa.int64(), pa.null()), kinds) is None  # they agree: read as is
+    assert unify_columns(schemas(pa.int32(), pa.int64()), kinds).field("id").type == pa.int64()
+    assert unify_columns(schemas(pa.int64(), pa.string()), kinds).field("id").type == pa.string()
+    assert unify_columns(schemas(pa.bool_(), pa.float64()), kinds).field("id").type == pa.string()
     with pytest.raises(SchemaError) as e:
-        S.unify_columns(schemas(pa.string(), pa.null(), pa.list_(pa.string())), kinds)
+        unify_columns(schemas(pa.string(), pa.null(), pa.list_(pa.string())), kinds)
     assert str(e.value) == (
         "column 'id' is string in f0.parquet but list<item: string> in f2.parquet; make the files agree"
     )

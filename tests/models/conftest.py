@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmray.config import ModelConfig
-from mmray.data import schema as S
+from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXELS, TEXT, mask_key
 
 # Every fusion the config accepts (``model.fusion``), so a new one is covered by the shared tests.
 FUSION_NAMES = sorted(typing.get_args(typing.get_type_hints(ModelConfig)["fusion"]))
@@ -23,11 +23,11 @@ def make_batch(b: int = 6, length: int = 8, size: int = 16, vocab: int = 50, see
     text_mask, image_mask = torch.ones(b), torch.ones(b)
     text_mask[1], image_mask[2] = 0.0, 0.0
     return {
-        S.INPUT_IDS: ids,
-        S.ATTENTION_MASK: attn,
-        S.PIXELS: torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8),
-        S.mask_key(S.TEXT): text_mask,
-        S.mask_key(S.IMAGE): image_mask,
+        INPUT_IDS: ids,
+        ATTENTION_MASK: attn,
+        PIXELS: torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8),
+        mask_key(TEXT): text_mask,
+        mask_key(IMAGE): image_mask,
     }
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import IMAGE, TEXT
 from mmray.models.builder import build_model
 from tests.models.conftest import make_batch
 
@@ -25,14 +25,14 @@ def test_output_shapes_per_task(seed):
     out = tiny_model(aux_loss_weight=0.5)(make_batch(b=4))
     assert out["logits"]["label"].shape == (4, 3)
     assert out["logits"]["tags"].shape == (4, 2)
-    assert set(out["aux"]) == {S.IMAGE, S.TEXT}
-    assert out["aux"][S.TEXT]["label"].shape == (4, 3)
+    assert set(out["aux"]) == {IMAGE, TEXT}
+    assert out["aux"][TEXT]["label"].shape == (4, 3)
 
 
 def test_fusion_input_size_is_derived_from_encoders(seed):
     model = tiny_model()
     first = model.fusion.mlp[0]
-    assert first.in_features == model.encoders[S.TEXT].out_dim + model.encoders[S.IMAGE].out_dim == 32
+    assert first.in_features == model.encoders[TEXT].out_dim + model.encoders[IMAGE].out_dim == 32
 
 
 def test_no_aux_heads_when_weight_is_zero(seed):
@@ -59,8 +59,8 @@ def test_pretrained_encoders_give_the_fusion_its_sizes(tiny_bert_dir, seed):
         TASKS,
         vocab_size=60,
     )
-    assert {m: p.in_features for m, p in xattn.fusion.proj.items()} == {S.TEXT: 16, S.IMAGE: 576}  # token widths
-    assert xattn.aux_heads[S.IMAGE]["label"].in_features == 1024
+    assert {m: p.in_features for m, p in xattn.fusion.proj.items()} == {TEXT: 16, IMAGE: 576}  # token widths
+    assert xattn.aux_heads[IMAGE]["label"].in_features == 1024
 
 
 def test_checkpoint_rebuilds_pretrained_encoders_without_their_sources(tiny_bert_dir, tmp_path, seed):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import IMAGE, INPUT_IDS, PIXELS, TEXT, mask_key
 from mmray.models.builder import build_model
 from tests.models.conftest import FUSION_NAMES, make_batch
 
@@ -37,7 +37,7 @@ def test_one_head_per_task_with_the_task_width():
     out = model().eval()(make_batch())
     shapes = {t: tuple(v.shape) for t, v in out["logits"].items()}
     assert shapes == {"label": (6, 3), "tags": (6, 2), "flag": (6, 1), "score": (6, 1)}
-    assert {m: set(h) for m, h in out["aux"].items()} == {S.IMAGE: set(out["logits"]), S.TEXT: set(out["logits"])}
+    assert {m: set(h) for m, h in out["aux"].items()} == {IMAGE: set(out["logits"]), TEXT: set(out["logits"])}
 
 
 def test_forward_equals_encode_then_predict():
@@ -53,25 +53,25 @@ def test_forward_equals_encode_then_predict():
 def test_masks_come_from_the_batch_in_eval_mode():
     m, batch = model(modality_dropout=0.9).eval(), make_batch()
     masks = m.masks(batch)
-    assert masks[S.TEXT].tolist() == batch[S.mask_key(S.TEXT)].tolist()
-    assert masks[S.IMAGE].tolist() == batch[S.mask_key(S.IMAGE)].tolist()
+    assert masks[TEXT].tolist() == batch[mask_key(TEXT)].tolist()
+    assert masks[IMAGE].tolist() == batch[mask_key(IMAGE)].tolist()
 
 
 def test_modality_dropout_drops_whole_modalities_but_never_all_of_a_row():
     m = model(modality_dropout=0.5).train()
     b = 4000
     batch = {
-        S.INPUT_IDS: torch.ones(b, 4, dtype=torch.long),
-        S.mask_key(S.TEXT): torch.ones(b),
-        S.mask_key(S.IMAGE): torch.ones(b),
+        INPUT_IDS: torch.ones(b, 4, dtype=torch.long),
+        mask_key(TEXT): torch.ones(b),
+        mask_key(IMAGE): torch.ones(b),
     }
-    batch[S.mask_key(S.IMAGE)][:100] = 0.0  # text-only rows must keep their text
+    batch[mask_key(IMAGE)][:100] = 0.0  # text-only rows must keep their text
     torch.manual_seed(0)
     masks = m.masks(batch)
-    kept = masks[S.TEXT] + masks[S.IMAGE]
+    kept = masks[TEXT] + masks[IMAGE]
     assert (kept >= 1).all()
-    assert (masks[S.TEXT][:100] == 1).all() and (masks[S.IMAGE][:100] == 0).all()
-    dropped_text = 1 - masks[S.TEXT][100:].mean().item()
+    assert (masks[TEXT][:100] == 1).all() and (masks[IMAGE][:100] == 0).all()
+    dropped_text = 1 - masks[TEXT][100:].mean().item()
     assert 0.2 < dropped_text < 0.35  # P(drop) = 0.5, minus the rows where both would go
 
 
@@ -89,9 +89,9 @@ def test_gradients_reach_every_trainable_parameter(fusion):
 @pytest.mark.parametrize("fusion", FUSION_NAMES)
 def test_a_masked_modality_never_reaches_the_fused_logits(fusion):
     m, batch = model(fusion).eval(), make_batch()
-    other = {**batch, S.INPUT_IDS: batch[S.INPUT_IDS].clone(), S.PIXELS: batch[S.PIXELS].clone()}
-    other[S.INPUT_IDS][1] = (other[S.INPUT_IDS][1] + 5) % 50  # row 1 has no text
-    other[S.PIXELS][2] = 255 - other[S.PIXELS][2]  # row 2 has no image
+    other = {**batch, INPUT_IDS: batch[INPUT_IDS].clone(), PIXELS: batch[PIXELS].clone()}
+    other[INPUT_IDS][1] = (other[INPUT_IDS][1] + 5) % 50  # row 1 has no text
+    other[PIXELS][2] = 255 - other[PIXELS][2]  # row 2 has no image
     with torch.no_grad():
         a, b = m(batch)["logits"], m(other)["logits"]
     for task in a:

@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 from mmray.config import ConfigError, ModelConfig, load_config
-from mmray.data import schema as S
+from mmray.data.schema import IMAGE, TEXT
 from mmray.models.builder import build_fusion
 from mmray.models.encoders import Encoded
 from mmray.models.fusion import presence_weights
 from tests.models.conftest import FUSION_NAMES
 
 B, HIDDEN = 5, 16
-POOLED = {S.IMAGE: 12, S.TEXT: 8}
-TOKENS = {S.IMAGE: (4, 10), S.TEXT: (6, 8)}  # (count, width): token width may differ from pooled width
+POOLED = {IMAGE: 12, TEXT: 8}
+TOKENS = {IMAGE: (4, 10), TEXT: (6, 8)}  # (count, width): token width may differ from pooled width
 
 
 class _Dims(nn.Module):
@@ -72,8 +72,8 @@ def test_gradients_reach_every_parameter_and_both_modalities(name):
     fusion = make_fusion(name).train()
     features = make_features(requires_grad=True)
     masks = all_present()
-    masks[S.TEXT][1] = 0.0  # rows missing a modality train the "missing" embeddings
-    masks[S.IMAGE][2] = 0.0
+    masks[TEXT][1] = 0.0  # rows missing a modality train the "missing" embeddings
+    masks[IMAGE][2] = 0.0
     fusion(features, masks).pow(2).sum().backward()
     for pname, p in fusion.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
@@ -150,7 +150,7 @@ def test_gated_fusion_is_a_gmu_convex_combination():
     pooled = {m: f.pooled for m, f in features.items()}
     h = {m: torch.tanh(fusion.proj[m](pooled[m])) for m in sorted(POOLED)}
     out = fusion(features, masks)
-    lo, hi = torch.minimum(h[S.IMAGE], h[S.TEXT]), torch.maximum(h[S.IMAGE], h[S.TEXT])
+    lo, hi = torch.minimum(h[IMAGE], h[TEXT]), torch.maximum(h[IMAGE], h[TEXT])
     assert ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all()  # z * h_image + (1 - z) * h_text, z in (0, 1)
 
 

@@ -21,9 +21,9 @@ import torch
 
 from mmray.checkpoint import CheckpointInfo, load_model, save_checkpoint
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig, TrainConfig
-from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, MODALITIES, PIXELS, TEXT, label_key, mask_key
 from mmray.models.builder import build_model
 from mmray.score.ablation import variant_masks
 from mmray.train import optim
@@ -46,12 +46,12 @@ def xor_set(seed: int) -> dict[str, torch.Tensor]:
     noise = torch.randint(-30, 31, (ROWS, 3, SIZE, SIZE), generator=g)
     pixels = (colour.view(ROWS, 3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
     return {
-        S.INPUT_IDS: ids,
-        S.ATTENTION_MASK: torch.ones(ROWS, LENGTH, dtype=torch.long),
-        S.PIXELS: pixels,
-        S.mask_key(S.TEXT): torch.ones(ROWS),
-        S.mask_key(S.IMAGE): torch.ones(ROWS),
-        S.label_key(TASK.name): (word == red).long(),
+        INPUT_IDS: ids,
+        ATTENTION_MASK: torch.ones(ROWS, LENGTH, dtype=torch.long),
+        PIXELS: pixels,
+        mask_key(TEXT): torch.ones(ROWS),
+        mask_key(IMAGE): torch.ones(ROWS),
+        label_key(TASK.name): (word == red).long(),
     }
 
 
@@ -87,11 +87,11 @@ def accuracy(model: torch.nn.Module, masked: str = "full") -> float:
     """Accuracy on a held-out set (on the training set an encoder could memorise rows by their filler
     words, so even ``late`` fits it), with the modality masks of the ablation ``masked``."""
     held_out = xor_set(1000)
-    masks = variant_masks({m: held_out[S.mask_key(m)] for m in S.MODALITIES}, masked)
-    batch = {**held_out, **{S.mask_key(m): v for m, v in masks.items()}}
+    masks = variant_masks({m: held_out[mask_key(m)] for m in MODALITIES}, masked)
+    batch = {**held_out, **{mask_key(m): v for m, v in masks.items()}}
     with torch.no_grad():
         predicted = model(batch)["logits"][TASK.name].argmax(-1)
-    return (predicted == held_out[S.label_key(TASK.name)]).float().mean().item()
+    return (predicted == held_out[label_key(TASK.name)]).float().mean().item()
 
 
 @pytest.mark.parametrize("fusion", [f for f in FUSION_NAMES if f != "late"])

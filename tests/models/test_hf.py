@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmray.config import StorageConfig
-from mmray.data import schema as S
 from mmray.data import storage
+from mmray.data.schema import ATTENTION_MASK, INPUT_IDS, POS_IDS
 from mmray.models.freeze import apply_freeze
 from mmray.models.hf import HFTextEncoder, load_hf_model
 
@@ -16,7 +16,7 @@ def text_batch(vocab: int = 60, b: int = 3, length: int = 7) -> dict[str, torch.
     g = torch.Generator().manual_seed(0)
     attn = torch.ones(b, length, dtype=torch.long)
     attn[1, 4:] = 0
-    return {S.INPUT_IDS: torch.randint(1, vocab, (b, length), generator=g) * attn, S.ATTENTION_MASK: attn}
+    return {INPUT_IDS: torch.randint(1, vocab, (b, length), generator=g) * attn, ATTENTION_MASK: attn}
 
 
 def test_mean_and_cls_pooling_over_token_states(tiny_bert_dir):
@@ -28,7 +28,7 @@ def test_mean_and_cls_pooling_over_token_states(tiny_bert_dir):
     assert mean.out_dim == mean.token_dim == 16 and m.tokens.shape == (3, 7, 16)
     torch.testing.assert_close(c.pooled, c.tokens[:, 0])
     torch.testing.assert_close(m.pooled[1], m.tokens[1, :4].mean(0))  # padding excluded
-    assert m.token_mask.tolist() == batch[S.ATTENTION_MASK].bool().tolist()
+    assert m.token_mask.tolist() == batch[ATTENTION_MASK].bool().tolist()
 
 
 def test_unused_pooler_is_dropped_so_every_parameter_gets_a_gradient(tiny_bert_dir):
@@ -41,7 +41,7 @@ def test_unused_pooler_is_dropped_so_every_parameter_gets_a_gradient(tiny_bert_d
 
 def test_a_row_without_tokens_stays_finite(tiny_bert_dir):
     batch = text_batch()
-    batch[S.ATTENTION_MASK][2] = 0
+    batch[ATTENTION_MASK][2] = 0
     out = HFTextEncoder(load_hf_model(tiny_bert_dir), "mean").eval()(batch)
     assert torch.isfinite(out.pooled).all() and torch.isfinite(out.tokens).all()
 
@@ -91,7 +91,7 @@ def test_minilm_loads_offline_and_embeds_similar_sentences_closer():
     texts = ["a photo of my cat in the garden", "my kitten sits in the garden", "quarterly tax report for 2023"]
     t = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        pooled = enc({S.INPUT_IDS: t["input_ids"], S.ATTENTION_MASK: t["attention_mask"]}).pooled
+        pooled = enc({INPUT_IDS: t["input_ids"], ATTENTION_MASK: t["attention_mask"]}).pooled
     e = torch.nn.functional.normalize(pooled, dim=-1)
     assert enc.out_dim == 384 and len(enc.block_list()) == 6
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # the pretrained weights are really loaded
@@ -102,8 +102,8 @@ def test_the_pos_embedding_is_added_to_the_word_piece_embeddings(tiny_bert_dir):
     torch.manual_seed(0)
     plain = HFTextEncoder(load_hf_model(tiny_bert_dir), "mean").eval()
     tagged = HFTextEncoder(load_hf_model(tiny_bert_dir), "mean", pos_vocab=18).eval()
-    untagged = {**batch, S.POS_IDS: torch.zeros_like(batch[S.INPUT_IDS])}
-    verbs = {**batch, S.POS_IDS: torch.full_like(batch[S.INPUT_IDS], 16) * batch[S.ATTENTION_MASK]}
+    untagged = {**batch, POS_IDS: torch.zeros_like(batch[INPUT_IDS])}
+    verbs = {**batch, POS_IDS: torch.full_like(batch[INPUT_IDS], 16) * batch[ATTENTION_MASK]}
     with torch.no_grad():
         # Through inputs_embeds with tag 0 everywhere: exactly the pretrained model's output.
         torch.testing.assert_close(tagged(untagged).tokens, plain(batch).tokens)

@@ -8,9 +8,9 @@ import torch
 
 from mmray.checkpoint import CheckpointInfo, save_checkpoint
 from mmray.config import ImageConfig, ImageEncoderConfig, ModelConfig, TextConfig, TextEncoderConfig
-from mmray.data import schema as S
 from mmray.data.labels import Task
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
+from mmray.data.schema import ATTENTION_MASK, ERROR, ID, IMAGE, INPUT_IDS, PIXELS, TEXT, label_key, mask_key
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
 from mmray.metrics import MetricAccumulator, per_row_loss
@@ -54,11 +54,11 @@ def run(setup, rows: slice) -> dict:
 
 
 def test_variant_masks_mask_one_modality_on_every_row():
-    masks = {S.IMAGE: torch.tensor([1.0, 0.0]), S.TEXT: torch.tensor([1.0, 1.0])}
+    masks = {IMAGE: torch.tensor([1.0, 0.0]), TEXT: torch.tensor([1.0, 1.0])}
     assert variant_masks(masks, "full") is masks
-    assert variant_masks(masks, "text_masked")[S.TEXT].tolist() == [0.0, 0.0]
-    assert variant_masks(masks, "text_masked")[S.IMAGE].tolist() == [1.0, 0.0]
-    assert variant_masks(masks, "image_masked")[S.IMAGE].tolist() == [0.0, 0.0]
+    assert variant_masks(masks, "text_masked")[TEXT].tolist() == [0.0, 0.0]
+    assert variant_masks(masks, "text_masked")[IMAGE].tolist() == [1.0, 0.0]
+    assert variant_masks(masks, "image_masked")[IMAGE].tolist() == [0.0, 0.0]
 
 
 def test_variant_names_follow_the_aux_heads():
@@ -80,20 +80,20 @@ def test_each_variant_equals_the_model_run_with_those_masks(setup):
     names = variant_names(setup["cfg"])
     metrics, quarantine = summarize(names, setup["tasks"], [run(setup, slice(None))])
     assert sorted((q["id"], q["column"]) for q in quarantine) == sorted(
-        [(setup["batch"][S.ID][3], "text,image"), (setup["batch"][S.ID][5], "label")]
+        [(setup["batch"][ID][3], "text,image"), (setup["batch"][ID][5], "label")]
     )
-    good = setup["batch"][S.ERROR] == ""
+    good = setup["batch"][ERROR] == ""
     inputs = {
         k: torch.from_numpy(np.ascontiguousarray(v[good]))
         for k, v in setup["batch"].items()
-        if k in (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.TEXT), S.mask_key(S.IMAGE))
+        if k in (INPUT_IDS, ATTENTION_MASK, PIXELS, mask_key(TEXT), mask_key(IMAGE))
     }
-    target = torch.from_numpy(setup["batch"][S.label_key("label")][good])
+    target = torch.from_numpy(setup["batch"][label_key("label")][good])
     task = setup["tasks"][0]
-    for variant, masked in (("full", None), ("text_masked", S.TEXT), ("image_masked", S.IMAGE)):
+    for variant, masked in (("full", None), ("text_masked", TEXT), ("image_masked", IMAGE)):
         batch = dict(inputs)
         if masked:
-            batch[S.mask_key(masked)] = torch.zeros(int(good.sum()))
+            batch[mask_key(masked)] = torch.zeros(int(good.sum()))
         with torch.no_grad():
             logits = setup["model"](batch)["logits"]["label"]
         acc = MetricAccumulator(setup["tasks"])
@@ -102,7 +102,7 @@ def test_each_variant_equals_the_model_run_with_those_masks(setup):
         assert metrics[variant] == pytest.approx(expected), variant
         assert metrics[variant]["rows"] == 22
     # Unimodal heads count only the rows that have that modality.
-    assert metrics["unimodal.text"]["rows"] == int(setup["batch"][S.mask_key(S.TEXT)][good].sum())
+    assert metrics["unimodal.text"]["rows"] == int(setup["batch"][mask_key(TEXT)][good].sum())
 
 
 def test_batches_add_up_to_one_pass(setup):

@@ -12,7 +12,7 @@ import torch
 
 from mmray.checkpoint import load_info, load_model, model_id
 from mmray.config import StorageConfig
-from mmray.data import schema as S
+from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXELS, QUARANTINE_SCHEMA, TEXT, mask_key
 from mmray.data.synthetic import make_rows
 from mmray.metrics import MetricAccumulator, per_row_loss
 from mmray.score import commit
@@ -71,7 +71,7 @@ def test_no_rows_at_all_gives_no_files_and_an_empty_quarantine(tmp_path, tiny_ch
     st = commit.open_staging(commit.Target(str(tmp_path / "out")), "b2" * 6)
     result = finalize(st, output_schema([TASK]), "m" * 16, SCORED_AT, rows_per_file=5)
     assert result.files == [] and result.rows_raw == 0
-    assert pq.read_table(st.file(commit.QUARANTINE_FILE)).schema == S.QUARANTINE_SCHEMA
+    assert pq.read_table(st.file(commit.QUARANTINE_FILE)).schema == QUARANTINE_SCHEMA
 
 
 def test_evaluate_metrics_equal_a_direct_metric_accumulation(tmp_path, tiny_checkpoint):
@@ -90,7 +90,7 @@ def test_evaluate_metrics_equal_a_direct_metric_accumulation(tmp_path, tiny_chec
         logits = model(
             {
                 k: torch.from_numpy(np.ascontiguousarray(batch[k]))
-                for k in (S.INPUT_IDS, S.ATTENTION_MASK, S.PIXELS, S.mask_key(S.IMAGE), S.mask_key(S.TEXT))
+                for k in (INPUT_IDS, ATTENTION_MASK, PIXELS, mask_key(IMAGE), mask_key(TEXT))
             }
         )["logits"]
     target = torch.tensor([CLASSES.index(v) for v in rows["label"][2:]])

@@ -12,9 +12,9 @@ import pytest
 
 from mmray.checkpoint import TOKENIZER_DIR, model_id, open_checkpoint
 from mmray.config import StorageConfig
-from mmray.data import schema as S
 from mmray.data import storage
 from mmray.data.labels import Task
+from mmray.data.schema import ERROR, ERROR_STAGE, ID, label_key
 from mmray.data.synthetic import make_rows
 from mmray.score.labeled import LABEL_ERROR, LabeledPreprocessor
 from mmray.score.predictor import Predictor, logits_key, output_columns, output_schema
@@ -33,12 +33,12 @@ def test_good_rows_get_predictions_and_bad_rows_pass_through_with_their_error(ti
     predict = Predictor(str(tiny_checkpoint), StorageConfig(), model_id(tiny_checkpoint))
     out = predict(preprocessed(tiny_checkpoint, rows))
 
-    assert list(out[S.ID]) == rows["id"]
-    assert out[S.ERROR][1] != "" and out[S.ERROR_STAGE][1] == "preprocess"
+    assert list(out[ID]) == rows["id"]
+    assert out[ERROR][1] != "" and out[ERROR_STAGE][1] == "preprocess"
     assert out["prediction"][1] is None and out["probabilities"][1] is None
     for i in (0, 2, 3, 4, 5):
         probs = np.array(out["probabilities"][i])
-        assert out[S.ERROR][i] == "" and probs.shape == (4,) and probs.sum() == pytest.approx(1.0, abs=1e-6)
+        assert out[ERROR][i] == "" and probs.shape == (4,) and probs.sum() == pytest.approx(1.0, abs=1e-6)
         assert out["prediction"][i] == CLASSES[int(probs.argmax())]
         assert out["confidence"][i] == pytest.approx(probs.max())
     table = pa.table({c: pa.array(list(out[c])) for c in output_schema([TASK]).names})
@@ -97,10 +97,10 @@ def test_evaluate_keeps_encoded_labels_and_logits_but_never_quarantines_for_a_la
     rows["label"][0], rows["label"][1] = "unicorn", None
     batch = preprocessed(tiny_checkpoint, rows, label_tasks=[TASK])
     out = Predictor(str(tiny_checkpoint), StorageConfig(), evaluate=True)(batch)
-    assert list(out[S.ERROR]) == [""] * 4  # a bad label is not a bad row: every row is scored
+    assert list(out[ERROR]) == [""] * 4  # a bad label is not a bad row: every row is scored
     assert "not in the label map" in out[LABEL_ERROR][0] and "null label" in out[LABEL_ERROR][1]
     assert list(out[LABEL_ERROR][2:]) == ["", ""]
-    assert [CLASSES[i] for i in out[S.label_key("label")][2:]] == rows["label"][2:]
+    assert [CLASSES[i] for i in out[label_key("label")][2:]] == rows["label"][2:]
     assert all(len(v) == 4 for v in out[logits_key("label")])
 
 

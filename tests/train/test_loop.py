@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mmray.config import ConfigError, config_from_dict, config_to_dict
-from mmray.data import schema as S
 from mmray.data.labels import Task
+from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXELS, TEXT, label_key, mask_key
 from mmray.train import optim
 from mmray.train.hooks import load_before_step
 from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, evaluate, train_epoch, with_last
@@ -66,7 +66,7 @@ def linear_parts(cfg, model=None, total_steps=10) -> Parts:
 def xy_batches(n_batches: int, rows: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"x": torch.randn(rows, 3, generator=g), S.label_key("label"): torch.randint(0, 3, (rows,), generator=g)}
+        {"x": torch.randn(rows, 3, generator=g), label_key("label"): torch.randint(0, 3, (rows,), generator=g)}
         for _ in range(n_batches)
     ]
 
@@ -152,12 +152,12 @@ def fusion_batches(n: int = 2, rows: int = 8):
         pixels = (y.view(-1, 1, 1, 1) * 100 + torch.randint(0, 30, (rows, 3, 16, 16), generator=g)).to(torch.uint8)
         out.append(
             {
-                S.INPUT_IDS: torch.randint(1, 30, (rows, 8), generator=g),
-                S.ATTENTION_MASK: torch.ones(rows, 8, dtype=torch.long),
-                S.PIXELS: pixels,
-                S.mask_key(S.TEXT): torch.ones(rows),
-                S.mask_key(S.IMAGE): torch.ones(rows),
-                S.label_key("label"): y,
+                INPUT_IDS: torch.randint(1, 30, (rows, 8), generator=g),
+                ATTENTION_MASK: torch.ones(rows, 8, dtype=torch.long),
+                PIXELS: pixels,
+                mask_key(TEXT): torch.ones(rows),
+                mask_key(IMAGE): torch.ones(rows),
+                label_key("label"): y,
             }
         )
     return out
@@ -219,21 +219,21 @@ def test_build_parts_is_deterministic_under_the_seed():
 SHARDS = [
     {
         "cls_logits": torch.tensor([[LN2, 0, 0], [0, LN2, 0], [LN2, 0, 0]]),
-        S.label_key("label"): torch.tensor([0, 1, 2]),
+        label_key("label"): torch.tensor([0, 1, 2]),
         "reg": torch.tensor([[1.0], [2.0], [0.0]]),
-        S.label_key("score"): torch.tensor([1.5, 2.0, 1.0]),
+        label_key("score"): torch.tensor([1.5, 2.0, 1.0]),
     },
     {
         "cls_logits": torch.tensor([[0, LN2, 0]]),
-        S.label_key("label"): torch.tensor([2]),
+        label_key("label"): torch.tensor([2]),
         "reg": torch.tensor([[3.0]]),
-        S.label_key("score"): torch.tensor([1.0]),
+        label_key("score"): torch.tensor([1.0]),
     },
 ]
 
 
 def test_validation_sums_counts_across_workers_before_dividing():
-    one = [{k: v for k, v in shard.items() if k not in ("reg", S.label_key("score"))} for shard in SHARDS]
+    one = [{k: v for k, v in shard.items() if k not in ("reg", label_key("score"))} for shard in SHARDS]
     other_state: list[torch.Tensor] = []
     evaluate(Passthrough(), [one[1]], [CLS], {}, reduce=lambda s: other_state.append(s) or s)
     # What all_reduce does for worker 0: its own sums plus worker 1's.
@@ -261,14 +261,14 @@ def test_aux_head_loss_counts_only_rows_that_have_the_modality():
     # wrong on row 1 (ln4), but row 1 has no text, so only row 0 counts: 2ln2 + 0.5 * 2ln2 = 3 ln2.
     out = {
         "logits": {"label": torch.tensor([[LN2, 0, 0], [LN2, 0, 0]])},
-        "aux": {S.TEXT: {"label": torch.tensor([[LN2, 0, 0], [0, LN2, 0]])}},
-        "masks": {S.TEXT: torch.tensor([1.0, 0.0])},
+        "aux": {TEXT: {"label": torch.tensor([[LN2, 0, 0], [0, LN2, 0]])}},
+        "masks": {TEXT: torch.tensor([1.0, 0.0])},
     }
-    batch = {S.label_key("label"): torch.tensor([0, 0])}
+    batch = {label_key("label"): torch.tensor([0, 0])}
     loss, rows = compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)
     assert loss.item() == pytest.approx(3 * LN2)
     torch.testing.assert_close(rows, torch.tensor([2 * LN2, 2 * LN2]))
-    out["masks"][S.TEXT] = torch.zeros(2)  # no row has text: the aux head adds nothing (no 0/0)
+    out["masks"][TEXT] = torch.zeros(2)  # no row has text: the aux head adds nothing (no 0/0)
     assert compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)[0].item() == pytest.approx(2 * LN2)
 
 
