@@ -96,3 +96,14 @@ def test_no_test_hooks_in_the_library():
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "MMRAY_FAULT" not in text and "os._exit" not in text, path
+
+
+@pytest.mark.parametrize("init", sorted(PACKAGE.rglob("__init__.py")), ids=lambda p: _module_name(p))
+def test_every_name_a_package_exports_exists(init):
+    """``__all__`` of each package names what it has: a module renamed or removed leaves no stale name."""
+    import importlib
+    import importlib.util
+
+    package = importlib.import_module(_module_name(init))
+    for name in getattr(package, "__all__", []):
+        assert hasattr(package, name) or importlib.util.find_spec(f"{package.__name__}.{name}"), name

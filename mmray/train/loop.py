@@ -57,9 +57,9 @@ __all__ = [
     "build_parts",
     "compute_loss",
     "epoch_record",
-    "evaluate",
     "train_epoch",
     "train_loop_per_worker",
+    "validation_metrics",
 ]
 
 T = TypeVar("T")
@@ -228,7 +228,7 @@ def train_epoch(
     return EpochTotals(float(loss_sum), rows, steps, float(norm_sum))
 
 
-def evaluate(
+def validation_metrics(
     model: nn.Module,
     batches: Iterable[dict[str, Tensor]],
     tasks: list[Task],
@@ -379,7 +379,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             broadcast_buffers(parts.model)
             # The bare module: DDP's forward runs collectives (buffer broadcasts), and validation shards
             # may differ in length, so a wrapped forward could wait forever for a rank with no rows left.
-            val = evaluate(
+            val = validation_metrics(
                 unwrap(parts.model),
                 val_shard.iter_torch_batches(**iter_kwargs),
                 tasks,

@@ -17,7 +17,7 @@ from mmray.data.labels import Task
 from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXELS, TEXT, label_key, mask_key
 from mmray.train import optim
 from mmray.train.hooks import load_before_step
-from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, evaluate, train_epoch, with_last
+from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, train_epoch, validation_metrics, with_last
 from mmray.train.state import Progress
 
 CPU = torch.device("cpu")
@@ -235,21 +235,21 @@ SHARDS = [
 def test_validation_sums_counts_across_workers_before_dividing():
     one = [{k: v for k, v in shard.items() if k not in ("reg", label_key("score"))} for shard in SHARDS]
     other_state: list[torch.Tensor] = []
-    evaluate(Passthrough(), [one[1]], [CLS], {}, reduce=lambda s: other_state.append(s) or s)
+    validation_metrics(Passthrough(), [one[1]], [CLS], {}, reduce=lambda s: other_state.append(s) or s)
     # What all_reduce does for worker 0: its own sums plus worker 1's.
-    m = evaluate(Passthrough(), [one[0]], [CLS], {}, reduce=lambda s: s + other_state[0])
+    m = validation_metrics(Passthrough(), [one[0]], [CLS], {}, reduce=lambda s: s + other_state[0])
     assert m["rows"] == 4
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["loss"] == pytest.approx(1.5 * LN2)
     assert m["macro_f1"] == pytest.approx(4 / 9)
-    alone = evaluate(Passthrough(), [one[0]], [CLS], {}, reduce=lambda s: s)
+    alone = validation_metrics(Passthrough(), [one[0]], [CLS], {}, reduce=lambda s: s)
     assert alone["accuracy"] == pytest.approx(2 / 3) and alone["rows"] == 3  # worker 0 on its own
 
 
 def test_validation_reports_each_task_by_name():
     other_state: list[torch.Tensor] = []
-    evaluate(Passthrough(), [SHARDS[1]], [CLS, REG], {}, reduce=lambda s: other_state.append(s) or s)
-    m = evaluate(Passthrough(), [SHARDS[0]], [CLS, REG], {}, reduce=lambda s: s + other_state[0])
+    validation_metrics(Passthrough(), [SHARDS[1]], [CLS, REG], {}, reduce=lambda s: other_state.append(s) or s)
+    m = validation_metrics(Passthrough(), [SHARDS[0]], [CLS, REG], {}, reduce=lambda s: s + other_state[0])
     assert m["label/accuracy"] == pytest.approx(0.5) and m["label/macro_f1"] == pytest.approx(4 / 9)
     assert m["score/mae"] == pytest.approx(0.875) and m["score/rmse"] == pytest.approx(math.sqrt(5.25 / 4))
     assert m["loss"] == pytest.approx(1.5 * LN2 + 5.25 / 4)
@@ -278,7 +278,7 @@ def _eval_worker(rank: int, store: str, out_dir: str) -> None:
     # A file rendezvous: no port chosen in advance that another process could take first.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        metrics = evaluate(Passthrough(), [SHARDS[rank]], [CLS, REG], {})  # the real all_reduce
+        metrics = validation_metrics(Passthrough(), [SHARDS[rank]], [CLS, REG], {})  # the real all_reduce
         torch.save(metrics, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
