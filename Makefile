@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mmray demo --workdir work/demo
 
+# Two pytest workers, each with its own session Ray; whole files go to one worker (module fixtures are
+# built once), and the end-to-end files are handed out first (tests/conftest.py orders them).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff: lint + formatting check (configured in pyproject.toml); `make format` rewrites in place.
 lint: $(STAMP)
@@ -32,8 +35,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The unit tests plus one end-to-end run (`mmray demo` through the CLI, then `mmray score`: tests/test_cli_e2e.py).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not integration or smoke"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_preprocess.py

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import CLI_TIMEOUT, REPO, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]  # smoke: `make test-fast` runs it too
 
 
 @pytest.fixture(scope="module")
