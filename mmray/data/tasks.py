@@ -11,7 +11,8 @@ Chinese with distractor words, so a model must read words, not string positions.
               the number of objects in the image (1-3): both modalities, additively
     match     does the caption describe the object (colour + shape)? Each modality alone is exactly at
               chance (every caption and every image occurs as often in matching as in other rows):
-              only the interaction decides
+              only the interaction decides; a wrong caption differs in one attribute (half colour,
+              half shape), so neither attribute alone gets past 75%
     lazy      ``classify`` with a hard text side (made-up synonyms hidden among made-up filler
               words) and an easy image side: the modality-laziness trap
     missing   ``classify`` with 15% of rows lacking the text and 15% lacking the image
@@ -223,19 +224,41 @@ def _sum(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     return rows
 
 
+def _match_pairs(n: int, rng: np.random.Generator) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """``n`` (shown, said) pairs of colour and shape for ``match``, in blocks of 24 rows.
+
+    A block shows every pair twice, once with its own caption ("yes") and once with a caption that
+    differs in exactly one attribute ("no"): shape-only for the objects of two random colours, the
+    other colour of the remaining two for the rest. So each full block has every image and every
+    caption once per label (each modality alone exactly at chance), and half its wrong captions differ
+    only in colour, half only in shape: a colour matcher or a shape matcher alone scores 0.75. Uniform
+    wrong captions ("any other pair") made 9 in 11 differ in colour, so a colour matcher scored 0.91 and
+    shape decided 1 row in 11: the hard negatives of caption-matching benchmarks (one attribute swapped)
+    put shape and colour on an equal footing.
+    """
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    out: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    while len(out) < n:
+        colours = [str(c) for c in rng.permutation(list(COLOURS))]
+        shape_only, swapped = colours[:2], colours[2:]
+        step = int(rng.integers(1, len(SHAPES)))
+        block = [(p, p) for p in pairs]
+        for colour, shape in pairs:
+            if colour in shape_only:
+                said = (colour, SHAPES[(SHAPES.index(shape) + step) % len(SHAPES)])
+            else:
+                said = (swapped[1 - swapped.index(colour)], shape)
+            block.append(((colour, shape), said))
+        out += [block[j] for j in rng.permutation(len(block))]
+    return out[:n]
+
+
 def _match(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     rows: dict[str, list] = {"text": [], "image": [], "label": []}
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    for i in range(n):
-        colour, shape = pairs[int(rng.integers(len(pairs)))]
-        if i % 2 == 0:
-            said, label = (colour, shape), "yes"
-        else:  # any other pair: captions and images keep the same marginals in both classes
-            others = [p for p in pairs if p != (colour, shape)]
-            said, label = others[int(rng.integers(len(others)))], "no"
+    for shown, said in _match_pairs(n, rng):
         rows["text"].append(_object_caption(*said, rng, lang))
-        rows["image"].append(render_scene([(colour, shape)], rng))
-        rows["label"].append(label)
+        rows["image"].append(render_scene([shown], rng))
+        rows["label"].append("yes" if said == shown else "no")
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +14,19 @@ import pytest
 from PIL import Image
 
 from mmray.cli import build_parser
-from mmray.data.tasks import _COLOURS_ZH, _NUMBERS, COLOURS, TASKS, make_task_rows, render_scene
+from mmray.data.tasks import (
+    _COLOURS_ZH,
+    _NUMBERS,
+    _SHAPES_EN,
+    _SHAPES_ZH,
+    COLOURS,
+    SHAPES,
+    TASKS,
+    _is_zh,
+    _match_pairs,
+    make_task_rows,
+    render_scene,
+)
 from tests.helpers import REPO
 
 
@@ -27,16 +40,40 @@ def test_rows_are_a_pure_function_of_the_seed(task):
             assert Image.open(io.BytesIO(raw)).size[0] >= 20
 
 
+def _said(text: str) -> tuple[str, str]:
+    """The (colour, shape) a match caption names: whole English words (``coloured`` is not ``red``)."""
+    words = set(re.findall(r"[a-z]+", text))
+    colour = next(c for c in COLOURS if c in words or _COLOURS_ZH[c] in text)
+    shape = next(
+        s
+        for s in SHAPES
+        if any(w in text if _is_zh(w) else w.split()[-1] in words for w in _SHAPES_EN[s] + _SHAPES_ZH[s])
+    )
+    return colour, shape
+
+
 def test_match_captions_alone_say_nothing_about_the_label():
-    # Every colour a caption names occurs as often in matching rows as in the others.
-    rows = make_task_rows("match", 4000, seed=0)
-    said: dict[str, Counter] = {c: Counter() for c in COLOURS}
-    for text, label in zip(rows["text"], rows["label"]):
-        colour = next(c for c in COLOURS if c in text or _COLOURS_ZH[c] in text)
-        said[colour][label] += 1
-    assert Counter(rows["label"]) == {"yes": 2000, "no": 2000}
-    for colour, counts in said.items():
-        assert abs(counts["yes"] / (counts["yes"] + counts["no"]) - 0.5) < 0.06, colour
+    # Every (colour, shape) a caption names occurs exactly as often in matching rows as in the others.
+    rows = make_task_rows("match", 24 * 20, seed=0)
+    counts = Counter((_said(text), label) for text, label in zip(rows["text"], rows["label"]))
+    assert Counter(rows["label"]) == {"yes": 240, "no": 240}
+    for pair in ((c, s) for c in COLOURS for s in SHAPES):
+        assert counts[pair, "yes"] == counts[pair, "no"] == 20, pair
+
+
+def test_match_images_alone_say_nothing_and_wrong_captions_differ_in_one_attribute():
+    """Each image (colour, shape) is as often matched as not, and half the wrong captions swap the
+    colour, half the shape: a model that compares one attribute only scores exactly 0.75."""
+    n = 24 * 10
+    pairs = _match_pairs(n, np.random.default_rng(1))
+    shown = Counter((a, a == b) for a, b in pairs)
+    assert set(shown.values()) == {10} and len(shown) == 24
+    wrong = [(a, b) for a, b in pairs if a != b]
+    assert all((a[0] == b[0]) != (a[1] == b[1]) for a, b in wrong)  # exactly one attribute differs
+    assert sum(a[0] != b[0] for a, b in wrong) == len(wrong) // 2
+    for attribute in (0, 1):  # the best one-attribute matcher says "yes" when that attribute agrees
+        right = sum((a[attribute] == b[attribute]) == (a == b) for a, b in pairs)
+        assert right / n == 0.75
 
 
 def test_sum_labels_add_the_caption_number_to_an_image_count():
