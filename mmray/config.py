@@ -126,6 +126,11 @@ class DataConfig:
     max_bad_fraction: float = 0.1  # abort when more rows than this are quarantined
     cache: Literal["auto", "always", "never"] = "auto"  # keep preprocessed train set in the object store
     cache_max_fraction: float = 0.3  # "auto" caches when it fits in this share of the object store
+    # Seconds a Ray Data execution (scoring's stream, training's preprocessing passes and the trainer
+    # workers' ingest) may go without any stage moving a block before the job fails with Ray Data's
+    # stage summary: a stage that can never be scheduled or a UDF that blocks. Raise it when one
+    # batch (a model load, a slow image fetch, one training step) can take longer; 0 disables it.
+    stall_timeout_s: float = 300.0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -293,6 +298,7 @@ _NON_NEGATIVE = {
     "model.loss_weights.*",
     "model.text_encoder.freeze",
     "model.image_encoder.freeze",
+    "data.stall_timeout_s",
     "train.resources_per_worker.*",
     "train.prefetch_batches",
     "score.num_gpus",

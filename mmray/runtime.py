@@ -5,14 +5,33 @@ The budget check exists because Ray never fails an over-subscribed job: actor po
 workers that reserve the CPUs Ray Data's read, list and map tasks need leave those tasks queued forever
 (``ListFiles ... 0 row``, ``backpressured:tasks(ResourceBudget)``). Each part of a job is a
 ``Demand`` naming the config keys that size it, so the error says what to change.
+
+What the budget cannot see (another job taking the CPUs mid-run, a UDF blocked on I/O, a node lost)
+is left to a no-progress watchdog, ``data.stall_timeout_s``. It is Ray Data's own: ``guard_stalls`` sets
+the dataset's ``DataContext.execution_no_progress_timeout_s`` (Ray 2.60's ``NoProgressGuard``; Ray's
+default is 30 minutes), which the streaming executor checks after every scheduling step in the
+process that runs it: the driver for scoring's write and training's preprocessing passes, the
+``SplitCoordinator`` actor for the trainer workers' shards (its dataset carries the context along).
+That was chosen over a polling thread on the driver, or a timeout around each trainer worker's
+``next(batch)``: the guard sees every operator's queues where they live, so it counts only time in
+which no block moved anywhere (a slow training step with full buffers upstream is not a stall of
+the stream it waits on until it outlasts the timeout too), it needs no private API to find the
+executor, and the failure takes Ray's own path: the executor shuts its tasks and actors down, and the
+error reaches whoever waits on the stream (``write_parquet``, a worker's iterator, then
+``TorchTrainer.fit``). ``failing_on_stall`` turns it, wherever it surfaces, into ``StallError``
+with Ray's stage summary and the key to change.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
+import ray.data
+from ray.data.exceptions import ExecutionTimeoutError
 
 from mmray.console import quiet_ray_data, ray_init_options, say
 
@@ -21,8 +40,12 @@ __all__ = [
     "RAY_CLIENT_UNSUPPORTED",
     "Demand",
     "ResourceBudgetError",
+    "STALL_KEY",
+    "StallError",
     "check_resources",
     "cluster_capacity",
+    "failing_on_stall",
+    "guard_stalls",
     "init_ray",
     "release_ray",
     "total_demand",
@@ -160,3 +183,62 @@ def check_resources(job: str, demands: list[Demand]) -> None:
                     f"{job} would wait forever: {d.keys} asks for {amount:g} {resource} in one process, but the "
                     f"largest node has {largest.get(resource, 0.0):g} {resource}"
                 )
+
+
+STALL_KEY = "data.stall_timeout_s"
+# Ray's own advice (ds.context...) starts here; mmray's message names its config key instead.
+_RAY_ADVICE = "\nIf this is expected"
+
+
+class StallError(ValueError):
+    """A Ray Data execution made no progress for ``data.stall_timeout_s``: it would have waited forever."""
+
+
+def guard_stalls(ds: ray.data.Dataset, timeout_s: float) -> ray.data.Dataset:
+    """``ds`` (and every dataset derived from it) fails with Ray's ``ExecutionTimeoutError`` after
+    ``timeout_s`` seconds without progress; 0 turns the guard off (Ray's -1)."""
+    ds.context.execution_no_progress_timeout_s = timeout_s if timeout_s > 0 else -1
+    return ds
+
+
+def _timeout_in(error: BaseException) -> ExecutionTimeoutError | None:
+    """The ``ExecutionTimeoutError`` behind ``error``: itself, its cause or context, the exception a
+    ``RayTaskError`` carries (a trainer worker's shard iterator), or a trainer worker's failure
+    (``WorkerGroupError.worker_failures``), however deep."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, ExecutionTimeoutError):
+            return cause  # the original, without the RayTaskError's traceback text
+        if isinstance(e, ExecutionTimeoutError):
+            return e
+        todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
+
+
+@contextmanager
+def failing_on_stall(job: str, timeout_s: float) -> Iterator[None]:
+    """Re-raises a Ray Data no-progress timeout from inside as ``StallError``; other errors pass.
+
+    Raises:
+        StallError: naming the job, Ray Data's summary of each stage still running, and the key.
+    """
+    try:
+        yield
+    except Exception as e:
+        found = _timeout_in(e)
+        if found is None:
+            raise
+        summary = str(found).split(_RAY_ADVICE, 1)[0].strip()
+        raise StallError(
+            f"{job} was stopped: its data stream made no progress for {timeout_s:g} s ({STALL_KEY}). "
+            f"Ray Data: {summary}\nA stage with active tasks but nothing finished is usually waiting for "
+            f"resources something else on the cluster holds (`ray status`), or a UDF that blocks. If a stage "
+            f"is legitimately this slow, raise {STALL_KEY} (now {timeout_s:g}), or set {STALL_KEY}=0 to disable "
+            "the watchdog"
+        ) from e

@@ -4,6 +4,7 @@ the config keys, instead of waiting forever (no Ray needed: the cluster's figure
 from __future__ import annotations
 
 import pytest
+from ray.data.exceptions import ExecutionTimeoutError
 
 from mmray import runtime
 from mmray.config import config_from_dict
@@ -71,3 +72,46 @@ def test_an_autoscaler_maximum_is_the_capacity_and_nodes_not_up_yet_do_not_count
         check_resources(
             "mmray score", [Demand("score.concurrency x (score.num_cpus, score.num_gpus)", 16, {"CPU": 4}), READ_TASKS]
         )
+
+
+# The no-progress watchdog: Ray's error, wherever a job meets it, becomes one StallError (no Ray needed).
+
+RAY_SUMMARY = (
+    "Dataset execution made no progress for at least 5s of scheduling time (timeout: 5s).\n"
+    "Operators still running:\n  - ReadFiles: 1 active task(s), 0 finished, 0 outputs taken\n"
+    "If this is expected, raise the timeout with `ds.context.execution_no_progress_timeout_s = <seconds>`"
+)
+
+
+def a_trainer_worker_stalled() -> Exception:
+    """What ``TorchTrainer.fit`` raises when a worker's shard timed out in the split coordinator."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    in_worker = RayTaskError("SplitCoordinator.get", "Traceback ...", ExecutionTimeoutError(RAY_SUMMARY))
+    return WorkerGroupError("Training failed: worker 0 raised", {0: in_worker})
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(lambda: ExecutionTimeoutError(RAY_SUMMARY)),
+        pytest.param(a_trainer_worker_stalled),
+    ],
+    ids=["driver", "trainer worker"],
+)
+def test_a_no_progress_timeout_becomes_a_stall_error_with_rays_summary_and_the_key(error):
+    with pytest.raises(runtime.StallError) as raised, runtime.failing_on_stall("mmray train", 5):
+        raise error()
+    message = str(raised.value)
+    assert message.startswith(
+        "mmray train was stopped: its data stream made no progress for 5 s (data.stall_timeout_s)"
+    )
+    assert "ReadFiles: 1 active task(s), 0 finished" in message and "Traceback" not in message
+    assert "ds.context" not in message  # Ray's advice names its own knob; ours names the config key
+    assert "raise data.stall_timeout_s (now 5), or set data.stall_timeout_s=0" in message
+
+
+def test_other_failures_pass_through_the_stall_guard_unchanged():
+    with pytest.raises(KeyError, match="label"), runtime.failing_on_stall("mmray score", 5):
+        raise KeyError("label")

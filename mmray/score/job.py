@@ -46,7 +46,7 @@ from mmray.console import Ticker, bar, doing, format_count, format_duration, pro
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.runtime import READ_TASKS, Demand, check_resources, init_ray
+from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall, guard_stalls, init_ray
 from mmray.score import commit
 from mmray.score.finalize import Finalized, finalize
 from mmray.score.label_metrics import LabelMetrics
@@ -151,7 +151,7 @@ def _scored_stream(
     only: list[str] | None = None,
 ) -> ray.data.Dataset:
     sc = cfg.score
-    source = pipeline.read_input(input_uri, files, cfg.storage, columns)
+    source = guard_stalls(pipeline.read_input(input_uri, files, cfg.storage, columns), cfg.data.stall_timeout_s)
     if only is not None:
         source = _only_ids(source, spec.id_column, only)
     preprocessed = pipeline.preprocess(
@@ -330,7 +330,10 @@ def run_scoring(
                     num_gpus,
                     retry.ids if retry else None,
                 )
-                with Ticker(ScoringProgress(stage, rows_in).poll, progress_interval()):
+                with (
+                    Ticker(ScoringProgress(stage, rows_in).poll, progress_interval()),
+                    failing_on_stall("mmray score", cfg.data.stall_timeout_s),
+                ):
                     stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
             evaluation = LabelMetrics(info.tasks, info.model.loss_weights) if evaluate else None
             first = len(retry.manifest["files"]) if retry else 0

@@ -31,6 +31,7 @@ from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.schema import ID
+from mmray.runtime import guard_stalls
 
 __all__ = [
     "ShardConfig",
@@ -113,8 +114,9 @@ def prepare_split(
             each input row to exactly one output row.
         cache: from ``cache_decision``.
     """
+    source = pipeline.read_input(uri, files, cfg.storage, list(spec.input_columns()))
     processed = pipeline.preprocess(
-        pipeline.read_input(uri, files, cfg.storage, list(spec.input_columns())),
+        guard_stalls(source, cfg.data.stall_timeout_s),  # carried into the trainer workers' shards
         spec,
         tokenizer_files,
         cfg.data.preprocess,

@@ -47,7 +47,7 @@ from mmray.data.prepare import build_tasks, prepare_tokenizer
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text import TokenEncoder
 from mmray.runs import LATEST_POINTER, fresh_run_name, result_uri, storage_root
-from mmray.runtime import READ_TASKS, Demand, check_resources
+from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall
 from mmray.train import ingest
 from mmray.train.hooks import load_before_step
 from mmray.train.loop import LoopInputs, train_loop_per_worker
@@ -169,10 +169,11 @@ def run_training(cfg: Config) -> TrainResult:
     name = cfg.train.name or fresh_run_name()
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
+    stall_s = cfg.data.stall_timeout_s
     if cfg.data.cache == "never":  # streamed for sure: fail before the splits' first preprocessing pass
         check_resources("mmray train", _training_demands(cfg, streamed=True))
     started = time.monotonic()
-    with doing("preparing the data and run directory", run_dir):
+    with doing("preparing the data and run directory", run_dir), failing_on_stall("mmray train", stall_s):
         prepared = prepare(cfg, run_dir)
     check_resources("mmray train", _training_demands(cfg, streamed=not prepared.cached))
     t, counts = cfg.train, prepared.counts
@@ -187,8 +188,8 @@ def run_training(cfg: Config) -> TrainResult:
         storage.join(run_dir, CONFIG_FILE), storage.redact(json.dumps(resolved, indent=2, default=str)), cfg.storage
     )
     printer = EpochPrinter(run_dir, cfg)
-    with Ticker(printer.poll, interval_s=progress_interval()):
-        result = build_trainer(cfg, prepared, root, name).fit()
+    with Ticker(printer.poll, interval_s=progress_interval()), failing_on_stall("mmray train", stall_s):
+        result = build_trainer(cfg, prepared, root, name).fit()  # a worker's stalled shard fails the run
     printer.clear()
     best = result.get_best_checkpoint(cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) or result.checkpoint
     checkpoint_uri = result_uri(best.path, root)
