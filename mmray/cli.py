@@ -4,6 +4,7 @@ Examples:
     mmray make-data work/data --rows 2000
     mmray train --config configs/demo.yaml data.train=work/data/train data.val=work/data/val
     mmray score --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/preds
+    mmray embed --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/vectors
     mmray tune --config configs/demo.yaml --space configs/tune/space.yaml --num-samples 8 data.train=... data.val=...
     mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
     mmray nightly --date yesterday --tz Europe/Berlin score.input=s3://b/events score.output=s3://b/preds
@@ -103,6 +104,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    """``score`` and ``embed`` (``args.rows``: predictions or embeddings) are one job."""
     from mmray.score.job import run_scoring
 
     cfg = _config(args)
@@ -119,6 +121,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             evaluate=args.evaluate,
             address=args.address,
             retry_quarantined=args.retry_quarantined,
+            output=args.rows,
         )
     )
 
@@ -218,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or embedded local Ray)")
         sp.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
 
+    def committed_output(sp: argparse.ArgumentParser) -> None:  # score and embed: one job, one commit
+        sp.add_argument("--checkpoint", required=True)
+        sp.add_argument("--input", required=True)
+        sp.add_argument("--output", required=True)
+        sp.add_argument("--partition", action="append", default=[], metavar="KEY=VALUE")
+        sp.add_argument("--overwrite", action="store_true", help="replace an already committed output (atomically)")
+
     sp = command("make-data", help="write a synthetic text-image Parquet dataset")
     sp.add_argument("out_dir")
     sp.add_argument("--rows", type=int, default=2000)
@@ -253,11 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_tune)
 
     sp = command("score", help="batch-score Parquet with a checkpoint")
-    sp.add_argument("--checkpoint", required=True)
-    sp.add_argument("--input", required=True)
-    sp.add_argument("--output", required=True)
-    sp.add_argument("--partition", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--overwrite", action="store_true", help="replace an already committed output (atomically)")
+    committed_output(sp)
     sp.add_argument("--evaluate", action="store_true", help="the input has labels: also write _metrics.json")
     sp.add_argument(
         "--retry-quarantined",
@@ -265,7 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="score again the committed rows quarantined for transient image-fetch errors (new commit)",
     )
     with_config(sp, required=False)
-    sp.set_defaults(fn=cmd_score)
+    sp.set_defaults(fn=cmd_score, rows="predictions")
+
+    sp = command(
+        "embed",
+        help="write each row's fused vector and per-modality pooled vectors to Parquet (committed once, as score)",
+    )
+    committed_output(sp)
+    with_config(sp, required=False)
+    sp.set_defaults(fn=cmd_score, rows="embeddings", evaluate=False, retry_quarantined=False)
 
     sp = command("nightly", help="score date=YYYY-MM-DD partitions: one date, or a --from/--to backfill")
     sp.add_argument("--date", default=None, help="YYYY-MM-DD or 'yesterday' (default) in --tz")

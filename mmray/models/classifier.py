@@ -6,7 +6,9 @@ losses (gradient blending, Wang et al. 2020) keep the weaker modality's encoder 
 fused head alone would lean on the easier modality.
 
 ``forward`` = ``encode`` (run every encoder once) + ``masks`` + ``predict`` (fusion + heads), so a
-modality ablation re-runs only ``predict`` with other masks (``mmray.score.ablation``).
+modality ablation re-runs only ``predict`` with other masks (``mmray.score.ablation``). Its output also
+carries the representation the heads and the fusion read (``fused``, and each encoder's ``pooled``
+vector), so ``mmray embed`` takes it from the same forward pass that ``mmray score`` predicts with.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from mmray.models.encoders import Encoded
 
 __all__ = ["FusionClassifier", "ModelOutput"]
 
-ModelOutput = dict[str, dict]  # {"logits": {task: T}, "aux": {modality: {task: T}}, "masks": {modality: T}}
+# {"logits": {task: T}, "aux": {modality: {task: T}}, "masks": {modality: T}, "fused": T [B, fusion.out_dim],
+#  "pooled": {modality: T [B, encoder.out_dim]}}: "pooled" is each encoder's own output, before the
+# fusion replaces a missing modality's vector (read it with "masks").
+ModelOutput = dict[str, dict | Tensor]
 
 
 class FusionClassifier(nn.Module):
@@ -79,7 +84,10 @@ class FusionClassifier(nn.Module):
 
     def predict(self, features: dict[str, Encoded], masks: dict[str, Tensor]) -> dict[str, Tensor]:
         """Task logits from encoder outputs and modality masks (fusion + heads)."""
-        fused = self.fusion(features, masks)
+        return self.classify(self.fusion(features, masks))
+
+    def classify(self, fused: Tensor) -> dict[str, Tensor]:
+        """Task logits from the fused vector (the heads)."""
         return {task: head(fused) for task, head in self.heads.items()}
 
     def aux_logits(self, features: dict[str, Encoded]) -> dict[str, dict[str, Tensor]]:
@@ -91,4 +99,11 @@ class FusionClassifier(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         features = self.encode(batch)
         masks = self.masks(batch)
-        return {"logits": self.predict(features, masks), "aux": self.aux_logits(features), "masks": masks}
+        fused = self.fusion(features, masks)
+        return {
+            "logits": self.classify(fused),
+            "aux": self.aux_logits(features),
+            "masks": masks,
+            "fused": fused,
+            "pooled": {m: features[m].pooled for m in sorted(features)},
+        }

@@ -1,5 +1,8 @@
 """Batch scoring: Parquet in -> preprocessing pool -> predictor pool -> hidden staging -> committed output.
 
+The same job writes predictions (``mmray score``) or the multimodal representation (``mmray embed``):
+only the predictor's ``RowOutput`` and so the output schema differ; the steps below are the same.
+
 1. The checkpoint is fetched once on the driver for its label maps, tokenizer and ``model_id`` (content
    hash); the input is listed, schema-checked and fingerprinted (paths, sizes, content: S3 ETags or
    Parquet footer hashes).
@@ -51,7 +54,7 @@ from mmray.score import commit
 from mmray.score.finalize import Finalized, finalize
 from mmray.score.label_metrics import LabelMetrics
 from mmray.score.labeled import LabeledPreprocessor
-from mmray.score.predictor import Predictor, output_schema
+from mmray.score.predictor import Predictor, RowOutput, row_output
 
 __all__ = ["MANIFEST_FORMAT", "run_scoring"]
 
@@ -70,16 +73,16 @@ class _Retry:
     kept: pa.Table  # quarantine rows that stay (not retryable)
 
 
-def _log(message: str) -> None:
-    print(f"mmray score: {message}", file=sys.stderr, flush=True)
+def _log(message: str, command: str = "score") -> None:
+    print(f"mmray {command}: {message}", file=sys.stderr, flush=True)
 
 
 class ScoringProgress:
     """``scored 1,200/3,000 rows (40%)  450 rows/s  ETA 0:04``, from the row counts in the footers of
     the part files already written to staging (files still being written are skipped until done)."""
 
-    def __init__(self, stage: commit.Staging, total: int):
-        self.stage, self.total = stage, total
+    def __init__(self, stage: commit.Staging, total: int, command: str = "score"):
+        self.stage, self.total, self.command = stage, total, command
         self.started = time.monotonic()
         self.rows: dict[str, int] = {}  # finished part file -> rows
         self.shown = -1
@@ -98,7 +101,7 @@ class ScoringProgress:
         rate = done / max(elapsed, 1e-9)
         eta = f"  ETA {format_duration((self.total - done) / rate)}" if 0 < done < self.total else ""
         line = (
-            f"mmray score: scored {done:,}/{self.total:,} rows ({done / max(self.total, 1):.0%})  "
+            f"mmray {self.command}: {'scored' if self.command == 'score' else 'done'} {done:,}/{self.total:,} rows ({done / max(self.total, 1):.0%})  "
             f"{format_count(rate)} rows/s{eta}"
         )
         if sys.stderr.isatty():
@@ -108,10 +111,10 @@ class ScoringProgress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _gpus_per_actor(requested: float) -> float:
+def _gpus_per_actor(requested: float, command: str) -> float:
     """``score.num_gpus`` when the cluster has GPUs; CPU scoring (with a warning) when it has none."""
     if requested > 0 and not ray.cluster_resources().get("GPU", 0):
-        _log(f"score.num_gpus={requested} but the Ray cluster has no GPU; scoring on CPU")
+        _log(f"score.num_gpus={requested} but the Ray cluster has no GPU; running on CPU", command)
         return 0.0
     return requested
 
@@ -148,6 +151,7 @@ def _scored_stream(
     mid: str,
     label_tasks: tuple[Task, ...],
     num_gpus: float,
+    output: str,
     only: list[str] | None = None,
 ) -> ray.data.Dataset:
     sc = cfg.score
@@ -157,7 +161,7 @@ def _scored_stream(
     preprocessed = pipeline.preprocess(
         source, spec, tokenizer_files, cfg.data.preprocess, actor=LabeledPreprocessor, extra_args=(label_tasks,)
     )
-    args = (checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks))
+    args = (checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks), output)
     return pipeline.map_with_actors(preprocessed, Predictor, args, sc.batch_size, sc.concurrency, sc.num_cpus, num_gpus)
 
 
@@ -171,10 +175,12 @@ def _manifest(
     result: Finalized,
     counts: dict[str, int],
     evaluate: bool,
+    output: RowOutput,
 ) -> dict[str, Any]:
     return {
         "format_version": MANIFEST_FORMAT,
         "run_id": run_id,
+        "output": output.command,  # "score": predictions, "embed": vectors (predictor.OUTPUTS)
         "scored_at": scored_at.isoformat(),
         "checkpoint": checkpoint,
         "model_id": mid,
@@ -196,7 +202,7 @@ def _same_identity(target: commit.Target, existing: dict, identity: dict) -> Non
         )
 
 
-def _already_scored(target: commit.Target, identity: dict) -> dict[str, Any] | None:
+def _already_scored(target: commit.Target, identity: dict, command: str) -> dict[str, Any] | None:
     """The no-op result when ``target`` holds a commit of this identity; None when nothing is committed.
 
     Raises:
@@ -206,7 +212,10 @@ def _already_scored(target: commit.Target, identity: dict) -> dict[str, Any] | N
     if existing is None:
         return None
     _same_identity(target, existing, identity)
-    _log(f"already scored: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do")
+    _log(
+        f"already committed: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do",
+        command,
+    )
     counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
     return {"output": target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
 
@@ -250,8 +259,12 @@ def run_scoring(
     evaluate: bool = False,
     address: str | None = None,
     retry_quarantined: bool = False,
+    output: str = "predictions",
 ) -> dict[str, Any]:
     """Scores ``input_uri`` with ``checkpoint`` into ``output_uri`` (optionally a ``key=value`` partition).
+
+    ``mmray score`` writes predictions, ``mmray embed`` (``output="embeddings"``) the representation,
+    through this one path: what differs is the predictor's ``RowOutput`` (``predictor.row_output``).
 
     Args:
         overwrite: replace a committed result (atomically on local disk).
@@ -259,6 +272,7 @@ def run_scoring(
         retry_quarantined: score again the committed quarantine's rows that failed transiently and
             commit them with the rest (needs a commit of the same input, model and settings).
         address: Ray address, used only when there is work to do (None: ``mmray.runtime.init_ray``).
+        output: what each row gets: ``"predictions"`` or ``"embeddings"`` (``predictor.OUTPUTS``).
 
     Returns:
         ``{"output", "status", "run_id", "model_id", "rows_in", "rows_scored", "rows_quarantined", ...}``;
@@ -276,6 +290,8 @@ def run_scoring(
         )
     with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
         info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
+    rows_out = row_output(output, info.tasks, evaluate)
+    command = rows_out.command
     spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
     columns = spec.input_columns()
     label_tasks = info.tasks if evaluate else ()
@@ -284,9 +300,11 @@ def run_scoring(
     in_fs, _ = storage.resolve(input_uri, cfg.storage)
     inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
+    if output != "predictions":  # so a commit of the other output is never "already scored"; predictions'
+        settings["output"] = output  # identity stays what it was before embed existed (no rescore on upgrade)
     identity = commit.run_identity(inputs, mid, settings, target.partition)
 
-    if not overwrite and not retry_quarantined and (done := _already_scored(target, identity)) is not None:
+    if not overwrite and not retry_quarantined and (done := _already_scored(target, identity, command)) is not None:
         with contextlib.suppress(commit.LeaseHeldError), commit.lease(target):
             commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's; only when nobody works here
         return {**done, "model_id": mid}
@@ -295,7 +313,10 @@ def run_scoring(
         commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
         retry = _retry_plan(target, identity) if retry_quarantined else None
         if retry is not None and not retry.ids:
-            _log(f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error")
+            _log(
+                f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error",
+                command,
+            )
             counts = {k: retry.manifest[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
             return {
                 "output": target.uri,
@@ -304,7 +325,7 @@ def run_scoring(
                 "model_id": mid,
                 **counts,
             }
-        if retry is None and not overwrite and (done := _already_scored(target, identity)) is not None:
+        if retry is None and not overwrite and (done := _already_scored(target, identity, command)) is not None:
             return {**done, "model_id": mid}  # the run that held the lease before us committed the same
         commit.check_replaceable(target)
         seen_run = (commit.committed_run(target) or {}).get("run_id")  # re-checked before publishing
@@ -315,8 +336,8 @@ def run_scoring(
         try:
             if rows_in:
                 init_ray(address)
-                num_gpus = _gpus_per_actor(cfg.score.num_gpus)
-                check_resources("mmray score", _demands(cfg, num_gpus))
+                num_gpus = _gpus_per_actor(cfg.score.num_gpus, command)
+                check_resources(f"mmray {command}", _demands(cfg, num_gpus))
                 stream = _scored_stream(
                     cfg,
                     input_uri,
@@ -328,18 +349,17 @@ def run_scoring(
                     mid,
                     label_tasks,
                     num_gpus,
+                    output,
                     retry.ids if retry else None,
                 )
                 with (
-                    Ticker(ScoringProgress(stage, rows_in).poll, progress_interval()),
-                    failing_on_stall("mmray score", cfg.data.stall_timeout_s),
+                    Ticker(ScoringProgress(stage, rows_in, command).poll, progress_interval()),
+                    failing_on_stall(f"mmray {command}", cfg.data.stall_timeout_s),
                 ):
                     stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
             evaluation = LabelMetrics(info.tasks, info.model.loss_weights) if evaluate else None
             first = len(retry.manifest["files"]) if retry else 0
-            result = finalize(
-                stage, output_schema(info.tasks), mid, scored_at, cfg.score.rows_per_file, evaluation, first
-            )
+            result = finalize(stage, rows_out.schema(), mid, scored_at, cfg.score.rows_per_file, evaluation, first)
             counts = {
                 "rows_in": rows_in,
                 "rows_scored": result.rows_scored,
@@ -367,7 +387,9 @@ def run_scoring(
                 pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
             if result.metrics is not None:
                 stage.write_json(commit.METRICS, result.metrics)
-            manifest = _manifest(run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate)
+            manifest = _manifest(
+                run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate, rows_out
+            )
             held.check()
             if (now := (commit.committed_run(target) or {}).get("run_id")) != seen_run:
                 raise commit.ConcurrentCommitError(
@@ -383,7 +405,8 @@ def run_scoring(
         _log(
             f"committed {counts['rows_scored']:,} rows in {len(result.files)} files to {target.uri} "
             f"({counts['rows_quarantined']:,} quarantined) in {format_duration(took)}, "
-            f"{format_count(rows_in / max(took, 1e-9))} rows/s"
+            f"{format_count(rows_in / max(took, 1e-9))} rows/s",
+            command,
         )
         out = {
             "output": target.uri,

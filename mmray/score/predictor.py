@@ -1,16 +1,25 @@
-"""The predictor actor: loads a checkpoint once per actor, maps preprocessed batches to predictions.
+"""The predictor actor: loads a checkpoint once per actor, maps preprocessed batches to output rows.
 
 Rows that failed preprocessing pass through with their error so the job can quarantine them; a row
-whose prediction is not finite is marked with stage ``predict``. No row is dropped here.
+whose output is not finite is marked with stage ``predict``. No row is dropped here.
 
-Output columns per task (suffixed ``_<task>`` when the model has several tasks): ``prediction``
-(class name, list of class names for multilabel, float for regression), ``confidence`` and
-``probabilities`` (aligned with the task's classes, which the manifest records).
+What a row's output is, is the one thing ``mmray score`` and ``mmray embed`` do differently, so it is
+a ``RowOutput`` (its columns, their Arrow schema, how to fill them from the model's one forward pass),
+chosen by name (``OUTPUTS``); the actor, the pool and the job around it are the same.
+
+``predictions`` (``mmray score``), per task (suffixed ``_<task>`` when the model has several tasks):
+``prediction`` (class name, list of class names for multilabel, float for regression), ``confidence``
+and ``probabilities`` (aligned with the task's classes, which the manifest records).
+
+``embeddings`` (``mmray embed``): ``fused`` (the vector the heads read) and each modality's pooled
+vector (``image``, ``text``: its encoder's output, which the fusion reads), ``list<float32>``; a row
+without a modality has null for that modality's vector.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +28,23 @@ import torch
 from mmray.checkpoint import open_checkpoint
 from mmray.config import StorageConfig
 from mmray.data.labels import Task
-from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, MODEL_INPUTS, task_of_label_key
+from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, MODALITIES, MODEL_INPUTS, task_of_label_key
 from mmray.metrics import task_probabilities
+from mmray.models.classifier import ModelOutput
 from mmray.score.labeled import LABEL_ERROR
 
-__all__ = ["Predictor", "logits_key", "model_inputs", "output_columns", "output_schema"]
+__all__ = [
+    "OUTPUTS",
+    "Embeddings",
+    "Predictions",
+    "Predictor",
+    "RowOutput",
+    "logits_key",
+    "model_inputs",
+    "output_columns",
+    "output_schema",
+    "row_output",
+]
 
 _LOGITS_PREFIX = "_logits__"
 
@@ -68,8 +89,109 @@ def output_schema(tasks: Sequence[Task]) -> pa.Schema:
     return pa.schema(fields)
 
 
+class RowOutput(Protocol):
+    """What the predictor writes for each row (besides ``id`` and the bookkeeping columns)."""
+
+    command: str  # the mmray command that writes it, for messages
+    non_finite: str  # quarantine reason of a row whose output is not finite
+
+    def schema(self) -> pa.Schema:
+        """``id`` + the output columns, as committed (``finalize`` casts every file to it)."""
+
+    def columns(self) -> list[str]:
+        """Columns ``fill`` writes (hidden ones too), None for rows it does not fill."""
+
+    def carried(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Input columns passed through unchanged."""
+
+    def fill(self, out: ModelOutput, rows: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """Writes the model's output for ``rows`` (the batch's good rows, in order) into ``columns``;
+        returns whether each of those rows' output is finite."""
+
+
+class Predictions:
+    """Per task ``prediction, confidence, probabilities``; with ``evaluate`` also the encoded labels
+    (passed through) and the hidden raw logits (``logits_key``), for the metrics."""
+
+    command, non_finite = "score", "non-finite prediction"
+
+    def __init__(self, tasks: Sequence[Task], evaluate: bool = False):
+        self.tasks, self.evaluate = tuple(tasks), evaluate
+
+    def schema(self) -> pa.Schema:
+        return output_schema(self.tasks)
+
+    def columns(self) -> list[str]:
+        hidden = [logits_key(t.name) for t in self.tasks] if self.evaluate else []
+        return [*output_columns(self.tasks), *hidden]
+
+    def carried(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.evaluate:
+            return {}
+        return {k: v for k, v in batch.items() if task_of_label_key(k) is not None or k == LABEL_ERROR}
+
+    def fill(self, out: ModelOutput, rows: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
+        finite = np.ones(len(rows), dtype=bool)
+        for t in self.tasks:
+            raw = out["logits"][t.name].float().cpu()
+            probs = task_probabilities(t, raw).numpy()
+            finite &= np.isfinite(probs.reshape(len(rows), -1)).all(1)
+            _fill(t, _names(t, len(self.tasks) > 1), probs, rows, columns)
+            if self.evaluate:
+                _put_rows(columns[logits_key(t.name)], rows, raw.reshape(len(rows), -1).numpy())
+        return finite
+
+
+FUSED = "fused"
+
+
+class Embeddings:
+    """``fused`` and one pooled vector per modality (``MODALITIES``), null where the row lacks it."""
+
+    command, non_finite = "embed", "non-finite embedding"
+
+    def schema(self) -> pa.Schema:
+        vector = pa.list_(pa.float32())
+        return pa.schema([pa.field("id", pa.string()), *(pa.field(c, vector) for c in self.columns())])
+
+    def columns(self) -> list[str]:
+        return [FUSED, *MODALITIES]
+
+    def carried(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {}
+
+    def fill(self, out: ModelOutput, rows: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
+        fused = out["fused"].float().cpu().numpy()
+        finite = np.isfinite(fused).all(1)
+        _put_rows(columns[FUSED], rows, fused)
+        for m in MODALITIES:
+            vectors = out["pooled"][m].float().cpu().numpy()
+            present = out["masks"][m].cpu().numpy() > 0
+            finite &= np.isfinite(vectors).all(1) | ~present  # a missing modality's vector is not written
+            _put_rows(columns[m], rows[present], vectors[present])
+        return finite
+
+
+OUTPUTS = {"predictions": Predictions, "embeddings": Embeddings}
+
+
+def row_output(kind: str, tasks: Sequence[Task], evaluate: bool = False) -> RowOutput:
+    """The ``RowOutput`` named ``kind`` (a key of ``OUTPUTS``) for a model with ``tasks``.
+
+    Raises:
+        ValueError: an unknown kind, or ``evaluate`` with anything but predictions.
+    """
+    if kind not in OUTPUTS:
+        raise ValueError(f"output {kind!r}: expected one of {sorted(OUTPUTS)}")
+    if kind == "predictions":
+        return Predictions(tasks, evaluate)
+    if evaluate:
+        raise ValueError(f"--evaluate needs predictions; the {kind} output has none")
+    return Embeddings()
+
+
 class Predictor:
-    """Callable class for ``map_batches(Predictor, fn_constructor_args=(uri, storage, model_id, device))``.
+    """Callable class for ``map_batches(Predictor, fn_constructor_args=(uri, storage, model_id, device, ...))``.
 
     Args:
         checkpoint_uri: an mmray checkpoint directory, local or ``s3://`` (each actor fetches it, so
@@ -79,6 +201,7 @@ class Predictor:
             one the driver recorded (the lineage column must name the model that actually predicted).
         device: ``"cpu"`` or ``"cuda"`` (the job passes ``"cuda"`` when the actor was given GPUs).
         evaluate: pass the encoded label columns through and add the hidden logits columns.
+        output: what each row gets, a key of ``OUTPUTS`` (``row_output``).
     """
 
     def __init__(
@@ -88,6 +211,7 @@ class Predictor:
         expected_model_id: str | None = None,
         device: str = "cpu",
         evaluate: bool = False,
+        output: str = "predictions",
     ):
         self.device = torch.device(device)
         with open_checkpoint(checkpoint_uri, store) as checkpoint:
@@ -99,31 +223,19 @@ class Predictor:
                 )
             self.info, self.model = checkpoint.info, checkpoint.load_model(device)
         self.tasks = self.info.tasks
-        self.evaluate = evaluate
+        self.output = row_output(output, self.tasks, evaluate)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[ID])
         out = {k: np.asarray(batch[k]).copy() for k in (ID, ERROR, ERROR_COLUMN, ERROR_STAGE)}
-        if self.evaluate:
-            out.update({k: v for k, v in batch.items() if task_of_label_key(k) is not None or k == LABEL_ERROR})
-        multi = len(self.tasks) > 1
-        columns = {c: np.full(n, None, dtype=object) for c in output_columns(self.tasks)}
-        if self.evaluate:
-            columns.update({logits_key(t.name): np.full(n, None, dtype=object) for t in self.tasks})
+        out.update(self.output.carried(batch))
+        columns = {c: np.full(n, None, dtype=object) for c in self.output.columns()}
         rows = np.flatnonzero(out[ERROR] == "")
         if len(rows):
-            logits = self.model(model_inputs(batch, rows, self.device))["logits"]
-            finite = np.ones(len(rows), dtype=bool)
-            for t in self.tasks:
-                raw = logits[t.name].float().cpu()
-                probs = task_probabilities(t, raw).numpy()
-                finite &= np.isfinite(probs.reshape(len(rows), -1)).all(1)
-                _fill(t, _names(t, multi), probs, rows, columns)
-                if self.evaluate:
-                    _put_rows(columns[logits_key(t.name)], rows, raw.reshape(len(rows), -1).numpy())
+            finite = self.output.fill(self.model(model_inputs(batch, rows, self.device)), rows, columns)
             for r in rows[~finite]:
-                out[ERROR][r], out[ERROR_COLUMN][r], out[ERROR_STAGE][r] = "non-finite prediction", "", "predict"
+                out[ERROR][r], out[ERROR_COLUMN][r], out[ERROR_STAGE][r] = self.output.non_finite, "", "predict"
                 for col in columns.values():
                     col[r] = None
         out.update(columns)

@@ -50,6 +50,27 @@ def test_forward_equals_encode_then_predict():
         torch.testing.assert_close(out["logits"][task], logits[task])
 
 
+@pytest.mark.parametrize("fusion", FUSION_NAMES)
+def test_the_representation_is_what_the_fusion_and_the_heads_see(fusion):
+    """``pooled`` is exactly the encoders' output the fusion is given, ``fused`` exactly its output,
+    which the heads read: the vectors ``mmray embed`` writes come from the pass that predicts."""
+    m, batch = model(fusion).eval(), make_batch()  # hidden_dim 16, text and image encoders 16 wide
+    seen = {}
+    m.fusion.register_forward_hook(lambda _, args, out: seen.update(features=args[0], masks=args[1], fused=out))
+    with torch.no_grad():
+        out = m(batch)
+    assert tuple(out["fused"].shape) == (6, 16) and m.fusion.out_dim == 16
+    assert {k: tuple(v.shape) for k, v in out["pooled"].items()} == {IMAGE: (6, 16), TEXT: (6, 16)}
+    assert torch.equal(out["fused"], seen["fused"])
+    for modality, features in seen["features"].items():
+        assert torch.equal(out["pooled"][modality], features.pooled)
+        assert torch.equal(out["masks"][modality], seen["masks"][modality])
+    with torch.no_grad():
+        for task, head in m.heads.items():
+            assert torch.equal(out["logits"][task], head(out["fused"]))
+    assert out["masks"][TEXT].tolist() == [1, 0, 1, 1, 1, 1]  # which rows' text vector means nothing
+
+
 def test_masks_come_from_the_batch_in_eval_mode():
     m, batch = model(modality_dropout=0.9).eval(), make_batch()
     masks = m.masks(batch)

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from mmray.checkpoint import TOKENIZER_DIR, model_id, open_checkpoint
 from mmray.config import StorageConfig
 from mmray.data import storage
 from mmray.data.labels import Task
-from mmray.data.schema import ERROR, ERROR_STAGE, ID, label_key
+from mmray.data.schema import ERROR, ERROR_STAGE, ID, IMAGE, TEXT, label_key
 from mmray.data.synthetic import make_rows
 from mmray.score.labeled import LABEL_ERROR, LabeledPreprocessor
-from mmray.score.predictor import Predictor, logits_key, output_columns, output_schema
+from mmray.score.predictor import Predictor, logits_key, model_inputs, output_columns, output_schema, row_output
 from tests.score.conftest import CLASSES, TASK, make_checkpoint
 
 
@@ -53,6 +54,29 @@ def test_a_rows_prediction_does_not_depend_on_its_batch(tiny_checkpoint):
         alone = predict(preprocessed(tiny_checkpoint, {k: v[i : i + 1] for k, v in rows.items()}))
         assert alone["prediction"][0] == together["prediction"][i]
         np.testing.assert_allclose(alone["probabilities"][0], together["probabilities"][i], rtol=0, atol=1e-6)
+
+
+def test_embeddings_are_the_models_vectors_with_null_for_a_missing_modality(tiny_checkpoint):
+    rows = make_rows(5, seed=8)
+    rows["image"][1], rows["text"][1] = b"not an image", None  # quarantined: no vector at all
+    rows["text"][3] = None  # no text: a text vector would describe padding
+    batch = preprocessed(tiny_checkpoint, rows)
+    embed = Predictor(str(tiny_checkpoint), StorageConfig(), output="embeddings")
+    out = embed(batch)
+
+    good = np.array([0, 2, 3, 4])
+    with torch.no_grad():
+        want = embed.model(model_inputs(batch, good, torch.device("cpu")))
+    assert out[ERROR][1] != "" and out["fused"][1] is None and out[TEXT][1] is None and out[IMAGE][1] is None
+    assert out[TEXT][3] is None and len(out[IMAGE][3]) == 16  # make_checkpoint's encoders are 16 wide
+    for j, i in enumerate(good):
+        np.testing.assert_array_equal(np.float32(out["fused"][i]), want["fused"][j].numpy())
+        np.testing.assert_array_equal(np.float32(out[IMAGE][i]), want["pooled"][IMAGE][j].numpy())
+    schema = row_output("embeddings", [TASK]).schema()
+    table = pa.table({c: pa.array(list(out[c])) for c in schema.names}).cast(schema)
+    assert table.column(TEXT).null_count == 2 and table.column("fused").null_count == 1
+    with pytest.raises(ValueError, match="--evaluate needs predictions"):
+        row_output("embeddings", [TASK], evaluate=True)
 
 
 def test_a_checkpoint_that_changed_since_the_driver_hashed_it_is_refused(tiny_checkpoint):
