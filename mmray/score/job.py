@@ -213,7 +213,7 @@ def _already_scored(target: commit.Target, identity: dict, command: str) -> dict
         return None
     _same_identity(target, existing, identity)
     _log(
-        f"already committed: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do",
+        f"already scored: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do",
         command,
     )
     counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
