@@ -22,8 +22,15 @@ pytestmark = pytest.mark.integration
 
 def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_checkpoint_alone(ray_address, tmp_path):
     made = run_cli(["make-data", str(tmp_path / "data"), "--task", "match", "--lang", "zh", "--rows", "160"]).json
+    # A domain term jieba does not know: the colour + shape compound the training captions use most (which
+    # one depends on the generator's draw, so it is read from the data rather than assumed).
+    captions = pads.dataset(made["splits"]["train"]["path"], format="parquet").to_table().column("text").to_pylist()
+    compounds = [f"{colour}圆圈" for colour in ("红色", "绿色", "蓝色", "黄色")]
+    term = max(compounds, key=lambda c: sum(c in (t or "") for t in captions))
+    colour, shape = term[:2], term[2:]
+    assert any(term in (t or "") for t in captions)
     user_dict = tmp_path / "dict.txt"
-    user_dict.write_text("红色圆圈 5 nz\n", encoding="utf-8")  # a domain term jieba does not know
+    user_dict.write_text(f"{term} 5 nz\n", encoding="utf-8")
     overrides = tiny_overrides(
         made["splits"],
         tmp_path / "runs",
@@ -43,11 +50,11 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
     assert (text["segmenter"], text["pos_tags"], info.preprocess["user_dict_lines"]) == (
         "jieba",
         True,
-        ["红色圆圈 5 nz"],
+        [f"{term} 5 nz"],
     )
     files = read_tokenizer_dir(ckpt / TOKENIZER_DIR)
     vocab = json.loads(files["tokenizer.json"])["model"]["vocab"]
-    assert {"红色", "圆圈", "红色圆圈"} <= set(vocab) and "一个" not in vocab  # whole words; a stopword gone
+    assert {colour, shape, term} <= set(vocab) and "一个" not in vocab  # whole words; a stopword gone
 
     # Training's preprocessing (from the config) and scoring's (from the checkpoint alone) agree token
     # for token, POS tag for POS tag, on the held-out rows.
