@@ -283,6 +283,7 @@ def run_scoring(
         DataQualityError: too many rows were quarantined (the quarantine is written, nothing committed).
     """
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
+    commit.check_apart(target, input_uri)
     if retry_quarantined and (overwrite or evaluate):
         raise ValueError(
             "--retry-quarantined merges into the committed result: it does not combine with "
@@ -391,6 +392,7 @@ def run_scoring(
                 run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate, rows_out
             )
             held.check()
+            commit.check_nesting(target)  # a commit inside or around this one may have landed meanwhile
             if (now := (commit.committed_run(target) or {}).get("run_id")) != seen_run:
                 raise commit.ConcurrentCommitError(
                     f"{target.uri} changed while this run was scoring (committed run {seen_run} -> {now}); "

@@ -45,6 +45,7 @@ local rename and the S3 copy phase) and ``atomic`` (the local filesystem's fsync
 
 from mmray.score.commit.identity import fingerprint_inputs, identity_differences, run_identity
 from mmray.score.commit.markers import (
+    check_nesting,
     check_replaceable,
     committed_files,
     committed_run,
@@ -62,6 +63,7 @@ from mmray.score.commit.target import (
     ConcurrentCommitError,
     OutputExistsError,
     Target,
+    check_apart,
     lease,
     validate_partition,
 )
@@ -81,6 +83,8 @@ __all__ = [
     "Staging",
     "Target",
     "carry_committed",
+    "check_apart",
+    "check_nesting",
     "check_replaceable",
     "clean_stale_staging",
     "committed_files",

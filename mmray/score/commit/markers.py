@@ -30,6 +30,7 @@ from mmray.score.commit.target import (
 )
 
 __all__ = [
+    "check_nesting",
     "check_replaceable",
     "committed_files",
     "committed_run",
@@ -133,13 +134,81 @@ def read_committed(target: Target, columns: list[str] | None = None) -> pa.Table
     )
 
 
+def _is_commit(fs: pafs.FileSystem, directory: str) -> bool:
+    found = fs.get_file_info([f"{directory}/{SUCCESS}", f"{directory}/{MANIFEST}"])
+    return any(i.type == pafs.FileType.File for i in found)
+
+
+def _committed_around(fs: pafs.FileSystem, final: str) -> str | None:
+    """The nearest directory above ``final`` that holds a commit, or None."""
+    parts = final.split("/")
+    for n in range(len(parts) - 1, 0, -1):
+        above = "/".join(parts[:n])
+        if above and not above.endswith(":") and _is_commit(fs, above):
+            return above
+    return None
+
+
+def _committed_inside(fs: pafs.FileSystem, final: str) -> str | None:
+    """The first directory below ``final`` (breadth first, hidden entries skipped) that holds a commit."""
+    queue = [final]
+    while queue:
+        here = queue.pop(0)
+        try:
+            entries = fs.get_file_info(pafs.FileSelector(here, allow_not_found=True))
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+        for e in sorted(entries, key=lambda e: e.path):
+            name = os.path.basename(e.path)
+            if e.type != pafs.FileType.Directory or name.startswith(("_", ".")):
+                continue
+            if _is_commit(fs, e.path):
+                return e.path
+            queue.append(e.path)
+    return None
+
+
+def check_nesting(target: Target) -> None:
+    """Refuses a target inside, or around, a directory that holds another commit.
+
+    Two commits one inside the other break exactly-once: a recursive reader of the outer one sees every
+    row of both, an ``--overwrite`` of the outer one deletes the inner commit with the directory it
+    swaps out, and the two hold different leases, so neither publish waits for the other. Checked before
+    the work and again just before publishing (hidden entries, such as staging, are not commits).
+
+    Raises:
+        OutputExistsError: naming both locations.
+    """
+    fs, final = target.resolve()
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local:
+        final = os.path.realpath(final)
+    shown = storage.redact(target.uri)
+
+    def uri(path: str) -> str:
+        return storage.redact(path if local else f"s3://{path}")
+
+    if (outer := _committed_around(fs, final)) is not None:
+        raise OutputExistsError(
+            f"{shown} is inside {uri(outer)}, which holds a committed scoring output: a reader of it would see "
+            "both; choose an output outside it (or a --partition of an output that is not committed itself)"
+        )
+    if (inner := _committed_inside(fs, final)) is not None:
+        raise OutputExistsError(
+            f"{shown} holds {uri(inner)}, a committed scoring output of its own: committing around it would "
+            "mix both (and --overwrite would delete it); choose another output"
+        )
+
+
 def check_replaceable(target: Target) -> None:
-    """Refuses a target that holds data mmray did not write (publishing replaces the whole directory).
+    """Refuses a target that holds data mmray did not write (publishing replaces the whole directory),
+    and one inside or around another commit (``check_nesting``).
 
     Replaceable: absent, empty (but for this target's own lease and staging on S3), or carrying one of
     mmray's markers (``_SUCCESS``, ``_manifest.json`` or ``_quarantine``, which an S3 publish copies
     first). Hidden entries count: ``.ssh/`` or ``_archive/`` are somebody's data.
     """
+    check_nesting(target)
     fs, final = target.resolve()
     info = fs.get_file_info(final)
     if info.type == pafs.FileType.NotFound:

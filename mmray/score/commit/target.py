@@ -34,6 +34,7 @@ __all__ = [
     "ConcurrentCommitError",
     "OutputExistsError",
     "Target",
+    "check_apart",
     "companion",
     "companion_home",
     "lease",
@@ -108,6 +109,44 @@ class Target:
 
     def child_uri(self, name: str) -> str:
         return storage.join(self.uri, name)
+
+
+def _location(uri: str, store: StorageConfig) -> tuple[str, tuple[str, ...]]:
+    """(filesystem kind, path components) of ``uri``; local paths with symlinks resolved, so two spellings
+    of one directory compare equal."""
+    fs, path = storage.resolve(uri, store)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return "local", tuple(p for p in os.path.realpath(path).split("/") if p)
+    return "s3", tuple(p for p in path.split("/") if p)
+
+
+def check_apart(target: Target, input_uri: str) -> None:
+    """Refuses an output inside the input, an input inside the output, or one location for both.
+
+    Output inside the input commits once, and then every rerun reads the committed Parquet files as
+    input (and fails on their schema, or scores its own predictions); input inside the output would be
+    replaced by the publish that the scoring fed. Checked before any work, on the paths as resolved.
+
+    Raises:
+        ValueError: naming both locations.
+    """
+    out_kind, out = _location(target.uri, target.storage)
+    in_kind, inp = _location(input_uri, target.storage)
+    if out_kind != in_kind:
+        return
+    shown_out, shown_in = storage.redact(target.uri), storage.redact(input_uri)
+    if out == inp:
+        raise ValueError(f"--output {shown_out} is the input {shown_in}: choose an output outside the input")
+    if out[: len(inp)] == inp:
+        raise ValueError(
+            f"--output {shown_out} is inside the input {shown_in}: a rerun would read the committed output "
+            "as input; choose an output outside the input"
+        )
+    if inp[: len(out)] == out:
+        raise ValueError(
+            f"--input {shown_in} is inside the output {shown_out}: publishing would replace the input; "
+            "choose an output outside the input"
+        )
 
 
 def companion_home(fs: pafs.FileSystem, final: str) -> tuple[str, str | None]:

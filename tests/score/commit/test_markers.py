@@ -4,6 +4,7 @@ mix two publishes."""
 from __future__ import annotations
 
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,3 +81,38 @@ def test_read_committed_never_mixes_two_publishes(any_target, monkeypatch):
     monkeypatch.setattr(pq, "read_table", read_while_another_run_publishes)
     table = commit.read_committed(any_target)
     assert table.column("run_id").to_pylist() == [second.run_id] * 6 and len(calls) > 3
+
+
+def test_a_target_inside_or_around_another_commit_is_refused_naming_both(tmp_path):
+    outer = Target(str(tmp_path / "out"))
+    st, manifest, success = stage_run(outer, [2])
+    publish(st, manifest, success)
+    inner = Target(str(tmp_path / "out"), {"date": "d1"})
+    with pytest.raises(
+        commit.OutputExistsError,
+        match=rf"{re.escape(inner.uri)} is inside {re.escape(outer.uri)}, which holds a commit",
+    ):
+        commit.check_replaceable(inner)
+    deeper = Target(str(tmp_path / "out" / "sub"), {"date": "d1"})  # two levels down: still inside
+    with pytest.raises(commit.OutputExistsError, match=rf"is inside {re.escape(outer.uri)}"):
+        commit.check_nesting(deeper)
+
+    around = Target(str(tmp_path / "all"))
+    st, manifest, success = stage_run(Target(str(tmp_path / "all" / "team" / "daily"), {"date": "d1"}), [2])
+    publish(st, manifest, success)
+    committed = os.path.join(str(tmp_path), "all", "team", "daily", "date=d1")
+    with pytest.raises(
+        commit.OutputExistsError,
+        match=rf"{re.escape(around.uri)} holds {re.escape(committed)}, a committed scoring output",
+    ):
+        commit.check_replaceable(around)
+    commit.check_nesting(Target(str(tmp_path / "all" / "team" / "daily"), {"date": "d2"}))  # a sibling partition
+
+
+def test_staging_and_quarantines_are_not_commits_around_a_target(tmp_path):
+    target = Target(str(tmp_path / "out"), {"date": "d1"})
+    (tmp_path / "out" / "_staging-0123456789ab-x").mkdir(parents=True)
+    (tmp_path / "out" / "_staging-0123456789ab-x" / "_SUCCESS").write_text("{}")
+    (tmp_path / "out" / "_quarantine").mkdir()
+    commit.check_nesting(target)
+    commit.check_nesting(Target(str(tmp_path / "out")))

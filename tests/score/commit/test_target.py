@@ -47,3 +47,27 @@ def test_invalid_partitions_are_refused_before_any_path_is_built(partition, frag
     with pytest.raises(ValueError) as e:
         Target("/tmp/never-created", partition)
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("inp", "out", "message"),
+    [
+        ("in", "in/preds", r"--output .*in/preds is inside the input .*in: a rerun would read"),
+        ("in/part", "in", r"--input .*in/part is inside the output .*in: publishing would replace the input"),
+        ("in", "in", r"--output .*in is the input"),
+        ("in", "link/preds", r"--output .*link/preds is inside the input"),  # one directory, two spellings
+    ],
+)
+def test_an_output_inside_the_input_or_around_it_is_refused(tmp_path, inp, out, message):
+    (tmp_path / "in" / "part").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    with pytest.raises(ValueError, match=message):
+        commit.check_apart(Target(str(tmp_path / out)), str(tmp_path / inp))
+
+
+def test_outputs_beside_the_input_are_apart(tmp_path):
+    commit.check_apart(Target(str(tmp_path / "input-preds")), str(tmp_path / "input"))  # a prefix, not a parent
+    commit.check_apart(Target(str(tmp_path / "preds"), {"date": "d1"}), str(tmp_path / "in" / "a.parquet"))
+    commit.check_apart(Target("s3://bucket/in/preds"), str(tmp_path / "in"))  # another filesystem
+    with pytest.raises(ValueError, match="is inside the input s3://bucket/in"):
+        commit.check_apart(Target("s3://bucket/in/preds"), "s3://bucket/in/")

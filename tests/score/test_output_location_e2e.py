@@ -1,0 +1,72 @@
+"""Output locations that would lose or mix data, through the real ``mmray score`` CLI: a commit inside or
+around another commit, and an output inside the input (or around it). Each is refused with exit 2 and
+one line naming both locations, before Ray starts, and what was committed stays as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.dataset as pads
+import pytest
+
+from tests.helpers import run_cli
+from tests.score.conftest import write_input
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> dict:
+    return write_input(tmp_path_factory.mktemp("nested") / "in", rows=40, seed=11, prefix="n")
+
+
+def score(trained: dict, source: str, output: str, *extra: str, ray_address: str, check: bool = True):
+    args = ["score", "--checkpoint", trained["checkpoint"], "--input", source, "--output", output, *extra]
+    return run_cli(args, ray_address, check=check)
+
+
+def refused(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr and "Connecting to existing Ray" not in proc.stderr
+    return proc.stderr
+
+
+def test_overwriting_an_output_that_holds_a_committed_partition_is_refused_and_the_partition_survives(
+    trained, source, ray_address, tmp_path
+):
+    out = tmp_path / "out"
+    score(trained, source["path"], str(out), "--partition", "date=2024-01-01", ray_address=ray_address)
+    success = (out / "date=2024-01-01" / "_SUCCESS").read_text()
+
+    for extra in ([], ["--overwrite"]):
+        err = refused(score(trained, source["path"], str(out), *extra, ray_address=ray_address, check=False))
+        assert f"{out} holds {out / 'date=2024-01-01'}, a committed scoring output" in err
+    assert (out / "date=2024-01-01" / "_SUCCESS").read_text() == success
+    assert not (out / "_SUCCESS").exists()
+    rows = pads.dataset(str(out), format="parquet", partitioning="hive").to_table(columns=["id"])
+    assert sorted(rows["id"].to_pylist()) == sorted(source["ids"])  # every id once, under the partition only
+
+
+def test_a_partition_inside_a_committed_output_is_refused(trained, source, ray_address, tmp_path):
+    out = tmp_path / "out"
+    first = score(trained, source["path"], str(out), ray_address=ray_address).json
+    err = refused(
+        score(trained, source["path"], str(out), "--partition", "date=2024-01-01", ray_address=ray_address, check=False)
+    )
+    assert f"{out / 'date=2024-01-01'} is inside {out}, which holds a committed scoring output" in err
+    assert not (out / "date=2024-01-01").exists()
+    assert json.loads((out / "_SUCCESS").read_text())["run_id"] == first["run_id"]
+
+
+@pytest.mark.parametrize(("output", "message"), [("in/preds", "is inside the input"), ("..", "is inside the output")])
+def test_an_output_inside_the_input_or_around_it_is_refused_before_any_work(
+    trained, source, ray_address, output, message
+):
+    from pathlib import Path
+
+    inp = Path(source["path"])
+    target = (inp.parent / output).resolve() if output == ".." else inp / "preds"
+    err = refused(score(trained, str(inp), str(target), ray_address=ray_address, check=False))
+    assert message in err and str(inp) in err and str(target) in err
+    assert not (inp / "preds").exists()
