@@ -65,6 +65,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> I
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated GIF/WebP/APNG, multi-page TIFF: the first frame
             if min_side and img.format in ("JPEG", "MPO"):
+                _check_jpeg_buffer(img, data, max_pixels)
                 img.draft("RGB", (min_side, min_side))  # keeps both sides >= min_side
             if img.size[0] * img.size[1] > max_pixels:
                 raise ImageDecodeError(f"decompression bomb: {w}x{h} exceeds max_pixels={max_pixels}")
@@ -83,6 +84,64 @@ def decode_image(data: bytes, max_pixels: int, min_side: int | None = None) -> I
         raise ImageDecodeError(_reason(e, data)) from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _check_jpeg_buffer(img: Image.Image, data: bytes, max_pixels: int) -> None:
+    """Refuses a JPEG whose decoder must hold every coefficient at full size, over ``max_pixels``.
+
+    A draft (DCT scaling) only reduces what is decoded when the file is one interleaved sequential scan:
+    libjpeg then works a few block rows at a time. A progressive file, or one of several scans, is
+    decoded from a whole-image coefficient buffer (2 bytes per sample at full size, whatever the
+    draft), so a 4 MB progressive 32000x32000 file costs gigabytes while its 1/8 draft looks small.
+    """
+    w, h = img.size
+    if w * h <= max_pixels:
+        return
+    progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+    scans = _jpeg_scans(data)
+    if progressive or scans > 1:
+        kind = "progressive" if progressive else f"{scans}-scan"
+        raise ImageDecodeError(
+            f"decompression bomb: {kind} JPEG {w}x{h} exceeds max_pixels={max_pixels} "
+            "(its decoder holds every coefficient at full size)"
+        )
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """The number of scans (SOS segments) of the first image in a JPEG stream.
+
+    Walks the marker segments by their lengths (an EXIF thumbnail inside APP1 is skipped, not counted)
+    and each scan's entropy-coded data to its end (there a 0xFF byte is followed by 0x00, a restart
+    marker or fill, never a marker). Stops at the first EOI, so an MPO counts its first picture.
+    """
+    i, scans, n = 2, 0, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return scans  # malformed: the decoder reports it
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while (i := data.find(b"\xff", i)) >= 0 and i + 1 < n:
+            follower = data[i + 1]
+            if follower == 0x00 or 0xD0 <= follower <= 0xD7:
+                i += 2
+            elif follower == 0xFF:
+                i += 1
+            else:
+                break
+        if i < 0:
+            break
+    return scans
 
 
 def _reason(e: Exception, data: bytes) -> str:

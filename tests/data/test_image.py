@@ -155,6 +155,29 @@ def test_jpeg_draft_keeps_at_least_the_requested_side(mode):
     assert resize_uint8(out, 64).shape == (3, 64, 64)
 
 
+def test_a_progressive_jpeg_over_max_pixels_is_refused_though_its_draft_would_fit():
+    """libjpeg holds a progressive file's coefficients at full size: the draft's size says nothing."""
+    source = Image.new("L", (800, 600), 90)
+    progressive = encode(source, "JPEG", progressive=True, quality=5)
+    with pytest.raises(
+        ImageDecodeError, match=r"decompression bomb: progressive JPEG 800x600 exceeds max_pixels=400000"
+    ):
+        decode_image(progressive, 400_000, min_side=64)  # the 1/8 draft is 100x75: it passed before
+    assert min(decode_image(progressive, 480_000, min_side=64).size) >= 64  # within the bound: decoded
+    baseline = encode(source, "JPEG", quality=5)  # one interleaved scan: the draft really bounds memory
+    assert min(decode_image(baseline, 400_000, min_side=64).size) >= 64
+
+
+def test_an_exif_thumbnail_is_not_a_second_scan():
+    thumb = encode(Image.new("RGB", (16, 16), RED), "JPEG")
+    exif = Image.Exif()
+    exif[0x010E] = "x"  # ImageDescription: the APP1 segment carries it and the thumbnail's bytes
+    app1 = exif.tobytes() + thumb
+    data = encode(Image.new("RGB", (800, 600), RED), "JPEG", exif=app1)
+    assert data.count(b"\xff\xda") == 2  # a naive count would see two scans
+    assert min(decode_image(data, 400_000, min_side=64).size) >= 64
+
+
 def test_resize_center_crops_to_uint8_square():
     img = Image.new("RGB", (80, 40), RED)
     img.paste((0, 0, 0), (0, 0, 20, 40))  # left quarter black: cropped away by the center crop

@@ -38,6 +38,9 @@ SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documented example 
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
 SIDE = 4000  # 16 M pixels: just under the default data.image.max_pixels (4096^2)
 BOMB_SIDE = 4200  # 17.6 M pixels: just over it
+# A progressive JPEG of ~1 MB whose 1/8 draft (2000^2) passes max_pixels, while libjpeg would hold its
+# full-size coefficients: 512 MB for one grey channel (it was accepted; its decode alone peaked at 0.5 GB).
+JPEG_BOMB_SIDE = 16000
 TEXT_LIMIT = 1 << 20  # data.text.max_bytes default
 IMAGE_LIMIT = 32 << 20  # data.image.max_bytes default
 NOT_ALLOWED = "image URI not allowed (local paths must be regular files under data.image_uri_roots): "
@@ -58,6 +61,11 @@ QUARANTINED = {
     "h-float-tiff-bomb": ("preprocess", "image", f"decompression bomb: {BOMB_SIDE}x{BOMB_SIDE} exceeds max_pixels="),
     "h-rgba-png-bomb": ("preprocess", "image", f"decompression bomb: {BOMB_SIDE}x{BOMB_SIDE} exceeds max_pixels="),
     "h-credentials-uri": ("preprocess", "image_uri", "image fetch failed: s3://***@bucket/x.png"),
+    "h-progressive-jpeg-bomb": (
+        "preprocess",
+        "image",
+        f"decompression bomb: progressive JPEG {JPEG_BOMB_SIDE}x{JPEG_BOMB_SIDE} exceeds max_pixels=",
+    ),
 }
 # Attacks on the label column: quarantined where labels are read (training), scored where not.
 LABEL_ATTACKS = {
@@ -79,6 +87,11 @@ def float_tiff(side: int) -> bytes:
     img = Image.new("F", (side, side), 0.0)
     img.paste(1.0, (0, 0, side // 2, side))  # two values, so the decoder's range stretch has work to do
     return _encode(img, "TIFF", compression="tiff_adobe_deflate")
+
+
+def progressive_jpeg(side: int) -> bytes:
+    """A grey progressive JPEG of ``side`` x ``side`` at the lowest quality: small on disk."""
+    return _encode(Image.new("L", (side, side)), "JPEG", progressive=True, quality=5)
 
 
 def rgba_png(side: int) -> bytes:
@@ -126,6 +139,7 @@ def make_hostile(folder: Path, good: int = 40, seed: int = 11) -> dict:
         ("h-inline-32mib", photo, b"\x00" * (IMAGE_LIMIT + 1), None, "cat_red"),
         ("h-float-tiff-bomb", photo, float_tiff(BOMB_SIDE), None, "cat_red"),
         ("h-rgba-png-bomb", photo, rgba_png(BOMB_SIDE), None, "cat_red"),
+        ("h-progressive-jpeg-bomb", photo, progressive_jpeg(JPEG_BOMB_SIDE), None, "cat_red"),
         ("h-float-tiff-16mp", photo, None, f"{images}/float.tif", "cat_red"),
         ("h-rgba-png-16mp", photo, rgba_png(SIDE), None, "cat_red"),
         ("h-credentials-uri", photo, None, f"s3://{ACCESS_KEY}:{SECRET}@bucket/x.png", "cat_red"),
