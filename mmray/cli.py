@@ -39,8 +39,10 @@ def _emit(obj: dict[str, Any]) -> None:
     it (a Ray that was running before the command, in the calling process, is left running)."""
     if "mmray.runtime" in sys.modules:  # imported by every command that uses Ray
         sys.modules["mmray.runtime"].release_ray()
+    from mmray.console import json_line
+
     sys.stdout.flush()
-    print(json.dumps(obj, ensure_ascii=False, default=str), flush=True)
+    print(json_line(obj), flush=True)
 
 
 def _partition(values: list[str]) -> dict[str, str]:
@@ -185,15 +187,16 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_validate_data(args: argparse.Namespace) -> int:
     from mmray.config import load_config
+    from mmray.console import json_line, printable
     from mmray.validate import CannotReadError, format_report, validate_data
 
     cfg = load_config(args.config, args.overrides)
     try:
         report = validate_data(args.uri, cfg, labeled=not args.unlabeled, max_rows=args.max_rows)
-    except CannotReadError as e:
-        print(f"mmray validate-data: error: {e}", file=sys.stderr)
+    except CannotReadError as e:  # names a file found in the data, and quotes Arrow on its bytes
+        print(f"mmray validate-data: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    print(json.dumps(report, ensure_ascii=False, default=str) if args.json else format_report(report), flush=True)
+    print(json_line(report) if args.json else format_report(report), flush=True)
     return 0 if report["ok"] else 1
 
 
@@ -206,12 +209,29 @@ def cmd_version(args: argparse.Namespace) -> None:
     _emit(found)
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser: options and positionals in any order (``validate-data URI --json k=v``).
+    Plain argparse ends a ``nargs="*"`` positional (the overrides) at the first option after it and
+    calls whatever follows that option 'unrecognized'; the intermixed parse takes options first."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # the subcommand action calls this
+        if self._intermixing:  # parse_known_intermixed_args's own two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmray", description="Train and batch-score text+image fusion models on Ray.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show Ray's own output too (or MMRAY_VERBOSE=1)")
     common.add_argument("--debug", action="store_true", help="print the full traceback of an error (or MMRAY_DEBUG=1)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:  # every command takes --verbose / --debug
         return sub.add_parser(name, help=help, parents=[common])

@@ -17,8 +17,10 @@ seconds (default 10).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import sys
 import threading
 import traceback
@@ -34,6 +36,8 @@ __all__ = [
     "epoch_line",
     "format_count",
     "format_duration",
+    "json_line",
+    "printable",
     "progress_interval",
     "quiet_ray_data",
     "ray_init_options",
@@ -61,6 +65,27 @@ def set_verbose(on: bool) -> None:
 def say(message: str, command: str | None = None) -> None:
     """One line of mmray's own output, on stderr: ``mmray <command>: <message>``."""
     print(f"mmray {command}: {message}" if command else f"mmray: {message}", file=sys.stderr, flush=True)
+
+
+# What a terminal acts on instead of showing: C0 controls (ESC, CR, newline ...), DEL, C1 controls (0x9b
+# is a one-byte ESC [), the Unicode line and paragraph separators, and the bidi marks, embeddings,
+# overrides and isolates that reorder what follows them on the line.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` as one inert terminal line: each character in ``_UNPRINTABLE`` as its ``repr`` escape
+    (``\\x1b``, ``\\n``, ``\\u202e``), so a string from data (an id, a path, a label) can neither move
+    the cursor nor start a line that looks like mmray's own. Everything else, CJK included, is kept."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def json_line(obj: Any) -> str:
+    """``obj`` as one line of JSON that every reader keeps on one line: ``json.dumps`` escapes C0
+    controls but leaves C1 controls, U+2028/9 (line breaks to ``str.splitlines``) and bidi controls
+    raw; here they become ``\\uXXXX`` escapes too (only strings can hold them: same value, valid JSON)."""
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def ray_init_options() -> dict[str, Any]:

@@ -28,7 +28,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmray.config import Config
+from mmray.console import printable
 from mmray.data import storage
+from mmray.data.labels import label_key
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.schema import (
     ATTENTION_MASK,
@@ -223,7 +225,8 @@ def _row_checks(
                 for t in spec.tasks:
                     for value in batch.column(t.name).to_pylist():
                         for v in value if isinstance(value, list) else [value]:
-                            labels[t.name][str(v)] += 1
+                            key = label_key(v)  # as the label map keys it: 1.0 is class "1", inf none
+                            labels[t.name][str(v) if key is None else key] += 1
                 if spec.image_column and sampled < image_sample:
                     for data in batch.column(spec.image_column).to_pylist()[: image_sample - sampled]:
                         if not data:
@@ -240,7 +243,10 @@ def _row_checks(
     return {
         "rows_checked": rows,
         "labels": {name: dict(c.most_common(_TOP_LABELS)) for name, c in labels.items()},
-        "label_classes": {name: len(c) for name, c in labels.items()},
+        "label_classes": {  # classes seen; a null, NaN or inf label is counted above but is none
+            t.name: sum(k in t.classes for k in labels[t.name]) if t.classes else len(labels[t.name])
+            for t in spec.tasks
+        },
         "text_tokens": {
             **_quantiles(tokens),
             "max_length": spec.text.max_length,
@@ -269,8 +275,21 @@ def _row_checks(
     }
 
 
+def _printable(obj: Any) -> Any:
+    """Every string in the report (ids, paths, label values, reasons, dict keys too) through
+    ``console.printable``: all of them may come from the data."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {_printable(k): _printable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_printable(v) for v in obj]
+    return obj
+
+
 def format_report(r: dict[str, Any]) -> str:
-    """The report as a table for a terminal."""
+    """The report as a table for a terminal; nothing from the data can reach it unescaped."""
+    r = _printable(r)
     lines = [f"dataset      {r['uri']}", f"files        {len(r['files'])} ({r['rows']:,} rows)"]
     lines += [f"  {f['path']}  {f['rows']:,} rows" for f in r["files"][:10]]
     if len(r["files"]) > 10:

@@ -35,14 +35,16 @@ def run_cli(
     timeout: int = CLI_TIMEOUT,
     env: dict | None = None,
     check: bool = True,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Runs the real ``mmray`` CLI; ``.json`` on the result is its last stdout line, parsed."""
+    """Runs the real ``mmray`` CLI (in ``cwd``, default the repository); ``.json`` on the result is its
+    last stdout line, parsed."""
     full_env = {**os.environ, **(env or {})}
     if ray_address:
         full_env["RAY_ADDRESS"] = ray_address
     proc = subprocess.run(
         [sys.executable, "-m", "mmray.cli", *args],
-        cwd=REPO,
+        cwd=cwd or REPO,
         env=full_env,
         capture_output=True,
         text=True,

@@ -43,6 +43,22 @@ def test_bar(fraction, text):
     assert console.bar(fraction, width=4) == text
 
 
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("x\x1b[2J\nresult OK", "x\\x1b[2J\\nresult OK"),  # ESC and newline: no forged line, no clear screen
+        ("a\rb\tc\x00d\x7f", "a\\rb\\tc\\x00d\\x7f"),
+        ("csi\x9b31m", "csi\\x9b31m"),  # C1: a one-byte ESC [
+        ("l\u2028p\u2029", "l\\u2028p\\u2029"),  # Unicode line and paragraph separators
+        ("gpj.\u202eexe", "gpj.\\u202eexe"),  # a bidi override would show "exe.jpg"
+        ("\u2066iso\u2069\u200e", "\\u2066iso\\u2069\\u200e"),
+        ("猫 café id-7", "猫 café id-7"),  # printable text, any script, is kept
+    ],
+)
+def test_printable_escapes_what_a_terminal_would_act_on(text, shown):
+    assert console.printable(text) == shown
+
+
 def test_verbosity_switches_rays_documented_settings(monkeypatch):
     import ray.data
 

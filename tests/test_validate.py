@@ -13,8 +13,11 @@ from mmray import cli
 from mmray.config import load_config
 from mmray.validate import format_report, validate_data
 from tests.data.corpus import encoded
+from tests.helpers import run_cli
 
 OVERRIDES = ["data.text.max_length=8", "data.image.size=16"]
+SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary()), ("label", pa.string())])
+FORGED = "\nresult       OK (0 problems)"  # what a hostile string would print as mmray's own verdict
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,63 @@ def test_tokens_per_row_are_counted_with_the_configured_segmenter(tmp_path):
         cfg = load_config(None, [f"data.text.segmenter={segmenter}"])
         tokens[segmenter] = validate_data(data, cfg)["text_tokens"]["p50"]
     assert tokens["jieba"] < tokens["none"]  # whole words, not characters
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """Terminal escapes in an id (of a row that is quarantined), a label value and a file name."""
+    root = tmp_path_factory.mktemp("hostile") / "data"
+    root.mkdir()
+    red = encoded((200, 30, 30))
+    rows = [{"id": f"ok{i}", "text": "a red thing", "image": red, "label": "red"} for i in range(3)]
+    rows += [
+        {"id": "x\x1b[2J" + FORGED, "text": "a red thing", "image": b"junk", "label": "red"},
+        {"id": "v", "text": "a red thing", "image": red, "label": "red\x1b]0;pwned\x07\u202e"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, SCHEMA), root / ("part-\x1b[31m\u2028" + FORGED + ".parquet"))
+    return root
+
+
+def test_nothing_from_the_data_reaches_the_terminal_unescaped(hostile, capsys, monkeypatch):
+    proc = run_cli(["validate-data", str(hostile), *OVERRIDES], check=False)
+    assert proc.returncode == 1, proc.stderr
+    out = proc.stdout
+    assert not any(c in out for c in "\x1b\x07\r\u2028\u202e"), out
+    verdicts = [line for line in out.splitlines() if line.startswith("result")]
+    assert verdicts == ["result       PROBLEMS: 1 of 5 rows would be quarantined"], out
+    assert "(e.g. id x\\x1b[2J\\nresult       OK (0 problems))" in out  # the id, shown escaped
+    assert "part-\\x1b[31m\\u2028\\nresult" in out and "red\\x1b]0;pwned\\x07\\u202e 1" in out
+    # --json stays exact: json.dumps escapes what a terminal acts on, and the id round-trips
+    monkeypatch.setenv("MMRAY_VERBOSE", "0")
+    assert cli.main(["validate-data", "--json", str(hostile), *OVERRIDES]) == 1
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["quarantine"]["reasons"][0]["example_id"] == "x\x1b[2J" + FORGED
+
+
+def test_nan_and_inf_labels_are_quarantined_not_classes(tmp_path, capsys, monkeypatch):
+    """A string label file beside a float one whose NaN and +-inf would otherwise become classes."""
+    red = encoded((200, 30, 30))
+    strings = [{"id": f"s{i}", "text": "a red thing", "image": red, "label": str(i % 2)} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(strings, SCHEMA), tmp_path / "a.parquet")
+    values = [1.0, 0.0, float("nan"), float("inf"), float("-inf")]
+    floats = [{"id": f"f{i}", "text": "a red thing", "image": red, "label": v} for i, v in enumerate(values)]
+    float_schema = SCHEMA.set(3, pa.field("label", pa.float64()))
+    pq.write_table(pa.Table.from_pylist(floats, float_schema), tmp_path / "b.parquet")
+    monkeypatch.setenv("MMRAY_VERBOSE", "0")
+    assert cli.main(["validate-data", "--json", str(tmp_path), *OVERRIDES]) == 1
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["label_classes"] == {"label": 2}  # the values 1.0 and "1" are one class, NaN and inf none
+    assert r["labels"]["label"] == {"0": 4, "1": 4, "nan": 1, "inf": 1, "-inf": 1}
+    reasons = {x["example_id"]: (x["stage"], x["column"], x["error"]) for x in r["quarantine"]["reasons"]}
+    assert reasons == {
+        "f2": ("label", "label", "null label in column 'label'"),
+        "f3": ("label", "label", "non-finite label inf in column 'label'"),
+        "f4": ("label", "label", "non-finite label -inf in column 'label'"),
+    }
+
+
+def test_flags_and_overrides_come_in_any_order(dataset):
+    proc = run_cli(
+        ["validate-data", str(dataset / "good"), "--json", *OVERRIDES, "--max-rows", "5", "data.max_bad_fraction=0.5"]
+    )
+    assert proc.json["rows_checked"] == 5 and proc.json["quarantine"]["max_bad_fraction"] == 0.5

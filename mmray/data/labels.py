@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["LabelCollector", "LabelError", "Task", "infer_kind", "task_from_dict"]
+__all__ = ["LabelCollector", "LabelError", "Task", "infer_kind", "label_key", "task_from_dict"]
 
 MAX_CLASSES = 100_000  # a label column with more distinct values is almost surely not categorical
 
@@ -39,8 +39,7 @@ class Task:
         Raises:
             LabelError: null, unknown to the label map, or not of this task's kind.
         """
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            raise LabelError(f"null label in column '{self.name}'")
+        self._check_present(value, "label", "")
         if self.kind == "regression":
             try:
                 target = float(value)
@@ -54,12 +53,19 @@ class Task:
                 raise LabelError(f"label {value!r} in column '{self.name}' is not a list of labels")
             vec = np.zeros(len(self.classes), dtype=np.float32)
             for v in value:
-                if v is None:
-                    raise LabelError(f"null entry in the label list in column '{self.name}'")
+                self._check_present(v, "entry", " in the label list")
                 vec[self._index(v)] = 1.0
             return vec
         idx = self._index(value)
         return float(idx) if self.kind == "binary" else idx
+
+    def _check_present(self, value: Any, noun: str, where: str) -> None:
+        """Null and NaN are missing labels (an integer column with nulls reaches numpy batches as
+        float64 NaN); +-inf is no label either, and never a class (``label_key``)."""
+        if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+            raise LabelError(f"null {noun}{where} in column '{self.name}'")
+        if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            raise LabelError(f"non-finite {noun} {float(value)}{where} in column '{self.name}'")
 
     def _index(self, value: Any) -> int:
         key = _label_str(value)
@@ -77,6 +83,14 @@ class Task:
 
 def task_from_dict(d: dict) -> Task:
     return Task(name=d["name"], kind=d["kind"], classes=tuple(d.get("classes", ())))
+
+
+def label_key(v: Any) -> str | None:
+    """The label-map key of one raw label value; None for no label: null, NaN or +-inf (a float label
+    file mixed with a string one must not add the classes 'nan' or 'inf')."""
+    if v is None or (isinstance(v, (float, np.floating)) and not math.isfinite(v)):
+        return None
+    return _label_str(v)
 
 
 def _label_str(v: Any) -> str:
@@ -133,7 +147,8 @@ class LabelCollector:
         if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
             values = pc.list_flatten(column)
         for v in pc.unique(values.drop_null()).to_pylist():
-            self.distinct.add(_label_str(v))
+            if (key := label_key(v)) is not None:
+                self.distinct.add(key)
         if len(self.distinct) > self.max_classes:
             self.overflow, self.distinct = True, set()
 

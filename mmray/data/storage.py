@@ -63,8 +63,27 @@ _PERMANENT = (
 )
 
 
+# Query parameters whose value is a credential: OAuth and API tokens, presigned-URL signatures (S3's
+# X-Amz-*, Azure SAS ``sig``), Google API ``key``. A name that ends in one of _SECRET_SUFFIXES counts too.
+_SECRET_PARAMS = frozenset(
+    {"access_token", "token", "signature", "sig", "key", "password", "passwd", "pwd", "secret", "apikey"}
+    | {"x_amz_signature", "x_amz_credential", "x_amz_security_token", "auth", "authorization", "code"}
+)
+_SECRET_SUFFIXES = ("_token", "_secret", "_key", "_signature", "_password")
+# ``?name=value`` / ``&name=value`` (``;`` too); a value ends where a query value or a quoted string does.
+_QUERY_PARAM = re.compile(r"([?&;])([^=?&;#\s\"']{1,64})=([^&;#\s\"']+)")
+
+
+def _redact_param(m: re.Match) -> str:
+    name = m.group(2).lower().replace("-", "_")
+    if name in _SECRET_PARAMS or name.endswith(_SECRET_SUFFIXES):
+        return f"{m.group(1)}{m.group(2)}=***"
+    return m.group(0)
+
+
 def redact(text: str) -> str:
-    """``text`` with URL user-info and the values of AWS credential variables replaced by ``***``.
+    """``text`` with URL user-info, token-like query parameter values (``?access_token=***``,
+    ``&X-Amz-Signature=***``) and the values of AWS credential variables replaced by ``***``.
 
     User-info is everything between ``://`` and the LAST ``@`` before the next whitespace, whatever
     the scheme: ``s3://AKIA:ab/c+d@bucket/k`` -> ``s3://***@bucket/k``. Secrets hold ``/`` (about half
@@ -82,7 +101,7 @@ def redact(text: str) -> str:
         out += [text[pos:start], text[start:end]] if at == -1 else [text[pos:start], "***", text[at:end]]
         pos = end
     out.append(text[pos:])
-    text = "".join(out)
+    text = _QUERY_PARAM.sub(_redact_param, "".join(out))
     for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 4:  # a 1-3 character "secret" would redact half of every message
@@ -120,8 +139,24 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSy
         return _s3(*_s3_settings(storage)), path
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported URI scheme in {redact(uri)!r} (use a local path or s3://)")
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(_file_path(uri)))
+
+
+def _file_path(uri: str) -> str:
+    """The path of a local path or ``file:///abs/path``. ``file://`` followed by anything but ``/`` is a
+    host or user-info (``file://KEY:SECRET@host/x``), which would otherwise be read as a relative path
+    that holds the secret: refused, and the secret is never echoed.
+
+    Raises:
+        ValueError: a ``file://`` URI with a host or user-info.
+    """
+    if not uri.startswith("file://"):
+        return uri
+    path = uri[len("file://") :]
+    if not path.startswith("/"):
+        host = "user-info" if "@" in path else "a host"
+        raise ValueError(f"file:// URIs must be file:///absolute/path, without {host}: {redact(uri)}")
+    return path
 
 
 def _s3_settings(storage: StorageConfig) -> tuple[str | None, str | None, str | None]:
@@ -256,7 +291,7 @@ def fetch_bytes(
         OSError / ValueError: a permanent error, or a transient one that outlived ``attempts``.
     """
     if local_roots is not None and not is_s3(uri) and ("://" not in uri or uri.startswith("file://")):
-        return read_local_file(uri.removeprefix("file://"), local_roots, max_bytes)
+        return read_local_file(_file_path(uri), local_roots, max_bytes)
     for attempt in range(attempts):
         try:
             return read_bytes(uri, storage, max_bytes)

@@ -64,3 +64,24 @@ def test_encode_is_strict_about_nulls_unknowns_and_kinds():
     ]:
         with pytest.raises(LabelError, match=message):
             task.encode(value)
+
+
+def test_nan_and_inf_are_never_classes_and_quarantine_with_their_value():
+    """A string label file mixed with a float one: the float file's NaN and +-inf are no labels."""
+    mixed = collect(pa.array(["1", "0", None]), pa.array([1.0, float("nan"), float("inf"), float("-inf"), 0.0]))
+    task = mixed.task()
+    assert task == Task("y", "multiclass", ("0", "1"))
+    assert task.encode(np.float64(1.0)) == 1 and task.encode("0") == 0
+    for value, message in [
+        (np.float64("inf"), "non-finite label inf in column 'y'"),
+        (float("-inf"), "non-finite label -inf in column 'y'"),
+        (np.float32("nan"), "null label in column 'y'"),
+    ]:
+        with pytest.raises(LabelError, match=message):
+            task.encode(value)
+    tags = collect(pa.array([["a"], ["b"]]), pa.array([[1.5, float("inf")], [float("nan")]])).task()
+    assert tags == Task("y", "multilabel", ("1.5", "a", "b"))
+    with pytest.raises(LabelError, match="non-finite entry inf in the label list in column 'y'"):
+        tags.encode([1.5, float("inf")])
+    with pytest.raises(LabelError, match="null entry in the label list in column 'y'"):
+        tags.encode(np.array(["a", np.nan], dtype=object))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mmray.config import ConfigError, StorageConfig, config_from_dict
 from mmray.data import storage
+from tests.helpers import run_cli
 
 SECRET = "s3cr3t-Never-Print-Me-7f2a"
 
@@ -98,6 +99,63 @@ def test_redact_keeps_uris_without_userinfo_and_catches_slashed_aws_secrets():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"storage": {"s3_endpoint_url": f"https://AKIAIOSFODNN7EXAMPLE:{secret}@minio:9000"}})
     assert "K7MDENG" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        (f"https://h/x.png?access_token={SECRET}&v=2", "https://h/x.png?access_token=***&v=2"),
+        (f"s3://b/k?X-Amz-Credential={SECRET}&X-Amz-Signature={SECRET}", "?X-Amz-Credential=***&X-Amz-Signature=***"),
+        (f"https://acct.blob/c/x?sv=2024&sig={SECRET}", "https://acct.blob/c/x?sv=2024&sig=***"),
+        (f"http://h/a?key={SECRET};password={SECRET}#top", "http://h/a?key=***;password=***#top"),
+        (f"'mlflow+https://h/?client_secret={SECRET}', next", "'mlflow+https://h/?client_secret=***', next"),
+        (f"file://KEY:pa/{SECRET}@host/o5", "file://***@host/o5"),
+        (f"FILE://k:{SECRET}@h/x?token={SECRET}", "FILE://***@h/x?token=***"),
+    ],
+)
+def test_redact_removes_token_like_query_values_and_userinfo_in_every_uri_shape(uri, shown):
+    text = storage.redact(f"cannot read {uri}")
+    assert SECRET not in text and shown in text
+
+
+def test_redact_keeps_ordinary_query_parameters():
+    uri = "https://h/x.png?width=64&format=png&monkey=1"
+    assert storage.redact(uri) == uri
+
+
+def test_a_file_uri_with_a_host_or_userinfo_is_refused_without_echoing_it():
+    for uri in (f"file://KEY:pa/{SECRET}@host/o5", f"file://{SECRET}@host/o5", "file://host/x.parquet"):
+        with pytest.raises(ValueError, match="file:// URIs must be file:///absolute/path") as e:
+            storage.resolve(uri)
+        assert SECRET not in str(e.value)
+        with pytest.raises(ValueError) as e:  # an image URI from data: the same rule
+            storage.fetch_bytes(uri, local_roots=("/",))
+        assert SECRET not in str(e.value)
+
+
+def test_no_uri_secret_reaches_the_cli_output_or_its_working_directory(tmp_path):
+    """The config line names a presigned or token URI, and a file:// URI carries user-info: neither
+    secret is printed, and nothing is written relative to the working directory."""
+    proc = run_cli(
+        [
+            "score",
+            "--checkpoint",
+            str(tmp_path / "no-checkpoint"),
+            "--input",
+            f"file://KEY:pa/{SECRET}@host/o5",
+            "--output",
+            str(tmp_path / "out"),
+            f"data.train=s3://b/train?access_token={SECRET}",
+            f"data.val=https://h/val?X-Amz-Credential={SECRET}&X-Amz-Signature={SECRET}",
+        ],
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    assert "file:// URIs must be file:///absolute/path" in proc.stderr
+    assert "access_token=***" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_pickled_s3_filesystem_carries_no_credentials(monkeypatch, s3):

@@ -1,0 +1,37 @@
+"""The ``mmray`` argument parser: every command takes its options and its ``key=value`` overrides in
+any order. Parsing only; the commands themselves are tested through the real CLI elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmray.cli import build_parser
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["validate-data", "d", "--json", "a=1", "--max-rows", "3", "b=2"], {"uri": "d", "json": True, "max_rows": 3}),
+        (["train", "a=1", "--config", "c.yaml", "b=2", "--verbose"], {"config": "c.yaml", "verbose": True}),
+        (["tune", "a=1", "--space", "s.yaml", "b=2", "--config", "c.yaml"], {"space": "s.yaml"}),
+        (
+            ["score", "--checkpoint", "ck", "a=1", "--input", "i", "--output", "o", "--partition", "d=x", "b=2"],
+            {"checkpoint": "ck", "partition": ["d=x"]},
+        ),
+        (["embed", "a=1", "--checkpoint", "ck", "--input", "i", "b=2", "--output", "o"], {"output": "o"}),
+        (["nightly", "a=1", "--date", "yesterday", "b=2", "--overwrite"], {"date": "yesterday", "overwrite": True}),
+        (["evaluate", "a=1", "--checkpoint", "ck", "b=2", "--input", "i"], {"input": "i"}),
+        (["demo", "a=1", "--rows", "5", "b=2"], {"rows": 5}),
+        (["report", "run", "a=1", "--no-evaluate", "b=2"], {"run_dir": "run", "no_evaluate": True}),
+    ],
+)
+def test_options_and_overrides_come_in_any_order(argv, expected):
+    args = build_parser().parse_args(argv)
+    assert args.overrides == ["a=1", "b=2"]
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_an_unknown_option_is_still_refused(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["validate-data", "d", "--bogus", "a=1"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
