@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 __all__ = [
+    "AlignConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -166,6 +167,31 @@ class ImageEncoderConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    # Image-text alignment before fusion (ITC: CLIP; ALBEF's "align before fuse"): a symmetric InfoNCE
+    # loss between the projected pooled text and image vectors of the true caption-image pairs, added to
+    # the task loss with this weight; 0 = off. Under DDP the negatives come from every worker's pairs.
+    # It teaches each encoder what the other modality tells apart, which an interaction-only label
+    # cannot (bench/RESULTS.md, issue 11 item 9). When on, the task heads of every fusion but `late`
+    # also read each row's aligned cosine similarity (0 where a row lacks a modality); `late` stays an
+    # average of per-modality logits, which a cross-modal similarity would break.
+    weight: float = 0.0
+    # Which rows are true pairs: "all" (every row's caption describes its image) or "TASK=VALUE" (only
+    # rows whose TASK label is VALUE, e.g. "label=yes" for a caption-matching task). Off by default,
+    # as most tasks' captions do not describe their images (`sum`, `classify`).
+    pairs: str = "all"
+    projection_dim: int = 64  # width of the shared space both pooled vectors are projected into
+    # initial softmax temperature; learned from there (CLIP's init 0.07), clamped at >= 0.01 as CLIP does
+    temperature: float = 0.07
+    # Image-text matching (ALBEF's ITM) with this weight; 0 = off; needs `weight` > 0 and a fusion other
+    # than `late`. For each true pair of a batch, one hard negative image and one hard negative caption
+    # are drawn from the worker's batch in proportion to their aligned similarity (never the pair itself
+    # or a pair of the same caption) and run through the configured fusion with a binary matching head:
+    # it teaches the fusion the fine distinctions that in-batch contrast leaves (one attribute apart).
+    itm_weight: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     fusion: Literal["concat", "gated", "cross_attention", "bilinear", "late"] = "concat"
     hidden_dim: int = 128  # fusion output width
@@ -181,6 +207,7 @@ class ModelConfig:
     fusion_layers: int = 2  # cross_attention: rounds of text <-> image attention
     fusion_heads: int = 4  # cross_attention: attention heads; must divide hidden_dim
     fusion_rank: int = 4  # bilinear: rank of the low-rank factors (LMF)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 @dataclass(frozen=True)
@@ -280,6 +307,8 @@ _POSITIVE = {
     "model.fusion_layers",
     "model.fusion_heads",
     "model.fusion_rank",
+    "model.align.projection_dim",
+    "model.align.temperature",
     "train.epochs",
     "train.batch_size",
     "train.lr",
@@ -295,6 +324,8 @@ _POSITIVE = {
 # A key ending in ".*" covers every entry of that mapping. Freeze: false/true/N blocks (bools are 0/1).
 _NON_NEGATIVE = {
     "model.aux_loss_weight",
+    "model.align.weight",
+    "model.align.itm_weight",
     "model.loss_weights.*",
     "model.text_encoder.freeze",
     "model.image_encoder.freeze",
@@ -467,6 +498,15 @@ def _validate(cfg: Config) -> None:
         hook.count(":") != 1 or not all(part.replace(".", "_").isidentifier() for part in hook.split(":"))
     ):
         raise ConfigError(f"train.before_step: {hook!r} is not 'package.module:function'")
+    if cfg.model.align.itm_weight > 0 and cfg.model.align.weight <= 0:
+        raise ConfigError(
+            "model.align.itm_weight: needs model.align.weight > 0 (its negatives come from the alignment)"
+        )
+    if cfg.model.align.itm_weight > 0 and cfg.model.fusion == "late":
+        raise ConfigError("model.align.itm_weight: late fusion cannot match text to image (it never combines them)")
+    pairs = cfg.model.align.pairs
+    if pairs != "all" and (pairs.count("=") != 1 or not all(part.strip() for part in pairs.split("="))):
+        raise ConfigError(f"model.align.pairs: {pairs!r} is neither 'all' nor 'TASK=VALUE' (e.g. 'label=yes')")
     if cfg.model.text_encoder.dim % cfg.model.text_encoder.heads:
         raise ConfigError("model.text_encoder.dim: must be divisible by model.text_encoder.heads")
     if cfg.model.fusion == "cross_attention" and cfg.model.hidden_dim % cfg.model.fusion_heads:

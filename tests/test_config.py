@@ -114,11 +114,24 @@ def test_config_is_frozen():
         ("data.preprocess.fetch_timeout_s=0", "data.preprocess.fetch_timeout_s: must be > 0"),
         ("data.image_uri_roots=[images]", "data.image_uri_roots: 'images' must be an absolute local directory"),
         ("data.image_uri_roots=[/ok, s3://b/x]", "data.image_uri_roots: 's3://b/x' must be an absolute"),
+        ("model.align.weight=-1", "model.align.weight: must be >= 0"),
+        ("model.align.temperature=0", "model.align.temperature: must be > 0"),
+        ("model.align.projection_dim=0", "model.align.projection_dim: must be > 0"),
+        ("model.align.pairs=match", "model.align.pairs: 'match' is neither 'all' nor 'TASK=VALUE'"),
+        ("model.align.pairs='label='", "model.align.pairs: 'label=' is neither"),
+        ("model.align.itm_weight=-1", "model.align.itm_weight: must be >= 0"),
+        ("model.align.itm_weight=1", "model.align.itm_weight: needs model.align.weight > 0"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(None, [override])
+
+
+def test_matching_needs_alignment_and_a_fusion_that_combines():
+    with pytest.raises(ConfigError, match="model.align.itm_weight: late fusion cannot match"):
+        load_config(None, ["model.align.weight=1", "model.align.itm_weight=1", "model.fusion=late"])
+    assert load_config(None, ["model.align.weight=1", "model.align.itm_weight=0.5"]).model.align.itm_weight == 0.5
 
 
 def test_every_wrong_type_and_unknown_key_is_named_at_once():

@@ -17,6 +17,7 @@ from mmray.config import ImageConfig, ModelConfig, StorageConfig, TextConfig
 from mmray.data.labels import Task
 from mmray.data.schema import IMAGE, TEXT
 from mmray.data.text import POS_TAGS
+from mmray.models.align import AlignProjection
 from mmray.models.classifier import FusionClassifier
 from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
 from mmray.models.freeze import apply_freeze
@@ -124,13 +125,34 @@ def build_model(
         }
     )
     fusion = build_fusion(cfg, encoders)
-    heads = nn.ModuleDict({t.name: _head(fusion.out_dim, t) for t in tasks})
+    align = None
+    if cfg.align.weight > 0:
+        dims = {m: e.out_dim for m, e in encoders.items()}
+        align = AlignProjection(dims, cfg.align.projection_dim, cfg.align.temperature)
+    # With alignment on, the heads also read each row's aligned similarity (one more input), except
+    # late fusion's: its heads must stay linear in the per-modality branches it averages.
+    heads_read_similarity = align is not None and cfg.fusion != "late"
+    heads = nn.ModuleDict({t.name: _head(fusion.out_dim + int(heads_read_similarity), t) for t in tasks})
     aux = nn.ModuleDict()
     if cfg.aux_loss_weight > 0:
         aux = nn.ModuleDict(
             {m: nn.ModuleDict({t.name: _head(e.out_dim, t) for t in tasks}) for m, e in sorted(encoders.items())}
         )
-    model = FusionClassifier(encoders, fusion, heads, aux, image.mean, image.std, cfg.modality_dropout)
+    match_head = None
+    if align is not None and cfg.align.itm_weight > 0:
+        match_head = nn.Linear(fusion.out_dim + int(heads_read_similarity), 1)
+    model = FusionClassifier(
+        encoders,
+        fusion,
+        heads,
+        aux,
+        image.mean,
+        image.std,
+        cfg.modality_dropout,
+        align,
+        heads_read_similarity,
+        match_head,
+    )
     return model.train()  # applies FrozenEvalMixin: frozen encoder parts stay in eval mode
 
 

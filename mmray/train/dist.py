@@ -12,11 +12,13 @@ from typing import Any
 import ray.train
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmray.checkpoint import unwrap
 
-__all__ = ["all_reduce", "broadcast_buffers", "gather_objects", "print0"]
+__all__ = ["all_gather_rows", "all_reduce", "broadcast_buffers", "gather_objects", "print0"]
 
 
 def print0(*args: Any) -> None:
@@ -54,3 +56,24 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Every rank's rows of ``t`` [n_rank, ...], concatenated in rank order (``t`` in one process).
+
+    Ranks may hold different row counts, so the sizes are gathered first and each rank's rows padded to
+    the largest for the (equal-shape) all-gather, the padding dropped after. The gather is autograd-aware
+    (``torch.distributed.nn``, as open_clip's ``gather_with_grad``): its backward sums every rank's
+    gradient for this rank's rows. A loss every rank computes identically over the gathered rows thus
+    gives each local row ``world_size`` times its gradient, and DDP's averaging over ranks cancels the
+    factor: the parameters' gradients equal one process's over the concatenated batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, max(counts) - t.shape[0]))
+    parts = dist_fn.all_gather(padded)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])

@@ -50,7 +50,7 @@ from mmray.runs import LATEST_POINTER, fresh_run_name, result_uri, storage_root
 from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall
 from mmray.train import ingest
 from mmray.train.hooks import load_before_step
-from mmray.train.loop import LoopInputs, train_loop_per_worker
+from mmray.train.loop import LoopInputs, train_loop_per_worker, true_pairs
 from mmray.train.tracking import check_trackers_available, read_history
 
 __all__ = [
@@ -132,6 +132,8 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     train_files = pipeline.input_files(cfg.data.train, expected, cfg.storage)
     val_files = pipeline.input_files(cfg.data.val, expected, cfg.storage)
     tasks = build_tasks(cfg, cfg.data.train, train_files)
+    if cfg.model.align.weight > 0:
+        true_pairs(cfg.model.align.pairs, tasks)  # an unknown task or label fails here, not in a worker
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=tasks, with_labels=True)
     # Kept in the run dir (a rerun of the run reuses it); train.resume_from's checkpoint indexes its
     # embedding rows by its own vocabulary, so a run continuing it inherits that.

@@ -26,18 +26,20 @@ from typing import Any, TypeVar
 import ray.train
 import ray.train.torch
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmray.checkpoint import CheckpointInfo, save_checkpoint, unwrap
 from mmray.config import Config
 from mmray.data import storage
 from mmray.data.labels import Task
-from mmray.data.schema import PIXELS, label_key
+from mmray.data.schema import INPUT_IDS, PIXELS, label_key
 from mmray.data.transforms import augment
 from mmray.metrics import MetricAccumulator, weighted_row_loss
+from mmray.models.align import info_nce, same_rows
 from mmray.models.builder import build_model
 from mmray.train import optim
-from mmray.train.dist import all_reduce, broadcast_buffers, gather_objects, print0
+from mmray.train.dist import all_gather_rows, all_reduce, broadcast_buffers, gather_objects, print0
 from mmray.train.hooks import load_before_step
 from mmray.train.state import (
     Progress,
@@ -54,11 +56,13 @@ __all__ = [
     "EpochTotals",
     "LoopInputs",
     "Parts",
+    "TruePairs",
     "build_parts",
     "compute_loss",
     "epoch_record",
     "train_epoch",
     "train_loop_per_worker",
+    "true_pairs",
     "validation_metrics",
 ]
 
@@ -133,6 +137,46 @@ def build_parts(
     )
 
 
+@dataclass(frozen=True)
+class TruePairs:
+    """Which rows of a batch are true caption-image pairs for the alignment loss: every row (``task``
+    None) or those whose ``task`` target is class ``index`` (``model.align.pairs``, resolved by
+    ``true_pairs``). A row also needs both modalities."""
+
+    task: str | None = None
+    index: int = 0
+    kind: str = "multiclass"
+
+    def labelled(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[B]`` bool: rows whose label makes them true pairs (every row for "all")."""
+        if self.task is None:
+            ref = next(iter(batch.values()))
+            return torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
+        target = batch[label_key(self.task)]
+        return target[:, self.index] > 0.5 if self.kind == "multilabel" else target.long() == self.index
+
+    def rows(self, batch: dict[str, Tensor], masks: dict[str, Tensor]) -> Tensor:
+        """``labelled`` rows that have both modalities (``masks``)."""
+        return self.labelled(batch) & (torch.stack(list(masks.values()), 1).min(1).values > 0)
+
+
+def true_pairs(spec: str, tasks: list[Task]) -> TruePairs:
+    """``model.align.pairs`` ("all" or "TASK=VALUE") against the tasks' label maps.
+
+    Raises:
+        ValueError: an unknown task or label, or a regression task (it has no labels), naming the key.
+    """
+    if spec == "all":
+        return TruePairs()
+    name, label = (part.strip() for part in spec.split("=", 1))
+    task = next((t for t in tasks if t.name == name), None)
+    if task is None:
+        raise ValueError(f"model.align.pairs: no task {name!r} (tasks: {[t.name for t in tasks]})")
+    if label not in task.classes:
+        raise ValueError(f"model.align.pairs: {label!r} is not a label of {name!r} (labels: {list(task.classes)})")
+    return TruePairs(name, task.classes.index(label), task.kind)
+
+
 def compute_loss(
     out: dict,
     batch: dict[str, Tensor],
@@ -140,10 +184,17 @@ def compute_loss(
     loss_weights: dict[str, float],
     aux_weight: float,
     label_smoothing: float = 0.0,
+    align_weight: float = 0.0,
+    pairs: TruePairs | None = None,
+    match_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (mean training loss incl. auxiliary heads, per-row fused loss for metrics).
+    """Returns (mean training loss incl. auxiliary heads and alignment, per-row fused loss for metrics).
 
-    Auxiliary (unimodal) head losses count only rows that have that modality.
+    Auxiliary (unimodal) head losses count only rows that have that modality. The alignment loss
+    (``model.align``: the model's ``aligned`` vectors, InfoNCE over the true pairs of this batch on every
+    worker, the other pairs' images and captions as negatives, pairs of one caption as positives of each
+    other) is added with ``align_weight``; the matching loss (the model's ``match``: binary cross-entropy of
+    its true pairs and hard negatives) with ``match_weight``.
     """
     targets = {t.name: batch[label_key(t.name)] for t in tasks}
     fused_rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights, label_smoothing)
@@ -152,6 +203,20 @@ def compute_loss(
         present = out["masks"][m]
         rows = weighted_row_loss(tasks, heads, targets, loss_weights, label_smoothing)
         loss = loss + aux_weight * (rows * present).sum() / present.sum().clamp_min(1)
+    aligned = out.get("aligned")
+    if align_weight > 0 and aligned:
+        keep = (pairs or TruePairs()).rows(batch, out["masks"])
+        # One gather for both modalities keeps each pair's rows together, in the same (rank) order.
+        a, b = all_gather_rows(torch.cat([aligned[m][keep] for m in sorted(aligned)], -1)).chunk(2, -1)
+        # Pairs with one caption (the same token ids) are positives of each other, not negatives.
+        positives = same_rows(all_gather_rows(batch[INPUT_IDS][keep])) if INPUT_IDS in batch else None
+        loss = loss + align_weight * info_nce(a, b, out["aligned_scale"], positives)
+    if match_weight > 0 and "match" in out:
+        logits, targets = out["match"]
+        if logits.numel():
+            loss = loss + match_weight * F.binary_cross_entropy_with_logits(logits.float(), targets)
+        else:
+            loss = loss + logits.sum()  # no pairs here: zero, with the head still in the graph
     return loss, fused_rows
 
 
@@ -198,6 +263,8 @@ def train_epoch(
         before_step: called with the epoch's step index before each optimizer step.
     """
     model, t = parts.model, cfg.train
+    align = cfg.model.align
+    pairs = true_pairs(align.pairs, tasks) if align.weight > 0 else None
     model.train()
     parts.optimizer.zero_grad(set_to_none=True)
     loss_sum, rows, steps, window = torch.zeros((), device=parts.device), 0, 0, 0
@@ -210,9 +277,17 @@ def train_epoch(
         sync = nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with optim.autocast(parts.precision, parts.device):
-                out = model(batch)
+                out = model(batch, pairs=pairs.labelled(batch)) if align.itm_weight > 0 else model(batch)
                 loss, _ = compute_loss(
-                    out, batch, tasks, cfg.model.loss_weights, cfg.model.aux_loss_weight, t.label_smoothing
+                    out,
+                    batch,
+                    tasks,
+                    cfg.model.loss_weights,
+                    cfg.model.aux_loss_weight,
+                    t.label_smoothing,
+                    align.weight,
+                    pairs,
+                    align.itm_weight,
                 )
             scaled = loss / t.grad_accum_steps
             (parts.scaler.scale(scaled) if parts.scaler else scaled).backward()

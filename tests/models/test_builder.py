@@ -14,11 +14,14 @@ from tests.models.conftest import make_batch
 TASKS = [Task("label", "multiclass", ("a", "b", "c")), Task("tags", "multilabel", ("x", "y"))]
 
 
-def tiny_model(**kw):
-    cfg = ModelConfig(
+def tiny_model_cfg(**kw) -> ModelConfig:
+    return ModelConfig(
         hidden_dim=24, text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16), **kw
     )
-    return build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
+
+
+def tiny_model(**kw):
+    return build_model(tiny_model_cfg(**kw), TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50)
 
 
 def test_output_shapes_per_task(seed):
@@ -95,3 +98,53 @@ def test_checkpoint_rebuilds_pretrained_encoders_without_their_sources(tiny_bert
 def test_text_longer_than_the_pretrained_positions_names_the_key(tiny_bert_dir):
     with pytest.raises(ValueError, match=r"data\.text\.max_length: 64 exceeds the 32 positions"):
         build_model(pretrained_cfg(tiny_bert_dir), TextConfig(max_length=64), ImageConfig(size=32), TASKS, 60)
+
+
+def test_align_projection_is_built_only_when_weighted_and_survives_a_checkpoint(tmp_path, seed):
+    """What scoring does (``Predictor``: ``load_model`` then ``forward``) gives the logits, aligned vectors
+    and temperature the training model had, similarity column included."""
+    from mmray.checkpoint import CheckpointInfo, load_model, save_checkpoint
+    from mmray.config import AlignConfig
+    from mmray.data.preprocess import PreprocessSpec
+
+    assert tiny_model().align is None
+    assert tiny_model()(make_batch(b=4))["aligned"] == {}
+    cfg = tiny_model_cfg(align=AlignConfig(weight=1.0, projection_dim=8, temperature=0.2))
+    model = build_model(cfg, TextConfig(max_length=8), ImageConfig(size=16), TASKS, vocab_size=50).eval()
+    out = model(make_batch(b=4))
+    assert out["aligned"][TEXT].shape == out["aligned"][IMAGE].shape == (4, 8)
+    assert out["aligned_scale"].item() == pytest.approx(5.0)
+    with torch.no_grad():
+        model.align.logit_scale.add_(0.5)  # a learned temperature must be saved, not re-initialised
+        for head in model.heads.values():
+            head.weight[:, -1] = 3.0  # the similarity column weighs in the logits
+    text, image = TextConfig(max_length=8), ImageConfig(size=16)
+    spec = PreprocessSpec(tasks=tuple(TASKS), text=text, image=image)
+    save_checkpoint(tmp_path / "ckpt", model, CheckpointInfo(cfg, spec.to_dict(), tuple(TASKS), 50, 0, {}), {})
+    rebuilt = load_model(tmp_path / "ckpt")
+    assert rebuilt.heads_read_similarity
+    batch = make_batch(b=6)
+    with torch.no_grad():
+        a, b = model(batch), rebuilt(batch)
+    for m in (TEXT, IMAGE):
+        torch.testing.assert_close(b["aligned"][m], a["aligned"][m])
+    torch.testing.assert_close(b["aligned_scale"], a["aligned_scale"])
+    for task in a["logits"]:
+        torch.testing.assert_close(b["logits"][task], a["logits"][task], rtol=0, atol=0)
+    torch.testing.assert_close(b["fused"], a["fused"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "cross_attention", "bilinear", "late"])
+def test_heads_read_one_more_input_with_alignment_except_under_late_fusion(fusion, seed):
+    from mmray.config import AlignConfig
+
+    plain = tiny_model(fusion=fusion, fusion_heads=2)
+    aligned = tiny_model(fusion=fusion, fusion_heads=2, align=AlignConfig(weight=0.5, projection_dim=8))
+    assert not plain.heads_read_similarity and plain.fusion.out_dim == aligned.fusion.out_dim == 24
+    assert {h.in_features for h in plain.heads.values()} == {24}
+    reads = fusion != "late"  # late's heads must stay linear in the per-modality branches it averages
+    assert aligned.heads_read_similarity == reads
+    assert {h.in_features for h in aligned.heads.values()} == {24 + reads}
+    out = aligned(make_batch(b=4))
+    assert out["fused"].shape == (4, 24)  # what `mmray embed` writes stays the fusion's own vector
+    assert out["logits"]["label"].shape == (4, 3)

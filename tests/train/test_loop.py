@@ -17,7 +17,17 @@ from mmray.data.labels import Task
 from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXELS, TEXT, label_key, mask_key
 from mmray.train import optim
 from mmray.train.hooks import load_before_step
-from mmray.train.loop import Parts, build_parts, compute_loss, epoch_record, train_epoch, validation_metrics, with_last
+from mmray.train.loop import (
+    Parts,
+    TruePairs,
+    build_parts,
+    compute_loss,
+    epoch_record,
+    train_epoch,
+    true_pairs,
+    validation_metrics,
+    with_last,
+)
 from mmray.train.state import Progress
 
 CPU = torch.device("cpu")
@@ -272,6 +282,95 @@ def test_aux_head_loss_counts_only_rows_that_have_the_modality():
     assert compute_loss(out, batch, [CLS], {"label": 2.0}, aux_weight=0.5)[0].item() == pytest.approx(2 * LN2)
 
 
+MATCH = Task("match", "binary", ("no", "yes"))
+TAGS = Task("tags", "multilabel", ("red", "round"))
+
+
+def test_true_pairs_resolve_against_the_label_maps():
+    assert true_pairs("all", [MATCH]) == TruePairs()
+    assert true_pairs("match = yes", [MATCH]) == TruePairs("match", 1, "binary")
+    assert true_pairs("tags=round", [MATCH, TAGS]) == TruePairs("tags", 1, "multilabel")
+    with pytest.raises(ValueError, match=r"model\.align\.pairs: no task 'label' \(tasks: \['match'\]\)"):
+        true_pairs("label=yes", [MATCH])
+    with pytest.raises(ValueError, match=r"model\.align\.pairs: 'maybe' is not a label of 'match'"):
+        true_pairs("match=maybe", [MATCH])
+
+
+def test_true_pairs_keep_rows_with_both_modalities_and_the_label():
+    masks = {TEXT: torch.tensor([1.0, 1.0, 0.0, 1.0]), IMAGE: torch.tensor([1.0, 1.0, 1.0, 0.0])}
+    batch = {label_key("match"): torch.tensor([1.0, 0.0, 1.0, 1.0]), label_key("tags"): torch.eye(2)[[1, 1, 1, 0]]}
+    assert TruePairs().rows(batch, masks).tolist() == [True, True, False, False]
+    assert TruePairs("match", 1, "binary").rows(batch, masks).tolist() == [True, False, False, False]
+    assert TruePairs("match", 0, "binary").rows(batch, masks).tolist() == [False, True, False, False]
+    assert TruePairs("tags", 1, "multilabel").rows(batch, masks).tolist() == [True, True, False, False]
+
+
+def test_alignment_loss_is_added_over_the_true_pairs_only(seed):
+    from mmray.models.align import info_nce
+
+    aligned = {m: torch.nn.functional.normalize(torch.randn(4, 3), dim=-1) for m in (IMAGE, TEXT)}
+    scale = torch.tensor(10.0)
+    out = {
+        "logits": {"match": torch.zeros(4)},
+        "aux": {},
+        "masks": {TEXT: torch.ones(4), IMAGE: torch.ones(4)},
+        "aligned": aligned,
+        "aligned_scale": scale,
+    }
+    batch = {label_key("match"): torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    base, rows = compute_loss(out, batch, [MATCH], {}, aux_weight=0.0)
+    assert base.item() == pytest.approx(LN2)  # zero logits on a binary head
+    pairs = TruePairs("match", 1, "binary")
+    loss, same_rows = compute_loss(out, batch, [MATCH], {}, 0.0, align_weight=0.5, pairs=pairs)
+    keep = torch.tensor([0, 2, 3])  # row 1 is a "no": its caption does not describe its image
+    expected = base + 0.5 * info_nce(aligned[IMAGE][keep], aligned[TEXT][keep], scale)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(same_rows, rows)  # metrics see only the task loss
+    assert compute_loss(out, batch, [MATCH], {}, 0.0, align_weight=0.0, pairs=pairs)[0].item() == base.item()
+
+
+def test_pairs_of_one_caption_are_positives_of_each_other_not_negatives(seed):
+    from mmray.models.align import info_nce, same_rows
+
+    ids = torch.tensor([[5, 7, 0], [5, 7, 0], [6, 0, 0], [5, 7, 1]])  # rows 0 and 1: one caption
+    positives = same_rows(ids)
+    assert positives.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    aligned = {m: torch.nn.functional.normalize(torch.randn(4, 3), dim=-1) for m in (IMAGE, TEXT)}
+    out = {
+        "logits": {"match": torch.zeros(4)},
+        "aux": {},
+        "masks": {TEXT: torch.ones(4), IMAGE: torch.ones(4)},
+        "aligned": aligned,
+        "aligned_scale": torch.tensor(10.0),
+    }
+    batch = {label_key("match"): torch.ones(4), INPUT_IDS: ids}
+    loss, _ = compute_loss(out, batch, [MATCH], {}, 0.0, align_weight=1.0, pairs=TruePairs("match", 1, "binary"))
+    # By hand: image 0's targets are captions 0 and 1 by half each (and caption 0's images 0 and 1).
+    logits = 10.0 * aligned[IMAGE] @ aligned[TEXT].T
+    soft = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    by_hand = -((soft * logits.log_softmax(1)).sum(1).mean() + (soft * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    torch.testing.assert_close(loss - LN2, by_hand)
+    one_each = info_nce(aligned[IMAGE], aligned[TEXT], torch.tensor(10.0), torch.eye(4) > 0)
+    torch.testing.assert_close(one_each, info_nce(aligned[IMAGE], aligned[TEXT], torch.tensor(10.0)))
+
+
+def test_matching_loss_is_the_weighted_binary_cross_entropy_of_its_pairs_and_negatives():
+    out = {
+        "logits": {"match": torch.zeros(3)},
+        "aux": {},
+        "masks": {TEXT: torch.ones(3), IMAGE: torch.ones(3)},
+        "match": (torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])),
+    }
+    batch = {label_key("match"): torch.ones(3)}
+    base, _ = compute_loss(out, batch, [MATCH], {}, 0.0)
+    loss, _ = compute_loss(out, batch, [MATCH], {}, 0.0, match_weight=0.5)
+    sigmoid = torch.sigmoid(torch.tensor([2.0, -1.0, 0.5])).tolist()
+    by_hand = -(math.log(sigmoid[0]) + math.log(1 - sigmoid[1]) + math.log(1 - sigmoid[2])) / 3
+    assert (loss - base).item() == pytest.approx(0.5 * by_hand, rel=1e-5)
+    empty = {**out, "match": (torch.zeros(0, requires_grad=True), torch.zeros(0))}
+    assert compute_loss(empty, batch, [MATCH], {}, 0.0, match_weight=0.5)[0].item() == base.item()
+
+
 def _eval_worker(rank: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -293,6 +392,70 @@ def test_two_processes_all_reduce_to_the_hand_computed_metrics(tmp_path):
         assert m["label/accuracy"] == pytest.approx(0.5)
         assert m["score/mae"] == pytest.approx(0.875)
         assert m["loss"] == pytest.approx(1.5 * LN2 + 5.25 / 4)
+
+
+def _align_shard(rank: int) -> dict[str, torch.Tensor]:
+    """32 rows of pooled vectors; rank 0 holds 9 true pairs ("yes"), rank 1 holds 20, one without text."""
+    g = torch.Generator().manual_seed(10 + rank)
+    yes = torch.zeros(32)
+    yes[torch.randperm(32, generator=g)[: (9, 21)[rank]]] = 1.0
+    text_mask = torch.ones(32)
+    if rank == 1:
+        text_mask[yes.nonzero()[0]] = 0.0  # a "yes" row without text is no pair
+    return {
+        TEXT: torch.randn(32, 6, generator=g),
+        IMAGE: torch.randn(32, 5, generator=g),
+        INPUT_IDS: torch.randint(0, 3, (32, 2), generator=g),  # 9 captions: ranks share some
+        mask_key(TEXT): text_mask,
+        label_key("match"): yes,
+    }
+
+
+def _align_loss_and_grads(ranks: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The alignment loss over the rows of ``ranks`` (concatenated) and its gradient in a shared projection."""
+    from mmray.models.align import AlignProjection
+
+    torch.manual_seed(0)  # the same projection in every process, as DDP's initial broadcast makes it
+    proj = AlignProjection({TEXT: 6, IMAGE: 5}, dim=4, temperature=0.1)
+    batch = {k: torch.cat([_align_shard(r)[k] for r in ranks]) for k in _align_shard(0)}
+    n = batch[TEXT].shape[0]
+    out = {
+        "logits": {"match": torch.zeros(n)},
+        "aux": {},
+        "masks": {TEXT: batch[mask_key(TEXT)], IMAGE: torch.ones(n)},
+        "aligned": proj({m: batch[m] for m in (TEXT, IMAGE)}),
+        "aligned_scale": proj.scale(),
+    }
+    loss, _ = compute_loss(out, batch, [MATCH], {}, 0.0, align_weight=1.0, pairs=TruePairs("match", 1, "binary"))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in proj.named_parameters()}
+
+
+def _align_worker(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.save(_align_loss_and_grads([rank]), os.path.join(out_dir, f"align{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration  # spawns two processes that import torch and Ray (~15 s here)
+def test_two_workers_align_over_every_workers_pairs_as_one_process_over_both_batches(tmp_path):
+    """Issue 31: negatives come from every worker. Two ranks of 32 rows (9 and 20 true pairs) compute the
+    loss of one process on all 64 rows, and the rank-averaged gradient (DDP's) is that process's."""
+    mp.start_processes(
+        _align_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    loss, grads = _align_loss_and_grads([0, 1])
+    local_only, _ = _align_loss_and_grads([0])
+    assert loss.item() > LN2 + 0.1 and local_only.item() != pytest.approx(loss.item())
+    per_rank = [torch.load(tmp_path / f"align{rank}.pt") for rank in (0, 1)]
+    for rank_loss, _ in per_rank:
+        torch.testing.assert_close(rank_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close((per_rank[0][1][name] + per_rank[1][1][name]) / 2, grad)
 
 
 def test_epoch_record_has_the_history_fields():
