@@ -43,6 +43,7 @@ __all__ = [
     "config_to_dict",
     "flatten",
     "load_config",
+    "load_yaml",
     "set_dotted",
 ]
 
@@ -554,7 +555,7 @@ def _apply_override(data: dict, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
-    set_dotted(data, key, value)
+    set_dotted(data, key, _deepcopy(value, key))
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
@@ -598,14 +599,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Loads a YAML config file (or defaults when ``path`` is None) and applies overrides."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     return config_from_dict(data, overrides)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file's plain data, with every alias expanded into a copy of at most ``MAX_CONFIG_VALUES``.
+
+    Raises:
+        ConfigError: not valid YAML, or it expands past the bound; naming the file.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return _deepcopy(data, str(path))
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -623,9 +633,26 @@ def config_to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
-def _deepcopy(d: Any) -> Any:
+# A config holds hundreds of values. YAML aliases share one node many times, so a 470-byte file of ten
+# nested x10 aliases loads cheaply and expands to 10^10 values when copied or validated: count them
+# while copying and stop there (a copy is what every later step reads).
+MAX_CONFIG_VALUES = 100_000
+
+
+def _deepcopy(d: Any, where: str = "config", seen: list[int] | None = None) -> Any:
+    """A copy of nested mappings and lists that refuses to expand past ``MAX_CONFIG_VALUES`` values.
+
+    Raises:
+        ConfigError: naming ``where`` (the file or the override).
+    """
+    seen = seen if seen is not None else [0]
+    seen[0] += 1
+    if seen[0] > MAX_CONFIG_VALUES:
+        raise ConfigError(
+            f"{where}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases of aliases?); refusing it"
+        )
     if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
+        return {k: _deepcopy(v, where, seen) for k, v in d.items()}
     if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
+        return [_deepcopy(v, where, seen) for v in d]
     return d

@@ -186,3 +186,40 @@ def test_text_preprocessing_keys_are_checked_together():
         config_from_dict({}, ["data.text.pos_model=en_core_web_sm"])
     with pytest.raises(ConfigError, match="data.text.user_dict: only jieba reads it"):
         config_from_dict({}, ["data.text.user_dict=/d.txt"])
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9)
+)  # ten levels of x10: 10^10 values from ~470 bytes
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_naming_the_file(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB + "train: {epochs: 1}\n")
+    assert len(ALIAS_BOMB) < 600
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: expands to more than 100,000 values"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"train\.stopwords_bomb: expands to more than"):
+        load_config(None, ["train.stopwords_bomb=" + ALIAS_BOMB.replace("\n", ", ").join("{}")])
+
+
+def test_aliases_that_stay_small_still_load(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("data: {train: &split /data/all, val: *split}\n")
+    cfg = load_config(path)
+    assert cfg.data.train == cfg.data.val == "/data/all"
+
+
+def test_the_cli_refuses_an_alias_bomb_in_one_line(tmp_path):
+    from tests.helpers import run_cli
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    proc = run_cli(["train", "--config", str(path)], check=False, timeout=60)  # it took all memory in 32 s
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"{path}: expands to more than 100,000 values (YAML aliases of aliases?); refusing it")
+    )
+    assert "Traceback" not in proc.stderr

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, set_dotted
+from mmray.config import Config, ConfigError, config_from_dict, config_to_dict, load_yaml, set_dotted
 from mmray.data import storage
 
 __all__ = [
@@ -159,11 +159,7 @@ def _parse_args(where: str, kind: str, args: Any) -> tuple:
 
 
 def load_space(path: str | Path) -> list[Dimension]:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_space(data, str(path))
+    return parse_space(load_yaml(path), str(path))
 
 
 def with_values(base: dict, values: dict[str, Any]) -> Config:
