@@ -13,6 +13,9 @@ Layout of a checkpoint directory::
 ``mmray evaluate``, reports): it fetches an ``s3://`` checkpoint to a local directory when needed,
 rebuilds preprocessing settings, tokenizer and model from that directory alone, and cleans up.
 
+``check_weights`` and ``check_train_state`` let a driver refuse a corrupt or hostile checkpoint with one
+line before any Ray work: a worker that finds it later fails after minutes, in a wall of stack traces.
+
 This module sits above ``models/`` and ``data/``: it imports both, neither imports it.
 """
 
@@ -22,12 +25,15 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,12 +47,15 @@ from mmray.models.builder import build_model, save_architecture
 __all__ = [
     "ARCHITECTURE_DIR",
     "BUNDLE_FILE",
+    "CheckpointError",
     "CheckpointInfo",
     "FORMAT_VERSION",
     "OpenCheckpoint",
     "TOKENIZER_DIR",
     "TRAIN_STATE_FILE",
     "WEIGHTS_FILE",
+    "check_train_state",
+    "check_weights",
     "load_info",
     "load_model",
     "model_id",
@@ -60,6 +69,10 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TRAIN_STATE_FILE = "train_state.pt"
 ARCHITECTURE_DIR = "architecture"  # <modality>/ config files of pretrained encoders (models.builder)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, unsafe, or does not fit its own config (one line, naming the file)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,81 @@ def load_model(directory: str | os.PathLike, info: CheckpointInfo | None = None)
     return model.eval()
 
 
+def _build_bare(directory: str | os.PathLike, info: CheckpointInfo) -> nn.Module:
+    """The model ``mmray.json`` describes, without weights: on the meta device (no memory) where the
+    builder allows it, else on CPU."""
+    spec = info.preprocess_spec()
+    architecture = str(Path(directory, ARCHITECTURE_DIR))
+
+    def build() -> nn.Module:
+        return build_model(
+            info.model, spec.text, spec.image, info.tasks, info.vocab_size, architecture_dir=architecture
+        )
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except (NotImplementedError, RuntimeError):  # a builder that computes on its tensors
+        return build()
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_weights(directory: str | os.PathLike, info: CheckpointInfo | None = None) -> None:
+    """Checks that ``model.safetensors`` parses and holds exactly the tensors, with the shapes, of the
+    model its ``mmray.json`` builds; reads the header only.
+
+    Raises:
+        CheckpointError: naming the file and the first thing wrong.
+    """
+    info = info or load_info(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint has no weights") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    expected = {k: list(v.shape) for k, v in _build_bare(directory, info).state_dict().items()}
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or extra:
+        parts = [f"missing {len(missing)} tensors ({_listed(missing)})"] if missing else []
+        parts += [f"{len(extra)} unexpected tensors ({_listed(extra)})"] if extra else []
+        raise CheckpointError(f"{path}: does not match the model its {BUNDLE_FILE} builds: {'; '.join(parts)}")
+    for name in sorted(expected):
+        if found[name] != expected[name]:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {found[name]}, the model its {BUNDLE_FILE} builds expects "
+                f"{expected[name]}"
+            )
+
+
+def check_train_state(directory: str | os.PathLike) -> None:
+    """Checks that ``train_state.pt`` (when present) loads as plain tensors and containers: a pickle that
+    would run code, or a torn file, is refused here rather than in a training worker.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong.
+    """
+    path = Path(directory) / TRAIN_STATE_FILE
+    if not path.exists():
+        return
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            # mmap: tensors stay on disk (optimizer state is twice the model); torch maps only its zip format
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 -- torch raises many types here (UnpicklingError, RuntimeError, ...)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
+        what = "holds objects other than tensors (refused: loading them could run code)" if unsafe else "is not"
+        detail = "" if unsafe else f" a readable training state ({first.strip()[:200]})"
+        raise CheckpointError(f"{path}: {what}{detail}") from None
+
+
 def model_id(directory: str | os.PathLike) -> str:
     """Content hash of the inference bundle (weights, bundle, tokenizer): stable across copies."""
     d = Path(directory)
@@ -173,6 +261,10 @@ class OpenCheckpoint:
     def tokenizer_files(self) -> dict[str, bytes]:
         """The tokenizer's files as name -> bytes, the form preprocessing actors receive."""
         return read_tokenizer_dir(self.directory / TOKENIZER_DIR)
+
+    def check_weights(self) -> None:
+        """``check_weights`` on this checkpoint (``CheckpointError`` when its weights do not fit)."""
+        check_weights(self.directory, self.info)
 
     def load_model(self, device: str = "cpu") -> nn.Module:
         """The model with its weights, in eval mode, on ``device``.

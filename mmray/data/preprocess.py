@@ -353,6 +353,8 @@ class Preprocessor:
             )
         except storage.NotAllowedError as e:
             return _RowError("preprocess", column, f"image URI {e}: {uri}")
+        except storage.InvalidURIError as e:  # permanent: never "image fetch failed", which is retried
+            return _RowError("preprocess", column, f"invalid image URI: {e}")
         except FileNotFoundError:
             return _RowError("preprocess", column, f"image not found: {uri}")
         except storage.TooLargeError as e:

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 from mmray.config import StorageConfig
 
 __all__ = [
+    "InvalidURIError",
     "NotAllowedError",
     "TooLargeError",
     "copy_dir_from",
@@ -212,6 +213,11 @@ class TooLargeError(ValueError):
     """An object above the caller's ``max_bytes``: refused before (local) or while (S3) reading it."""
 
 
+class InvalidURIError(ValueError):
+    """A URI no attempt can read: an unsupported scheme, a NUL byte, embedded credentials, a ``file://``
+    host. Permanent, unlike an ``OSError`` that outlived its retries."""
+
+
 class NotAllowedError(PermissionError):
     """A local path that may not be read: outside the allowed roots, or not a regular file.
 
@@ -288,10 +294,20 @@ def fetch_bytes(
     Raises:
         FileNotFoundError: the object does not exist.
         NotAllowedError: a local path refused by ``local_roots``.
+        TooLargeError: larger than ``max_bytes``.
+        InvalidURIError: a URI that cannot name anything readable (permanent).
         OSError / ValueError: a permanent error, or a transient one that outlived ``attempts``.
     """
-    if local_roots is not None and not is_s3(uri) and ("://" not in uri or uri.startswith("file://")):
-        return read_local_file(_file_path(uri), local_roots, max_bytes)
+    if "\x00" in uri:  # no filesystem or S3 key holds one; Python and Arrow refuse it in their own ways
+        raise InvalidURIError(f"NUL byte in {redact(uri)!r}")
+    try:
+        if local_roots is not None and not is_s3(uri) and ("://" not in uri or uri.startswith("file://")):
+            return read_local_file(_file_path(uri), local_roots, max_bytes)
+        resolve(uri, storage)  # the scheme, credentials and file:// host checks: no attempt changes them
+    except TooLargeError:
+        raise
+    except ValueError as e:
+        raise InvalidURIError(redact(str(e))) from None
     for attempt in range(attempts):
         try:
             return read_bytes(uri, storage, max_bytes)

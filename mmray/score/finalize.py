@@ -6,7 +6,9 @@ those files once, on the driver (they hold predictions only: ids, classes, a few
 * scored rows are cast to one fixed schema, get the lineage columns, and are cut into files of exactly
   ``score.rows_per_file`` rows named ``part-00000.parquet`` ... (the last one smaller);
 * failed rows become the quarantine table (``pipeline.quarantine_records``: ``id, stage, column, error``);
-* with ``--evaluate``, scored rows with a usable label are folded into the metrics.
+* with ``--evaluate``, scored rows with a usable label are folded into the metrics;
+* ids that occur more than once (as strings: ``7`` in one file and ``"7"`` in another are one id) are
+  counted, so the run can say so: every row is scored, and a reader that joins on id sees them all.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mmray.data.pipeline import quarantine_records
-from mmray.data.schema import ERROR, QUARANTINE_SCHEMA
+from mmray.data.schema import ERROR, ID, QUARANTINE_SCHEMA
 from mmray.score.commit import QUARANTINE, QUARANTINE_FILE, Staging
 from mmray.score.label_metrics import LabelMetrics
 
-__all__ = ["Finalized", "LINEAGE_FIELDS", "finalize", "lineage_schema"]
+__all__ = ["Finalized", "LINEAGE_FIELDS", "finalize", "lineage_schema", "repeated_ids"]
 
 LINEAGE_FIELDS = (
     pa.field("model_id", pa.string()),  # content hash of the checkpoint
@@ -44,6 +46,7 @@ class Finalized:
     quarantine: pa.Table
     rows_raw: int  # every row Ray wrote, scored or failed
     metrics: dict[str, float] | None
+    repeated: dict[str, int]  # id -> rows, for ids on more than one row (all of them: warn with a few)
 
     @property
     def rows_scored(self) -> int:
@@ -96,6 +99,15 @@ def _scored_rows(good: pa.Table, schema: pa.Schema, lineage: dict[str, object]) 
     return pa.Table.from_arrays(arrays, schema=lineage_schema(schema))
 
 
+def repeated_ids(ids: list[pa.Array]) -> dict[str, int]:
+    """``id -> rows`` for the ids (as strings) that occur more than once across ``ids``."""
+    if not ids:
+        return {}
+    counts = pc.value_counts(pa.chunked_array(ids, pa.string()))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    return dict(zip(repeated.field("values").to_pylist(), repeated.field("counts").to_pylist()))
+
+
 def finalize(
     st: Staging,
     schema: pa.Schema,
@@ -114,12 +126,13 @@ def finalize(
     """
     lineage = {"model_id": model_id, "scored_at": scored_at, "run_id": st.run_id}
     writer = _PartWriter(st.fs, st.path, lineage_schema(schema), rows_per_file, first_file)
-    quarantine, rows_raw = [], 0
+    quarantine, rows_raw, ids = [], 0, []
     for path in _raw_files(st.fs, st.raw):
         with st.fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches():
                 table = pa.Table.from_batches([batch])
                 rows_raw += table.num_rows
+                ids.append(pc.cast(table[ID], pa.string()))  # ids only: a few bytes a row, for repeated_ids
                 good = pc.fill_null(pc.equal(table[ERROR], ""), False)
                 quarantine.append(quarantine_records(table))
                 scored = table.filter(good)
@@ -132,4 +145,4 @@ def finalize(
     st.fs.create_dir(st.file(QUARANTINE), recursive=True)
     pq.write_table(quarantine_table, st.file(QUARANTINE_FILE), filesystem=st.fs)
     metrics = evaluation.result() if evaluation is not None else None
-    return Finalized(files, quarantine_table, rows_raw, metrics)
+    return Finalized(files, quarantine_table, rows_raw, metrics, repeated_ids(ids))

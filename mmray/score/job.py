@@ -23,7 +23,10 @@ Every input row ends up either in the output or in ``<target>/_quarantine/``.
 attempt may fix (an image fetch that failed after its retries: network, throttling, 5xx, timeouts) and
 publishes a new commit of the same partition: the previous files (kept as they are, with their
 ``run_id``), the newly scored rows in further files, and the quarantine of what still failed or was
-never retryable. Counts add up as before; a rerun of it retries what is still transient.
+never retryable. Counts add up as before; a rerun of it retries what is still transient. The input is
+read again and the rows to retry are picked by id, so a row whose id another input row shares (scored
+or quarantined) is not retried: it stays quarantined, and the run says how many (ids repeated in the
+input are reported by the scoring run that finds them).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall, guard_stalls, init_ray
 from mmray.score import commit
-from mmray.score.finalize import Finalized, finalize
+from mmray.score.finalize import Finalized, finalize, repeated_ids
 from mmray.score.label_metrics import LabelMetrics
 from mmray.score.labeled import LabeledPreprocessor
 from mmray.score.predictor import Predictor, RowOutput, row_output
@@ -69,8 +72,9 @@ class _Retry:
     """What ``--retry-quarantined`` works from: the committed run and its quarantine, split."""
 
     manifest: dict
-    ids: list[str]  # quarantined ids to score again
-    kept: pa.Table  # quarantine rows that stay (not retryable)
+    ids: list[str]  # quarantined ids to score again: each names exactly one input row
+    kept: pa.Table  # quarantine rows that stay (not retryable, or their id is on another row too)
+    shared: int  # retryable rows kept because their id is not unique to them
 
 
 def _log(message: str, command: str = "score") -> None:
@@ -220,6 +224,17 @@ def _already_scored(target: commit.Target, identity: dict, command: str) -> dict
     return {"output": target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
 
 
+def _warn_repeated(repeated: dict[str, int], command: str) -> None:
+    """One line: how many ids are on more than one input row, with the most repeated few."""
+    top = sorted(repeated.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    examples = ", ".join(f"{repr(i)[:60]} x{n}" for i, n in top)  # repr: no control character reaches a terminal
+    _log(
+        f"warning: {len(repeated):,} ids are on more than one input row ({sum(repeated.values()):,} rows; "
+        f"e.g. {examples}); every row was scored: a reader that joins on id sees each of them",
+        command,
+    )
+
+
 def _merge_retry(stage: commit.Staging, retry: _Retry, result: Finalized) -> Finalized:
     """The retried rows' files after the committed ones (carried into staging), and one quarantine:
     what was not retryable, then what failed again."""
@@ -245,8 +260,15 @@ def _retry_plan(target: commit.Target, identity: dict) -> _Retry:
     error = pc.fill_null(quarantine["error"], "")
     retry = pc.and_(pc.equal(pc.fill_null(quarantine["stage"], ""), "preprocess"), pc.is_valid(quarantine["id"]))
     retry = pc.and_(retry, pc.starts_with(error, RETRYABLE_PREFIX))
-    ids = sorted(set(quarantine.filter(retry)["id"].to_pylist()))
-    return _Retry(existing, ids, quarantine.filter(pc.invert(retry)))
+    # The rows are found again by id: an id on any other row (scored, or quarantined again) would bring
+    # that row too, and score it twice. Such rows stay quarantined.
+    scored = [pq.read_table(f"{path}/{f['name']}", filesystem=fs, columns=["id"])["id"] for f in existing["files"]]
+    every_id = [*(pc.cast(c, pa.string()) for c in scored), quarantine["id"].cast(pa.string())]
+    unique = pc.invert(pc.is_in(quarantine["id"], value_set=pa.array(list(repeated_ids(every_id)), pa.string())))
+    chosen = pc.and_(retry, pc.fill_null(unique, False))
+    ids = sorted(quarantine.filter(chosen)["id"].to_pylist())
+    shared = quarantine.filter(retry).num_rows - len(ids)
+    return _Retry(existing, ids, quarantine.filter(pc.invert(chosen)), shared)
 
 
 def run_scoring(
@@ -290,6 +312,7 @@ def run_scoring(
             f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}"
         )
     with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
+        opened.check_weights()  # here, in one line, not in every predictor actor after the preprocessing
         info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
     rows_out = row_output(output, info.tasks, evaluate)
     command = rows_out.command
@@ -313,6 +336,12 @@ def run_scoring(
     with commit.lease(target) as held:
         commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
         retry = _retry_plan(target, identity) if retry_quarantined else None
+        if retry is not None and retry.shared:
+            _log(
+                f"warning: {retry.shared:,} quarantined rows are not retried: their id is on another input row "
+                "too, and rows are retried by id",
+                command,
+            )
         if retry is not None and not retry.ids:
             _log(
                 f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error",
@@ -361,6 +390,8 @@ def run_scoring(
             evaluation = LabelMetrics(info.tasks, info.model.loss_weights) if evaluate else None
             first = len(retry.manifest["files"]) if retry else 0
             result = finalize(stage, rows_out.schema(), mid, scored_at, cfg.score.rows_per_file, evaluation, first)
+            if result.repeated and retry is None:
+                _warn_repeated(result.repeated, command)
             counts = {
                 "rows_in": rows_in,
                 "rows_scored": result.rows_scored,

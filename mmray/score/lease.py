@@ -9,15 +9,18 @@ the server's lease on it runs out (about 90 s).
 S3 (no locks, no rename): the object ``<target>/_lease``, created with ``If-None-Match: *``: of two
 concurrent creators exactly one succeeds. Its body names the holder and an expiry, and the holder renews
 it (``If-Match`` on its own ETag) every third of the TTL from a background thread. A lease whose holder
-is gone (same host, process gone) or that expired is broken by replacing it with ``If-Match`` on the
+is provably gone (same host, boot and PID namespace, process gone) or that expired is broken by replacing it with ``If-Match`` on the
 ETag that was read, so of two breakers only one wins. ``check`` (before publishing) confirms the object
 is still this holder's. The limit: a holder frozen for longer than the TTL (a stopped VM) can lose its
 lease and not notice until its next ``check``; between that check and the end of its short copy phase
 a breaker could start publishing too. pyarrow's S3 filesystem cannot make conditional requests, so
 this module uses boto3 with the endpoint, region and credential chain ``mmray.data.storage`` resolves.
 
-Process records (host, pid, process start time) identify a holder; ``commit`` uses the same records
-for its staging directories.
+Process records (host, boot id, PID namespace, pid, process start time) identify a holder; ``commit``
+uses the same records for its staging directories. A holder is dead at once only when this process can
+prove it: same host, same boot, same PID namespace, and that pid is gone or now a different process.
+Anything else (another host, another boot, another PID namespace, as for two host-network pods sharing
+a hostname, or a record from an older version without these fields) is alive until its lease expires.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ __all__ = [
 
 DEFAULT_TTL_S = 300.0  # an S3 lease whose holder stopped renewing is broken this long after its last renewal
 _CLOCK_SKEW_S = 30.0  # hosts' clocks may disagree this much: an expired lease is broken only after it too
-_FOREIGN_TTL_S = 24 * 3600  # a record from another host without an expiry (staging) is presumed dead after this
+_FOREIGN_TTL_S = 24 * 3600  # a record whose pid means nothing here, without an expiry (staging), lives this long
 
 
 class LeaseHeldError(ValueError):
@@ -74,6 +77,17 @@ def _boot_id() -> str:
     return ""
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (``pid:[4026531836]``); '' when unknown or when ``/proc`` was mounted
+    by another PID namespace (its pids are then not the ones ``os.getpid`` and ``os.kill`` use)."""
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return ""
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _process_token(pid: int) -> str | None:
     """Identifies a process instance (pid + start time), so a reused pid is not mistaken for the owner."""
     try:
@@ -84,21 +98,37 @@ def _process_token(pid: int) -> str | None:
 
 
 def process_record(**extra: Any) -> dict[str, Any]:
-    """This process: host, pid, start-time token, creation time (plus ``extra`` fields)."""
+    """This process: host, boot id, PID namespace, pid, start-time token, creation time (plus ``extra``)."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "token": _process_token(pid), "created": time.time(), **extra}
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
+        "pid": pid,
+        "token": _process_token(pid),
+        "created": time.time(),
+        **extra,
+    }
+
+
+def _pids_comparable(record: dict) -> bool:
+    """Whether the record's pid means the same process here: same host, boot and PID namespace, all known."""
+    here = (socket.gethostname(), _boot_id(), _pid_namespace())
+    return all(here) and (record.get("host"), record.get("boot_id"), record.get("pid_ns")) == here
 
 
 def record_alive(record: dict | None) -> bool:
     """Whether the process a record names may still be running.
 
-    Same host: the process (pid and start time) exists. Another host: the record's ``expires`` (minus
-    clock skew) is in the future, or, without one, it is younger than a day. No or garbled record: dead.
+    Same host, boot and PID namespace: the process (pid and start time) exists. Otherwise its pid says
+    nothing here (two pods with one hostname each see the other's pid as free), so the record is alive
+    until its ``expires`` (plus clock skew) or, without one, for a day after it was created. No or
+    garbled record: dead.
     """
     if not isinstance(record, dict):
         return False
     try:
-        if record.get("host") != socket.gethostname():
+        if not _pids_comparable(record):
             if record.get("expires") is not None:
                 return time.time() < float(record["expires"]) + _CLOCK_SKEW_S
             return time.time() - float(record.get("created", 0)) < _FOREIGN_TTL_S

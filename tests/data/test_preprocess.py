@@ -155,9 +155,20 @@ def test_images_by_local_uri_bytes_win_and_bad_uris_are_flagged(tokenizer_files,
     assert out[mask_key(IMAGE)][:3].tolist() == [1.0, 1.0, 1.0]
     assert out[ERROR][3] == f"image not found: {tmp_path}/missing.png"
     assert out[ERROR][4].startswith("relative image path 'red.png'")
-    assert "unsupported URI scheme" in out[ERROR][5]
+    assert out[ERROR][5].startswith("invalid image URI: unsupported URI scheme")  # permanent: never retried
     assert out[ERROR][6] == f"{NOT_ALLOWED}{tmp_path}"  # a directory
     assert set(out[ERROR_COLUMN][3:]) == {"image_uri"} and set(out[ERROR_STAGE][3:]) == {"preprocess"}
+
+
+def test_uris_no_attempt_can_read_get_a_permanent_reason(tokenizer_files, tmp_path):
+    """``image fetch failed`` is what --retry-quarantined retries; these never succeed, so they differ."""
+    uris = ["http://example.com/x.png", "FILE:///etc/passwd", f"{tmp_path}/a\x00.png", "s3://bucket/a\x00.png"]
+    out = Preprocessor(spec(image_uri_column="image_uri", image_uri_roots=[str(tmp_path)]), tokenizer_files)(
+        batch_of(uri_rows(uris))
+    )
+    assert [e.split(": ")[0] for e in out[ERROR]] == ["invalid image URI"] * 4
+    assert "unsupported URI scheme in 'FILE:///etc/passwd'" in out[ERROR][1] and "NUL byte" in out[ERROR][2]
+    assert not any(e.startswith("image fetch failed") for e in out[ERROR])
 
 
 def test_local_image_uris_outside_the_roots_are_refused_alike(tokenizer_files, tmp_path):
@@ -267,7 +278,8 @@ def test_quarantine_reasons_never_carry_a_secret(tokenizer_files, s3_server):
     out = Preprocessor(spec(StorageConfig(s3_endpoint_url=s3_server), image_uri_column="image_uri"), tokenizer_files)(
         batch_of(rows)
     )
-    assert out[ERROR][0].startswith("image fetch failed: s3://***@bucket/x.png")
+    assert out[ERROR][0].startswith("invalid image URI: s3:// URIs must not embed credentials")
+    assert "s3://***@bucket/x.png" in out[ERROR][0]
     assert "https://***@labels.internal/x" in out[ERROR][1]
     assert not any("K7MDENG" in e or "AKIAIOSFODNN7EXAMPLE" in e for e in out[ERROR])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -130,6 +131,25 @@ def test_a_file_uri_with_a_host_or_userinfo_is_refused_without_echoing_it():
         assert SECRET not in str(e.value)
         with pytest.raises(ValueError) as e:  # an image URI from data: the same rule
             storage.fetch_bytes(uri, local_roots=("/",))
+        assert SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("http://example.com/x.png", "unsupported URI scheme"),
+        ("FILE:///etc/passwd", "unsupported URI scheme"),
+        ("/data/a\x00.png", "NUL byte in '/data/a\\x00.png'"),
+        ("s3://bucket/a\x00.png", "NUL byte"),
+        ("file://host/x.png", "file:// URIs must be file:///absolute/path"),
+        (f"s3://KEY:{SECRET}@bucket/x.png", "must not embed credentials"),
+    ],
+)
+def test_a_uri_no_attempt_can_read_is_an_invalid_uri_error_at_once(uri, message, monkeypatch):
+    monkeypatch.setattr(storage, "read_bytes", lambda *a, **k: pytest.fail("a permanent error was attempted"))
+    for roots in (None, ("/",)):
+        with pytest.raises(storage.InvalidURIError, match=re.escape(message)) as e:
+            storage.fetch_bytes(uri, attempts=3, backoff_s=0, local_roots=roots)
         assert SECRET not in str(e.value)
 
 

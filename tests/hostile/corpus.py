@@ -60,7 +60,7 @@ QUARANTINED = {
     "h-inline-32mib": ("preprocess", "image", f"image is {IMAGE_LIMIT + 1} bytes, above data.image.max_bytes="),
     "h-float-tiff-bomb": ("preprocess", "image", f"decompression bomb: {BOMB_SIDE}x{BOMB_SIDE} exceeds max_pixels="),
     "h-rgba-png-bomb": ("preprocess", "image", f"decompression bomb: {BOMB_SIDE}x{BOMB_SIDE} exceeds max_pixels="),
-    "h-credentials-uri": ("preprocess", "image_uri", "image fetch failed: s3://***@bucket/x.png"),
+    "h-credentials-uri": ("preprocess", "image_uri", "invalid image URI: s3:// URIs must not embed credentials"),
     "h-progressive-jpeg-bomb": (
         "preprocess",
         "image",

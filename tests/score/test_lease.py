@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,3 +169,72 @@ def test_s3_lease_replaced_under_its_holder_is_lost_and_left_alone(s3):
         with pytest.raises(LeaseLostError, match="now held by pid 7 on host elsewhere"):
             held.check()
     assert stored(s3)["lease_id"] == "theirs"  # release never deletes another run's lease
+
+
+# --------------------------------------------------------------------------------------------------
+# Liveness: a pid is judged only within its own host, boot and PID namespace
+# --------------------------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def here(**fields) -> dict:
+    """A record of a process on this host, boot and PID namespace (``fields`` override)."""
+    return {**lease.process_record(), **fields}
+
+
+def test_a_dead_pid_is_dead_only_in_this_host_boot_and_pid_namespace():
+    gone, now = dead_pid(), time.time()
+    assert lease.record_alive(here())
+    assert not lease.record_alive(here(pid=gone, token=None))
+    assert not lease.record_alive(here(token="a different process"))  # the pid was reused
+    for other in ({"pid_ns": "pid:[1]"}, {"boot_id": "another-boot"}, {"host": "elsewhere"}):
+        assert lease.record_alive(here(pid=gone, token=None, **other, expires=now + 60)), other
+        assert not lease.record_alive(here(pid=gone, token=None, **other, expires=now - 60 - lease._CLOCK_SKEW_S))
+        assert lease.record_alive(here(pid=gone, token=None, **other))  # no expiry (staging): a day from created
+        assert not lease.record_alive(here(pid=gone, token=None, **other, created=now - 2 * lease._FOREIGN_TTL_S))
+    older_version = {"host": os.uname().nodename, "pid": gone, "token": "x", "created": now, "expires": now + 60}
+    assert lease.record_alive(older_version)  # written before records named their PID namespace
+
+
+def test_s3_lease_of_a_holder_in_another_pid_namespace_holds_until_it_expires(s3):
+    """Two host-network pods share a hostname; the other pod's pid is not ours to look up."""
+    theirs = here(pid=dead_pid(), pid_ns="pid:[4026532999]", lease_id="theirs", expires=time.time() + 600)
+    plant(s3, **theirs)
+    with pytest.raises(LeaseHeldError, match=f"pid {theirs['pid']} on host"):
+        with lease.acquire(s3["uri"], s3["store"], "t"):
+            pass
+    assert stored(s3)["lease_id"] == "theirs"
+    plant(s3, **{**theirs, "expires": time.time() - 300})
+    with lease.acquire(s3["uri"], s3["store"], "t"):
+        assert stored(s3)["lease_id"] != "theirs"
+
+
+def unshare_works() -> bool:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs root and unshare -p -f --mount-proc")
+def test_s3_lease_held_from_another_real_pid_namespace_is_not_broken(s3):
+    holder = subprocess.Popen(
+        ["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", HOLD, s3["uri"], s3["endpoint"]],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = stored(s3)
+        assert record["pid_ns"] != lease.process_record()["pid_ns"] and record["host"] == os.uname().nodename
+        with pytest.raises(LeaseHeldError, match=f"pid {record['pid']} on host"):
+            with lease.acquire(s3["uri"], s3["store"], "t"):
+                pass
+        assert stored(s3)["lease_id"] == record["lease_id"]
+    finally:
+        kill(holder)

@@ -82,3 +82,52 @@ def test_transient_fetch_failures_are_retried_into_one_new_commit(ray_address, s
 
     again = run_cli(args, ray_address).json  # nothing transient is left: no new commit
     assert again["status"] == "nothing to retry" and again["run_id"] == retried["run_id"]
+
+
+def test_permanent_uris_and_repeated_ids_are_never_retried_and_counts_reconcile(
+    ray_address, s3_server, s3_bucket, tmp_path
+):
+    """``http://``, ``FILE:///`` and a NUL byte can never be fetched: quarantined as invalid, not retried.
+    Id ``d`` is on two rows (one scored, one quarantined) and ``7`` is an int in one file and a string in
+    the other: the first run warns; the retry picks rows by id, so it leaves ``d``'s quarantined row."""
+    ckpt = make_checkpoint(tmp_path / "ck", [TASK], image_uri_column="image_uri")
+    data = make_rows(8, seed=5, id_prefix="r")
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    uris = [None] * 8
+    for i in (0, 1):  # 0: an id of its own; 1: id "d", like row 2 (which has its image inline)
+        s3.put_object(Bucket=s3_bucket, Key=f"img/{i}.png", Body=data["image"][i])
+        uris[i], data["image"][i] = f"s3://{s3_bucket}/img/{i}.png", None
+    data["id"][1] = data["id"][2] = "d"
+    permanent = {3: "http://example.com/x.png", 4: "FILE:///etc/passwd", 5: f"s3://{s3_bucket}/img/a\x00.png"}
+    for i, uri in permanent.items():
+        uris[i], data["image"][i] = uri, None
+    data["id"][6] = "7"
+    (tmp_path / "in").mkdir()
+    table = pa.table({**data, "image_uri": uris})
+    pq.write_table(table.slice(0, 7), tmp_path / "in" / "part-00000.parquet")
+    last = table.slice(7).to_pydict()
+    pq.write_table(pa.table({**last, "id": [7]}), tmp_path / "in" / "part-00001.parquet")  # int64 ids here
+
+    out = str(tmp_path / "out")
+    common = ["data.preprocess.fetch_attempts=1", "data.max_bad_fraction=0.9", "data.preprocess.batch_size=4"]
+
+    def score(endpoint: str, *extra: str):
+        args = ["score", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--output", out, *extra]
+        return run_cli([*args, *common, f"storage.s3_endpoint_url={endpoint}"], ray_address)
+
+    first = score(f"http://127.0.0.1:{free_port()}")  # the S3 endpoint is down: rows 0 and 1 fail transiently
+    assert (first.json["rows_scored"], first.json["rows_quarantined"]) == (3, 5)
+    assert "warning: 2 ids are on more than one input row (4 rows; e.g. '7' x2, 'd' x2)" in first.stderr
+
+    retried = score(s3_server, "--retry-quarantined")
+    assert "warning: 1 quarantined rows are not retried: their id is on another input row" in retried.stderr
+    assert retried.json["retried"] == 1
+    assert (retried.json["rows_in"], retried.json["rows_scored"], retried.json["rows_quarantined"]) == (8, 4, 4)
+    target = commit.Target(out)
+    assert sorted(commit.read_committed(target).column("id").to_pylist()) == sorted(["7", "7", "d", data["id"][0]])
+    quarantine = pq.read_table(f"{target.uri}/{commit.QUARANTINE_FILE}").to_pylist()
+    reasons = {r["error"].split(": ")[0] for r in quarantine if r["id"] != "d"}
+    assert reasons == {"invalid image URI"} and len(quarantine) == 4
+
+    again = score(s3_server, "--retry-quarantined")
+    assert again.json["status"] == "nothing to retry"

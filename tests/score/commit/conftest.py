@@ -16,7 +16,7 @@ import pytest
 
 from mmray.config import StorageConfig
 from mmray.data import schema
-from mmray.score import commit
+from mmray.score import commit, lease
 from mmray.score.commit import Target
 
 
@@ -59,9 +59,10 @@ def _dead_pid() -> int:
     return int(proc.stdout)
 
 
-def mark_owner_dead(st: commit.Staging) -> None:
-    """As if the process that owns ``st`` had been killed."""
-    owner = {"host": os.uname().nodename, "pid": _dead_pid(), "token": "gone", "created": 0}
+def mark_owner_dead(st: commit.Staging, **fields: object) -> None:
+    """As if the process that owns ``st`` (on this host, boot and PID namespace) had been killed;
+    ``fields`` override the record's."""
+    owner = {**lease.process_record(), "pid": _dead_pid(), "token": "gone", **fields}
     with st.fs.open_output_stream(st.file("_owner.json")) as f:
         f.write(json.dumps(owner).encode())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -25,6 +26,15 @@ def test_later_runs_remove_stale_staging_but_never_a_live_run(tmp_path):
 
     assert sorted(removed) == sorted([dead.path, orphan.path])
     assert os.path.isdir(live.path) and os.path.isdir(other.path)
+
+
+def test_staging_of_an_owner_in_another_pid_namespace_is_kept_until_its_record_is_a_day_old(tmp_path):
+    target = Target(str(tmp_path / "out"))
+    theirs, old = commit.open_staging(target, "a" * 12), commit.open_staging(target, "b" * 12)
+    for st, created in ((theirs, time.time()), (old, time.time() - 2 * 24 * 3600)):
+        mark_owner_dead(st, pid_ns="pid:[4026532999]", created=created)  # a live pod's pid, not ours
+    assert commit.clean_stale_staging(target) == [old.path]
+    assert os.path.isdir(theirs.path)
 
 
 def test_an_unreadable_owner_record_counts_as_a_dead_owner(tmp_path):
