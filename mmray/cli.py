@@ -3,10 +3,12 @@
 Examples:
     mmray make-data work/data --rows 2000
     mmray train --config configs/demo.yaml data.train=work/data/train data.val=work/data/val
+    mmray pretrain --config configs/recipe.yaml model.align.weight=1 data.train=... data.val=...
     mmray score --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/preds
     mmray embed --checkpoint runs/<name>/checkpoint_... --input work/data/test --output work/vectors
     mmray tune --config configs/demo.yaml --space configs/tune/space.yaml --num-samples 8 data.train=... data.val=...
     mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
+    mmray evaluate --retrieval --checkpoint runs/<name>/checkpoint_... --input work/data/test
     mmray nightly --date yesterday --tz Europe/Berlin score.input=s3://b/events score.output=s3://b/preds
     mmray nightly --from 2024-05-01 --to 2024-05-31 score.input=s3://b/events score.output=s3://b/preds
     mmray demo --workdir work/demo
@@ -88,6 +90,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     _emit(run_training(cfg))
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from mmray.runtime import init_ray
+    from mmray.train.launcher import pretrain_config, run_pretraining
+
+    cfg = _config(args)
+    pretrain_config(cfg)  # a setting pretraining cannot use fails before Ray starts
+    init_ray(args.address)
+    _emit(run_pretraining(cfg))
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from mmray.config import load_config
     from mmray.train.tune import TuneSettings, load_space, run_tune
@@ -160,9 +172,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from mmray.config import load_config
     from mmray.runtime import init_ray
     from mmray.score.ablation import run_evaluation
+    from mmray.score.retrieval import run_retrieval
 
     cfg = load_config(args.config, args.overrides)
+    if args.same_caption and not args.retrieval:
+        raise ValueError("--same-caption is a setting of --retrieval")
     init_ray(args.address)
+    if args.retrieval:
+        _emit(run_retrieval(cfg, args.checkpoint, args.input, same_caption=args.same_caption))
+        return
     _emit(run_evaluation(cfg, args.checkpoint, args.input))
 
 
@@ -270,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp, required=True)
     sp.set_defaults(fn=cmd_train)
 
+    sp = command(
+        "pretrain",
+        help="align the encoders on captioned Parquet (id, text, image; no labels) with model.align; "
+        "start a supervised run from it with model.init_from",
+    )
+    with_config(sp, required=True)
+    sp.set_defaults(fn=cmd_pretrain)
+
     sp = command("tune", help="Ray Tune sweep (ASHA) over training; writes results.parquet and best_config.yaml")
     sp.add_argument("--space", required=True, help="YAML: dotted.key: {choice|uniform|loguniform|randint: ...}")
     sp.add_argument("--num-samples", type=int, default=8, help="trials to run (default 8)")
@@ -318,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("evaluate", help="metrics of a checkpoint on labelled Parquet: full, text masked, image masked")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--input", required=True)
+    sp.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="instead: text->image and image->text Recall@1/5/10 in the aligned space (model.align)",
+    )
+    sp.add_argument(
+        "--same-caption",
+        action="store_true",
+        help="--retrieval: every image of an identical caption is correct for it (generated data)",
+    )
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_evaluate)
 

@@ -209,6 +209,11 @@ class ModelConfig:
     fusion_heads: int = 4  # cross_attention: attention heads; must divide hidden_dim
     fusion_rank: int = 4  # bilinear: rank of the low-rank factors (LMF)
     align: AlignConfig = field(default_factory=AlignConfig)
+    # A checkpoint (local or s3://; e.g. from `mmray pretrain`) whose encoders and alignment projection
+    # this run starts from; its fusion, task heads and matching head start fresh, `freeze` applies as
+    # usual. The encoder and alignment settings must equal the checkpoint's (the run checks, naming each
+    # key), and the tiny text encoder keeps the checkpoint's tokenizer (its rows index that vocabulary).
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

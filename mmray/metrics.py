@@ -94,9 +94,12 @@ class MetricAccumulator:
             start += n
 
     @torch.no_grad()
-    def update(self, logits: dict[str, Tensor], targets: dict[str, Tensor], loss_sum: float) -> None:
-        """Adds one batch. ``loss_sum`` is the batch's summed (not mean) loss."""
-        rows = next(iter(logits.values())).shape[0]
+    def update(
+        self, logits: dict[str, Tensor], targets: dict[str, Tensor], loss_sum: float, rows: int | None = None
+    ) -> None:
+        """Adds one batch. ``loss_sum`` is the batch's summed (not mean) loss; ``rows`` its row count
+        (default: the logits'; needed without tasks)."""
+        rows = rows if rows is not None else next(iter(logits.values())).shape[0]
         self._state[0] += float(loss_sum)
         self._state[1] += rows
         for t, sl in self._slices():

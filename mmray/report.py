@@ -8,14 +8,17 @@ mailed, attached to a ticket or opened from object storage. The plots are matplo
     confusion     per task, on the validation set (the full model of the ablation below)
     per-class     precision and recall per class (multiclass) or per label (binary, multilabel)
     ablation      ``mmray evaluate``'s variants (full, text masked, image masked, unimodal heads)
+    retrieval     text->image and image->text Recall@1/5/10 (``mmray evaluate --retrieval``), for a
+                  checkpoint with image-text alignment (``model.align``) only
     calibration   accuracy against confidence (multiclass top class; binary/multilabel scores)
     data          rows in / used / quarantined per split, and the top quarantine reasons
     config        the resolved config the run was started with
     lineage       run, checkpoint, model_id, mmray (git sha), Ray and torch versions
 
 The confusion matrices, per-class scores, ablation and calibration come from one run of
-``mmray.score.ablation.run_evaluation`` on the run's validation split when the report is made (Ray is
-needed for it; ``evaluate=False`` leaves those sections saying so).
+``mmray.score.ablation.run_evaluation`` on the run's validation split when the report is made, and the
+retrieval recalls from ``mmray.score.retrieval.run_retrieval`` on the same split (Ray is needed for it;
+``evaluate=False`` leaves those sections saying so).
 
 Example:
     mmray report runs/mmray-20261202-134509-7f7e07
@@ -40,7 +43,20 @@ from mmray.train.tracking import read_history
 __all__ = ["REPORT_FILE", "SECTIONS", "best_checkpoint", "load_run", "render_report", "write_report"]
 
 REPORT_FILE = "report.html"
-SECTIONS = ("summary", "curves", "lr", "confusion", "per-class", "ablation", "calibration", "data", "config", "lineage")
+SECTIONS = (
+    "summary",
+    "curves",
+    "lr",
+    "confusion",
+    "per-class",
+    "ablation",
+    "retrieval",
+    "calibration",
+    "data",
+    "config",
+    "lineage",
+)
+_OPTIONAL = ("retrieval",)  # only where the evaluation has it: a model without alignment has nothing to show
 _CONFIG_FILE = "config.json"  # written by mmray.train.launcher.run_training
 _TOP_REASONS = 8
 
@@ -281,6 +297,18 @@ def _section(key: str, title: str, body: str) -> str:
     return f'<section id="{key}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
+def _retrieval(retrieval: dict[str, Any]) -> str:
+    """Recall@K per direction, and which rows counted (``run_retrieval``'s ``"retrieval"``)."""
+    directions = ("text_to_image", "image_to_text")
+    ks = list(retrieval[directions[0]])
+    rows = [[d.replace("_", " "), *(retrieval[d][k] for k in ks)] for d in directions]
+    correct = "every image of an identical caption" if retrieval.get("same_caption") else "the row's own pair"
+    return _table(["direction", *ks], rows) + (
+        f'<p class="note">{retrieval["rows"]:,} caption-image pairs (model.align.pairs='
+        f"{html.escape(str(retrieval.get('pairs', 'all')))}); correct: {correct}.</p>"
+    )
+
+
 def render_report(
     run: dict[str, Any],
     evaluation: dict[str, Any] | None,
@@ -329,6 +357,11 @@ def render_report(
             "row; they mean most for models trained with model.modality_dropout &gt; 0.</p>"
         )
         sections["ablation"] = ("Modality ablation (mmray evaluate on the validation set)", ablation)
+        if "retrieval" in evaluation:
+            sections["retrieval"] = (
+                "Retrieval (mmray evaluate --retrieval on the validation set)",
+                _retrieval(evaluation["retrieval"]),
+            )
         sections["calibration"] = ("Calibration (validation)", "".join(blocks["calibration"]))
     else:
         for key, title in (
@@ -363,7 +396,7 @@ def render_report(
         ["report made", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")],
     ]
     sections["lineage"] = ("Lineage", _table(["", ""], lineage))
-    body = "".join(_section(key, *sections[key]) for key in SECTIONS)
+    body = "".join(_section(key, *sections[key]) for key in SECTIONS if key in sections or key not in _OPTIONAL)
     title = f"mmray run report: {run['run_dir'].rstrip('/').rsplit('/', 1)[-1]}"
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -383,14 +416,18 @@ def write_report(run_dir: str, cfg: Config | None = None, evaluate: bool = True)
     run = load_run(run_dir, cfg)
     run_cfg: Config = run["run_config"]
     checkpoint = best_checkpoint(run_dir, run_cfg)
-    evaluation, mid, tasks = None, None, None
+    evaluation, mid, tasks, aligned = None, None, None, False
     if checkpoint is not None:
         with open_checkpoint(checkpoint, run_cfg.storage) as opened:
             mid, tasks = opened.model_id(), [t.to_dict() for t in opened.info.tasks]
+            aligned = opened.info.model.align.weight > 0
         if evaluate and run_cfg.data.val:
             from mmray.score.ablation import run_evaluation
+            from mmray.score.retrieval import run_retrieval
 
             evaluation = run_evaluation(run_cfg, checkpoint, run_cfg.data.val, with_stats=True)
+            if aligned:
+                evaluation["retrieval"] = run_retrieval(run_cfg, checkpoint, run_cfg.data.val)["retrieval"]
     uri = storage.join(run_dir, REPORT_FILE)
     storage.write_text(uri, render_report(run, evaluation, checkpoint, mid, tasks), run_cfg.storage)
     return {

@@ -90,7 +90,14 @@ def _evaluation() -> dict:
         v: {"loss": 0.4 + i, "accuracy": 0.83 - 0.2 * i, "rows": 30.0}
         for i, v in enumerate(("full", "text_masked", "image_masked"))
     }
-    return {"metrics": metrics, "stats": stats, "rows_evaluated": 30, "rows_quarantined": 0}
+    retrieval = {
+        "text_to_image": {"R@1": 0.3125, "R@5": 0.75, "R@10": 0.9},
+        "image_to_text": {"R@1": 0.25, "R@5": 0.7, "R@10": 0.85},
+        "rows": 1234,
+        "pairs": "label=yes",
+        "same_caption": False,
+    }
+    return {"metrics": metrics, "stats": stats, "rows_evaluated": 30, "rows_quarantined": 0, "retrieval": retrieval}
 
 
 def _pngs(page: str) -> list[Image.Image]:
@@ -114,6 +121,16 @@ def test_every_section_is_there_and_every_png_decodes(run_dir):
     assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page and "<link" not in page
     for text in ("text_masked", "undecodable image", "f00d", "0.1.0 (git abc)", "&quot;epochs&quot;: 3"):
         assert text in page, text
+    retrieval = page.split('<section id="retrieval">', 1)[1].split("</section>", 1)[0]
+    for text in ("<th>R@1</th>", "text to image", '<td class="n">0.3125</td>', "1,234 caption-image pairs"):
+        assert text in retrieval, text
+
+
+def test_a_model_without_alignment_has_no_retrieval_section(run_dir):
+    evaluation = _evaluation()
+    del evaluation["retrieval"]
+    page = render_report(load_run(str(run_dir)), evaluation, None, None, TASKS)
+    assert '<section id="retrieval">' not in page and '<section id="ablation">' in page
 
 
 def test_without_an_evaluation_the_sections_say_why(run_dir, monkeypatch, capsys):

@@ -314,7 +314,7 @@ def run_scoring(
     with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
         opened.check_weights()  # here, in one line, not in every predictor actor after the preprocessing
         info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
-    rows_out = row_output(output, info.tasks, evaluate)
+    rows_out = row_output(output, info.tasks, evaluate, aligned=info.model.align.weight > 0)
     command = rows_out.command
     spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
     columns = spec.input_columns()

@@ -12,8 +12,10 @@ chosen by name (``OUTPUTS``); the actor, the pool and the job around it are the 
 and ``probabilities`` (aligned with the task's classes, which the manifest records).
 
 ``embeddings`` (``mmray embed``): ``fused`` (the vector the heads read) and each modality's pooled
-vector (``image``, ``text``: its encoder's output, which the fusion reads), ``list<float32>``; a row
-without a modality has null for that modality's vector.
+vector (``image``, ``text``: its encoder's output, which the fusion reads), ``list<float32>``; with
+alignment (``model.align``) also each modality's unit vector in the joint space (``image_aligned``,
+``text_aligned``: what a vector store searches across modalities); a row without a modality has null
+for that modality's vectors.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "Predictions",
     "Predictor",
     "RowOutput",
+    "aligned_column",
     "logits_key",
     "model_inputs",
     "output_columns",
@@ -145,17 +148,26 @@ class Predictions:
 FUSED = "fused"
 
 
+def aligned_column(modality: str) -> str:
+    """``embed``'s column of a modality's unit vector in the aligned space (``text_aligned``, ...)."""
+    return f"{modality}_aligned"
+
+
 class Embeddings:
-    """``fused`` and one pooled vector per modality (``MODALITIES``), null where the row lacks it."""
+    """``fused`` and one pooled vector per modality (``MODALITIES``), null where the row lacks it; with
+    ``aligned`` (a checkpoint with ``model.align``) also each modality's unit vector in the joint space."""
 
     command, non_finite = "embed", "non-finite embedding"
+
+    def __init__(self, aligned: bool = False):
+        self.aligned = aligned
 
     def schema(self) -> pa.Schema:
         vector = pa.list_(pa.float32())
         return pa.schema([pa.field("id", pa.string()), *(pa.field(c, vector) for c in self.columns())])
 
     def columns(self) -> list[str]:
-        return [FUSED, *MODALITIES]
+        return [FUSED, *MODALITIES, *(aligned_column(m) for m in MODALITIES if self.aligned)]
 
     def carried(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {}
@@ -165,29 +177,38 @@ class Embeddings:
         finite = np.isfinite(fused).all(1)
         _put_rows(columns[FUSED], rows, fused)
         for m in MODALITIES:
-            vectors = out["pooled"][m].float().cpu().numpy()
             present = out["masks"][m].cpu().numpy() > 0
-            finite &= np.isfinite(vectors).all(1) | ~present  # a missing modality's vector is not written
-            _put_rows(columns[m], rows[present], vectors[present])
+            per_modality = {m: out["pooled"][m], **({aligned_column(m): out["aligned"][m]} if self.aligned else {})}
+            for column, tensor in per_modality.items():
+                vectors = tensor.float().cpu().numpy()
+                finite &= np.isfinite(vectors).all(1) | ~present  # a missing modality's vector is not written
+                _put_rows(columns[column], rows[present], vectors[present])
         return finite
 
 
 OUTPUTS = {"predictions": Predictions, "embeddings": Embeddings}
 
 
-def row_output(kind: str, tasks: Sequence[Task], evaluate: bool = False) -> RowOutput:
-    """The ``RowOutput`` named ``kind`` (a key of ``OUTPUTS``) for a model with ``tasks``.
+def row_output(kind: str, tasks: Sequence[Task], evaluate: bool = False, aligned: bool = False) -> RowOutput:
+    """The ``RowOutput`` named ``kind`` (a key of ``OUTPUTS``) for a model with ``tasks`` (and, with
+    ``aligned``, an alignment projection: ``embed`` writes its vectors too).
 
     Raises:
-        ValueError: an unknown kind, or ``evaluate`` with anything but predictions.
+        ValueError: an unknown kind, ``evaluate`` with anything but predictions, or predictions from a
+            model without task heads (``mmray pretrain``'s).
     """
     if kind not in OUTPUTS:
         raise ValueError(f"output {kind!r}: expected one of {sorted(OUTPUTS)}")
+    if kind == "predictions" and not tasks:
+        raise ValueError(
+            "the checkpoint has no task heads (mmray pretrain made it): nothing to predict; embed with it "
+            "(mmray embed), or train on it with model.init_from=CHECKPOINT and score that run's checkpoint"
+        )
     if kind == "predictions":
         return Predictions(tasks, evaluate)
     if evaluate:
         raise ValueError(f"--evaluate needs predictions; the {kind} output has none")
-    return Embeddings()
+    return Embeddings(aligned)
 
 
 class Predictor:
@@ -223,7 +244,7 @@ class Predictor:
                 )
             self.info, self.model = checkpoint.info, checkpoint.load_model(device)
         self.tasks = self.info.tasks
-        self.output = row_output(output, self.tasks, evaluate)
+        self.output = row_output(output, self.tasks, evaluate, aligned=self.info.model.align.weight > 0)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

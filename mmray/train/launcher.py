@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -28,8 +29,8 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR
-from mmray.config import Config, TrainConfig, config_to_dict
+from mmray.checkpoint import BUNDLE_FILE, TOKENIZER_DIR, check_train_state, open_checkpoint
+from mmray.config import Config, ConfigError, TrainConfig, config_to_dict
 from mmray.console import (
     Ticker,
     bar,
@@ -50,6 +51,7 @@ from mmray.runs import LATEST_POINTER, fresh_run_name, result_uri, storage_root
 from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall
 from mmray.train import ingest
 from mmray.train.hooks import load_before_step
+from mmray.train.init_from import check_compatible
 from mmray.train.loop import LoopInputs, train_loop_per_worker, true_pairs
 from mmray.train.tracking import check_trackers_available, read_history
 
@@ -61,6 +63,8 @@ __all__ = [
     "build_trainer",
     "loop_inputs",
     "prepare",
+    "pretrain_config",
+    "run_pretraining",
     "run_training",
     "scaling_config",
     "trainer_demand",
@@ -127,6 +131,14 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
         raise FileNotFoundError(
             f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray checkpoint (no {BUNDLE_FILE})"
         )
+    if cfg.train.resume_from:  # torn weights or a pickle payload fail here, in one line, not in a worker
+        with open_checkpoint(cfg.train.resume_from, cfg.storage) as resumed:
+            resumed.check_weights()
+            check_train_state(resumed.directory)
+    if cfg.model.init_from:  # other encoder settings fail here, in seconds, not in every worker
+        with open_checkpoint(cfg.model.init_from, cfg.storage) as start:
+            start.check_weights()
+            check_compatible(cfg, start.info, storage.redact(cfg.model.init_from))
     unlabeled = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=(), with_labels=False)
     expected = {**unlabeled.input_columns(), **{c: "label" for c in cfg.data.label_columns}}
     train_files = pipeline.input_files(cfg.data.train, expected, cfg.storage)
@@ -135,9 +147,10 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     if cfg.model.align.weight > 0:
         true_pairs(cfg.model.align.pairs, tasks)  # an unknown task or label fails here, not in a worker
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=tasks, with_labels=True)
-    # Kept in the run dir (a rerun of the run reuses it); train.resume_from's checkpoint indexes its
-    # embedding rows by its own vocabulary, so a run continuing it inherits that.
-    inherited = storage.join(cfg.train.resume_from, TOKENIZER_DIR) if cfg.train.resume_from else None
+    # Kept in the run dir (a rerun of the run reuses it); train.resume_from's (or model.init_from's)
+    # checkpoint indexes its embedding rows by its own vocabulary, so a run continuing it inherits that.
+    start_from = cfg.train.resume_from or cfg.model.init_from
+    inherited = storage.join(start_from, TOKENIZER_DIR) if start_from else None
     keep_in = storage.join(run_dir, TOKENIZER_DIR)
     tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, keep_in, inherited)
     vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
@@ -166,8 +179,45 @@ def _training_demands(cfg: Config, streamed: bool) -> list[Demand]:
     return [trainer_demand(cfg), *pool, READ_TASKS]
 
 
-def run_training(cfg: Config) -> TrainResult:
-    """Runs one training job end to end; Ray must already be initialised."""
+def pretrain_config(cfg: Config) -> Config:
+    """What ``mmray pretrain`` trains: ``cfg`` without label columns (captioned Parquet: id, text, image),
+    every row a true pair, the alignment loss the only loss and, unless set, the checkpoint metric.
+
+    Raises:
+        ConfigError: alignment off, or ``pairs`` naming a label; naming the key.
+    """
+    align = cfg.model.align
+    if align.weight <= 0:
+        raise ConfigError("model.align.weight: mmray pretrain trains the alignment: set it > 0 (e.g. 1.0)")
+    if align.pairs != "all":
+        raise ConfigError(
+            f"model.align.pairs: {align.pairs!r} names a label, and mmray pretrain reads no labels: every "
+            "row's caption describes its image ('all')"
+        )
+    train = cfg.train
+    if train.checkpoint_metric == TrainConfig.checkpoint_metric:  # the task loss, which pretraining has not
+        train = dataclasses.replace(train, checkpoint_metric="val_align_loss", checkpoint_mode="min")
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, label_column=[]),
+        model=dataclasses.replace(cfg.model, tasks={}),
+        train=train,
+    )
+
+
+def run_pretraining(cfg: Config) -> TrainResult:
+    """``mmray pretrain``: ``run_training`` of ``pretrain_config(cfg)``. Its checkpoint holds encoders and
+    the alignment projection, no task heads; ``model.init_from`` starts a supervised run from it. It
+    never becomes ``latest.json`` (what scoring picks by default)."""
+    return run_training(pretrain_config(cfg), latest=False)
+
+
+def run_training(cfg: Config, latest: bool = True) -> TrainResult:
+    """Runs one training job end to end; Ray must already be initialised.
+
+    Args:
+        latest: point ``<storage root>/latest.json`` at the run's best checkpoint (scoring's default).
+    """
     name = cfg.train.name or fresh_run_name()
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
@@ -210,7 +260,8 @@ def run_training(cfg: Config) -> TrainResult:
         "checkpoint": checkpoint_uri,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    storage.write_text(storage.join(root, LATEST_POINTER), json.dumps(pointer, indent=2), cfg.storage)
+    if latest:
+        storage.write_text(storage.join(root, LATEST_POINTER), json.dumps(pointer, indent=2), cfg.storage)
     return {"run_dir": run_dir, "checkpoint": checkpoint_uri, "metrics": metrics}
 
 

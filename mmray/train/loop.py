@@ -41,6 +41,7 @@ from mmray.models.builder import build_model
 from mmray.train import optim
 from mmray.train.dist import all_gather_rows, all_reduce, broadcast_buffers, gather_objects, print0
 from mmray.train.hooks import load_before_step
+from mmray.train.init_from import load_parts
 from mmray.train.state import (
     Progress,
     early_stopping_update,
@@ -121,9 +122,11 @@ def build_parts(
     """
     t = cfg.train
     seed_everything(t.seed)
-    model = wrap(
-        build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage).to(device)
-    )
+    model = build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage)
+    if cfg.model.init_from:  # before the wrap: DDP then broadcasts these weights with the rest
+        with storage.local_dir(cfg.model.init_from, cfg.storage) as local:
+            load_parts(model, local, storage.redact(cfg.model.init_from))
+    model = wrap(model.to(device))
     optimizer = optim.build_optimizer(model, t, world_size)
     total = optim.steps_per_epoch(train_rows, world_size, t.batch_size, t.grad_accum_steps) * t.epochs
     precision = optim.resolve_precision(t.precision, device)
@@ -177,6 +180,31 @@ def true_pairs(spec: str, tasks: list[Task]) -> TruePairs:
     return TruePairs(name, task.classes.index(label), task.kind)
 
 
+def _task_rows(
+    out: dict, batch: dict[str, Tensor], tasks: list[Task], loss_weights: dict[str, float], smoothing: float = 0.0
+) -> Tensor:
+    """The fused heads' loss per row ``[B]``; zeros without tasks (``mmray pretrain``: alignment only)."""
+    if not tasks:
+        return torch.zeros(batch_rows(batch), device=next(iter(batch.values())).device)
+    targets = {t.name: batch[label_key(t.name)] for t in tasks}
+    return weighted_row_loss(tasks, out["logits"], targets, loss_weights, smoothing)
+
+
+def align_loss(
+    out: dict, batch: dict[str, Tensor], pairs: TruePairs, gather: Callable[[Tensor], Tensor] = all_gather_rows
+) -> tuple[Tensor, int]:
+    """The alignment loss over the true pairs of ``batch`` and, with ``gather``, every other worker's
+    (training: the negatives come from all of them; validation passes ``lambda t: t``, as its shards may
+    hold different numbers of batches), and the number of pairs it counted."""
+    aligned = out["aligned"]
+    keep = pairs.rows(batch, out["masks"])
+    # One gather for both modalities keeps each pair's rows together, in the same (rank) order.
+    a, b = gather(torch.cat([aligned[m][keep] for m in sorted(aligned)], -1)).chunk(2, -1)
+    # Pairs with one caption (the same token ids) are positives of each other, not negatives.
+    positives = same_rows(gather(batch[INPUT_IDS][keep])) if INPUT_IDS in batch else None
+    return info_nce(a, b, out["aligned_scale"], positives), a.shape[0]
+
+
 def compute_loss(
     out: dict,
     batch: dict[str, Tensor],
@@ -196,21 +224,15 @@ def compute_loss(
     other) is added with ``align_weight``; the matching loss (the model's ``match``: binary cross-entropy of
     its true pairs and hard negatives) with ``match_weight``.
     """
-    targets = {t.name: batch[label_key(t.name)] for t in tasks}
-    fused_rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights, label_smoothing)
+    fused_rows = _task_rows(out, batch, tasks, loss_weights, label_smoothing)
     loss = fused_rows.mean()
+    targets = {t.name: batch[label_key(t.name)] for t in tasks}
     for m, heads in out["aux"].items():
         present = out["masks"][m]
         rows = weighted_row_loss(tasks, heads, targets, loss_weights, label_smoothing)
         loss = loss + aux_weight * (rows * present).sum() / present.sum().clamp_min(1)
-    aligned = out.get("aligned")
-    if align_weight > 0 and aligned:
-        keep = (pairs or TruePairs()).rows(batch, out["masks"])
-        # One gather for both modalities keeps each pair's rows together, in the same (rank) order.
-        a, b = all_gather_rows(torch.cat([aligned[m][keep] for m in sorted(aligned)], -1)).chunk(2, -1)
-        # Pairs with one caption (the same token ids) are positives of each other, not negatives.
-        positives = same_rows(all_gather_rows(batch[INPUT_IDS][keep])) if INPUT_IDS in batch else None
-        loss = loss + align_weight * info_nce(a, b, out["aligned_scale"], positives)
+    if align_weight > 0 and out.get("aligned"):
+        loss = loss + align_weight * align_loss(out, batch, pairs or TruePairs())[0]
     if match_weight > 0 and "match" in out:
         logits, targets = out["match"]
         if logits.numel():
@@ -311,6 +333,7 @@ def validation_metrics(
     precision: str = "fp32",
     device: torch.device | None = None,
     reduce: Callable[[Tensor], Tensor] = all_reduce,
+    pairs: TruePairs | None = None,
 ) -> dict[str, float]:
     """Validation metrics over every worker's shard.
 
@@ -321,15 +344,23 @@ def validation_metrics(
     """
     model.eval()
     acc = MetricAccumulator(tasks)
+    aligned = torch.zeros(2, dtype=torch.float64)  # alignment loss x pairs, pairs
     with torch.no_grad():
         for batch in batches:
             with optim.autocast(precision, device or torch.device("cpu")):
                 out = model(batch)
             targets = {t.name: batch[label_key(t.name)] for t in tasks}
-            rows = weighted_row_loss(tasks, out["logits"], targets, loss_weights)  # the fused heads only
-            acc.update(out["logits"], targets, rows.sum().item())
+            rows = _task_rows(out, batch, tasks, loss_weights)  # the fused heads only
+            acc.update(out["logits"], targets, rows.sum().item(), batch_rows(batch))
+            if pairs is not None and out["aligned"]:
+                loss, n = align_loss(out, batch, pairs, gather=lambda t: t)
+                aligned += torch.tensor([loss.item() * n, n], dtype=torch.float64)
     acc.load_state(reduce(acc.state()))
-    return acc.compute()
+    metrics = acc.compute()
+    if pairs is not None:
+        total, n = reduce(aligned.to(device or torch.device("cpu"))).tolist()
+        metrics["align_loss"] = total / max(n, 1.0)  # in-batch InfoNCE per pair, over every worker's pairs
+    return metrics
 
 
 def epoch_record(
@@ -426,8 +457,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         inputs.train_rows,
         world,
         device,
-        wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        wrap=lambda m: ray.train.torch.prepare_model(
+            # mmray pretrain has no task heads: without matching the fusion takes no part in the loss
+            m,
+            move_to_device=False,
+            parallel_strategy_kwargs={"find_unused_parameters": True} if not tasks else None,
+        ),
     )
+    align = cfg.model.align
+    val_pairs = true_pairs(align.pairs, tasks) if align.weight > 0 else None
     progress = _resume(parts, cfg, rank, world)
     if progress.next_epoch >= t.epochs or (
         t.early_stopping.metric and progress.bad_epochs >= t.early_stopping.patience
@@ -461,6 +499,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 cfg.model.loss_weights,
                 parts.precision,
                 device,
+                pairs=val_pairs,
             )
             progress.epoch, progress.step = epoch, int(parts.scheduler.last_epoch)
             record = epoch_record(epoch, summed, val, train_s, time.perf_counter() - started - train_s, parts, progress)

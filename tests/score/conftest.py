@@ -14,6 +14,7 @@ import torch
 
 from mmray.checkpoint import CheckpointInfo, save_checkpoint
 from mmray.config import (
+    AlignConfig,
     DataConfig,
     ImageConfig,
     ImageEncoderConfig,
@@ -33,12 +34,17 @@ CLASSES = ("cat_blue", "cat_red", "dog_blue", "dog_red")
 TASK = Task("label", "multiclass", CLASSES)
 
 
-def make_checkpoint(directory: Path, tasks: list[Task], seed: int = 0, **data: object) -> Path:
-    """A real, loadable checkpoint of an untrained tiny model (deterministic weights); ``data``: more
-    ``DataConfig`` fields (e.g. ``image_uri_column``)."""
+def make_checkpoint(
+    directory: Path, tasks: list[Task], seed: int = 0, align: AlignConfig | None = None, **data: object
+) -> Path:
+    """A real, loadable checkpoint of an untrained tiny model (deterministic weights); ``align``: its
+    image-text alignment (default none); ``data``: more ``DataConfig`` fields (e.g. ``image_uri_column``)."""
     text, image = TextConfig(max_length=16), ImageConfig(size=16)
     model_cfg = ModelConfig(
-        hidden_dim=16, text_encoder=TextEncoderConfig(dim=16, heads=2), image_encoder=ImageEncoderConfig(dim=16)
+        hidden_dim=16,
+        text_encoder=TextEncoderConfig(dim=16, heads=2),
+        image_encoder=ImageEncoderConfig(dim=16),
+        align=align or AlignConfig(),
     )
     tok_dir = directory / "_tok"
     train_wordpiece(make_rows(60, seed=1)["text"], vocab_size=200, out_dir=tok_dir)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmray.checkpoint import TOKENIZER_DIR, model_id, open_checkpoint
-from mmray.config import StorageConfig
+from mmray.config import AlignConfig, StorageConfig
 from mmray.data import storage
 from mmray.data.labels import Task
 from mmray.data.schema import ERROR, ERROR_STAGE, ID, IMAGE, TEXT, label_key
@@ -77,6 +77,34 @@ def test_embeddings_are_the_models_vectors_with_null_for_a_missing_modality(tiny
     assert table.column(TEXT).null_count == 2 and table.column("fused").null_count == 1
     with pytest.raises(ValueError, match="--evaluate needs predictions"):
         row_output("embeddings", [TASK], evaluate=True)
+
+
+def test_an_aligned_checkpoint_also_embeds_its_joint_space_unit_vectors(tiny_checkpoint, tmp_path):
+    assert row_output("embeddings", [TASK]).schema().names == ["id", "fused", IMAGE, TEXT]  # unaligned: unchanged
+    ckpt = make_checkpoint(tmp_path, [TASK], align=AlignConfig(weight=1.0, projection_dim=8))
+    rows = make_rows(5, seed=9)
+    rows["image"][1], rows["text"][1] = b"not an image", None  # quarantined: no vector at all
+    rows["text"][3] = None  # no text: no text vector
+    batch = preprocessed(ckpt, rows)
+    embed = Predictor(str(ckpt), StorageConfig(), output="embeddings")
+    out = embed(batch)
+
+    schema = row_output("embeddings", [TASK], aligned=True).schema()
+    assert schema.names == ["id", "fused", IMAGE, TEXT, "image_aligned", "text_aligned"]
+    assert schema.field("text_aligned").type == pa.list_(pa.float32())
+    good = np.array([0, 2, 3, 4])
+    with open_checkpoint(ckpt) as opened, torch.no_grad():  # an independent copy of the model
+        model = opened.load_model()
+        features = model.encode(model_inputs(batch, good, torch.device("cpu")))
+        want = model.align({m: features[m].pooled for m in (IMAGE, TEXT)})
+    assert out["text_aligned"][1] is None and out["image_aligned"][1] is None and out["text_aligned"][3] is None
+    for j, i in enumerate(good):
+        np.testing.assert_allclose(np.float32(out["image_aligned"][i]), want[IMAGE][j].numpy(), rtol=0, atol=1e-6)
+        assert np.linalg.norm(out["image_aligned"][i]) == pytest.approx(1.0, abs=1e-5)
+        if i != 3:
+            np.testing.assert_allclose(np.float32(out["text_aligned"][i]), want[TEXT][j].numpy(), rtol=0, atol=1e-6)
+    table = pa.table({c: pa.array(list(out[c])) for c in schema.names}).cast(schema)
+    assert table.column("text_aligned").null_count == 2 and table.column("image_aligned").null_count == 1
 
 
 def test_a_checkpoint_that_changed_since_the_driver_hashed_it_is_refused(tiny_checkpoint):

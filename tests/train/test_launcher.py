@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from mmray.config import ConfigError, TrainConfig, config_from_dict
+from mmray.config import ConfigError, TrainConfig, config_from_dict, load_config
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.train import launcher
@@ -107,3 +107,17 @@ def test_on_a_terminal_a_live_status_line_sits_under_the_epoch_lines(tmp_path, c
         f"\r\033[K{half} epoch 2/2 running 0:00 (one takes ~1:01)"
         "\r\033[K"
     )
+
+
+def test_pretraining_reads_no_labels_and_aligns_every_row():
+    from mmray.train.launcher import pretrain_config
+
+    cfg = pretrain_config(load_config(None, ["model.align.weight=1", "model.tasks={label: binary}"]))
+    assert cfg.data.label_columns == [] and cfg.model.tasks == {} and cfg.model.align.pairs == "all"
+    assert (cfg.train.checkpoint_metric, cfg.train.checkpoint_mode) == ("val_align_loss", "min")
+    kept = pretrain_config(load_config(None, ["model.align.weight=1", "train.checkpoint_metric=val_rows"]))
+    assert kept.train.checkpoint_metric == "val_rows"  # a metric the user chose stays
+    with pytest.raises(ConfigError, match=r"model\.align\.weight: mmray pretrain trains the alignment"):
+        pretrain_config(load_config(None, []))
+    with pytest.raises(ConfigError, match=r"model\.align\.pairs: 'label=yes' names a label"):
+        pretrain_config(load_config(None, ["model.align.weight=1", "model.align.pairs=label=yes"]))

@@ -371,6 +371,32 @@ def test_matching_loss_is_the_weighted_binary_cross_entropy_of_its_pairs_and_neg
     assert compute_loss(empty, batch, [MATCH], {}, 0.0, match_weight=0.5)[0].item() == base.item()
 
 
+def test_without_tasks_the_loss_is_the_alignment_alone_and_validation_reports_it(seed):
+    """mmray pretrain: no task heads; the training loss is the alignment's, and validation reports the
+    in-batch alignment loss per pair (what its checkpoint metric, val_align_loss, reads)."""
+    from mmray.models.align import info_nce
+
+    aligned = {m: torch.nn.functional.normalize(torch.randn(4, 3), dim=-1) for m in (IMAGE, TEXT)}
+    out = {
+        "logits": {},
+        "aux": {},
+        "masks": {TEXT: torch.ones(4), IMAGE: torch.ones(4)},
+        "aligned": aligned,
+        "aligned_scale": torch.tensor(10.0),
+    }
+    batch = {INPUT_IDS: torch.arange(8).view(4, 2)}
+    loss, rows = compute_loss(out, batch, [], {}, 0.0, align_weight=1.0)
+    torch.testing.assert_close(loss, info_nce(aligned[IMAGE], aligned[TEXT], torch.tensor(10.0)))
+    assert rows.tolist() == [0.0] * 4
+
+    class Aligned(torch.nn.Module):
+        def forward(self, batch):
+            return out
+
+    metrics = validation_metrics(Aligned(), [batch, batch], [], {}, reduce=lambda t: t, pairs=TruePairs())
+    assert metrics["align_loss"] == pytest.approx(loss.item()) and metrics["rows"] == 8
+
+
 def _eval_worker(rank: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
 
