@@ -80,6 +80,13 @@ def run_cell(task: str, fusion: str, data: dict, config: str, workdir: Path, env
     history = [json.loads(line) for line in Path(trained["run_dir"], "history.jsonl").read_text().splitlines()]
     evaluated = cli(["evaluate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"]], env)
     m = evaluated["metrics"]
+    recall = None
+    if any(o.startswith("model.align.weight=") and float(o.split("=", 1)[1]) > 0 for o in extra):
+        # Caption -> image R@1 over the test split's true pairs; an image of the same caption counts.
+        pairs = [o for o in extra if o.startswith("model.align.pairs=")]
+        args = ["--retrieval", "--same-caption", *pairs]
+        found = cli(["evaluate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"], *args], env)
+        recall = found["retrieval"]["text_to_image"]["R@1"]
     return {
         "task": task,
         "fusion": fusion,
@@ -88,6 +95,7 @@ def run_cell(task: str, fusion: str, data: dict, config: str, workdir: Path, env
         "image_only": m["text_masked"]["accuracy"],
         "aux_text": m.get("unimodal.text", {}).get("accuracy"),
         "aux_image": m.get("unimodal.image", {}).get("accuracy"),
+        "recall_at_1": recall,
         "epochs": len(history),
         "epochs_to_95": epochs_to_95(history),
         "train_s": round(train_s, 1),
@@ -117,12 +125,12 @@ def _fmt(v) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| task | fusion | test acc | text only | image only | aux text | aux image | epochs to 95% | "
-        "train s |\n|---|---|---|---|---|---|---|---|---|"
+        "| task | fusion | test acc | text only | image only | aux text | aux image | text->image R@1 | "
+        "epochs to 95% | train s |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
         f"| {r['task']} | {r['fusion']} | {_fmt(r['test_accuracy'])} | {_fmt(r['text_only'])} | "
-        f"{_fmt(r['image_only'])} | {_fmt(r['aux_text'])} | {_fmt(r['aux_image'])} | "
+        f"{_fmt(r['image_only'])} | {_fmt(r['aux_text'])} | {_fmt(r['aux_image'])} | {_fmt(r.get('recall_at_1'))} | "
         f"{_fmt(r['epochs_to_95'])}/{r['epochs']} | {r['train_s']:.0f} |"
         for r in rows
     ]
