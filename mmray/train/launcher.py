@@ -127,6 +127,7 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
         raise ValueError("data.train and data.val must be set")
     check_trackers_available(cfg)
     load_before_step(cfg.train.before_step)  # the workers import it again; a typo fails here, in seconds
+    check_resources("mmray train (preprocessing)", [pipeline.preprocess_demand(cfg.data.preprocess), READ_TASKS])
     if cfg.train.resume_from and not storage.exists(storage.join(cfg.train.resume_from, BUNDLE_FILE), cfg.storage):
         raise FileNotFoundError(
             f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray checkpoint (no {BUNDLE_FILE})"
@@ -155,7 +156,6 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     tokenizer_files = prepare_tokenizer(cfg, cfg.data.train, train_files, keep_in, inherited)
     vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
-    check_resources("mmray train (preprocessing)", [pipeline.preprocess_demand(cfg.data.preprocess), READ_TASKS])
     datasets, counts, cached = ingest.prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
     return Prepared(tasks, spec, tokenizer_files, vocab_size, datasets, counts, cached)
 
@@ -222,8 +222,9 @@ def run_training(cfg: Config, latest: bool = True) -> TrainResult:
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
     stall_s = cfg.data.stall_timeout_s
-    if cfg.data.cache == "never":  # streamed for sure: fail before the splits' first preprocessing pass
-        check_resources("mmray train", _training_demands(cfg, streamed=True))
+    # Before any data pass: the trainer workers and Ray Data's reads must fit whether the splits end up
+    # cached or streamed (the cache decision needs a preprocessing pass; this does not).
+    check_resources("mmray train", _training_demands(cfg, streamed=cfg.data.cache == "never"))
     started = time.monotonic()
     with doing("preparing the data and run directory", run_dir), failing_on_stall("mmray train", stall_s):
         prepared = prepare(cfg, run_dir)
