@@ -127,7 +127,6 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
         raise ValueError("data.train and data.val must be set")
     check_trackers_available(cfg)
     load_before_step(cfg.train.before_step)  # the workers import it again; a typo fails here, in seconds
-    check_resources("mmray train (preprocessing)", [pipeline.preprocess_demand(cfg.data.preprocess), READ_TASKS])
     if cfg.train.resume_from and not storage.exists(storage.join(cfg.train.resume_from, BUNDLE_FILE), cfg.storage):
         raise FileNotFoundError(
             f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray checkpoint (no {BUNDLE_FILE})"
@@ -140,6 +139,10 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
         with open_checkpoint(cfg.model.init_from, cfg.storage) as start:
             start.check_weights()
             check_compatible(cfg, start.info, storage.redact(cfg.model.init_from))
+    # Before any data pass: the trainer workers and Ray Data's reads must fit whether the splits end up
+    # cached or streamed (deciding that takes a preprocessing pass), and so must the preprocessing pool.
+    check_resources("mmray train", _training_demands(cfg, streamed=cfg.data.cache == "never"))
+    check_resources("mmray train (preprocessing)", [pipeline.preprocess_demand(cfg.data.preprocess), READ_TASKS])
     unlabeled = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=(), with_labels=False)
     expected = {**unlabeled.input_columns(), **{c: "label" for c in cfg.data.label_columns}}
     train_files = pipeline.input_files(cfg.data.train, expected, cfg.storage)
@@ -222,9 +225,6 @@ def run_training(cfg: Config, latest: bool = True) -> TrainResult:
     root = storage_root(cfg)
     run_dir = storage.join(root, name)
     stall_s = cfg.data.stall_timeout_s
-    # Before any data pass: the trainer workers and Ray Data's reads must fit whether the splits end up
-    # cached or streamed (the cache decision needs a preprocessing pass; this does not).
-    check_resources("mmray train", _training_demands(cfg, streamed=cfg.data.cache == "never"))
     started = time.monotonic()
     with doing("preparing the data and run directory", run_dir), failing_on_stall("mmray train", stall_s):
         prepared = prepare(cfg, run_dir)
