@@ -305,6 +305,7 @@ def run_scoring(
         DataQualityError: too many rows were quarantined (the quarantine is written, nothing committed).
     """
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
+    commit.check_location(target)  # what publishing could never replace fails now, not after the scoring
     commit.check_apart(target, input_uri)
     if retry_quarantined and (overwrite or evaluate):
         raise ValueError(

@@ -70,3 +70,25 @@ def test_an_output_inside_the_input_or_around_it_is_refused_before_any_work(
     err = refused(score(trained, str(inp), str(target), ray_address=ray_address, check=False))
     assert message in err and str(inp) in err and str(target) in err
     assert not (inp / "preds").exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "message"),
+    [
+        ("afile", [], "afile is a file; the output must be a directory"),
+        ("afile/preds", [], "is inside"),
+        ("link", ["--overwrite"], "link is a symbolic link; give the directory it points to"),
+        ("/proc", ["--overwrite"], "/proc is a mount point, which publishing cannot swap"),
+    ],
+)
+def test_an_output_publishing_could_never_replace_is_refused_before_any_work(
+    trained, source, ray_address, tmp_path, output, extra, message
+):
+    """Each failed only at publish, after all the scoring (NotADirectoryError, EBUSY), or swapped the link."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "committed").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "committed")
+    target = output if output.startswith("/") else str(tmp_path / output)
+    err = refused(score(trained, source["path"], target, *extra, ray_address=ray_address, check=False))
+    assert message in err.strip().splitlines()[-1], err  # one error line
+    assert (tmp_path / "afile").read_text() == "x" and (tmp_path / "link").is_symlink()

@@ -64,6 +64,7 @@ from mmray.score.commit.target import (
     OutputExistsError,
     Target,
     check_apart,
+    check_location,
     lease,
     validate_partition,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "Target",
     "carry_committed",
     "check_apart",
+    "check_location",
     "check_nesting",
     "check_replaceable",
     "clean_stale_staging",

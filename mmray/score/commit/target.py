@@ -35,6 +35,7 @@ __all__ = [
     "OutputExistsError",
     "Target",
     "check_apart",
+    "check_location",
     "companion",
     "companion_home",
     "lease",
@@ -146,6 +147,38 @@ def check_apart(target: Target, input_uri: str) -> None:
         raise ValueError(
             f"--input {shown_in} is inside the output {shown_out}: publishing would replace the input; "
             "choose an output outside the input"
+        )
+
+
+def check_location(target: Target) -> None:
+    """Refuses a local output that publishing could never replace, before any work: a file, a path
+    through a file, a symbolic link (the swap would replace the link, not what it points to, and an
+    ``--overwrite`` would leave the committed folder it names in place) or a mount point (a rename
+    cannot move it: ``Device or resource busy``, after all the scoring). S3 has none of these.
+
+    Raises:
+        OutputExistsError: naming the output and what it is.
+    """
+    fs, final = target.resolve()
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    shown = storage.redact(target.uri)
+    parts = final.split("/")
+    for n in range(2, len(parts) + 1):
+        here = "/".join(parts[:n])
+        if here == final and os.path.islink(here):  # a linked parent is fine: staging sits beside the target
+            raise OutputExistsError(
+                f"{shown}: {here} is a symbolic link; give the directory it points to ({os.path.realpath(here)})"
+            )
+        if not os.path.exists(here):
+            return
+        if not os.path.isdir(here):
+            what = "is a file" if here == final else f"is inside {here}, which is a file"
+            raise OutputExistsError(f"{shown} {what}; the output must be a directory")
+    if os.path.ismount(final):
+        raise OutputExistsError(
+            f"{shown} is a mount point, which publishing cannot swap (it renames the output into place); "
+            "choose a directory inside it"
         )
 
 

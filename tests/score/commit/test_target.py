@@ -71,3 +71,20 @@ def test_outputs_beside_the_input_are_apart(tmp_path):
     commit.check_apart(Target("s3://bucket/in/preds"), str(tmp_path / "in"))  # another filesystem
     with pytest.raises(ValueError, match="is inside the input s3://bucket/in"):
         commit.check_apart(Target("s3://bucket/in/preds"), "s3://bucket/in/")
+
+
+def test_outputs_publishing_could_never_replace_are_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(commit.OutputExistsError, match=r"afile is a file; the output must be a directory"):
+        commit.check_location(Target(str(tmp_path / "afile")))
+    with pytest.raises(commit.OutputExistsError, match=r"afile/out/date=d1 is inside .*afile, which is a file"):
+        commit.check_location(Target(str(tmp_path / "afile" / "out"), {"date": "d1"}))
+    (tmp_path / "committed").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "committed")
+    with pytest.raises(commit.OutputExistsError, match=r"link is a symbolic link; give the directory it points to"):
+        commit.check_location(Target(str(tmp_path / "link")))
+    with pytest.raises(commit.OutputExistsError, match=r"/proc is a mount point"):
+        commit.check_location(Target("/proc"))
+    commit.check_location(Target(str(tmp_path / "link"), {"date": "d1"}))  # inside a linked directory: fine
+    commit.check_location(Target(str(tmp_path / "new" / "out")))  # absent: fine
+    commit.check_location(Target("s3://bucket/out"))
