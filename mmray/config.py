@@ -257,7 +257,10 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     prefetch_batches: int = 2  # batches each worker prefetches from its dataset shard
     tensorboard_dir: str | None = None  # rank 0 writes scalars to <dir>/<run name>; needs tensorboard(X)
-    mlflow_tracking_uri: str | None = None  # log params + epoch metrics to MLflow; needs mlflow
+    # log params + epoch metrics to MLflow (needs mlflow): a server (http://host:5000), a database
+    # (sqlite:///mlruns.db, needs SQLAlchemy) or a file store (file:///abs/mlruns or ./mlruns), for which
+    # mmray sets MLFLOW_ALLOW_FILE_STORE=true in the tracking process (MLflow 3 refuses it otherwise)
+    mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "mmray"
 
 

@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
+    confusion_matrix,
     f1_score,
     hamming_loss,
     mean_absolute_error,
@@ -39,8 +41,8 @@ def test_weighted_row_loss_weights_each_task_and_defaults_to_one():
 BINS = 200  # the accumulator's AUROC histogram; scores at bin centres make its AUROC exact
 
 
-def _accumulate(tasks, logits: dict, targets: dict) -> dict[str, float]:
-    """Two halves in two accumulators, states summed: what validation on two workers reports."""
+def _accumulated(tasks, logits: dict, targets: dict) -> MetricAccumulator:
+    """Two halves in two accumulators, states summed: what validation on two workers holds."""
     halves = []
     for part in (slice(0, 37), slice(37, None)):
         acc = MetricAccumulator(tasks)
@@ -48,7 +50,11 @@ def _accumulate(tasks, logits: dict, targets: dict) -> dict[str, float]:
         halves.append(acc.state())
     total = MetricAccumulator(tasks)
     total.load_state(halves[0] + halves[1])
-    return total.compute()
+    return total
+
+
+def _accumulate(tasks, logits: dict, targets: dict) -> dict[str, float]:
+    return _accumulated(tasks, logits, targets).compute()
 
 
 def _bin_centre_logits(rng: np.random.Generator, y: np.ndarray) -> np.ndarray:
@@ -121,6 +127,82 @@ def test_multiclass_accuracy_and_macro_f1_match_scikit_learn():
     pred = logits.argmax(1)
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
     assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))  # classes in y or pred
+
+
+# --------------------------------------------------------------------------------------------------
+# task_stats, the sums behind mmray report's confusion matrix, calibration and score plots, against
+# scikit-learn: a transposed matrix or a calibration bin counting the wrong rows leaves accuracy and
+# macro F1 unchanged, so only these catch it.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_multiclass_confusion_and_calibration_match_scikit_learn():
+    rng = np.random.default_rng(8)
+    c, n = 4, 300
+    y = rng.integers(0, c, size=n)
+    logits = rng.normal(scale=2.0, size=(n, c))  # wide: top probabilities fill bins 0.3 .. 1.0
+    logits[np.arange(n), y] += 1.0
+    task = Task("label", "multiclass", ("a", "b", "c", "d"))
+    stats = _accumulated([task], {"label": torch.tensor(logits)}, {"label": torch.tensor(y)}).task_stats()["label"]
+
+    pred = logits.argmax(1)
+    want = confusion_matrix(y, pred, labels=range(c))  # rows: true class, columns: predicted
+    assert not np.array_equal(want, want.T)  # else a transposed matrix would pass
+    np.testing.assert_array_equal(stats["confusion"].numpy(), want)
+
+    top = np.exp(logits - logits.max(1, keepdims=True))
+    top = (top / top.sum(1, keepdims=True)).max(1)
+    edges = np.linspace(0, 1, 11)
+    assert np.abs(top[:, None] - edges[None, :]).min() > 1e-6  # no row on a bin edge, where float32 may flip
+    rows = stats["calibration_rows"].numpy()
+    np.testing.assert_array_equal(rows, np.histogram(top, bins=edges)[0])
+    assert rows.sum() == n and (rows > 0).sum() >= 5
+    correct = (pred == y).astype(int)
+    frac_correct, _ = calibration_curve(correct, top, n_bins=10, strategy="uniform")  # non-empty bins only
+    np.testing.assert_allclose(stats["calibration_correct"].numpy()[rows > 0] / rows[rows > 0], frac_correct)
+    assert stats["calibration_correct"].sum() == correct.sum()
+
+
+def _check_counts_and_histograms(stats: dict, y: np.ndarray, scores: np.ndarray) -> None:
+    """``counts`` per label as (tp, fp, fn, tn) and the score histograms split by the true label."""
+    pred = (scores >= 0.5).astype(int)
+    for j in range(y.shape[1]):
+        tn, fp, fn, tp = confusion_matrix(y[:, j], pred[:, j], labels=[0, 1]).ravel()
+        assert stats["counts"][j].tolist() == [tp, fp, fn, tn]
+        edges = np.linspace(0, 1, BINS + 1)
+        np.testing.assert_array_equal(stats["pos_hist"][j].numpy(), np.histogram(scores[y[:, j] == 1, j], edges)[0])
+        np.testing.assert_array_equal(stats["neg_hist"][j].numpy(), np.histogram(scores[y[:, j] == 0, j], edges)[0])
+        # The reliability curve the histograms give: fraction positive per non-empty score bin.
+        pos, neg = stats["pos_hist"][j].numpy(), stats["neg_hist"][j].numpy()
+        filled = pos + neg > 0
+        frac_pos, _ = calibration_curve(y[:, j], scores[:, j], n_bins=BINS, strategy="uniform")
+        np.testing.assert_allclose(pos[filled] / (pos + neg)[filled], frac_pos)
+
+
+def test_binary_counts_and_histograms_match_scikit_learn():
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 2, size=120)
+    logits = _bin_centre_logits(rng, y)  # bin centres: no score on an edge
+    task = Task("flag", "binary", ("no", "yes"))
+    acc = _accumulated(
+        [task], {"flag": torch.tensor(logits).unsqueeze(-1)}, {"flag": torch.tensor(y, dtype=torch.float32)}
+    )
+    stats = acc.task_stats()["flag"]
+    assert stats["counts"].shape == (1, 4)
+    tn, fp, fn, tp = confusion_matrix(y, (logits >= 0).astype(int), labels=[0, 1]).ravel()
+    assert min(tn, fp, fn, tp) > 0 and len({tn, fp, fn, tp}) == 4  # a swapped pair of counts would show
+    _check_counts_and_histograms(stats, y[:, None], 1 / (1 + np.exp(-logits[:, None])))
+
+
+def test_multilabel_counts_and_histograms_match_scikit_learn():
+    rng = np.random.default_rng(10)
+    y = rng.integers(0, 2, size=(90, 3))
+    logits = _bin_centre_logits(rng, y)
+    task = Task("tags", "multilabel", ("a", "b", "c"))
+    acc = _accumulated([task], {"tags": torch.tensor(logits)}, {"tags": torch.tensor(y, dtype=torch.float32)})
+    stats = acc.task_stats()["tags"]
+    assert stats["counts"].shape == (3, 4)
+    _check_counts_and_histograms(stats, y, 1 / (1 + np.exp(-logits)))
 
 
 def test_regression_mae_and_rmse_match_scikit_learn():

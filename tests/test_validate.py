@@ -66,7 +66,6 @@ def test_reports_every_kind_of_problem_with_trainings_reasons(dataset):
     assert r["duplicate_ids"] == {"ids": 1, "rows": 2, "examples": ["r3"]}
     assert r["labels"] == {"label": {"red": 12, "blue": 11, "None": 1}}
     assert r["images"]["format"] == {"PNG": 22} and r["images"]["decode_errors"] == 1
-    assert 0 < r["text_tokens"]["p50"] <= r["text_tokens"]["max"] <= 8
     assert r["missing"] == {"text": 0.0, "image": 0.0}  # the row missing both is quarantined instead
     table = format_report(r)
     for expected in (
@@ -100,6 +99,23 @@ def test_a_schema_problem_is_reported_with_trainings_message(dataset, capsys, mo
     assert "column 'lable' is missing in " in out and "did you mean 'label'?" in out
     # data to score needs no label column
     assert cli.main(["validate-data", "--unlabeled", str(dataset / "good"), "data.label_column=lable", *OVERRIDES]) == 0
+
+
+def test_token_lengths_are_exact_special_tokens_included_truncation_counted(tmp_path):
+    """Single-letter words are one WordPiece token each (the trained vocabulary starts from the
+    alphabet), so a row of n words is n + 2 tokens with [CLS] and [SEP], cut at max_length 8."""
+    red = encoded((200, 30, 30))
+    texts = ["a", "a b", "a b c", "a b c d", "a b c d e f g h i j", None]  # 3, 4, 5, 6, 8 (of 12); no text
+    rows = [{"id": f"r{i}", "text": t, "image": red, "label": "red"} for i, t in enumerate(texts)]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, SCHEMA), tmp_path / "data" / "part-0.parquet")
+    r = validate_data(str(tmp_path / "data"), load_config(None, OVERRIDES))
+    assert r["quarantine"]["rows"] == 0 and r["missing"]["text"] == pytest.approx(1 / 6)
+    # numpy's linear percentiles of [3, 4, 5, 6, 8]: p90 at index 3.6 is 6 + 0.6 * 2, p99 at 3.96
+    assert r["text_tokens"] == pytest.approx(
+        {"p50": 5.0, "p90": 7.2, "p99": 7.92, "max": 8.0, "max_length": 8, "truncated": 1 / 5}
+    )
+    assert "text tokens  p50 5  p90 7.2  p99 7.92  max 8  (max_length 8: 20.0% truncated)" in format_report(r)
 
 
 def test_tokens_per_row_are_counted_with_the_configured_segmenter(tmp_path):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from mmray.config import Config, config_to_dict, flatten
 from mmray.data import storage
@@ -81,6 +83,11 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+def is_mlflow_file_store(uri: str) -> bool:
+    """True for the URIs MLflow serves from its file store: ``file://...`` and plain paths (``./mlruns``)."""
+    return urlparse(uri).scheme in ("", "file")
+
+
 class MlflowTracker:
     """One MLflow run per training process: the flattened, redacted config as params, epoch metrics by step.
 
@@ -92,6 +99,10 @@ class MlflowTracker:
         import mlflow
 
         self.mlflow = mlflow
+        if is_mlflow_file_store(cfg.train.mlflow_tracking_uri):
+            # MLflow 3 refuses its file store (in maintenance mode) unless this is set; the config asked
+            # for a file store by name, so it is set for this process rather than failing the run.
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         mlflow.set_tracking_uri(cfg.train.mlflow_tracking_uri)
         mlflow.set_experiment(cfg.train.mlflow_experiment)
         mlflow.start_run(run_name=run_name, tags={"mmray.run": run_name})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -48,11 +49,52 @@ def test_tensorboard_writes_scalars(tmp_path):
     assert b"train_loss" in data and b"val_accuracy" in data and b"resumed_from_epoch" not in data
 
 
-def test_mlflow_gets_params_and_metrics_per_epoch(tmp_path, monkeypatch):
+@pytest.fixture
+def file_store_not_allowed(monkeypatch):
+    """``MLFLOW_ALLOW_FILE_STORE`` unset, as in a user's shell, and unset again after the test.
+
+    Set first so that the delete is recorded: ``delenv`` of an absent variable records nothing, and the
+    value the tracker sets would then outlive the test and hide the bug from later tests.
+    """
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+
+
+@pytest.mark.parametrize(
+    ("uri", "file_store"),
+    [
+        ("file:///tmp/mlruns", True),
+        ("./mlruns", True),
+        ("/abs/mlruns", True),
+        ("mlruns", True),
+        ("sqlite:///mlruns.db", False),
+        ("http://mlflow.internal:5000", False),
+        ("databricks://profile", False),
+    ],
+)
+def test_file_store_uris_are_recognised(uri, file_store):
+    assert tracking.is_mlflow_file_store(uri) is file_store
+
+
+def test_mlflow_file_store_works_without_the_opt_in_variable(tmp_path, monkeypatch, file_store_not_allowed):
+    """A plain ``./mlruns`` path, the way users write it, with ``MLFLOW_ALLOW_FILE_STORE`` unset."""
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is a dev dependency (pip install -e '.[dev]')")
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"train": {"mlflow_tracking_uri": "./mlruns", "mlflow_experiment": "exp"}})
+    tracker = tracking.MlflowTracker(cfg, "run-1")
+    tracker.log_epoch(RECORDS[0], RECORDS[:1])
+    tracker.close()
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # for this process only: the fixture unsets it
+
+    client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.run_name == "run-1" and run.info.status == "FINISHED"
+    assert run.data.metrics == {"train_loss": 1.5, "val_accuracy": 0.4, "lr": 0.01}
+
+
+def test_mlflow_gets_params_and_metrics_per_epoch(tmp_path, file_store_not_allowed):
     """The real ``mlflow`` client writing to a ``file://`` store, read back through its own API."""
     mlflow = pytest.importorskip("mlflow", reason="mlflow is a dev dependency (pip install -e '.[dev]')")
-    # MLflow 3 refuses the file store unless asked for it; a database store would need SQLAlchemy.
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = (tmp_path / "mlruns").as_uri()
     cfg = config_from_dict({"train": {"mlflow_tracking_uri": uri, "mlflow_experiment": "exp", "epochs": 7}})
     run_trackers(cfg, tmp_path)
@@ -103,9 +145,8 @@ def test_credentials_in_the_mlflow_uri_are_refused_and_not_echoed(uri):
         assert config_from_dict({"train": {"mlflow_tracking_uri": fine}}).train.mlflow_tracking_uri == fine
 
 
-def test_mlflow_params_are_the_redacted_config(tmp_path, monkeypatch):
+def test_mlflow_params_are_the_redacted_config(tmp_path, monkeypatch, file_store_not_allowed):
     mlflow = pytest.importorskip("mlflow", reason="mlflow is a dev dependency (pip install -e '.[dev]')")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEJr-session-token")
     uri = (tmp_path / "mlruns").as_uri()
     cfg = config_from_dict(
