@@ -152,7 +152,12 @@ def bench_driver(uris: dict[int, str]) -> dict:
         with PeakSampler(process_rss, interval=0.01) as s:
             tasks = prepare.build_tasks(cfg, uri, files)
             normalize = TextNormalizer(cfg.data.text)
-            texts = sum(1 for _ in prepare.sample_texts(uri, files, cfg.data.text_column, normalize, cfg.storage))
+            texts = sum(
+                1
+                for _ in prepare.sample_texts(
+                    uri, files, cfg.data.text_column, normalize, cfg.storage, bounds=cfg.data.text
+                )
+            )
         assert tasks[0].classes == TASK.classes and texts == rows
         out[rows] = {"peak_rss_growth_bytes": max(0, s.peak - s.baseline)}
     return out

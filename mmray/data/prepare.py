@@ -16,10 +16,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmray.config import Config, StorageConfig
+from mmray.config import Config, StorageConfig, TextConfig
 from mmray.data import storage
 from mmray.data.labels import LabelCollector, Task
-from mmray.data.text import TextNormalizer, load_tokenizer, read_tokenizer_dir, train_wordpiece
+from mmray.data.text import (
+    TextNormalizer,
+    TextTooLarge,
+    bounded_text,
+    load_tokenizer,
+    read_tokenizer_dir,
+    train_wordpiece,
+)
 
 __all__ = ["TOKENIZER_SAMPLE_ROWS", "build_tasks", "prepare_tokenizer", "read_batches", "sample_texts"]
 
@@ -52,12 +59,19 @@ def sample_texts(
     normalize: TextNormalizer,
     store: StorageConfig,
     limit: int = TOKENIZER_SAMPLE_ROWS,
+    bounds: TextConfig | None = None,
 ) -> Iterator[str]:
-    """The first ``limit`` non-empty normalised texts (whole batches: a few more may come)."""
-    seen = 0
+    """The first ``limit`` non-empty normalised texts (whole batches: a few more may come), within the
+    text limits (``bounds``, default ``data.text``'s) as the preprocessing actor applies them
+    (``text.bounded_text``): a cell above
+    ``data.text.max_bytes`` is left out (its row is quarantined where it is preprocessed), a long one cut."""
+    seen, bounds = 0, bounds or TextConfig()
     for batch in read_batches(uri, files, [text_column], store):
         for text in batch.column(0).to_pylist():
-            text = normalize(text) if isinstance(text, str) else ""
+            try:
+                text = normalize(bounded_text(text, bounds)) if isinstance(text, str) else ""
+            except TextTooLarge:
+                continue
             if text:
                 yield text
                 seen += 1
@@ -96,7 +110,7 @@ def prepare_tokenizer(
             tokenizer.save_pretrained(tmp)
         else:
             normalize = TextNormalizer(cfg.data.text, cfg.storage)
-            texts = sample_texts(uri, files, cfg.data.text_column, normalize, cfg.storage)
+            texts = sample_texts(uri, files, cfg.data.text_column, normalize, cfg.storage, bounds=cfg.data.text)
             train_wordpiece(texts, cfg.data.text.vocab_size, tmp, split_cjk=cfg.data.text.segmenter == "none")
         storage.copy_dir_to(tmp, keep_in, cfg.storage)
         return read_tokenizer_dir(tmp)

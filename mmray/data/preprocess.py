@@ -42,7 +42,9 @@ from mmray.data.schema import (
 from mmray.data.text import (
     PosTagger,
     TextNormalizer,
+    TextTooLarge,
     TokenEncoder,
+    bounded_text,
     check_pos_model,
     load_stopwords,
     load_user_dict,
@@ -262,16 +264,10 @@ class Preprocessor:
         first (NFKC, stopwords and the tokenizer's pre-tokenizer all scale with the input)."""
         if not isinstance(raw, str):
             return ""
-        cfg = self.spec.text
-        if len(raw) > cfg.max_bytes // 4:  # below that, even 4-byte characters fit: skip counting
-            size = _utf8_size(raw)
-            if size > cfg.max_bytes:
-                raise _RowError(
-                    "preprocess",
-                    self.spec.text_column,
-                    f"text is {size} bytes, above data.text.max_bytes={cfg.max_bytes}",
-                )
-        return self.normalize_text(raw[: cfg.max_chars])
+        try:
+            return self.normalize_text(bounded_text(raw, self.spec.text))
+        except TextTooLarge as e:
+            raise _RowError("preprocess", self.spec.text_column, str(e)) from None
 
     def _image(self, batch, i, fetched: dict[int, np.ndarray | _RowError]) -> tuple[np.ndarray | None, str]:
         spec = self.spec
@@ -386,13 +382,6 @@ class Preprocessor:
         if self.tag is None:
             return *self.tokenize(texts), None
         return self.tokenize.encode(texts, [self.tag(t) if t else [] for t in texts])
-
-
-def _utf8_size(text: str, chunk: int = 1 << 20) -> int:
-    """UTF-8 length of ``text`` without one whole encoded copy of a huge value."""
-    if text.isascii():
-        return len(text)
-    return sum(len(text[j : j + chunk].encode("utf-8", "surrogatepass")) for j in range(0, len(text), chunk))
 
 
 def _present(data: Any) -> bool:

@@ -32,6 +32,8 @@ __all__ = [
     "Segmenter",
     "TextNormalizer",
     "TokenEncoder",
+    "TextTooLarge",
+    "bounded_text",
     "check_pos_model",
     "load_stopwords",
     "load_tokenizer",
@@ -115,6 +117,32 @@ _JIEBA_UPOS = {
     "y": "PART",
     "z": "ADJ",
 }
+
+
+class TextTooLarge(ValueError):
+    """A text cell above ``data.text.max_bytes``: the message names the size and the key."""
+
+
+def bounded_text(raw: str, cfg: TextConfig) -> str:
+    """``raw`` within the text limits, before anything that scales with it (NFKC, stopwords, the
+    pre-tokenizer): cut to ``max_chars``; one above ``max_bytes`` is refused. The one rule for the
+    preprocessing actor and the tokenizer's sample (a 50 MB cell once took the driver to 3.9 GB there).
+
+    Raises:
+        TextTooLarge: ``raw`` is above ``data.text.max_bytes``.
+    """
+    if len(raw) > cfg.max_bytes // 4:  # below that, even 4-byte characters fit: skip counting
+        size = _utf8_size(raw)
+        if size > cfg.max_bytes:
+            raise TextTooLarge(f"text is {size} bytes, above data.text.max_bytes={cfg.max_bytes}")
+    return raw[: cfg.max_chars]
+
+
+def _utf8_size(text: str, chunk: int = 1 << 20) -> int:
+    """UTF-8 length of ``text`` without one whole encoded copy of a huge value."""
+    if text.isascii():
+        return len(text)
+    return sum(len(text[j : j + chunk].encode("utf-8", "surrogatepass")) for j in range(0, len(text), chunk))
 
 
 class TextNormalizer:

@@ -55,3 +55,51 @@ def test_a_trained_tokenizer_is_kept_reused_and_inherited(files, tmp_path):
         "tokenizer.json": b'{"kept": true}',
     }
     assert (fresh / "tokenizer.json").read_bytes() == b'{"kept": true}'
+
+
+def test_the_tokenizer_sample_applies_the_text_limits_before_normalising(tmp_path):
+    """A cell above data.text.max_bytes is left out (preprocessing quarantines its row), a long one cut
+    to data.text.max_chars: what the sample keeps is what the actor would see."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmray.config import TextConfig
+
+    texts = ["x" * 2000, "é" * 800, "é" * 700, "ok then"]  # é: 2 bytes; 800 of them are 1,600 bytes
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet")
+    bounds = TextConfig(max_bytes=1500, max_chars=50)
+    normalize = TextNormalizer(bounds)
+    got = list(sample_texts(str(tmp_path), [str(tmp_path / "t.parquet")], "text", normalize, None, bounds=bounds))
+    assert got == ["é" * 50, "ok then"]
+
+
+_HUGE_CELLS = r"""
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+from mmray.config import load_config
+from mmray.data.prepare import prepare_tokenizer
+
+root = sys.argv[1]
+texts = ["a photo of a cat"] * 200 + ["cat dog " * (30 << 17), "bird fish " * (50 << 17)]  # 30 MB, 50 MB
+pq.write_table(pa.table({"text": texts}), f"{root}/t.parquet")
+del texts
+line = lambda: next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+before = int(line().split()[1]) / 1024
+cfg = load_config(None, ["data.text.vocab_size=200"])
+files = prepare_tokenizer(cfg, root, [f"{root}/t.parquet"], f"{root}/tok")
+print(before, int(line().split()[1]) / 1024, len(files))
+"""
+
+
+def test_huge_text_cells_cost_the_tokenizer_sample_no_more_than_their_read(tmp_path):
+    """Issue 27: one 30 MB and one 50 MB cell took the driver to 3.9 GB, normalised and pre-tokenised
+    whole; now they are left out before any of that (the read itself is what remains)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUGE_CELLS, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, peak, _ = (float(v) for v in proc.stdout.split())
+    assert peak - before < 600, (before, peak)
