@@ -60,13 +60,24 @@ def _partition(values: list[str]) -> dict[str, str]:
 
 
 def _config(args: argparse.Namespace):
-    """Loads the config and logs it, resolved and redacted, to stderr: a job's log says what it ran with."""
-    from mmray.config import config_to_dict, load_config
+    """Loads the config and logs it, redacted, to stderr: a job's log says what it ran with. The keys that
+    differ from the defaults (the file's and the overrides'), or with ``--verbose`` every resolved key;
+    a whole config was one ~2,500-character line, training keys included, on every ``mmray score``."""
+    from mmray.config import Config, config_to_dict, flatten, load_config, set_dotted
+    from mmray.console import verbose
     from mmray.data.storage import redact
 
     cfg = load_config(args.config, args.overrides)
-    resolved = json.dumps(config_to_dict(cfg), ensure_ascii=False, sort_keys=True, default=str)
-    print(f"mmray {args.command}: config {redact(resolved)}", file=sys.stderr, flush=True)
+    resolved = config_to_dict(cfg)
+    if not verbose():
+        defaults = flatten(config_to_dict(Config()))
+        resolved = {}
+        for key, value in flatten(config_to_dict(cfg)).items():
+            if defaults.get(key, object()) != value:
+                set_dotted(resolved, key, value)
+    shown = json.dumps(resolved, ensure_ascii=False, sort_keys=True, default=str)
+    what = "config" if verbose() else "config (non-default keys; --verbose for all)"
+    print(f"mmray {args.command}: {what} {redact(shown)}", file=sys.stderr, flush=True)
     return cfg
 
 
@@ -175,11 +186,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from mmray.score.retrieval import run_retrieval
 
     cfg = load_config(args.config, args.overrides)
-    if args.same_caption and not args.retrieval:
-        raise ValueError("--same-caption is a setting of --retrieval")
+    if (args.same_caption or args.key_column) and not args.retrieval:
+        raise ValueError("--same-caption and --key-column are settings of --retrieval")
     init_ray(args.address)
     if args.retrieval:
-        _emit(run_retrieval(cfg, args.checkpoint, args.input, same_caption=args.same_caption))
+        _emit(run_retrieval(cfg, args.checkpoint, args.input, args.same_caption, args.key_column))
         return
     _emit(run_evaluation(cfg, args.checkpoint, args.input))
 
@@ -353,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--same-caption",
         action="store_true",
         help="--retrieval: every image of an identical caption is correct for it (generated data)",
+    )
+    sp.add_argument(
+        "--key-column",
+        default=None,
+        help="--retrieval: every image whose row has the caption's value in this column is correct for it "
+        "(e.g. the attributes an image shows: mmray make-data --task match writes 'attributes')",
     )
     with_config(sp, required=False)
     sp.set_defaults(fn=cmd_evaluate)

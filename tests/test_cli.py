@@ -35,3 +35,28 @@ def test_an_unknown_option_is_still_refused(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["validate-data", "d", "--bogus", "a=1"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_the_config_line_shows_the_keys_that_differ_from_the_defaults_and_all_with_verbose(capsys, tmp_path):
+    import argparse
+    import json
+
+    from mmray import cli
+    from mmray.console import set_verbose
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 7}\nscore: {batch_size: 128}\n")  # 128 is score.batch_size's default
+    args = argparse.Namespace(command="score", config=str(path), overrides=["data.val=s3://k:secret@b/v"])
+    set_verbose(False)
+    cli._config(args)
+    line = capsys.readouterr().err.strip()
+    prefix = "mmray score: config (non-default keys; --verbose for all) "
+    assert line.startswith(prefix) and "secret" not in line
+    assert json.loads(line[len(prefix) :]) == {"train": {"epochs": 7}, "data": {"val": "s3://***@b/v"}}
+    set_verbose(True)
+    try:
+        cli._config(args)
+    finally:
+        set_verbose(False)
+    full = json.loads(capsys.readouterr().err.strip()[len("mmray score: config ") :])
+    assert full["train"]["epochs"] == 7 and full["score"]["batch_size"] == 128 and "model" in full

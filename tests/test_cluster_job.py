@@ -288,7 +288,7 @@ def test_two_trainer_workers_run_on_two_nodes_with_checkpoints_on_s3(cluster, da
     assert result["checkpoint"].startswith(f"s3://{BUCKET}/runs/{trained['name']}/checkpoint_epoch")
     assert storage.exists(f"{result['checkpoint']}/model.safetensors", cluster["store"])
     assert result["metrics"]["data"]["train"]["rows_in"] == data["train"]["rows"]
-    assert "mmray train: config {" in trained["log"]  # the job logs its resolved config first
+    assert "mmray train: config (non-default keys; --verbose for all) {" in trained["log"]  # logged first
     # One worker per node in each worker group: head + node2, then (node2 lost) head + node3. Each node
     # has one slot, so four workers on three distinct nodes is the only placement that satisfies it.
     workers = _actor_nodes(cluster, "train-lost-node")["RayTrainWorker"]

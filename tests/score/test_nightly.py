@@ -133,8 +133,9 @@ def test_cli_logs_its_resolved_config_with_secrets_redacted(tmp_path, monkeypatc
         == 2
     )
     err = capsys.readouterr().err
-    logged = next(line for line in err.splitlines() if line.startswith("mmray nightly: config "))
-    config = json.loads(logged[len("mmray nightly: config ") :])
+    prefix = "mmray nightly: config (non-default keys; --verbose for all) "
+    logged = next(line for line in err.splitlines() if line.startswith(prefix))
+    config = json.loads(logged[len(prefix) :])
     assert config["score"]["output"] == f"{tmp_path}/***" and config["score"]["checkpoint"] == "/never/read"
     assert secret not in err and "date=2024-05-01 does not exist" in err
 
@@ -185,7 +186,7 @@ def test_nightly_scores_dated_partitions_backfills_gaps_and_reruns_safely(traine
     first = nightly(["--date", DATES[0], *common], ray_address)
     assert first.returncode == 0, first.stderr[-3000:]
     assert last_json(first)["status"] == "committed" and last_json(first)["date"] == DATES[0]
-    assert "mmray nightly: config {" in first.stderr  # the resolved config, logged at start
+    assert "mmray nightly: config (non-default keys; --verbose for all) {" in first.stderr  # logged at start
 
     # Backfill a range around it: 04-30 and 05-04 have no input, 05-01 is committed, 05-02/05-03 are gaps.
     backfill = nightly(["--from", "2024-04-30", "--to", "2024-05-04", *common], ray_address)
