@@ -82,9 +82,11 @@ def run_cell(task: str, fusion: str, data: dict, config: str, workdir: Path, env
     m = evaluated["metrics"]
     recall = None
     if any(o.startswith("model.align.weight=") and float(o.split("=", 1)[1]) > 0 for o in extra):
-        # Caption -> image R@1 over the test split's true pairs; an image of the same caption counts.
+        # Caption -> image R@1 over the test split's true pairs; an image showing the caption's attributes
+        # counts (match writes them), else one of the same caption.
         pairs = [o for o in extra if o.startswith("model.align.pairs=")]
-        args = ["--retrieval", "--same-caption", *pairs]
+        correct = ["--key-column", "attributes"] if task == "match" else ["--same-caption"]
+        args = ["--retrieval", *correct, *pairs]
         found = cli(["evaluate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"], *args], env)
         recall = found["retrieval"]["text_to_image"]["R@1"]
     return {

@@ -254,11 +254,15 @@ def _match_pairs(n: int, rng: np.random.Generator) -> list[tuple[tuple[str, str]
 
 
 def _match(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
-    rows: dict[str, list] = {"text": [], "image": [], "label": []}
+    # "attributes": what the image shows ("red circle"), whatever language or words its caption uses: a
+    # caption's correct images in retrieval are every image with its attributes (`mmray evaluate
+    # --retrieval --key-column attributes` on the "yes" rows, whose captions say what their image shows).
+    rows: dict[str, list] = {"text": [], "image": [], "label": [], "attributes": []}
     for shown, said in _match_pairs(n, rng):
         rows["text"].append(_object_caption(*said, rng, lang))
         rows["image"].append(render_scene([shown], rng))
         rows["label"].append("yes" if said == shown else "no")
+        rows["attributes"].append(" ".join(shown))
     return rows
 
 
@@ -310,4 +314,6 @@ def make_task_dataset(
     lang: str = "mixed",
 ) -> dict:
     """Writes ``train/``, ``val/``, ``test/`` (70/15/15) Parquet of ``task`` under ``out_dir``."""
-    return write_splits(make_task_rows(task, rows, seed, lang), out_dir, files_per_split, _SCHEMA)
+    data = make_task_rows(task, rows, seed, lang)
+    schema = _SCHEMA.append(pa.field("attributes", pa.string())) if "attributes" in data else _SCHEMA
+    return write_splits(data, out_dir, files_per_split, schema)

@@ -111,9 +111,16 @@ def _key(token_ids: np.ndarray) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def run_retrieval(cfg: Config, checkpoint: str, input_uri: str, same_caption: bool = False) -> dict[str, Any]:
+def run_retrieval(
+    cfg: Config, checkpoint: str, input_uri: str, same_caption: bool = False, key_column: str | None = None
+) -> dict[str, Any]:
     """Recall@1/5/10 of ``checkpoint`` on the Parquet at ``input_uri`` (text, image; the pairs label if
     the split has it); Ray must be initialised, but a checkpoint without alignment is refused first.
+
+    Which images are correct for a caption: its own; with ``same_caption`` every image of an identical
+    caption; with ``key_column`` every image whose row has the same value in that column (e.g. the
+    attributes an image shows, whatever words or language its caption uses). Rows are matched to the
+    column by id (ids that repeat take one of their values).
 
     Returns:
         ``{"checkpoint", "input", "rows_in", "rows_quarantined", "retrieval": {"text_to_image":
@@ -134,6 +141,10 @@ def run_retrieval(cfg: Config, checkpoint: str, input_uri: str, same_caption: bo
     pairs = pair_label(pairs_spec, info.tasks)
     spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
     files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)
+    if same_caption and key_column:
+        raise ValueError("retrieval: --same-caption and --key-column each say which images are correct: give one")
+    if key_column and not _has_column(input_uri, files[0], key_column, cfg.storage):
+        raise ValueError(f"--key-column: {storage.redact(input_uri)} has no column {key_column!r}")
     if pairs is not None and _has_column(input_uri, files[0], pairs.task.name, cfg.storage):
         spec = dataclasses.replace(spec, tasks=(pairs.task,), with_labels=True)
         files = pipeline.input_files(input_uri, spec.input_columns(), cfg.storage)
@@ -146,13 +157,15 @@ def run_retrieval(cfg: Config, checkpoint: str, input_uri: str, same_caption: bo
     vectors = pipeline.map_with_actors(
         preprocessed, AlignedVectors, args, sc.batch_size, sc.concurrency, sc.num_cpus, sc.num_gpus
     )
-    gathered, quarantine, rows_in = {TEXT: [], IMAGE: [], KEY: []}, [], 0
+    gathered, quarantine, rows_in = {TEXT: [], IMAGE: [], KEY: [], ID: []}, [], 0
     for batch in vectors.iter_batches(batch_format="numpy", batch_size=None):
         rows_in += len(batch[ID])
         quarantine.append(pipeline.quarantine_records(batch))
         for k in gathered:
             gathered[k].append(np.array(batch[k][batch[COUNTED]]))
     text, image, keys = (torch.from_numpy(np.concatenate(gathered[k])) for k in (TEXT, IMAGE, KEY))
+    if key_column:
+        keys = _column_keys(input_uri, files, key_column, np.concatenate(gathered[ID]), cfg.storage)
     if not len(keys):
         raise ValueError(
             f"retrieval: no row of {storage.redact(input_uri)} has both text and image"
@@ -166,14 +179,26 @@ def run_retrieval(cfg: Config, checkpoint: str, input_uri: str, same_caption: bo
         "rows_in": rows_in,
         "rows_quarantined": records.num_rows,
         "retrieval": {
-            **retrieval_recalls(text, image, keys if same_caption else None),
+            **retrieval_recalls(text, image, keys if same_caption or key_column else None),
             "rows": len(keys),
             "pairs": pairs_spec,
             "same_caption": same_caption,
+            "key_column": key_column,
         },
         "quarantine": records.slice(0, _MAX_QUARANTINE_SAMPLES).to_pylist(),
         "quarantine_reasons": {f"{column}: {reason}": n for (column, reason), n in reasons},
     }
+
+
+def _column_keys(uri: str, files: list[str], column: str, ids: np.ndarray, store: StorageConfig) -> torch.Tensor:
+    """One int64 key per row of ``ids``: equal values of ``column`` in the input, equal keys."""
+    fs, _ = storage.resolve(uri, store)
+    values: dict[str, str] = {}
+    for path in files:
+        table = pq.read_table(path, filesystem=fs, columns=[ID, column])
+        values.update(zip(map(str, table[ID].to_pylist()), map(str, table[column].to_pylist())))
+    codes: dict[str, int] = {}
+    return torch.tensor([codes.setdefault(values[str(i)], len(codes)) for i in ids], dtype=torch.int64)
 
 
 def _has_column(uri: str, path: str, column: str, store: StorageConfig) -> bool:

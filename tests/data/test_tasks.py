@@ -111,6 +111,16 @@ def test_make_data_task_writes_the_splits(tmp_path):
     counts = {s: pq.read_table(tmp_path / s).num_rows for s in ("train", "val", "test")}
     assert counts == {"train": 70, "val": 15, "test": 15}
     assert set(pq.read_table(tmp_path / "train").column("label").to_pylist()) == {"yes", "no"}
+    # What each image shows, for retrieval (--key-column attributes): a "yes" caption names it.
+    rows = pq.read_table(tmp_path / "train").to_pylist()
+    for row in rows:
+        colour, shape = row["attributes"].split()
+        assert colour in COLOURS and shape in SHAPES
+    english = [r for r in rows if r["label"] == "yes" and r["text"].isascii()]
+    for r in english:  # the colour by name, the shape by one of its words ("a disc, coloured blue")
+        colour, shape = r["attributes"].split()
+        assert colour in r["text"] and any(word in r["text"] for word in _SHAPES_EN[shape]), r["text"]
+    assert english
 
 
 def test_objects_stay_inside_what_the_center_crop_keeps():
