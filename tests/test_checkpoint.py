@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -111,30 +112,21 @@ def test_score_refuses_a_corrupt_checkpoint_before_ray_starts(clean, tmp_path, d
     assert "Ray" not in proc.stderr and not (tmp_path / "out").exists()
 
 
+def train_from(tmp_path: Path, start: str) -> subprocess.CompletedProcess:
+    """``mmray train`` on data that does not exist, starting from ``start`` (``key=checkpoint``): a
+    checkpoint that fails its check fails first, so the data is never read."""
+    missing = tmp_path / "no-such-data"
+    args = ["train", "--config", "configs/demo.yaml", f"data.train={missing}", f"data.val={missing}", start]
+    return run_cli([*args, f"train.storage_path={tmp_path / 'runs'}"], check=False, timeout=120)
+
+
 def test_train_refuses_a_resume_from_with_a_pickle_payload_before_reading_any_data(clean, tmp_path):
     copy, marker = Path(shutil.copytree(clean, tmp_path / "copy")), tmp_path / "ran"
     torch.save({"epoch": 1, "optimizer": Payload(marker)}, copy / TRAIN_STATE_FILE)
-    missing = tmp_path / "no-such-data"  # the data is never read: the checkpoint fails first
-    args = [
-        "train",
-        "--config",
-        "configs/demo.yaml",
-        f"data.train={missing}",
-        f"data.val={missing}",
-        f"train.resume_from={copy}",
-    ]
-    proc = run_cli([*args, f"train.storage_path={tmp_path / 'runs'}"], check=False, timeout=120)
+    proc = train_from(tmp_path, f"train.resume_from={copy}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{copy / TRAIN_STATE_FILE}: holds objects other than tensors" in proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()
     damaged = corrupted(clean, tmp_path / "w", reshaped)
-    args = [
-        "train",
-        "--config",
-        "configs/demo.yaml",
-        f"data.train={missing}",
-        f"data.val={missing}",
-        f"model.init_from={damaged}",
-    ]
-    proc = run_cli([*args, f"train.storage_path={tmp_path / 'runs'}"], check=False, timeout=120)
+    proc = train_from(tmp_path, f"model.init_from={damaged}")
     assert proc.returncode == 2 and f"{damaged / WEIGHTS_FILE}: tensor" in proc.stderr

@@ -7,6 +7,7 @@ Kinds: ``multiclass`` (one label string/int per row), ``multilabel`` (a list of 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["LabelCollector", "LabelError", "Task", "infer_kind", "label_key", "task_from_dict"]
+__all__ = ["LabelCollector", "LabelError", "Task", "infer_kind", "label_key", "pair_class", "task_from_dict"]
 
 MAX_CLASSES = 100_000  # a label column with more distinct values is almost surely not categorical
 
@@ -166,3 +167,22 @@ class LabelCollector:
                 f"for a numeric target set model.tasks.{self.name}=regression"
             )
         return task_from_distinct(self.name, kind, self.distinct)
+
+
+def pair_class(spec: str, tasks: Sequence[Task]) -> tuple[Task, int] | None:
+    """``model.align.pairs`` against the tasks' label maps: None for "all" (every row is a true
+    caption-image pair), else the task and class index of "TASK=VALUE". The one reading of the key, for
+    training's alignment loss and ``mmray evaluate --retrieval``.
+
+    Raises:
+        ValueError: an unknown task or label (a regression task has none), naming the key.
+    """
+    if spec == "all":
+        return None
+    name, label = (part.strip() for part in spec.split("=", 1))
+    task = next((t for t in tasks if t.name == name), None)
+    if task is None:
+        raise ValueError(f"model.align.pairs: no task {name!r} (tasks: {[t.name for t in tasks]})")
+    if label not in task.classes:
+        raise ValueError(f"model.align.pairs: {label!r} is not a label of {name!r} (labels: {list(task.classes)})")
+    return task, task.classes.index(label)

@@ -28,7 +28,7 @@ import torch
 from mmray.checkpoint import open_checkpoint
 from mmray.config import Config, StorageConfig
 from mmray.data import pipeline, storage
-from mmray.data.labels import Task
+from mmray.data.labels import Task, pair_class
 from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, IMAGE, INPUT_IDS, QUARANTINE_SCHEMA, TEXT, label_key
 from mmray.retrieval import retrieval_recalls
 from mmray.score.predictor import model_inputs
@@ -57,15 +57,8 @@ def pair_label(spec: str, tasks: tuple[Task, ...]) -> PairLabel | None:
     Raises:
         ValueError: an unknown task or label, naming the key.
     """
-    if spec == "all":
-        return None
-    name, label = (part.strip() for part in spec.split("=", 1))
-    task = next((t for t in tasks if t.name == name), None)
-    if task is None:
-        raise ValueError(f"model.align.pairs: no task {name!r} (tasks: {[t.name for t in tasks]})")
-    if label not in task.classes:
-        raise ValueError(f"model.align.pairs: {label!r} is not a label of {name!r} (labels: {list(task.classes)})")
-    return PairLabel(task, task.classes.index(label))
+    found = pair_class(spec, tasks)
+    return None if found is None else PairLabel(*found)
 
 
 class AlignedVectors:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from mmray.checkpoint import CheckpointInfo, save_checkpoint, unwrap
 from mmray.config import Config
 from mmray.data import storage
-from mmray.data.labels import Task
+from mmray.data.labels import Task, pair_class
 from mmray.data.schema import INPUT_IDS, PIXELS, label_key
 from mmray.data.transforms import augment
 from mmray.metrics import MetricAccumulator, weighted_row_loss
@@ -169,15 +169,11 @@ def true_pairs(spec: str, tasks: list[Task]) -> TruePairs:
     Raises:
         ValueError: an unknown task or label, or a regression task (it has no labels), naming the key.
     """
-    if spec == "all":
+    found = pair_class(spec, tasks)
+    if found is None:
         return TruePairs()
-    name, label = (part.strip() for part in spec.split("=", 1))
-    task = next((t for t in tasks if t.name == name), None)
-    if task is None:
-        raise ValueError(f"model.align.pairs: no task {name!r} (tasks: {[t.name for t in tasks]})")
-    if label not in task.classes:
-        raise ValueError(f"model.align.pairs: {label!r} is not a label of {name!r} (labels: {list(task.classes)})")
-    return TruePairs(name, task.classes.index(label), task.kind)
+    task, index = found
+    return TruePairs(task.name, index, task.kind)
 
 
 def _task_rows(
