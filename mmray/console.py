@@ -43,6 +43,7 @@ __all__ = [
     "ray_init_options",
     "say",
     "set_verbose",
+    "show",
     "train_log_level",
     "verbose",
     "versions",
@@ -65,6 +66,12 @@ def set_verbose(on: bool) -> None:
 def say(message: str, command: str | None = None) -> None:
     """One line of mmray's own output, on stderr: ``mmray <command>: <message>``."""
     print(f"mmray {command}: {message}" if command else f"mmray: {message}", file=sys.stderr, flush=True)
+
+
+def show(text: str) -> None:
+    """A command's human-readable result (a table, a report), on stdout before its JSON line; progress
+    and warnings go to stderr through ``say``."""
+    print(text, flush=True)
 
 
 # What a terminal acts on instead of showing: C0 controls (ESC, CR, newline ...), DEL, C1 controls (0x9b

@@ -42,6 +42,7 @@ __all__ = [
     "ResourceBudgetError",
     "STALL_KEY",
     "StallError",
+    "actor_device",
     "check_resources",
     "cluster_capacity",
     "failing_on_stall",
@@ -102,6 +103,13 @@ def release_ray() -> None:
     if _connected_here and ray.is_initialized():
         ray.shutdown()
     _connected_here = False
+
+
+def actor_device(num_gpus: float) -> str:
+    """The torch device of an actor that Ray started with ``num_gpus`` GPUs: Ray, not mmray, picks the
+    GPU (it sets the actor's ``CUDA_VISIBLE_DEVICES``), so ``"cuda"`` is whichever one it gave; an actor
+    without GPUs runs on ``"cpu"``. The one place the pools' device is derived from their resources."""
+    return "cuda" if num_gpus > 0 else "cpu"
 
 
 class ResourceBudgetError(ValueError):

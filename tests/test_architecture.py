@@ -163,7 +163,7 @@ ALLOWED_HOOKS: dict[tuple[str, str, str], str] = {
     ("runtime.py", "init_ray", "os.environ"): "RAY_ADDRESS (Ray's convention); RAY_AUTH_MODE off when embedded",
     ("score/lease.py", "record_alive", "os.kill"): "signal 0: asks whether a lease holder's PID is alive",
     ("train/tracking.py", "MlflowTracker.__init__", "os.environ"): "MLFLOW_ALLOW_FILE_STORE for a file store URI",
-    ("train/tune.py", "run_tune", "os.environ"): "RAY_CHDIR_TO_TRIAL_DIR=0 so trials keep relative paths",
+    ("train/tune/sweep.py", "_keep_driver_cwd", "os.environ"): "RAY_CHDIR_TO_TRIAL_DIR=0 so trials keep relative paths",
 }
 
 

@@ -115,3 +115,7 @@ def test_a_no_progress_timeout_becomes_a_stall_error_with_rays_summary_and_the_k
 def test_other_failures_pass_through_the_stall_guard_unchanged():
     with pytest.raises(KeyError, match="label"), runtime.failing_on_stall("mmray score", 5):
         raise KeyError("label")
+
+
+def test_an_actor_runs_on_the_gpu_ray_gave_it_or_on_the_cpu():
+    assert [runtime.actor_device(n) for n in (0, 0.0, 0.5, 1)] == ["cpu", "cpu", "cuda", "cuda"]

@@ -34,6 +34,7 @@ from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.schema import ERROR, IMAGE, MODALITIES, QUARANTINE_SCHEMA, TEXT, label_key
 from mmray.metrics import MetricAccumulator, weighted_row_loss
+from mmray.runtime import actor_device
 from mmray.score.predictor import model_inputs
 
 __all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_evaluation", "variant_masks", "variant_names"]
@@ -122,7 +123,7 @@ def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: boo
     sc = cfg.score
     source = pipeline.read_input(input_uri, files, cfg.storage, list(spec.input_columns()))
     preprocessed = pipeline.preprocess(source, spec, tokenizer_files, cfg.data.preprocess)
-    args = (checkpoint, cfg.storage, "cuda" if sc.num_gpus > 0 else "cpu")
+    args = (checkpoint, cfg.storage, actor_device(sc.num_gpus))
     summaries = pipeline.map_with_actors(
         preprocessed, AblationEvaluator, args, sc.batch_size, sc.concurrency, sc.num_cpus, sc.num_gpus
     )

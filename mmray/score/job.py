@@ -17,7 +17,10 @@ only the predictor's ``RowOutput`` and so the output schema differ; the steps be
    without committing; otherwise, after checking that the lease is still held and the committed run
    is still the one seen in step 3, ``commit.publish`` makes the result visible (markers last).
 
-Every input row ends up either in the output or in ``<target>/_quarantine/``.
+Every input row ends up either in the output or in ``<target>/_quarantine/``. ``run_scoring`` reads as
+these steps over one ``_Run`` (what step 1 fixed) and one ``_Attempt`` (what one try under the lease
+writes): ``_plan`` (1), ``_already_scored`` (2), ``_settled_under_lease`` (3), ``_score_into_stage``
+(4), ``_reconcile`` (5), ``_publish`` (6).
 
 ``retry_quarantined`` re-scores only the committed quarantine's rows that failed for a reason another
 attempt may fix (an image fetch that failed after its retries: network, throttling, 5xx, timeouts) and
@@ -46,13 +49,21 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from mmray.checkpoint import open_checkpoint
+from mmray.checkpoint import CheckpointInfo, open_checkpoint
 from mmray.config import Config
-from mmray.console import Ticker, bar, doing, format_count, format_duration, progress_interval
+from mmray.console import Ticker, bar, doing, format_count, format_duration, progress_interval, say
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall, guard_stalls, init_ray
+from mmray.runtime import (
+    READ_TASKS,
+    Demand,
+    actor_device,
+    check_resources,
+    failing_on_stall,
+    guard_stalls,
+    init_ray,
+)
 from mmray.score import commit
 from mmray.score.finalize import Finalized, finalize, repeated_ids
 from mmray.score.label_metrics import LabelMetrics
@@ -75,10 +86,6 @@ class _Retry:
     ids: list[str]  # quarantined ids to score again: each names exactly one input row
     kept: pa.Table  # quarantine rows that stay (not retryable, or their id is on another row too)
     shared: int  # retryable rows kept because their id is not unique to them
-
-
-def _log(message: str, command: str = "score") -> None:
-    print(f"mmray {command}: {message}", file=sys.stderr, flush=True)
 
 
 class ScoringProgress:
@@ -118,7 +125,7 @@ class ScoringProgress:
 def _gpus_per_actor(requested: float, command: str) -> float:
     """``score.num_gpus`` when the cluster has GPUs; CPU scoring (with a warning) when it has none."""
     if requested > 0 and not ray.cluster_resources().get("GPU", 0):
-        _log(f"score.num_gpus={requested} but the Ray cluster has no GPU; running on CPU", command)
+        say(f"score.num_gpus={requested} but the Ray cluster has no GPU; running on CPU", command)
         return 0.0
     return requested
 
@@ -144,56 +151,82 @@ def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dat
     return ds.map_batches(keep, batch_format="pyarrow")
 
 
-def _scored_stream(
-    cfg: Config,
-    input_uri: str,
-    files: list[str],
-    columns: list[str],
-    spec: PreprocessSpec,
-    tokenizer_files: dict[str, bytes],
-    checkpoint: str,
-    mid: str,
-    label_tasks: tuple[Task, ...],
-    num_gpus: float,
-    output: str,
-    only: list[str] | None = None,
-) -> ray.data.Dataset:
-    sc = cfg.score
-    source = guard_stalls(pipeline.read_input(input_uri, files, cfg.storage, columns), cfg.data.stall_timeout_s)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one scoring run works from, fixed before it touches the target: every later step reads this
+    one object instead of a dozen loose arguments."""
+
+    cfg: Config
+    target: commit.Target
+    input_uri: str
+    checkpoint: str  # as given: the predictor actors open it again
+    info: CheckpointInfo
+    model_id: str  # the checkpoint's content hash
+    tokenizer_files: dict[str, bytes]
+    rows_out: RowOutput  # what each row gets: predictions or embeddings, and so the output schema
+    spec: PreprocessSpec
+    columns: dict[str, str]  # input column -> expected kind (the label columns too with evaluate)
+    label_tasks: tuple[Task, ...]  # the checkpoint's tasks with evaluate, else none
+    files: list[str]  # the input's files, listed and schema-checked once
+    in_fs: pafs.FileSystem
+    identity: dict  # commit.run_identity: input content, model, settings, partition
+    output: str  # "predictions" or "embeddings" (predictor.OUTPUTS)
+    evaluate: bool
+    overwrite: bool
+    retry_quarantined: bool
+
+    @property
+    def command(self) -> str:
+        return self.rows_out.command
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+    """One try at a commit, under the lease: its id, its staging directory and what it started from."""
+
+    run_id: str
+    scored_at: dt.datetime
+    stage: commit.Staging
+    seen_run: str | None  # the committed run when the lease was taken: re-checked before publishing
+    rows_in: int  # rows this attempt scores: the whole input, or the quarantined rows it retries
+    retry: _Retry | None
+
+
+def _scored_stream(run: _Run, num_gpus: float, only: list[str] | None = None) -> ray.data.Dataset:
+    """The input (only the rows with these ids, when given) through the preprocessing and predictor pools."""
+    cfg, sc = run.cfg, run.cfg.score
+    source = pipeline.read_input(run.input_uri, run.files, cfg.storage, list(run.columns))
+    source = guard_stalls(source, cfg.data.stall_timeout_s)
     if only is not None:
-        source = _only_ids(source, spec.id_column, only)
+        source = _only_ids(source, run.spec.id_column, only)
     preprocessed = pipeline.preprocess(
-        source, spec, tokenizer_files, cfg.data.preprocess, actor=LabeledPreprocessor, extra_args=(label_tasks,)
+        source,
+        run.spec,
+        run.tokenizer_files,
+        cfg.data.preprocess,
+        actor=LabeledPreprocessor,
+        extra_args=(run.label_tasks,),
     )
-    args = (checkpoint, cfg.storage, mid, "cuda" if num_gpus else "cpu", bool(label_tasks), output)
+    device = actor_device(num_gpus)
+    args = (run.checkpoint, cfg.storage, run.model_id, device, bool(run.label_tasks), run.output)
     return pipeline.map_with_actors(preprocessed, Predictor, args, sc.batch_size, sc.concurrency, sc.num_cpus, num_gpus)
 
 
-def _manifest(
-    run_id: str,
-    scored_at: dt.datetime,
-    checkpoint: str,
-    mid: str,
-    tasks: tuple[Task, ...],
-    identity: dict,
-    result: Finalized,
-    counts: dict[str, int],
-    evaluate: bool,
-    output: RowOutput,
-) -> dict[str, Any]:
+def _manifest(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int]) -> dict[str, Any]:
+    """What ``_SUCCESS`` describes: enough for a reader (and a later retry) without the scoring run."""
     return {
         "format_version": MANIFEST_FORMAT,
-        "run_id": run_id,
-        "output": output.command,  # "score": predictions, "embed": vectors (predictor.OUTPUTS)
-        "scored_at": scored_at.isoformat(),
-        "checkpoint": checkpoint,
-        "model_id": mid,
-        "tasks": [t.to_dict() for t in tasks],  # class order of the probabilities columns
-        "partition": identity["partition"],
-        "identity": identity,
+        "run_id": attempt.run_id,
+        "output": run.command,  # "score": predictions, "embed": vectors (predictor.OUTPUTS)
+        "scored_at": attempt.scored_at.isoformat(),
+        "checkpoint": run.checkpoint,
+        "model_id": run.model_id,
+        "tasks": [t.to_dict() for t in run.info.tasks],  # class order of the probabilities columns
+        "partition": run.identity["partition"],
+        "identity": run.identity,
         "files": result.files,
         "quarantine": {"name": commit.QUARANTINE_FILE, "rows": counts["rows_quarantined"]},
-        "metrics": commit.METRICS if evaluate else None,
+        "metrics": commit.METRICS if run.evaluate else None,
         **counts,
     }
 
@@ -206,29 +239,11 @@ def _same_identity(target: commit.Target, existing: dict, identity: dict) -> Non
         )
 
 
-def _already_scored(target: commit.Target, identity: dict, command: str) -> dict[str, Any] | None:
-    """The no-op result when ``target`` holds a commit of this identity; None when nothing is committed.
-
-    Raises:
-        OutputExistsError: a commit of a different identity is there (only --overwrite replaces it).
-    """
-    existing = commit.committed_run(target)
-    if existing is None:
-        return None
-    _same_identity(target, existing, identity)
-    _log(
-        f"already scored: {target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do",
-        command,
-    )
-    counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
-    return {"output": target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
-
-
 def _warn_repeated(repeated: dict[str, int], command: str) -> None:
     """One line: how many ids are on more than one input row, with the most repeated few."""
     top = sorted(repeated.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     examples = ", ".join(f"{repr(i)[:60]} x{n}" for i, n in top)  # repr: no control character reaches a terminal
-    _log(
+    say(
         f"warning: {len(repeated):,} ids are on more than one input row ({sum(repeated.values()):,} rows; "
         f"e.g. {examples}); every row was scored: a reader that joins on id sees each of them",
         command,
@@ -244,17 +259,19 @@ def _merge_retry(stage: commit.Staging, retry: _Retry, result: Finalized) -> Fin
     return dataclasses.replace(result, files=carried + result.files, quarantine=quarantine)
 
 
-def _retry_plan(target: commit.Target, identity: dict) -> _Retry:
-    """Splits the committed quarantine into rows to score again and rows that stay (under the lease).
+def _retry_plan(run: _Run) -> _Retry:
+    """Splits the committed quarantine into rows to score again and rows that stay (under the lease),
+    and says how many retryable rows stay because their id is not theirs alone.
 
     Raises:
         FileNotFoundError: nothing is committed at ``target``.
         OutputExistsError: what is committed has another identity (input, model or settings).
     """
+    target = run.target
     existing = commit.committed_run(target)
     if existing is None:
         raise FileNotFoundError(f"--retry-quarantined: nothing is committed at {target.uri}; score it first")
-    _same_identity(target, existing, identity)
+    _same_identity(target, existing, run.identity)
     fs, path = target.resolve()
     quarantine = pq.read_table(f"{path}/{existing['quarantine']['name']}", filesystem=fs)
     error = pc.fill_null(quarantine["error"], "")
@@ -268,7 +285,215 @@ def _retry_plan(target: commit.Target, identity: dict) -> _Retry:
     chosen = pc.and_(retry, pc.fill_null(unique, False))
     ids = sorted(quarantine.filter(chosen)["id"].to_pylist())
     shared = quarantine.filter(retry).num_rows - len(ids)
+    if shared:
+        say(
+            f"warning: {shared:,} quarantined rows are not retried: their id is on another input row "
+            "too, and rows are retried by id",
+            run.command,
+        )
     return _Retry(existing, ids, quarantine.filter(pc.invert(chosen)), shared)
+
+
+def _counts(rows_in: int, result: Finalized) -> dict[str, int]:
+    return {"rows_in": rows_in, "rows_scored": result.rows_scored, "rows_quarantined": result.quarantine.num_rows}
+
+
+def _plan(
+    cfg: Config,
+    checkpoint: str,
+    input_uri: str,
+    target: commit.Target,
+    overwrite: bool,
+    evaluate: bool,
+    retry_quarantined: bool,
+    output: str,
+) -> _Run:
+    """Step 1: reads the checkpoint and lists, checks and fingerprints the input, so that a bad model, a
+    bad input or a wrong flag fails here, before any lease is taken or Ray is started."""
+    if retry_quarantined and (overwrite or evaluate):
+        raise ValueError(
+            "--retry-quarantined merges into the committed result: it does not combine with "
+            f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}"
+        )
+    with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
+        opened.check_weights()  # here, in one line, not in every predictor actor after the preprocessing
+        info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
+    rows_out = row_output(output, info.tasks, evaluate, aligned=info.model.align.weight > 0)
+    spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
+    columns = spec.input_columns()
+    label_tasks = info.tasks if evaluate else ()
+    columns.update({t.name: "label" for t in label_tasks})
+    files = pipeline.input_files(input_uri, columns, cfg.storage)
+    in_fs, _ = storage.resolve(input_uri, cfg.storage)
+    inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
+    settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
+    if output != "predictions":  # so a commit of the other output is never "already scored"; predictions'
+        settings["output"] = output  # identity stays what it was before embed existed (no rescore on upgrade)
+    identity = commit.run_identity(inputs, mid, settings, target.partition)
+    return _Run(
+        cfg=cfg,
+        target=target,
+        input_uri=input_uri,
+        checkpoint=checkpoint,
+        info=info,
+        model_id=mid,
+        tokenizer_files=tokenizer_files,
+        rows_out=rows_out,
+        spec=spec,
+        columns=columns,
+        label_tasks=label_tasks,
+        files=files,
+        in_fs=in_fs,
+        identity=identity,
+        output=output,
+        evaluate=evaluate,
+        overwrite=overwrite,
+        retry_quarantined=retry_quarantined,
+    )
+
+
+def _already_scored(run: _Run) -> dict[str, Any] | None:
+    """The no-op result when the target holds a commit of this identity; None when nothing is committed.
+
+    Raises:
+        OutputExistsError: a commit of a different identity is there (only --overwrite replaces it).
+    """
+    existing = commit.committed_run(run.target)
+    if existing is None:
+        return None
+    _same_identity(run.target, existing, run.identity)
+    say(
+        f"already scored: {run.target.uri} (run {existing['run_id']}, {existing['rows_scored']} rows); nothing to do",
+        run.command,
+    )
+    counts = {k: existing[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
+    return {"output": run.target.uri, "status": "already scored", "run_id": existing["run_id"], **counts}
+
+
+def _settled_under_lease(run: _Run, retry: _Retry | None) -> dict[str, Any] | None:
+    """Step 3, step 2 again now that no other run can commit: the result when nothing is left to do (no
+    transient failure to retry; or the run that held the lease before this one committed the same)."""
+    if retry is not None and not retry.ids:
+        say(
+            f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error",
+            run.command,
+        )
+        counts = {k: retry.manifest[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
+        return {
+            "output": run.target.uri,
+            "status": "nothing to retry",
+            "run_id": retry.manifest["run_id"],
+            "model_id": run.model_id,
+            **counts,
+        }
+    if retry is None and not run.overwrite and (done := _already_scored(run)) is not None:
+        return {**done, "model_id": run.model_id}
+    return None
+
+
+def _begin(run: _Run, retry: _Retry | None) -> _Attempt:
+    """Opens this attempt's staging under the lease, noting the committed run it will replace."""
+    commit.check_replaceable(run.target)
+    seen_run = (commit.committed_run(run.target) or {}).get("run_id")  # re-checked before publishing
+    rows_in = len(retry.ids) if retry else pipeline.count_rows(run.input_uri, run.files, run.cfg.storage)
+    run_id = uuid.uuid4().hex[:12]
+    scored_at = dt.datetime.now(dt.timezone.utc)
+    return _Attempt(run_id, scored_at, commit.open_staging(run.target, run_id), seen_run, rows_in, retry)
+
+
+def _score_into_stage(run: _Run, attempt: _Attempt, address: str | None) -> None:
+    """Step 4: rows stream through the actor pools into ``<staging>/_raw``; Ray starts only here, when
+    there is work to do, and the resource check fails a job that could never finish before it starts."""
+    init_ray(address)
+    num_gpus = _gpus_per_actor(run.cfg.score.num_gpus, run.command)
+    check_resources(f"mmray {run.command}", _demands(run.cfg, num_gpus))
+    stream = _scored_stream(run, num_gpus, attempt.retry.ids if attempt.retry else None)
+    with (
+        Ticker(ScoringProgress(attempt.stage, attempt.rows_in, run.command).poll, progress_interval()),
+        failing_on_stall(f"mmray {run.command}", run.cfg.data.stall_timeout_s),
+    ):
+        stream.write_parquet(
+            attempt.stage.raw, filesystem=attempt.stage.fs, min_rows_per_file=run.cfg.score.rows_per_file
+        )
+
+
+def _reconcile(run: _Run, attempt: _Attempt) -> tuple[Finalized, dict[str, int]]:
+    """Step 5: cuts the staged rows into part files and proves that none was lost or added
+    (``rows_in == rows_scored + rows_quarantined``, a retry's against the run it extends) and that the
+    input did not change meanwhile: a result that does not add up is never committed."""
+    retry, rows_in = attempt.retry, attempt.rows_in
+    evaluation = LabelMetrics(run.info.tasks, run.info.model.loss_weights) if run.evaluate else None
+    first = len(retry.manifest["files"]) if retry else 0
+    rows_per_file = run.cfg.score.rows_per_file
+    result = finalize(
+        attempt.stage, run.rows_out.schema(), run.model_id, attempt.scored_at, rows_per_file, evaluation, first
+    )
+    if result.repeated and retry is None:
+        _warn_repeated(result.repeated, run.command)
+    counts = _counts(rows_in, result)
+    if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
+        raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
+    if retry is not None:
+        result = _merge_retry(attempt.stage, retry, result)
+        counts = _counts(retry.manifest["rows_in"], result)
+        if counts["rows_scored"] + counts["rows_quarantined"] != counts["rows_in"]:
+            raise RuntimeError(f"retried row counts do not reconcile with run {retry.manifest['run_id']}: {counts}")
+    if commit.fingerprint_inputs(run.files, run.in_fs, run.cfg.storage) != run.identity["inputs"]:
+        raise RuntimeError(f"input {run.input_uri} changed while it was being scored; nothing committed, rerun")
+    return result, counts
+
+
+def _check_bad_fraction(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int]) -> None:
+    """Step 6's gate: with more bad rows than ``data.max_bad_fraction`` the quarantine is kept where a
+    person can read it and the run fails (``DataQualityError``) without committing."""
+    rows_in, bad, limit = counts["rows_in"], counts["rows_quarantined"], run.cfg.data.max_bad_fraction
+    if rows_in and bad / rows_in > limit:
+        where = commit.write_rejected_quarantine(run.target, result.quarantine, attempt.run_id)
+        pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
+
+
+def _publish(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int], held: commit.Lease) -> None:
+    """Step 6: makes the staged result the committed one (markers last), only while the lease is still
+    held and the committed run is still the one seen when the attempt began."""
+    _check_bad_fraction(run, attempt, result, counts)
+    if result.metrics is not None:
+        attempt.stage.write_json(commit.METRICS, result.metrics)
+    manifest = _manifest(run, attempt, result, counts)
+    held.check()
+    commit.check_nesting(run.target)  # a commit inside or around this one may have landed meanwhile
+    if (now := (commit.committed_run(run.target) or {}).get("run_id")) != attempt.seen_run:
+        raise commit.ConcurrentCommitError(
+            f"{run.target.uri} changed while this run was scoring (committed run {attempt.seen_run} -> {now}); "
+            "nothing was committed: rerun (with --overwrite to replace it)"
+        )
+    committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    commit.publish(attempt.stage, manifest, {"run_id": attempt.run_id, "committed_at": committed_at, **counts}, held)
+
+
+def _committed(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int]) -> dict[str, Any]:
+    """The one summary line and the command's result of a committed run."""
+    took = (dt.datetime.now(dt.timezone.utc) - attempt.scored_at).total_seconds()
+    say(
+        f"committed {counts['rows_scored']:,} rows in {len(result.files)} files to {run.target.uri} "
+        f"({counts['rows_quarantined']:,} quarantined) in {format_duration(took)}, "
+        f"{format_count(counts['rows_in'] / max(took, 1e-9))} rows/s",
+        run.command,
+    )
+    out = {
+        "output": run.target.uri,
+        "status": "committed",
+        "run_id": attempt.run_id,
+        "model_id": run.model_id,
+        "scored_at": attempt.scored_at.isoformat(),
+        "files": len(result.files),
+        "quarantine": run.target.child_uri(commit.QUARANTINE_FILE),
+        **counts,
+    }
+    if attempt.retry is not None:
+        out.update(retried=len(attempt.retry.ids), retried_from=attempt.retry.manifest["run_id"])
+    if result.metrics is not None:
+        out["metrics"] = result.metrics
+    return out
 
 
 def run_scoring(
@@ -287,6 +512,7 @@ def run_scoring(
 
     ``mmray score`` writes predictions, ``mmray embed`` (``output="embeddings"``) the representation,
     through this one path: what differs is the predictor's ``RowOutput`` (``predictor.row_output``).
+    It reads as the module docstring's steps: plan -> score into the stage -> reconcile -> publish.
 
     Args:
         overwrite: replace a committed result (atomically on local disk).
@@ -307,153 +533,24 @@ def run_scoring(
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
     commit.check_location(target)  # what publishing could never replace fails now, not after the scoring
     commit.check_apart(target, input_uri)
-    if retry_quarantined and (overwrite or evaluate):
-        raise ValueError(
-            "--retry-quarantined merges into the committed result: it does not combine with "
-            f"{'--overwrite' if overwrite else '--evaluate (metrics cover one run; use --overwrite)'}"
-        )
-    with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
-        opened.check_weights()  # here, in one line, not in every predictor actor after the preprocessing
-        info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
-    rows_out = row_output(output, info.tasks, evaluate, aligned=info.model.align.weight > 0)
-    command = rows_out.command
-    spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
-    columns = spec.input_columns()
-    label_tasks = info.tasks if evaluate else ()
-    columns.update({t.name: "label" for t in label_tasks})
-    files = pipeline.input_files(input_uri, columns, cfg.storage)
-    in_fs, _ = storage.resolve(input_uri, cfg.storage)
-    inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
-    settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
-    if output != "predictions":  # so a commit of the other output is never "already scored"; predictions'
-        settings["output"] = output  # identity stays what it was before embed existed (no rescore on upgrade)
-    identity = commit.run_identity(inputs, mid, settings, target.partition)
-
-    if not overwrite and not retry_quarantined and (done := _already_scored(target, identity, command)) is not None:
+    run = _plan(cfg, checkpoint, input_uri, target, overwrite, evaluate, retry_quarantined, output)
+    if not run.overwrite and not run.retry_quarantined and (done := _already_scored(run)) is not None:
         with contextlib.suppress(commit.LeaseHeldError), commit.lease(target):
             commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's; only when nobody works here
-        return {**done, "model_id": mid}
+        return {**done, "model_id": run.model_id}
     commit.check_replaceable(target)
     with commit.lease(target) as held:
         commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
-        retry = _retry_plan(target, identity) if retry_quarantined else None
-        if retry is not None and retry.shared:
-            _log(
-                f"warning: {retry.shared:,} quarantined rows are not retried: their id is on another input row "
-                "too, and rows are retried by id",
-                command,
-            )
-        if retry is not None and not retry.ids:
-            _log(
-                f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error",
-                command,
-            )
-            counts = {k: retry.manifest[k] for k in ("rows_in", "rows_scored", "rows_quarantined")}
-            return {
-                "output": target.uri,
-                "status": "nothing to retry",
-                "run_id": retry.manifest["run_id"],
-                "model_id": mid,
-                **counts,
-            }
-        if retry is None and not overwrite and (done := _already_scored(target, identity, command)) is not None:
-            return {**done, "model_id": mid}  # the run that held the lease before us committed the same
-        commit.check_replaceable(target)
-        seen_run = (commit.committed_run(target) or {}).get("run_id")  # re-checked before publishing
-        rows_in = len(retry.ids) if retry else pipeline.count_rows(input_uri, files, cfg.storage)
-        run_id = uuid.uuid4().hex[:12]
-        scored_at = dt.datetime.now(dt.timezone.utc)
-        stage = commit.open_staging(target, run_id)
+        retry = _retry_plan(run) if run.retry_quarantined else None
+        if (done := _settled_under_lease(run, retry)) is not None:
+            return done
+        attempt = _begin(run, retry)
         try:
-            if rows_in:
-                init_ray(address)
-                num_gpus = _gpus_per_actor(cfg.score.num_gpus, command)
-                check_resources(f"mmray {command}", _demands(cfg, num_gpus))
-                stream = _scored_stream(
-                    cfg,
-                    input_uri,
-                    files,
-                    list(columns),
-                    spec,
-                    tokenizer_files,
-                    checkpoint,
-                    mid,
-                    label_tasks,
-                    num_gpus,
-                    output,
-                    retry.ids if retry else None,
-                )
-                with (
-                    Ticker(ScoringProgress(stage, rows_in, command).poll, progress_interval()),
-                    failing_on_stall(f"mmray {command}", cfg.data.stall_timeout_s),
-                ):
-                    stream.write_parquet(stage.raw, filesystem=stage.fs, min_rows_per_file=cfg.score.rows_per_file)
-            evaluation = LabelMetrics(info.tasks, info.model.loss_weights) if evaluate else None
-            first = len(retry.manifest["files"]) if retry else 0
-            result = finalize(stage, rows_out.schema(), mid, scored_at, cfg.score.rows_per_file, evaluation, first)
-            if result.repeated and retry is None:
-                _warn_repeated(result.repeated, command)
-            counts = {
-                "rows_in": rows_in,
-                "rows_scored": result.rows_scored,
-                "rows_quarantined": result.quarantine.num_rows,
-            }
-            if result.rows_raw != rows_in or counts["rows_scored"] + counts["rows_quarantined"] != rows_in:
-                raise RuntimeError(f"scoring row counts do not reconcile ({result.rows_raw} rows written): {counts}")
-            if retry is not None:
-                result = _merge_retry(stage, retry, result)
-                counts = {
-                    "rows_in": retry.manifest["rows_in"],
-                    "rows_scored": result.rows_scored,
-                    "rows_quarantined": result.quarantine.num_rows,
-                }
-                if counts["rows_scored"] + counts["rows_quarantined"] != counts["rows_in"]:
-                    raise RuntimeError(
-                        f"retried row counts do not reconcile with run {retry.manifest['run_id']}: {counts}"
-                    )
-                rows_in = counts["rows_in"]
-            if commit.fingerprint_inputs(files, in_fs, cfg.storage) != identity["inputs"]:
-                raise RuntimeError(f"input {input_uri} changed while it was being scored; nothing committed, rerun")
-            bad, limit = counts["rows_quarantined"], cfg.data.max_bad_fraction
-            if rows_in and bad / rows_in > limit:
-                where = commit.write_rejected_quarantine(target, result.quarantine, run_id)
-                pipeline.check_bad_fraction(rows_in, bad, limit, f"{where}; nothing was committed", result.quarantine)
-            if result.metrics is not None:
-                stage.write_json(commit.METRICS, result.metrics)
-            manifest = _manifest(
-                run_id, scored_at, checkpoint, mid, info.tasks, identity, result, counts, evaluate, rows_out
-            )
-            held.check()
-            commit.check_nesting(target)  # a commit inside or around this one may have landed meanwhile
-            if (now := (commit.committed_run(target) or {}).get("run_id")) != seen_run:
-                raise commit.ConcurrentCommitError(
-                    f"{target.uri} changed while this run was scoring (committed run {seen_run} -> {now}); "
-                    "nothing was committed: rerun (with --overwrite to replace it)"
-                )
-            committed_at = dt.datetime.now(dt.timezone.utc).isoformat()
-            commit.publish(stage, manifest, {"run_id": run_id, "committed_at": committed_at, **counts}, held)
+            if attempt.rows_in:
+                _score_into_stage(run, attempt, address)
+            result, counts = _reconcile(run, attempt)
+            _publish(run, attempt, result, counts, held)
         except BaseException:
-            stage.discard()
+            attempt.stage.discard()
             raise
-        took = (dt.datetime.now(dt.timezone.utc) - scored_at).total_seconds()
-        _log(
-            f"committed {counts['rows_scored']:,} rows in {len(result.files)} files to {target.uri} "
-            f"({counts['rows_quarantined']:,} quarantined) in {format_duration(took)}, "
-            f"{format_count(rows_in / max(took, 1e-9))} rows/s",
-            command,
-        )
-        out = {
-            "output": target.uri,
-            "status": "committed",
-            "run_id": run_id,
-            "model_id": mid,
-            "scored_at": scored_at.isoformat(),
-            "files": len(result.files),
-            "quarantine": target.child_uri(commit.QUARANTINE_FILE),
-            **counts,
-        }
-        if retry is not None:
-            out.update(retried=len(retry.ids), retried_from=retry.manifest["run_id"])
-        if result.metrics is not None:
-            out["metrics"] = result.metrics
-        return out
+        return _committed(run, attempt, result, counts)

@@ -31,6 +31,7 @@ from mmray.data import pipeline, storage
 from mmray.data.labels import Task, pair_class
 from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, IMAGE, INPUT_IDS, QUARANTINE_SCHEMA, TEXT, label_key
 from mmray.retrieval import retrieval_recalls
+from mmray.runtime import actor_device
 from mmray.score.predictor import model_inputs
 
 __all__ = ["AlignedVectors", "PairLabel", "pair_label", "run_retrieval"]
@@ -146,7 +147,7 @@ def run_retrieval(
     sc = cfg.score
     source = pipeline.read_input(input_uri, files, cfg.storage, list(spec.input_columns()))
     preprocessed = pipeline.preprocess(source, spec, tokenizer_files, cfg.data.preprocess)
-    args = (checkpoint, cfg.storage, "cuda" if sc.num_gpus > 0 else "cpu", pairs)
+    args = (checkpoint, cfg.storage, actor_device(sc.num_gpus), pairs)
     vectors = pipeline.map_with_actors(
         preprocessed, AlignedVectors, args, sc.batch_size, sc.concurrency, sc.num_cpus, sc.num_gpus
     )

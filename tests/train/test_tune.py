@@ -225,6 +225,35 @@ def test_cli_rejects_a_bad_space_before_starting_ray(tmp_path):
     assert "started a local Ray instance" not in proc.stderr + proc.stdout
 
 
+def test_a_moved_ray_internal_api_is_one_warning_not_a_crash(monkeypatch, capsys):
+    from mmray.train.tune import ray_internals
+
+    def moved():
+        raise AttributeError("module 'ray._private.state' has no attribute 'state'")
+
+    monkeypatch.setattr(ray_internals, "_orphaned_placement_groups", moved)
+    ray_internals._warn_moved.cache_clear()
+    assert [ray_internals.release_orphaned_placement_groups() for _ in range(3)] == [0, 0, 0]
+    err = capsys.readouterr().err
+    assert err.count("mmray tune: warning: cannot free stopped trials' placement groups") == 1
+    assert f"checked on (Ray {ray_internals.RAY_CHECKED})" in err and "AttributeError" in err
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_trials_keep_the_driver_cwd_only_while_the_sweep_runs(monkeypatch, before):
+    import os
+
+    from mmray.train.tune import sweep
+
+    if before is None:
+        monkeypatch.delenv("RAY_CHDIR_TO_TRIAL_DIR", raising=False)
+    else:
+        monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", before)
+    with sweep._keep_driver_cwd():
+        assert os.environ["RAY_CHDIR_TO_TRIAL_DIR"] == "0"
+    assert os.environ.get("RAY_CHDIR_TO_TRIAL_DIR") == before
+
+
 # --------------------------------------------------------------------------------------------------
 # A real sweep
 # --------------------------------------------------------------------------------------------------
