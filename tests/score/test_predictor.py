@@ -72,6 +72,16 @@ def test_embeddings_are_the_models_vectors_with_null_for_a_missing_modality(tiny
     for j, i in enumerate(good):
         np.testing.assert_array_equal(np.float32(out["fused"][i]), want["fused"][j].numpy())
         np.testing.assert_array_equal(np.float32(out[IMAGE][i]), want["pooled"][IMAGE][j].numpy())
+    # Against the model's parts, run independently: each encoder alone, then the fusion on their outputs.
+    inputs = model_inputs(batch, good, torch.device("cpu"))
+    with torch.no_grad():
+        features = embed.model.encode(inputs)
+        fused = embed.model.fusion(features, embed.model.masks(inputs))
+    for j, i in enumerate(good):
+        np.testing.assert_allclose(np.float32(out["fused"][i]), fused[j].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.float32(out[IMAGE][i]), features[IMAGE].pooled[j].numpy(), rtol=1e-5, atol=1e-6)
+        if i != 3:  # row 3 has no text
+            np.testing.assert_allclose(np.float32(out[TEXT][i]), features[TEXT].pooled[j].numpy(), rtol=1e-5, atol=1e-6)
     schema = row_output("embeddings", [TASK]).schema()
     table = pa.table({c: pa.array(list(out[c])) for c in schema.names}).cast(schema)
     assert table.column(TEXT).null_count == 2 and table.column("fused").null_count == 1
