@@ -11,6 +11,7 @@ import difflib
 import pyarrow as pa
 
 __all__ = [
+    "POS_TAGS",
     "ATTENTION_MASK",
     "ERROR",
     "ERROR_COLUMN",
@@ -39,7 +40,7 @@ MODALITIES = (IMAGE, TEXT)  # sorted: fusions iterate modalities in this order
 ID = "id"
 INPUT_IDS = "input_ids"  # int64 [B, L]
 ATTENTION_MASK = "attention_mask"  # int64 [B, L]
-POS_IDS = "pos_ids"  # int64 [B, L], only with data.text.pos_tags: a POS tag id per token (text.POS_TAGS)
+POS_IDS = "pos_ids"  # int64 [B, L], only with data.text.pos_tags: a POS tag id per token (POS_TAGS)
 PIXELS = "pixels"  # uint8 [B, 3, S, S]; normalised on the training/scoring device
 ERROR = "_error"  # "" for a good row, else a short reason
 ERROR_COLUMN = "_error_column"  # the input column that caused it
@@ -172,3 +173,27 @@ def _disagreeing(seen: dict[str, pa.DataType]) -> tuple[str, str]:
     sources = [src for src, t in seen.items() if not pa.types.is_null(t)]
     first = sources[0]
     return first, next(src for src in sources if seen[src] != seen[first])
+
+
+# Universal POS (universaldependencies.org/u/pos): one tag set for jieba's and spaCy's tags, fixed here so
+# a checkpoint's POS embedding rows keep their meaning. Id 0: special tokens, padding, untagged text.
+POS_TAGS = (
+    "[NONE]",
+    "ADJ",
+    "ADP",
+    "ADV",
+    "AUX",
+    "CCONJ",
+    "DET",
+    "INTJ",
+    "NOUN",
+    "NUM",
+    "PART",
+    "PRON",
+    "PROPN",
+    "PUNCT",
+    "SCONJ",
+    "SYM",
+    "VERB",
+    "X",
+)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mmray.config import StorageConfig, TextConfig
+from mmray.data.schema import POS_TAGS
 
 __all__ = [
     "POS_TAGS",
@@ -56,28 +57,6 @@ _STOPWORDS = {
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SPACES = re.compile(r"\s+")
 
-# Universal POS (universaldependencies.org/u/pos): one tag set for jieba's and spaCy's tags, fixed here so
-# a checkpoint's POS embedding rows keep their meaning. Id 0: special tokens, padding, untagged text.
-POS_TAGS = (
-    "[NONE]",
-    "ADJ",
-    "ADP",
-    "ADV",
-    "AUX",
-    "CCONJ",
-    "DET",
-    "INTJ",
-    "NOUN",
-    "NUM",
-    "PART",
-    "PRON",
-    "PROPN",
-    "PUNCT",
-    "SCONJ",
-    "SYM",
-    "VERB",
-    "X",
-)
 _POS_ID = {t: i for i, t in enumerate(POS_TAGS)}
 # jieba's (ICTCLAS) tags -> Universal POS, looked up by the tag, then its first two letters, then its
 # first letter (nrt, nrfg -> nr; uj, ul -> u; vg -> v). Classifiers (q) are NOUN, as in UD Chinese.

@@ -15,8 +15,7 @@ from torch import nn
 
 from mmray.config import ImageConfig, ModelConfig, StorageConfig, TextConfig
 from mmray.data.labels import Task
-from mmray.data.schema import IMAGE, TEXT
-from mmray.data.text import POS_TAGS
+from mmray.data.schema import IMAGE, POS_TAGS, TEXT
 from mmray.models.align import AlignProjection
 from mmray.models.classifier import FusionClassifier
 from mmray.models.encoders import TinyImageEncoder, TinyTextEncoder
