@@ -340,7 +340,7 @@ def validation_metrics(
     """
     model.eval()
     acc = MetricAccumulator(tasks)
-    aligned = torch.zeros(2, dtype=torch.float64)  # alignment loss x pairs, pairs
+    aligned = torch.zeros(2, dtype=torch.float64, device=device)  # alignment loss x pairs, pairs
     with torch.no_grad():
         for batch in batches:
             with optim.autocast(precision, device or torch.device("cpu")):
@@ -350,11 +350,12 @@ def validation_metrics(
             acc.update(out["logits"], targets, rows.sum().item(), batch_rows(batch))
             if pairs is not None and out["aligned"]:
                 loss, n = align_loss(out, batch, pairs, gather=lambda t: t)
-                aligned += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+                aligned[0] += loss.double() * n  # stays on the device: no sync per batch
+                aligned[1] += n
     acc.load_state(reduce(acc.state()))
     metrics = acc.compute()
     if pairs is not None:
-        total, n = reduce(aligned.to(device or torch.device("cpu"))).tolist()
+        total, n = reduce(aligned).tolist()
         metrics["align_loss"] = total / max(n, 1.0)  # in-batch InfoNCE per pair, over every worker's pairs
     return metrics
 
