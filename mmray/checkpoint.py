@@ -41,7 +41,7 @@ from mmray.config import ModelConfig, StorageConfig, config_from_dict, config_to
 from mmray.data import storage
 from mmray.data.labels import Task, task_from_dict
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.text import read_tokenizer_dir
+from mmray.data.text.encoder import read_tokenizer_dir
 from mmray.models.builder import build_model, save_architecture
 
 __all__ = [

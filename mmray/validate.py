@@ -1,9 +1,10 @@
 """``mmray validate-data``: what training or scoring would make of a dataset, before either runs.
 
 The checks are training's own, run in this process without Ray: the schema check of
-``pipeline.input_files`` (the same messages), the label maps of ``prepare.build_tasks``, the tokenizer
-of ``prepare.prepare_tokenizer`` and the ``Preprocessor`` actor's row checks, so every row it reports
-as quarantined would be quarantined by ``mmray train`` with the same reason. On top: rows per file,
+``pipeline.input_files`` (``pipeline.schema_errors``: the same messages), the label maps of
+``prepare.build_tasks``, the tokenizer of ``prepare.prepare_tokenizer`` and the ``Preprocessor`` actor's
+row checks, so every row it reports as quarantined would be quarantined by ``mmray train`` with the same
+reason, grouped as training's summary groups them (``pipeline.reason_counts``). On top: rows per file,
 label distribution per task, text length in tokens, image format/mode/size on a sample, rows missing
 each modality, and duplicate ids.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import io
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,62 +31,21 @@ from PIL import Image
 
 from mmray.config import Config
 from mmray.console import printable
-from mmray.data import storage
-from mmray.data.labels import label_key
+from mmray.data import pipeline, storage
+from mmray.data.labels import Task, label_key
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
-from mmray.data.schema import (
-    ATTENTION_MASK,
-    ERROR,
-    ERROR_COLUMN,
-    ERROR_STAGE,
-    ID,
-    IMAGE,
-    TEXT,
-    SchemaError,
-    check_columns,
-    mask_key,
-    unify_columns,
-)
+from mmray.data.schema import ATTENTION_MASK, ERROR, ID, IMAGE, TEXT, SchemaError, mask_key
 
 __all__ = ["CannotReadError", "format_report", "validate_data"]
 
 _BATCH_ROWS = 256
 _TOP_REASONS = 10
+_ERROR_CHARS = 60  # of a reason's first error, shown: more than the 40 that group reasons
 _TOP_LABELS = 20
 
 
 class CannotReadError(RuntimeError):
     """The dataset cannot be read at all (a file that is not Parquet)."""
-
-
-def _file_metadata(uri: str, files: list[str], cfg: Config) -> dict[str, pq.FileMetaData]:
-    fs, _ = storage.resolve(uri, cfg.storage)
-    out = {}
-    for path in files:
-        try:
-            out[path] = pq.read_metadata(path, filesystem=fs)
-        except (pa.ArrowException, OSError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise CannotReadError(f"{path} is not a readable Parquet file: {storage.redact(str(e))[:200]}") from None
-    return out
-
-
-def _schema_problems(meta: dict[str, pq.FileMetaData], expected: dict[str, str]) -> list[str]:
-    """Training's schema messages, one per file that fails, then the cross-file check."""
-    problems = []
-    schemas = {path: m.schema.to_arrow_schema() for path, m in meta.items()}
-    for path, schema in schemas.items():
-        try:
-            check_columns(schema, expected, path)
-        except SchemaError as e:
-            problems.append(str(e))
-    if not problems:
-        try:
-            unify_columns(schemas, expected)
-        except SchemaError as e:
-            problems.append(str(e))
-    return problems
 
 
 def _numpy_batch(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
@@ -138,14 +99,17 @@ def validate_data(
     from mmray.data import prepare  # the label maps and tokenizer exactly as training builds them
 
     files = storage.list_parquet_files(uri, cfg.storage)
-    meta = _file_metadata(uri, files, cfg)
+    try:
+        footers = pipeline.read_footers(uri, files, cfg.storage)
+    except SchemaError as e:  # not Parquet at all: nothing to check columns of (exit 2, not 1)
+        raise CannotReadError(str(e)) from None
     spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=(), with_labels=False)
     expected = {**spec.input_columns(), **({c: "label" for c in cfg.data.label_columns} if labeled else {})}
     report: dict[str, Any] = {
         "uri": storage.redact(uri),
-        "files": [{"path": storage.redact(p), "rows": m.num_rows} for p, m in meta.items()],
-        "rows": sum(m.num_rows for m in meta.values()),
-        "schema_problems": _schema_problems(meta, expected),
+        "files": [{"path": storage.redact(p), "rows": m.num_rows} for p, m in footers.items()],
+        "rows": sum(m.num_rows for m in footers.values()),
+        "schema_problems": [str(e) for e in pipeline.schema_errors(footers, expected)],
     }
     if report["schema_problems"]:
         report["problems"] = list(report["schema_problems"])
@@ -163,7 +127,10 @@ def validate_data(
         fetch_attempts=cfg.data.preprocess.fetch_attempts,
         fetch_timeout_s=cfg.data.preprocess.fetch_timeout_s,
     )
-    report.update(_row_checks(uri, files, cfg, spec, preprocessor, max_rows, image_sample))
+    checks = _RowChecks(spec, image_sample)
+    for batch in _batches(uri, files, cfg, list(spec.input_columns()), max_rows):
+        checks.add(batch, preprocessor(_numpy_batch(batch)))
+    report.update(checks.report(cfg.data.max_bad_fraction))
     report["labels"] = {t.name: report["labels"].get(t.name, {}) for t in tasks}
     problems = []
     if report["quarantine"]["rows"]:
@@ -174,105 +141,148 @@ def validate_data(
     return report
 
 
-def _row_checks(
-    uri: str,
-    files: list[str],
-    cfg: Config,
-    spec: PreprocessSpec,
-    preprocessor: Preprocessor,
-    max_rows: int | None,
-    image_sample: int,
-) -> dict[str, Any]:
+def _batches(
+    uri: str, files: list[str], cfg: Config, columns: list[str], max_rows: int | None
+) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the input, file by file in batches of ``_BATCH_ROWS``, up to ``max_rows`` rows."""
     fs, _ = storage.resolve(uri, cfg.storage)
-    columns = list(spec.input_columns())
-    rows = 0
-    reasons: Counter[tuple[str, str, str]] = Counter()
-    examples: dict[tuple[str, str, str], str] = {}
-    labels: dict[str, Counter[str]] = {t.name: Counter() for t in spec.tasks}
-    tokens: list[int] = []
-    truncated = 0
-    images: dict[str, Counter[str]] = {"format": Counter(), "mode": Counter(), "size": Counter()}
-    image_errors = sampled = 0
-    missing = Counter()
-    seen: set[str] = set()
-    duplicated: Counter[str] = Counter()
+    left = max_rows  # None: no limit
     for path in files:
+        if left is not None and left <= 0:
+            return
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-                if max_rows is not None and rows >= max_rows:
-                    break
-                if max_rows is not None:
-                    batch = batch.slice(0, max_rows - rows)
-                rows += batch.num_rows
-                raw = _numpy_batch(batch)
-                out = preprocessor(raw)
-                for i in range(batch.num_rows):
-                    error = out[ERROR][i]
-                    if error:
-                        key = (out[ERROR_STAGE][i], out[ERROR_COLUMN][i], error[:60])
-                        reasons[key] += 1
-                        examples.setdefault(key, str(out[ID][i]))
-                    else:
-                        if out[mask_key(TEXT)][i]:
-                            n = int(out[ATTENTION_MASK][i].sum())
-                            tokens.append(n)
-                            truncated += n >= spec.text.max_length
-                    missing["text"] += not out[mask_key(TEXT)][i] and not error
-                    missing["image"] += not out[mask_key(IMAGE)][i] and not error
-                    row_id = out[ID][i]
-                    if row_id is not None:
-                        (duplicated.update([row_id]) if row_id in seen else seen.add(row_id))
-                for t in spec.tasks:
-                    for value in batch.column(t.name).to_pylist():
-                        for v in value if isinstance(value, list) else [value]:
-                            key = label_key(v)  # as the label map keys it: 1.0 is class "1", inf none
-                            labels[t.name][str(v) if key is None else key] += 1
-                if spec.image_column and sampled < image_sample:
-                    for data in batch.column(spec.image_column).to_pylist()[: image_sample - sampled]:
-                        if not data:
-                            continue
-                        sampled += 1
-                        try:
-                            for name, value in zip(images, _image_header(data)):
-                                images[name][value] += 1
-                        except Exception:  # what Pillow cannot even identify
-                            image_errors += 1
-        if max_rows is not None and rows >= max_rows:
-            break
-    bad = sum(reasons.values())
-    return {
-        "rows_checked": rows,
-        "labels": {name: dict(c.most_common(_TOP_LABELS)) for name, c in labels.items()},
-        "label_classes": {  # classes seen; a null, NaN or inf label is counted above but is none
-            t.name: sum(k in t.classes for k in labels[t.name]) if t.classes else len(labels[t.name])
-            for t in spec.tasks
-        },
-        "text_tokens": {
-            **_quantiles(tokens),
-            "max_length": spec.text.max_length,
-            "truncated": truncated / max(len(tokens), 1),
-        },
-        "images": {
-            "sampled": sampled,
-            "decode_errors": image_errors,
-            **{name: dict(c.most_common()) for name, c in images.items()},
-        },
-        "missing": {m: missing[m] / max(rows, 1) for m in ("text", "image")},
-        "duplicate_ids": {
-            "ids": len(duplicated),
-            "rows": sum(duplicated.values()) + len(duplicated),
-            "examples": [i for i, _ in duplicated.most_common(5)],
-        },
-        "quarantine": {
-            "rows": bad,
-            "fraction": bad / max(rows, 1),
-            "max_bad_fraction": cfg.data.max_bad_fraction,
-            "reasons": [
-                {"stage": st, "column": col, "error": err, "rows": n, "example_id": examples[(st, col, err)]}
-                for (st, col, err), n in reasons.most_common(_TOP_REASONS)
-            ],
-        },
-    }
+                if left is not None:
+                    if left <= 0:
+                        return
+                    batch = batch.slice(0, left)
+                    left -= batch.num_rows
+                yield batch
+
+
+class _RowChecks:
+    """What the row checks count, batch by batch: counts, token lengths and one example per reason,
+    never the rows themselves.
+
+    Args:
+        image_sample: rows whose image header is read for the format/mode/size histogram.
+    """
+
+    def __init__(self, spec: PreprocessSpec, image_sample: int):
+        self.spec, self.image_sample = spec, image_sample
+        self.rows = 0
+        self.reasons: Counter[tuple[str, str]] = Counter()  # (column, reason), as training's summary
+        self.examples: dict[tuple[str, str], tuple[str, str | None, str]] = {}  # -> its first row's
+        self.labels: dict[str, Counter[str]] = {t.name: Counter() for t in spec.tasks}
+        self.tokens: list[int] = []
+        self.truncated = 0
+        self.images: dict[str, Counter[str]] = {"format": Counter(), "mode": Counter(), "size": Counter()}
+        self.image_errors = self.sampled = 0
+        self.missing: Counter[str] = Counter()
+        self.seen: set[Any] = set()
+        self.duplicated: Counter[Any] = Counter()
+
+    def add(self, batch: pa.RecordBatch, out: dict[str, np.ndarray]) -> None:
+        """One input ``batch`` and the ``Preprocessor``'s output for it."""
+        self.rows += batch.num_rows
+        self._count_reasons(pipeline.quarantine_records(out))
+        self._count_good_rows(out)
+        self._count_ids(out[ID])
+        for t in self.spec.tasks:
+            self._count_labels(t, batch.column(t.name).to_pylist())
+        if self.spec.image_column and self.sampled < self.image_sample:
+            self._sample_images(batch.column(self.spec.image_column).to_pylist()[: self.image_sample - self.sampled])
+
+    def _count_reasons(self, records: pa.Table) -> None:
+        self.reasons.update(pipeline.reason_counts(records))
+        for key, example in pipeline.reason_examples(records).items():
+            self.examples.setdefault(key, example)
+
+    def _count_good_rows(self, out: dict[str, np.ndarray]) -> None:
+        """Token lengths of the rows that would train, and those missing a modality."""
+        good = out[ERROR] == ""
+        has_text, has_image = out[mask_key(TEXT)].astype(bool), out[mask_key(IMAGE)].astype(bool)
+        lengths = out[ATTENTION_MASK][good & has_text].sum(axis=1)
+        self.tokens += lengths.tolist()
+        self.truncated += int((lengths >= self.spec.text.max_length).sum())
+        self.missing["text"] += int((good & ~has_text).sum())
+        self.missing["image"] += int((good & ~has_image).sum())
+
+    def _count_ids(self, ids: np.ndarray) -> None:
+        for row_id in ids:
+            if row_id is None:
+                continue
+            if row_id in self.seen:
+                self.duplicated[row_id] += 1
+            else:
+                self.seen.add(row_id)
+
+    def _count_labels(self, task: Task, values: list[Any]) -> None:
+        for v in (v for value in values for v in (value if isinstance(value, list) else [value])):
+            key = label_key(v)  # as the label map keys it: 1.0 is class "1", inf none
+            self.labels[task.name][str(v) if key is None else key] += 1
+
+    def _sample_images(self, images: list[bytes | None]) -> None:
+        for data in images:
+            if not data:
+                continue
+            self.sampled += 1
+            try:
+                for name, value in zip(self.images, _image_header(data)):
+                    self.images[name][value] += 1
+            except Exception:  # what Pillow cannot even identify
+                self.image_errors += 1
+
+    def report(self, max_bad_fraction: float) -> dict[str, Any]:
+        """The row checks' part of ``validate_data``'s report."""
+        rows, bad, tasks = self.rows, sum(self.reasons.values()), self.spec.tasks
+        return {
+            "rows_checked": rows,
+            "labels": {name: dict(c.most_common(_TOP_LABELS)) for name, c in self.labels.items()},
+            "label_classes": {  # classes seen; a null, NaN or inf label is counted above but is none
+                t.name: sum(k in t.classes for k in self.labels[t.name]) if t.classes else len(self.labels[t.name])
+                for t in tasks
+            },
+            "text_tokens": {
+                **_quantiles(self.tokens),
+                "max_length": self.spec.text.max_length,
+                "truncated": self.truncated / max(len(self.tokens), 1),
+            },
+            "images": {
+                "sampled": self.sampled,
+                "decode_errors": self.image_errors,
+                **{name: dict(c.most_common()) for name, c in self.images.items()},
+            },
+            "missing": {m: self.missing[m] / max(rows, 1) for m in ("text", "image")},
+            "duplicate_ids": {
+                "ids": len(self.duplicated),
+                "rows": sum(self.duplicated.values()) + len(self.duplicated),
+                "examples": [i for i, _ in self.duplicated.most_common(5)],
+            },
+            "quarantine": {
+                "rows": bad,
+                "fraction": bad / max(rows, 1),
+                "max_bad_fraction": max_bad_fraction,
+                "reasons": self._top_reasons(),
+            },
+        }
+
+    def _top_reasons(self) -> list[dict[str, Any]]:
+        """The most common reasons, grouped and ranked as training's summary does, each shown by its first
+        row: stage, error (``_ERROR_CHARS``) and id."""
+        top = []
+        for (column, reason), rows in pipeline.ranked_reasons(self.reasons, _TOP_REASONS):
+            stage, row_id, error = self.examples[(column, reason)]
+            top.append(
+                {
+                    "stage": stage,
+                    "column": column,
+                    "error": error[:_ERROR_CHARS],
+                    "rows": rows,
+                    "example_id": str(row_id),
+                }
+            )
+        return top
 
 
 def _printable(obj: Any) -> Any:

@@ -1,9 +1,11 @@
 """Ray Data wiring of the data layer: list + schema-check Parquet input, read it, run the preprocessing
 actor pool, and split the result into usable rows and quarantine records.
 
-Two things have one home here for every job (training, scoring, ``mmray evaluate``): the actor pool
-(``map_with_actors``) and the quarantine record (``quarantine_records`` builds it from any stream that
-carries the bookkeeping columns, ``reason_counts`` groups it for summaries).
+Three things have one home here for every job (training, scoring, ``mmray evaluate``; ``mmray
+validate-data``, which starts no Ray): the schema check (``schema_errors`` over the footers that
+``read_footers`` reads in parallel), the actor pool (``map_with_actors``) and the quarantine record
+(``quarantine_records`` builds it from any stream that carries the bookkeeping columns,
+``reason_counts`` groups it for summaries).
 
 Reading is lazy and streaming (``read_parquet`` yields row-group-sized blocks, back-pressured by the
 actor pool), so the driver never holds the data; the quarantine streams to its Parquet file as well
@@ -49,8 +51,11 @@ __all__ = [
     "preprocess_demand",
     "quarantine_records",
     "ranked_reasons",
+    "read_footers",
     "read_input",
     "reason_counts",
+    "reason_examples",
+    "schema_errors",
     "stream_quarantine",
     "summarize_reasons",
     "usable_rows",
@@ -74,20 +79,27 @@ def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> lis
         SchemaError: a file that is not Parquet, or lacks / mistypes a column; names the file.
     """
     files = storage.list_parquet_files(uri, store)
-    schemas = _schemas(uri, files, store)
-    for path, schema in schemas.items():  # sorted: the first failing file is named
-        check_columns(schema, expected, path)
-    unify_columns(schemas, expected)  # files that disagree on a column's type: cast, or fail naming both
+    errors = schema_errors(read_footers(uri, files, store), expected)
+    if errors:
+        raise errors[0]  # files are sorted: the first failing file is named
     return files
 
 
-def _schemas(uri: str, files: list[str], store: StorageConfig) -> dict[str, pa.Schema]:
-    """Each file's Arrow schema (footers only, read in parallel), keyed by the path shown to users."""
+def read_footers(uri: str, files: list[str], store: StorageConfig) -> dict[str, pq.FileMetaData]:
+    """Each file's Parquet footer (schema, row count), keyed by the path shown to users, in ``files``
+    order. Read in parallel: footers are tiny, and on S3 latency, not bytes, dominates.
+
+    Raises:
+        FileNotFoundError: a listed file is gone.
+        SchemaError: a file that is not Parquet; names it.
+    """
+    if not files:
+        return {}
     fs, _ = storage.resolve(uri, store)
 
-    def read(path: str) -> pa.Schema:
+    def read(path: str) -> pq.FileMetaData:
         try:
-            return pq.read_schema(path, filesystem=fs)
+            return pq.read_metadata(path, filesystem=fs)
         except (pa.ArrowException, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -96,7 +108,39 @@ def _schemas(uri: str, files: list[str], store: StorageConfig) -> dict[str, pa.S
             ) from None
 
     with ThreadPoolExecutor(min(_FOOTER_READERS, len(files))) as pool:
-        return {_shown(uri, f): schema for f, schema in zip(files, pool.map(read, files))}  # first failure re-raised
+        return {_shown(uri, f): meta for f, meta in zip(files, pool.map(read, files))}  # first failure re-raised
+
+
+def schema_errors(footers: Mapping[str, pq.FileMetaData], expected: dict[str, str]) -> list[SchemaError]:
+    """Every schema problem of an input, as ``read_footers`` read it: one error per file that lacks or
+    mistypes a column, in file order; when there is none, the cross-file one (files that disagree on a
+    column's type beyond a cast). ``input_files`` raises the first, ``mmray validate-data`` lists all.
+
+    Args:
+        expected: column -> kind, as from ``PreprocessSpec.input_columns()``.
+    """
+    schemas = _arrow_schemas(footers)
+    errors = []
+    for path, schema in schemas.items():
+        try:
+            check_columns(schema, expected, path)
+        except SchemaError as e:
+            errors.append(e)
+    if not errors:
+        try:
+            unify_columns(schemas, expected)  # what read_input casts to; fails naming both files
+        except SchemaError as e:
+            errors.append(e)
+    return errors
+
+
+def _schemas(uri: str, files: list[str], store: StorageConfig) -> dict[str, pa.Schema]:
+    """Each file's Arrow schema (footers only, read in parallel), keyed by the path shown to users."""
+    return _arrow_schemas(read_footers(uri, files, store))
+
+
+def _arrow_schemas(footers: Mapping[str, pq.FileMetaData]) -> dict[str, pa.Schema]:
+    return {path: meta.schema.to_arrow_schema() for path, meta in footers.items()}
 
 
 def _shown(uri: str, path: str) -> str:
@@ -104,13 +148,9 @@ def _shown(uri: str, path: str) -> str:
 
 
 def count_rows(uri: str, files: list[str], store: StorageConfig) -> int:
-    """Rows in the input's Parquet files, from their footers (read in parallel: on S3 latency, not
-    bytes, dominates). Preprocessing maps each input row to one output row, so this is ``rows_in``."""
-    if not files:
-        return 0
-    fs, _ = storage.resolve(uri, store)
-    with ThreadPoolExecutor(min(_FOOTER_READERS, len(files))) as pool:
-        return sum(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, files))
+    """Rows in the input's Parquet files, from their footers (``read_footers``). Preprocessing maps
+    each input row to one output row, so this is ``rows_in``."""
+    return sum(meta.num_rows for meta in read_footers(uri, files, store).values())
 
 
 def read_input(uri: str, files: list[str], store: StorageConfig, columns: list[str]) -> ray.data.Dataset:
@@ -246,16 +286,32 @@ def quarantine_records(rows: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> p
 def reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:
     """``(column, reason) -> rows`` over quarantine records; the reason is the error's first 40
     characters, so variants of one problem ("undecodable image: ...") count as one."""
-    reasons = pc.utf8_slice_codeunits(records.column("error"), 0, 40)
-    counts = (
-        pa.table({"column": records.column("column"), "reason": reasons})
-        .group_by(["column", "reason"])
-        .aggregate([([], "count_all")])
-    )
+    counts = _by_reason(records).group_by(["column", "reason"]).aggregate([([], "count_all")])
     return {
         (c or "", r or ""): n
         for c, r, n in zip(*(counts.column(k).to_pylist() for k in ("column", "reason", "count_all")))
     }
+
+
+def reason_examples(records: pa.Table) -> dict[tuple[str, str], tuple[str, str | None, str]]:
+    """``(column, reason) -> (stage, id, error)`` of the first record of each reason of ``reason_counts``:
+    the row a report names beside the count."""
+    first = pc.ScalarAggregateOptions(skip_nulls=False)  # the first record's, even a null id
+    firsts = (
+        _by_reason(records)
+        .group_by(["column", "reason"], use_threads=False)  # unthreaded: "first" is in record order
+        .aggregate([(k, "first", first) for k in ("stage", "id", "error")])
+    )
+    keys = ("column", "reason", "stage_first", "id_first", "error_first")
+    return {
+        (c or "", r or ""): (st or "", i, e or "")
+        for c, r, st, i, e in zip(*(firsts.column(k).to_pylist() for k in keys))
+    }
+
+
+def _by_reason(records: pa.Table) -> pa.Table:
+    """The records with their reason: the error's first 40 characters."""
+    return records.append_column("reason", pc.utf8_slice_codeunits(records.column("error"), 0, 40))
 
 
 def stream_quarantine(ds: ray.data.Dataset, uri: str, store: StorageConfig) -> Quarantine:
@@ -303,9 +359,14 @@ def check_bad_fraction(
         )
 
 
-def ranked_reasons(quarantine: pa.Table | Quarantine, top: int | None = None) -> list[tuple[tuple[str, str], int]]:
-    """``((column, reason), rows)`` of the ``top`` (None: all) most frequent reasons, most rows first."""
-    counts = quarantine.reasons if isinstance(quarantine, Quarantine) else reason_counts(quarantine)
+def ranked_reasons(
+    quarantine: pa.Table | Quarantine | Mapping[tuple[str, str], int], top: int | None = None
+) -> list[tuple[tuple[str, str], int]]:
+    """``((column, reason), rows)`` of the ``top`` (None: all) most frequent reasons, most rows first,
+    ties by reason: of quarantine records, a ``Quarantine``, or ``reason_counts`` summed over batches."""
+    if isinstance(quarantine, pa.Table):
+        quarantine = reason_counts(quarantine)
+    counts = quarantine.reasons if isinstance(quarantine, Quarantine) else quarantine
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
 

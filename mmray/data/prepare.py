@@ -19,14 +19,9 @@ import pyarrow.parquet as pq
 from mmray.config import Config, StorageConfig, TextConfig
 from mmray.data import storage
 from mmray.data.labels import LabelCollector, Task
-from mmray.data.text import (
-    TextNormalizer,
-    TextTooLarge,
-    bounded_text,
-    load_tokenizer,
-    read_tokenizer_dir,
-    train_wordpiece,
-)
+from mmray.data.text.encoder import load_tokenizer, read_tokenizer_dir
+from mmray.data.text.normalize import TextNormalizer, TextTooLarge, bounded_text
+from mmray.data.text.wordpiece import train_wordpiece
 
 __all__ = ["TOKENIZER_SAMPLE_ROWS", "build_tasks", "prepare_tokenizer", "read_batches", "sample_texts"]
 

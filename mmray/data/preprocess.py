@@ -39,17 +39,11 @@ from mmray.data.schema import (
     label_key,
     mask_key,
 )
-from mmray.data.text import (
-    PosTagger,
-    TextNormalizer,
-    TextTooLarge,
-    TokenEncoder,
-    bounded_text,
-    check_pos_model,
-    load_stopwords,
-    load_user_dict,
-    shared_segmenter,
-)
+from mmray.data.text.dictionaries import load_stopwords, load_user_dict
+from mmray.data.text.encoder import TokenEncoder
+from mmray.data.text.normalize import TextNormalizer, TextTooLarge, bounded_text
+from mmray.data.text.pos import PosTagger, check_pos_model
+from mmray.data.text.segment import shared_segmenter
 
 __all__ = ["PreprocessSpec", "Preprocessor", "keep_good"]
 

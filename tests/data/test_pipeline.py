@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,6 +125,26 @@ def test_one_quarantine_record_from_a_numpy_batch_or_an_arrow_table():
     arrow = pa.table({**columns, ID: pa.array([1, 2, 7, None], pa.int64())})
     assert pipeline.quarantine_records(arrow).column("id").to_pylist() == ["2", "7", None]
     assert pipeline.ranked_reasons(records) == [(("", ""), 1), (("image", "bad"), 1), (("label", "x" * 40), 1)]
+
+
+def test_each_reason_is_shown_by_its_first_record_even_one_without_an_id():
+    """``mmray validate-data`` names one row per reason: the first, its whole error, a null id kept."""
+    records = pa.table(
+        {
+            "id": [None, "b", "c", "d"],
+            "stage": ["label", "label", "preprocess", "preprocess"],
+            "column": ["label", "label", "image", "image"],
+            "error": ["x" * 40 + "1", "x" * 40 + "2", "truncated image", "truncated image"],
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+    assert pipeline.reason_counts(records) == {("label", "x" * 40): 2, ("image", "truncated image"): 2}
+    assert pipeline.reason_examples(records) == {
+        ("label", "x" * 40): ("label", None, "x" * 40 + "1"),
+        ("image", "truncated image"): ("preprocess", "c", "truncated image"),
+    }
+    counts = Counter(pipeline.reason_counts(records.slice(2))) + Counter(pipeline.reason_counts(records.slice(0, 2)))
+    assert pipeline.ranked_reasons(counts) == pipeline.ranked_reasons(records)  # summed over batches
 
 
 def test_bad_fraction_aborts_naming_the_share_the_reasons_and_the_file():

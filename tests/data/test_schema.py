@@ -115,6 +115,27 @@ def test_input_files_checks_every_file_before_any_work(tmp_path):
         pipeline.input_files(str(tmp_path / "nothing"), EXPECTED, StorageConfig())
 
 
+def test_schema_errors_name_every_failing_file_in_order_and_input_files_raises_the_first(tmp_path):
+    rows = {"id": [1, 2], "text": ["a", "b"], "image": [b"", b""], "label": ["x", "y"]}
+    pq.write_table(pa.table(rows, schema=GOOD), tmp_path / "part-0.parquet")
+    _write(tmp_path / "part-1.parquet", GOOD.remove(GOOD.get_field_index("image")))
+    _write(tmp_path / "part-2.parquet", GOOD.set(1, pa.field("text", pa.binary())))
+    files = storage.list_parquet_files(str(tmp_path), StorageConfig())
+    footers = pipeline.read_footers(str(tmp_path), files, StorageConfig())
+    assert list(footers) == files and [m.num_rows for m in footers.values()] == [2, 0, 0]
+    assert pipeline.count_rows(str(tmp_path), files, StorageConfig()) == 2
+    errors = [str(e) for e in pipeline.schema_errors(footers, EXPECTED)]
+    assert errors == [
+        f"column 'image' is missing in {tmp_path}/part-1.parquet (expected binary (encoded image bytes); "
+        "found ['id', 'text', 'label'])",
+        f"column 'text' in {tmp_path}/part-2.parquet has type binary, expected string",
+    ]
+    with pytest.raises(SchemaError) as e:
+        pipeline.input_files(str(tmp_path), EXPECTED, StorageConfig())
+    assert str(e.value) == errors[0]
+    assert pipeline.schema_errors(dict(list(footers.items())[:1]), EXPECTED) == []
+
+
 def test_input_files_on_s3_names_the_s3_uri(s3_server, s3_bucket):
     store = StorageConfig(s3_endpoint_url=s3_server)
     fs, root = storage.resolve(f"s3://{s3_bucket}/in", store)
