@@ -126,7 +126,11 @@ class DataConfig:
     label_column: str | list[str] = "label"  # a list means one head per task
     missing_modality: Literal["allow", "quarantine"] = "allow"
     max_bad_fraction: float = 0.1  # abort when more rows than this are quarantined
-    cache: Literal["auto", "always", "never"] = "auto"  # keep preprocessed train set in the object store
+    # Keep the preprocessed splits in the object store ("always"), stream them, re-preprocessing every
+    # epoch ("never"), or cache when they fit ("auto"). "features": with both encoders frozen
+    # (freeze: true), run them once, in an actor pool after preprocessing, and cache their outputs
+    # (float32) instead of pixels and tokens; every epoch then trains only fusion and heads on them.
+    cache: Literal["auto", "always", "never", "features"] = "auto"
     cache_max_fraction: float = 0.3  # "auto" caches when it fits in this share of the object store
     # Seconds a Ray Data execution (scoring's stream, training's preprocessing passes and the trainer
     # workers' ingest) may go without any stage moving a block before the job fails with Ray Data's
@@ -490,6 +494,8 @@ def _validate(cfg: Config) -> None:
             "train.mlflow_tracking_uri: must not embed credentials (user:password@host); "
             "use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
         )
+    if cfg.data.cache == "features":
+        _check_feature_cache(cfg)
     if cfg.data.text.pos_model and not cfg.data.text.pos_tags:
         raise ConfigError("data.text.pos_model: set, but data.text.pos_tags is false (nothing would use it)")
     if cfg.data.text.user_dict and cfg.data.text.segmenter != "jieba" and not cfg.data.text.pos_tags:
@@ -521,6 +527,26 @@ def _validate(cfg: Config) -> None:
     if cfg.model.fusion == "cross_attention" and cfg.model.hidden_dim % cfg.model.fusion_heads:
         raise ConfigError(
             f"model.fusion_heads: {cfg.model.fusion_heads} must divide model.hidden_dim={cfg.model.hidden_dim}"
+        )
+
+
+def _check_feature_cache(cfg: Config) -> None:
+    """``data.cache=features`` computes each encoder's output once: nothing may change it between epochs."""
+    text, image = cfg.model.text_encoder.freeze, cfg.model.image_encoder.freeze
+    if text is not True or image is not True:  # an int N trains the last N blocks; 0 reads as "set true"
+        raise ConfigError(
+            "data.cache=features needs model.text_encoder.freeze: true and model.image_encoder.freeze: true "
+            f"(got {text!r} and {image!r}): a trainable encoder's outputs change every step"
+        )
+    if cfg.data.image.augment:
+        raise ConfigError(
+            "data.image.augment: augments the pixels every epoch, but data.cache=features encodes them once "
+            "(set it false, or data.cache=always)"
+        )
+    if cfg.data.text.pos_tags:
+        raise ConfigError(
+            "data.text.pos_tags: its POS embedding trains inside the frozen text encoder, so the encoder's "
+            "outputs change every step; data.cache=features needs it false (or data.cache=always)"
         )
 
 

@@ -188,6 +188,34 @@ def test_text_preprocessing_keys_are_checked_together():
         config_from_dict({}, ["data.text.user_dict=/d.txt"])
 
 
+FROZEN = ["data.cache=features", "model.text_encoder.freeze=true", "model.image_encoder.freeze=true"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.text_encoder.freeze=false",
+            "data.cache=features needs model.text_encoder.freeze: true and model.image_encoder.freeze: true "
+            "(got False and True)",
+        ),
+        ("model.image_encoder.freeze=2", "(got True and 2)"),  # the last 2 stages train
+        ("data.image.augment=true", "data.image.augment: augments the pixels every epoch"),
+        ("data.text.pos_tags=true", "data.text.pos_tags: its POS embedding trains inside the frozen text encoder"),
+    ],
+)
+def test_cached_features_refuse_whatever_changes_the_encoders_outputs(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*FROZEN, override])
+
+
+def test_cached_features_take_frozen_encoders_matching_and_modality_dropout():
+    """Hard negatives recombine the batch's encoder outputs and modality dropout masks them after the
+    encoders: neither re-encodes, so both work on cached features."""
+    extra = ["model.align.weight=1", "model.align.itm_weight=0.5", "model.modality_dropout=0.2"]
+    assert load_config(None, [*FROZEN, *extra]).data.cache == "features"
+
+
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9)
 )  # ten levels of x10: 10^10 values from ~470 bytes

@@ -11,7 +11,9 @@ the heads also read each row's aligned cosine similarity beside the fused vector
 modality ablation re-runs only ``predict`` with other masks (``mmray.score.ablation``; a row without
 both modalities reads similarity 0). Its output also carries the representation the heads and the
 fusion read (``fused``, and each encoder's ``pooled`` vector), so ``mmray embed`` takes it from the
-same forward pass that ``mmray score`` predicts with.
+same forward pass that ``mmray score`` predicts with. With both encoders frozen, training may run on
+their outputs computed once (``data.cache=features``): ``with_cached_features`` is the same model
+reading them from the batch, with no encoder left to run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from mmray.data.schema import IMAGE, INPUT_IDS, PIXELS, TEXT, mask_key
 from mmray.data.transforms import normalize
 from mmray.models.align import aligned_similarity, hard_negatives, same_rows
-from mmray.models.encoders import Encoded
+from mmray.models.encoders import CachedFeatures, Encoded
 
 __all__ = ["FusionClassifier", "ModelOutput"]
 
@@ -78,6 +80,24 @@ class FusionClassifier(nn.Module):
         if match_head is not None and align is None:
             raise ValueError("match_head needs an align projection (its negatives come from the alignment)")
         self.match_head = match_head
+
+    def with_cached_features(self) -> FusionClassifier:
+        """This model with each encoder replaced by ``CachedFeatures``, which reads the encoder's output
+        from the batch. Every other part is this model's own (the same parameters), so training the
+        returned model trains this one, which keeps the encoders for checkpoints and scoring."""
+        encoders = nn.ModuleDict({m: CachedFeatures(m, e.out_dim, e.token_dim) for m, e in self.encoders.items()})
+        return FusionClassifier(
+            encoders,
+            self.fusion,
+            self.heads,
+            self.aux_heads,
+            self.pixel_mean,
+            self.pixel_std,
+            self.modality_dropout,
+            self.align,
+            self.heads_read_similarity,
+            self.match_head,
+        )
 
     def masks(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Modality presence per row (1/0) from the batch; with modality dropout while training."""

@@ -16,7 +16,16 @@ from torch import Tensor, nn
 from mmray.data.schema import ATTENTION_MASK, INPUT_IDS, PIXELS, POS_IDS
 from mmray.models.freeze import FrozenEvalMixin
 
-__all__ = ["Encoded", "TinyImageEncoder", "TinyTextEncoder", "masked_mean", "pos_embedding"]
+__all__ = [
+    "CachedFeatures",
+    "Encoded",
+    "TinyImageEncoder",
+    "TinyTextEncoder",
+    "feature_columns",
+    "feature_key",
+    "masked_mean",
+    "pos_embedding",
+]
 
 
 class Encoded(NamedTuple):
@@ -115,3 +124,49 @@ class TinyImageEncoder(FrozenEvalMixin, nn.Module):
         tokens = grid.flatten(2).transpose(1, 2)  # [B, h*w, D]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return Encoded(tokens.mean(1), tokens, mask)
+
+
+def feature_key(modality: str, part: str) -> str:
+    """Column holding one field (``pooled``, ``tokens``, ``token_mask``) of a modality's ``Encoded``,
+    computed once by its frozen encoder (``data.cache=features``)."""
+    return f"feature__{modality}__{part}"
+
+
+def feature_columns(features: dict[str, Encoded], tokens: bool) -> dict[str, Tensor]:
+    """The ``feature_key`` columns of encoder outputs, as ``CachedFeatures`` reads them back: float32
+    (exactly what the encoders computed, so training on them matches training on raw rows), and the
+    tokens only when ``tokens`` (the fusion reads them: they are most of the bytes)."""
+    parts = ("pooled", "tokens", "token_mask") if tokens else ("pooled",)
+    return {
+        feature_key(m, part): getattr(features[m], part).float() if part != "token_mask" else features[m].token_mask
+        for m in sorted(features)
+        for part in parts
+    }
+
+
+class CachedFeatures(nn.Module):
+    """Stands in for a frozen encoder whose outputs were computed once and travel in the batch
+    (``feature_key`` columns): the encoder contract with no weights and no computation.
+
+    Args:
+        modality: the modality key whose columns it reads.
+        out_dim, token_dim: the encoder's widths (the fusion was sized from them).
+
+    Without token columns (the fusion reads only ``pooled``), ``tokens`` and ``token_mask`` are empty
+    (zero tokens a row): hard negatives of image-text matching can still index them.
+    """
+
+    def __init__(self, modality: str, out_dim: int, token_dim: int):
+        super().__init__()
+        self.modality, self.out_dim, self.token_dim = modality, out_dim, token_dim
+
+    def forward(self, batch: dict[str, Tensor]) -> Encoded:
+        pooled = batch[feature_key(self.modality, "pooled")]
+        tokens = batch.get(feature_key(self.modality, "tokens"))
+        if tokens is None:
+            return Encoded(
+                pooled,
+                pooled.new_zeros(pooled.shape[0], 0, self.token_dim),
+                torch.zeros(pooled.shape[0], 0, dtype=torch.bool, device=pooled.device),
+            )
+        return Encoded(pooled, tokens, batch[feature_key(self.modality, "token_mask")].bool())

@@ -4,7 +4,8 @@
 0 missing). Modalities are iterated in sorted order. Input sizes come from the encoders (derived by
 the builder), never from config. A missing modality never influences a row's output: pooled-vector
 fusions swap in a learned "missing" embedding, weighting fusions (gated, late) give it zero weight,
-and cross-attention hides its tokens.
+and cross-attention hides its tokens. A fusion that reads ``tokens`` and ``token_mask``, not only
+``pooled``, says so with ``reads_tokens = True`` (cached encoder outputs keep the tokens only then).
 
     concat           concatenate pooled vectors, two-layer MLP
     gated            gated multimodal unit (Arevalo et al. 2017)
@@ -134,6 +135,8 @@ class CrossAttentionFusion(nn.Module):
     Args:
         token_dims: modality -> token width of its encoder.
     """
+
+    reads_tokens = True
 
     def __init__(self, token_dims: dict[str, int], hidden_dim: int, layers: int, heads: int, dropout: float):
         super().__init__()

@@ -6,7 +6,9 @@ counts (``rows_in == rows_used + rows_quarantined``). Two decisions live here:
 * ``data.cache``: keep the decoded, tokenized rows in Ray's object store for the whole run
   (preprocessing runs once; a prototype measured epochs ~40x slower on 2 CPUs when the actor pool
   re-ran every epoch), or stream them (preprocessing re-runs each epoch, memory stays bounded).
-  ``auto`` caches when the estimated size fits in ``data.cache_max_fraction`` of the object store.
+  ``auto`` caches when the estimated size fits in ``data.cache_max_fraction`` of the object store;
+  ``features`` caches, and ``mmray.train.features`` then replaces the cached rows with the frozen
+  encoders' outputs.
 * Sharding: the training split is cut into exactly equal shards (every rank takes the same number
   of DDP steps, so no rank waits forever in a collective), the validation split into shards that
   drop no row (metrics cover the whole split however many workers there are).
@@ -63,13 +65,13 @@ def cache_decision(mode: str, nbytes: int, store_bytes: int, max_fraction: float
     """Whether to materialize, and a one-line reason for the log.
 
     Args:
-        mode: ``data.cache``: ``always``, ``never`` or ``auto``.
+        mode: ``data.cache``: ``always``, ``never``, ``auto`` or ``features`` (cached, then encoded).
         nbytes: estimated size of the preprocessed splits.
         store_bytes: object store capacity.
         max_fraction: ``data.cache_max_fraction``.
     """
-    if mode in ("always", "never"):
-        return mode == "always", f"data.cache={mode}"
+    if mode in ("always", "never", "features"):
+        return mode != "never", f"data.cache={mode}"
     budget = int(store_bytes * max_fraction)
     fits = nbytes <= budget
     verb = "fits in" if fits else "exceeds"

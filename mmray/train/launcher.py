@@ -2,8 +2,9 @@
 
 Steps: list + schema-check the input, build label maps and the tokenizer, preprocess train/val in a
 bounded actor pool, quarantine bad rows (counts reconcile: ``rows_in == rows_used + rows_quarantined``),
-keep the usable rows in the object store or stream them (``data.cache``, see ``mmray.train.ingest``),
-and launch ``train_loop_per_worker`` on ``train.num_workers`` workers.
+keep the usable rows in the object store or stream them (``data.cache``, see ``mmray.train.ingest``;
+or their frozen encoders' outputs, see ``mmray.train.features``), and launch ``train_loop_per_worker``
+on ``train.num_workers`` workers.
 
 The label maps and tokenizer come from ``mmray.data.prepare``; where runs live, from ``mmray.runs``.
 A run lives in ``train.storage_path/train.name``. A fresh run gets a unique name; rerunning with the
@@ -46,10 +47,10 @@ from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.prepare import build_tasks, prepare_tokenizer
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.text import TokenEncoder
+from mmray.data.text.encoder import TokenEncoder
 from mmray.runs import LATEST_POINTER, fresh_run_name, result_uri, storage_root
 from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall
-from mmray.train import ingest
+from mmray.train import features, ingest
 from mmray.train.hooks import load_before_step
 from mmray.train.init_from import check_compatible
 from mmray.train.loop import LoopInputs, train_loop_per_worker, true_pairs
@@ -160,6 +161,8 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
     vocab_size = TokenEncoder(tokenizer_files, cfg.data.text.max_length).vocab_size
     splits = {"train": (cfg.data.train, train_files), "val": (cfg.data.val, val_files)}
     datasets, counts, cached = ingest.prepare_datasets(cfg, spec, tasks, tokenizer_files, run_dir, splits)
+    if cfg.data.cache == "features":  # the pool of data.preprocess again, once the preprocessing is done
+        datasets = features.encode_splits(cfg, tasks, vocab_size, datasets)
     return Prepared(tasks, spec, tokenizer_files, vocab_size, datasets, counts, cached)
 
 

@@ -9,6 +9,8 @@ scaler, epoch, step, RNG and history (``mmray.train.state``).
 
 The pieces (``build_parts``, ``train_epoch``, ``evaluate``, ``epoch_record``) take plain objects and
 run without Ray, so the unit tests drive them directly; only ``train_loop_per_worker`` talks to Ray.
+With ``data.cache=features`` the batches carry the frozen encoders' outputs (``mmray.train.features``):
+the loop trains ``FusionClassifier.with_cached_features()`` and checkpoints the whole model.
 The collectives they use are in ``mmray.train.dist``; ``train.before_step`` (``mmray.train.hooks``)
 is called before every optimizer step.
 """
@@ -61,6 +63,7 @@ __all__ = [
     "build_parts",
     "compute_loss",
     "epoch_record",
+    "initial_model",
     "train_epoch",
     "train_loop_per_worker",
     "true_pairs",
@@ -105,6 +108,25 @@ class Parts:
     scaler: torch.amp.GradScaler | None
     precision: str  # fp32 | bf16 | fp16 (resolved from "auto")
     device: torch.device
+    # data.cache=features: the whole model, encoders included (left on the CPU), which checkpoints hold;
+    # ``model`` is its ``with_cached_features()`` (every other part shared) and holds no encoder.
+    full: nn.Module | None = None
+
+    @property
+    def saved(self) -> nn.Module:
+        """The model a checkpoint holds and a resume loads."""
+        return self.full if self.full is not None else self.model
+
+
+def initial_model(cfg: Config, tasks: list[Task], vocab_size: int) -> nn.Module:
+    """The model every worker starts from, the same on every rank (and on the driver, which encodes
+    ``data.cache=features`` with its encoders): built from the seed, then ``model.init_from``'s parts."""
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage)
+    if cfg.model.init_from:
+        with storage.local_dir(cfg.model.init_from, cfg.storage) as local:
+            load_parts(model, local, storage.redact(cfg.model.init_from))
+    return model
 
 
 def build_parts(
@@ -118,14 +140,13 @@ def build_parts(
 ) -> Parts:
     """Model (wrapped for DDP by ``wrap``), optimizer, schedule and scaler for one worker.
 
-    Every rank builds the model from the same seed; DDP also broadcasts rank 0's weights.
+    Every rank builds the model from the same seed (``initial_model``: before the wrap, so DDP broadcasts
+    ``model.init_from``'s weights with the rest); DDP also broadcasts rank 0's weights.
     """
     t = cfg.train
-    seed_everything(t.seed)
-    model = build_model(cfg.model, cfg.data.text, cfg.data.image, tasks, vocab_size, storage=cfg.storage)
-    if cfg.model.init_from:  # before the wrap: DDP then broadcasts these weights with the rest
-        with storage.local_dir(cfg.model.init_from, cfg.storage) as local:
-            load_parts(model, local, storage.redact(cfg.model.init_from))
+    model, full = initial_model(cfg, tasks, vocab_size), None
+    if cfg.data.cache == "features":  # the batches carry the encoders' outputs: never run them here
+        full, model = model, model.with_cached_features()
     model = wrap(model.to(device))
     optimizer = optim.build_optimizer(model, t, world_size)
     total = optim.steps_per_epoch(train_rows, world_size, t.batch_size, t.grad_accum_steps) * t.epochs
@@ -137,6 +158,7 @@ def build_parts(
         optim.make_scaler(precision, device),
         precision,
         device,
+        full,
     )
 
 
@@ -400,12 +422,12 @@ def _resume(parts: Parts, cfg: Config, rank: int, world: int) -> Progress:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            progress = restore(d, parts.model, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
+            progress = restore(d, parts.saved, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
         source = checkpoint.path
     elif cfg.train.resume_from:
         source = cfg.train.resume_from
         with storage.local_dir(source, cfg.storage) as local:
-            progress = restore(local, parts.model, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
+            progress = restore(local, parts.saved, parts.optimizer, parts.scheduler, parts.scaler, rank, world)
     else:
         seed_everything(_rank_seed(cfg.train.seed, rank, 0))
         return Progress()
@@ -427,7 +449,7 @@ def _report(
                 inputs.config.model, inputs.preprocess, tuple(inputs.tasks), inputs.vocab_size, progress.epoch, record
             )
             state = train_state(parts.optimizer, parts.scheduler, parts.scaler, progress, rng_states)
-            save_checkpoint(tmp, parts.model, info, inputs.tokenizer_files, state)
+            save_checkpoint(tmp, parts.saved, info, inputs.tokenizer_files, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         # Returns once the checkpoint is persisted, so history never runs ahead of the checkpoints.
         ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch{progress.epoch:04d}")

@@ -9,6 +9,7 @@ from mmray.config import AlignConfig, ImageConfig, ImageEncoderConfig, ModelConf
 from mmray.data.labels import Task
 from mmray.data.schema import IMAGE, INPUT_IDS, PIXELS, TEXT, mask_key
 from mmray.models.builder import build_model
+from mmray.models.encoders import CachedFeatures, feature_columns
 from tests.models.conftest import FUSION_NAMES, make_batch
 
 TASKS = [
@@ -198,3 +199,33 @@ def test_matching_with_fewer_than_two_pairs_is_empty_but_keeps_the_head_in_the_g
     logits.sum().backward()
     assert all(p.grad is not None for p in m.match_head.parameters())
     assert "match" not in m(make_batch())  # no pairs given: scoring and validation
+
+
+@pytest.mark.parametrize("fusion", FUSION_NAMES)
+def test_on_cached_features_the_model_is_the_same_and_holds_no_encoder(fusion):
+    """``data.cache=features``: the encoders' outputs, computed once, stand in for the encoders. The
+    batch holds no pixels and no attention mask, so no encoder could run; every other part is shared."""
+    itm = fusion != "late"  # matching recombines the cached outputs into hard negatives
+    align = AlignConfig(weight=1.0, projection_dim=8, itm_weight=1.0 if itm else 0.0)
+    m, batch = model(fusion, align=align).eval(), make_batch()
+    cached = m.with_cached_features().eval()
+    assert all(isinstance(e, CachedFeatures) for e in cached.encoders.values())
+    assert not list(cached.encoders.parameters())
+    assert cached.fusion is m.fusion and cached.heads is m.heads and cached.align is m.align
+    pairs = torch.ones(6, dtype=torch.bool)
+    with torch.no_grad():
+        columns = feature_columns(m.encode(batch), tokens=fusion == "cross_attention")
+        rows = {
+            INPUT_IDS: batch[INPUT_IDS],
+            mask_key(TEXT): batch[mask_key(TEXT)],
+            mask_key(IMAGE): batch[mask_key(IMAGE)],
+        }
+        torch.manual_seed(1)  # the hard negatives are drawn at random
+        expected = m(batch, pairs=pairs)
+        torch.manual_seed(1)
+        out = cached({**rows, **columns}, pairs=pairs)
+    for task in expected["logits"]:
+        torch.testing.assert_close(out["logits"][task], expected["logits"][task])
+    torch.testing.assert_close(out["fused"], expected["fused"])
+    if itm:
+        torch.testing.assert_close(out["match"], expected["match"])

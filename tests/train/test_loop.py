@@ -15,6 +15,7 @@ from torch import nn
 from mmray.config import ConfigError, config_from_dict, config_to_dict
 from mmray.data.labels import Task
 from mmray.data.schema import ATTENTION_MASK, IMAGE, INPUT_IDS, PIXELS, TEXT, label_key, mask_key
+from mmray.models.encoders import CachedFeatures, feature_columns
 from mmray.train import optim
 from mmray.train.hooks import load_before_step
 from mmray.train.loop import (
@@ -214,6 +215,27 @@ def test_build_parts_is_deterministic_under_the_seed():
     a = build_parts(tiny_cfg(seed=3), [CLS], 30, 16, 1, CPU).model.state_dict()
     b = build_parts(tiny_cfg(seed=3), [CLS], 30, 16, 1, CPU).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_cached_features_the_loop_runs_no_encoder_and_checkpoints_the_whole_model():
+    """``data.cache=features``: the trained model holds no encoder (the batches carry no pixels and no
+    attention mask, so none could run), and what checkpoints hold is the whole model, whose fusion and
+    heads are the trained ones and whose frozen encoders do not move."""
+    frozen = {"model.text_encoder.freeze": True, "model.image_encoder.freeze": True, "data.cache": "features"}
+    cfg = config_from_dict(config_to_dict(tiny_cfg()), [f"{k}={str(v).lower()}" for k, v in frozen.items()])
+    parts = build_parts(cfg, [CLS], 30, 16, 1, CPU)
+    assert all(isinstance(e, CachedFeatures) for e in parts.model.encoders.values())
+    assert parts.saved is parts.full and parts.full.fusion is parts.model.fusion
+    raw = fusion_batches()
+    with torch.no_grad():
+        columns = [feature_columns(parts.full.eval().encode(b), tokens=False) for b in raw]
+    batches = [{**{k: v for k, v in b.items() if k not in (PIXELS, ATTENTION_MASK)}, **c} for b, c in zip(raw, columns)]
+    encoders = {k: v.clone() for k, v in parts.full.encoders.state_dict().items()}
+    fusion = {k: v.clone() for k, v in parts.full.fusion.state_dict().items()}
+    assert train_epoch(parts, batches, cfg, [CLS]).steps == 2
+    assert all(torch.equal(v, parts.full.encoders.state_dict()[k]) for k, v in encoders.items())
+    assert not all(torch.equal(v, parts.full.fusion.state_dict()[k]) for k, v in fusion.items())
+    assert set(parts.saved.state_dict()) == set(build_parts(tiny_cfg(), [CLS], 30, 16, 1, CPU).model.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------

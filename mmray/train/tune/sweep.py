@@ -235,7 +235,9 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
     base = config_to_dict(cfg)
     checked = validate_space(base, dims)
     init_ray(address)
-    own_prep = needs_own_preprocessing(dims)
+    # Cached features are those of the base config's encoders (built from its seed): a trial that samples
+    # a model or train key might build others, so each trial encodes its own.
+    own_prep = needs_own_preprocessing(dims) or cfg.data.cache == "features"
     sweep = _locate(cfg, settings.name)
     prepared = None if own_prep else _shared_preprocessing(cfg, sweep, settings.metric)
     reads_data = own_prep or not prepared.cached
