@@ -275,6 +275,11 @@ class ScoreConfig:
     num_gpus: float = 0.0  # per predictor actor
     num_cpus: float = 0.5  # per predictor actor
     rows_per_file: int = 100_000  # rows per committed output file (the last one smaller)
+    # "fused": one pool of data.preprocess.concurrency + score.concurrency actors that each read,
+    # preprocess and predict (on CPU a second pool only adds processes and copies); "split": a
+    # preprocessing pool feeding a predictor pool (a GPU predictor fed by CPU decoders); "auto": fused
+    # unless score.num_gpus > 0. Either way a small input starts fewer actors (mmray/score/pools.py).
+    pools: Literal["auto", "fused", "split"] = "auto"
     # Nightly job (jobs/nightly_score.py): scores <input>/date=D into <output>/date=D.
     checkpoint: str | None = None  # None: the `checkpoint` in <train.storage_path>/latest.json
     input: str | None = None  # root holding date=YYYY-MM-DD partitions; local path or s3://

@@ -318,10 +318,9 @@ def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster
             f"storage.s3_endpoint_url={cluster['s3']}",
             "data.preprocess.concurrency=2",
             "data.preprocess.num_cpus=0.25",
-            "data.preprocess.batch_size=16",
             "score.concurrency=2",
             "score.num_cpus=0.25",
-            "score.batch_size=16",
+            "score.batch_size=2",  # 30 rows: two actors' worth (pools.MIN_BATCHES_PER_ACTOR batches each)
         ],
     )
     scored = _result(proc)
@@ -329,9 +328,10 @@ def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster
     assert scored["rows_scored"] + scored["rows_quarantined"] == scored["rows_in"] == data["test"]["rows"]
     nodes = _actor_nodes(cluster, "score-two-nodes")
     pools = {name: ids for name, ids in nodes.items() if "MapWorker" in name}
-    assert len(pools) == 2, nodes  # the preprocessing pool and the predictor pool
-    for name, ids in pools.items():
-        assert len(ids) == 2 and len(set(ids)) == 2, f"{name} did not spread: {ids}"
+    # On CPU one pool reads, preprocesses and predicts (score.pools=auto); sized from the 30 rows.
+    assert list(pools) == ["MapWorker(MapBatches(SliceScorer))"], nodes
+    (ids,) = pools.values()
+    assert len(ids) == 2 and len(set(ids)) == 2, f"the scoring pool did not spread: {ids}"
     ids = commit.read_committed(commit.Target(out, {}, cluster["store"]), ["id"]).column("id").to_pylist()
     import pyarrow.dataset as pads
 

@@ -24,7 +24,9 @@ def fails_fast(args: list[str], ray_address: str) -> str:
 
 
 def test_scoring_with_a_whole_cpu_per_predictor_fails_fast(ray_address, tmp_path, demo_data):
-    """The issue's case: score.num_cpus=1 on 2 CPUs: 0.5 (preprocessing) + 1 (predictor) + 1 (reads)."""
+    """The issue's case: score.num_cpus=1 on 2 CPUs: on CPU one pool of (1 + 1) actors that read,
+    preprocess and predict, 1 CPU each, + 1 (the output's write tasks); refused whatever the input's
+    size (a small one would start one actor, but the same config on a larger one could never run)."""
     ckpt = make_checkpoint(tmp_path, [TASK])
     err = fails_fast(
         [
@@ -39,8 +41,9 @@ def test_scoring_with_a_whole_cpu_per_predictor_fails_fast(ray_address, tmp_path
         ],
         ray_address,
     )
-    assert "mmray score would wait forever: it holds 2.5 CPU at once" in err
-    assert "score.concurrency x (score.num_cpus, score.num_gpus): 1 x 1" in err and "has 2 CPU" in err
+    assert "mmray score would wait forever: it holds 3 CPU at once" in err
+    keys = "(data.preprocess.concurrency + score.concurrency) x max(data.preprocess.num_cpus, score.num_cpus): 2 x 1"
+    assert keys in err and "has 2 CPU" in err
     assert not any((tmp_path / "preds").glob("*.parquet"))  # nothing committed
 
 

@@ -51,24 +51,17 @@ import ray.data
 
 from mmray.checkpoint import CheckpointInfo, open_checkpoint
 from mmray.config import Config
-from mmray.console import Ticker, bar, doing, format_count, format_duration, progress_interval, say
+from mmray.console import Ticker, bar, doing, format_count, format_duration, progress_interval, say, verbose
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.runtime import (
-    READ_TASKS,
-    Demand,
-    actor_device,
-    check_resources,
-    failing_on_stall,
-    guard_stalls,
-    init_ray,
-)
+from mmray.runtime import check_resources, failing_on_stall, init_ray
 from mmray.score import commit
 from mmray.score.finalize import Finalized, finalize, repeated_ids
 from mmray.score.label_metrics import LabelMetrics
-from mmray.score.labeled import LabeledPreprocessor
-from mmray.score.predictor import Predictor, RowOutput, row_output
+from mmray.score.pools import Pools, plan_pools, scored_stream
+from mmray.score.predictor import RowOutput, row_output
+from mmray.score.timings import StepTimes
 
 __all__ = ["MANIFEST_FORMAT", "run_scoring"]
 
@@ -130,27 +123,6 @@ def _gpus_per_actor(requested: float, command: str) -> float:
     return requested
 
 
-def _demands(cfg: Config, num_gpus: float) -> list[Demand]:
-    """The preprocessing pool, the predictor pool and Ray Data's tasks all run at once while scoring."""
-    sc = cfg.score
-    predictor = {"CPU": sc.num_cpus, "GPU": num_gpus}
-    return [
-        pipeline.preprocess_demand(cfg.data.preprocess),
-        Demand("score.concurrency x (score.num_cpus, score.num_gpus)", sc.concurrency, predictor),
-        READ_TASKS,
-    ]
-
-
-def _only_ids(ds: ray.data.Dataset, column: str, ids: list[str]) -> ray.data.Dataset:
-    """The rows whose id (as a string, as the quarantine records it) is one of ``ids``."""
-    wanted = pa.array(ids, pa.string())
-
-    def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(pc.cast(batch[column], pa.string()), value_set=wanted))
-
-    return ds.map_batches(keep, batch_format="pyarrow")
-
-
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """What one scoring run works from, fixed before it touches the target: every later step reads this
@@ -168,6 +140,7 @@ class _Run:
     columns: dict[str, str]  # input column -> expected kind (the label columns too with evaluate)
     label_tasks: tuple[Task, ...]  # the checkpoint's tasks with evaluate, else none
     files: list[str]  # the input's files, listed and schema-checked once
+    footers: dict[str, pq.FileMetaData]  # path as listed -> its footer: row groups and sizes for the slices
     in_fs: pafs.FileSystem
     identity: dict  # commit.run_identity: input content, model, settings, partition
     output: str  # "predictions" or "embeddings" (predictor.OUTPUTS)
@@ -192,24 +165,13 @@ class _Attempt:
     retry: _Retry | None
 
 
-def _scored_stream(run: _Run, num_gpus: float, only: list[str] | None = None) -> ray.data.Dataset:
-    """The input (only the rows with these ids, when given) through the preprocessing and predictor pools."""
-    cfg, sc = run.cfg, run.cfg.score
-    source = pipeline.read_input(run.input_uri, run.files, cfg.storage, list(run.columns))
-    source = guard_stalls(source, cfg.data.stall_timeout_s)
-    if only is not None:
-        source = _only_ids(source, run.spec.id_column, only)
-    preprocessed = pipeline.preprocess(
-        source,
-        run.spec,
-        run.tokenizer_files,
-        cfg.data.preprocess,
-        actor=LabeledPreprocessor,
-        extra_args=(run.label_tasks,),
-    )
-    device = actor_device(num_gpus)
-    args = (run.checkpoint, cfg.storage, run.model_id, device, bool(run.label_tasks), run.output)
-    return pipeline.map_with_actors(preprocessed, Predictor, args, sc.batch_size, sc.concurrency, sc.num_cpus, num_gpus)
+def _scored_stream(run: _Run, pools: Pools, rows: int, only: list[str] | None = None) -> ray.data.Dataset:
+    """The input (only the rows with these ids, when given) through the scoring pools."""
+    cfg = run.cfg
+    source = (run.input_uri, list(run.columns), cfg.storage, run.footers)
+    predictor = (run.checkpoint, cfg.storage, run.model_id, bool(run.label_tasks), run.output)
+    preprocessor = (run.tokenizer_files, run.label_tasks)
+    return scored_stream(cfg, pools, source, run.spec, preprocessor, predictor, rows, only)
 
 
 def _manifest(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int]) -> dict[str, Any]:
@@ -324,6 +286,7 @@ def _plan(
     label_tasks = info.tasks if evaluate else ()
     columns.update({t.name: "label" for t in label_tasks})
     files = pipeline.input_files(input_uri, columns, cfg.storage)
+    footers = dict(zip(files, pipeline.read_footers(input_uri, files, cfg.storage).values()))  # in files order
     in_fs, _ = storage.resolve(input_uri, cfg.storage)
     inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
@@ -343,6 +306,7 @@ def _plan(
         columns=columns,
         label_tasks=label_tasks,
         files=files,
+        footers=footers,
         in_fs=in_fs,
         identity=identity,
         output=output,
@@ -395,20 +359,24 @@ def _begin(run: _Run, retry: _Retry | None) -> _Attempt:
     """Opens this attempt's staging under the lease, noting the committed run it will replace."""
     commit.check_replaceable(run.target)
     seen_run = (commit.committed_run(run.target) or {}).get("run_id")  # re-checked before publishing
-    rows_in = len(retry.ids) if retry else pipeline.count_rows(run.input_uri, run.files, run.cfg.storage)
+    rows_in = len(retry.ids) if retry else sum(meta.num_rows for meta in run.footers.values())
     run_id = uuid.uuid4().hex[:12]
     scored_at = dt.datetime.now(dt.timezone.utc)
     return _Attempt(run_id, scored_at, commit.open_staging(run.target, run_id), seen_run, rows_in, retry)
 
 
-def _score_into_stage(run: _Run, attempt: _Attempt, address: str | None) -> None:
+def _score_into_stage(run: _Run, attempt: _Attempt, address: str | None, times: StepTimes) -> None:
     """Step 4: rows stream through the actor pools into ``<staging>/_raw``; Ray starts only here, when
     there is work to do, and the resource check fails a job that could never finish before it starts."""
-    init_ray(address)
-    num_gpus = _gpus_per_actor(run.cfg.score.num_gpus, run.command)
-    check_resources(f"mmray {run.command}", _demands(run.cfg, num_gpus))
-    stream = _scored_stream(run, num_gpus, attempt.retry.ids if attempt.retry else None)
+    with times.step("ray"):
+        init_ray(address)
+        pools = plan_pools(run.cfg, attempt.rows_in, _gpus_per_actor(run.cfg.score.num_gpus, run.command))
+        check_resources(f"mmray {run.command}", pools.demands(run.cfg))
+    if verbose():
+        say(f"{attempt.rows_in:,} rows: {pools.describe()}", run.command)
+    stream = _scored_stream(run, pools, attempt.rows_in, attempt.retry.ids if attempt.retry else None)
     with (
+        times.stream(pools.readers + pools.predictors, detail=verbose()),
         Ticker(ScoringProgress(attempt.stage, attempt.rows_in, run.command).poll, progress_interval()),
         failing_on_stall(f"mmray {run.command}", run.cfg.data.stall_timeout_s),
     ):
@@ -470,8 +438,11 @@ def _publish(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, 
     commit.publish(attempt.stage, manifest, {"run_id": attempt.run_id, "committed_at": committed_at, **counts}, held)
 
 
-def _committed(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int]) -> dict[str, Any]:
-    """The one summary line and the command's result of a committed run."""
+def _committed(
+    run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int], times: StepTimes
+) -> dict[str, Any]:
+    """The one summary line (with ``--verbose``, a second: where the seconds went) and the command's
+    result of a committed run."""
     took = (dt.datetime.now(dt.timezone.utc) - attempt.scored_at).total_seconds()
     say(
         f"committed {counts['rows_scored']:,} rows in {len(result.files)} files to {run.target.uri} "
@@ -479,6 +450,8 @@ def _committed(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str
         f"{format_count(counts['rows_in'] / max(took, 1e-9))} rows/s",
         run.command,
     )
+    if verbose():
+        say(times.line(), run.command)
     out = {
         "output": run.target.uri,
         "status": "committed",
@@ -530,27 +503,32 @@ def run_scoring(
         OutputExistsError: the target holds a commit of a different input/model/settings.
         DataQualityError: too many rows were quarantined (the quarantine is written, nothing committed).
     """
+    times = StepTimes()
     target = commit.Target(output_uri, dict(partition or {}), cfg.storage)  # validates before any I/O
-    commit.check_location(target)  # what publishing could never replace fails now, not after the scoring
-    commit.check_apart(target, input_uri)
-    run = _plan(cfg, checkpoint, input_uri, target, overwrite, evaluate, retry_quarantined, output)
+    with times.step("plan"):
+        commit.check_location(target)  # what publishing could never replace fails now, not after the scoring
+        commit.check_apart(target, input_uri)
+        run = _plan(cfg, checkpoint, input_uri, target, overwrite, evaluate, retry_quarantined, output)
     if not run.overwrite and not run.retry_quarantined and (done := _already_scored(run)) is not None:
         with contextlib.suppress(commit.LeaseHeldError), commit.lease(target):
             commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's; only when nobody works here
         return {**done, "model_id": run.model_id}
     commit.check_replaceable(target)
     with commit.lease(target) as held:
-        commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
-        retry = _retry_plan(run) if run.retry_quarantined else None
-        if (done := _settled_under_lease(run, retry)) is not None:
-            return done
-        attempt = _begin(run, retry)
+        with times.step("lease"):
+            commit.clean_stale_staging(target)  # first: may restore a target a killed two-rename swap left missing
+            retry = _retry_plan(run) if run.retry_quarantined else None
+            if (done := _settled_under_lease(run, retry)) is not None:
+                return done
+            attempt = _begin(run, retry)
         try:
             if attempt.rows_in:
-                _score_into_stage(run, attempt, address)
-            result, counts = _reconcile(run, attempt)
-            _publish(run, attempt, result, counts, held)
+                _score_into_stage(run, attempt, address, times)
+            with times.step("finalize"):
+                result, counts = _reconcile(run, attempt)
+            with times.step("publish"):
+                _publish(run, attempt, result, counts, held)
         except BaseException:
             attempt.stage.discard()
             raise
-        return _committed(run, attempt, result, counts)
+        return _committed(run, attempt, result, counts, times)

@@ -1,0 +1,123 @@
+"""Input read as row slices by the actors that process them: no read or file-listing task in between.
+
+Scoring already lists its input and reads every footer on the driver (to check the schema, fingerprint
+the input and count rows), so it knows each file's row groups and their sizes. ``plan_slices`` cuts
+them into ``Slice``s of at most ``rows_per_slice`` rows, ``slice_dataset`` makes a Ray dataset of those
+few bytes each, and the actor that preprocesses (``SliceReader`` in its constructor) reads its slice
+itself. Against ``ray.data.read_parquet`` this removes a file-listing task and a read task that each
+hold a whole CPU (seconds on a small input), and it cuts an input of one large row group into as many
+pieces as the pool has actors, where a read would make it one block for one actor.
+
+A slice reads its row group whole and keeps the last one read (``SliceReader``): consecutive slices of
+one group on one actor read it once. Rows keep the file's order inside a slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from mmray.config import StorageConfig
+from mmray.data import storage
+from mmray.data.schema import unify_columns
+
+__all__ = ["Slice", "SliceReader", "plan_slices", "slice_dataset", "slice_rows"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """Rows ``[start, stop)`` of row group ``row_group`` of ``path`` (as listed: ``bucket/key`` on S3)."""
+
+    path: str
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def slice_rows(rows: int, actors: int, batch_size: int, max_batches: int = 8) -> int:
+    """Rows per slice: about four slices per actor (so a slow slice does not leave the others idle, and
+    progress shows early), at least one batch and at most ``max_batches`` batches, a whole number of
+    batches (no slice ends in a short batch but the last of a row group)."""
+    per_actor = math.ceil(rows / max(1, 4 * actors))
+    batches = min(max_batches, max(1, math.ceil(per_actor / batch_size)))
+    return batches * batch_size
+
+
+def plan_slices(footers: Mapping[str, pq.FileMetaData], rows_per_slice: int) -> list[Slice]:
+    """Every row of the input once, in file and row-group order, cut into slices of at most
+    ``rows_per_slice`` rows (empty row groups give none)."""
+    if rows_per_slice <= 0:
+        raise ValueError(f"rows_per_slice must be positive, got {rows_per_slice}")
+    slices = []
+    for path, meta in footers.items():
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            slices += [Slice(path, g, s, min(s + rows_per_slice, n)) for s in range(0, n, rows_per_slice)]
+    return slices
+
+
+def slice_dataset(slices: list[Slice]) -> ray.data.Dataset:
+    """One block per slice, each a row ``{path, row_group, start, stop}``: what a pool's actors read."""
+    items = [dataclasses.asdict(s) for s in slices]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+class SliceReader:
+    """Reads slices of one input in an actor: the ``columns`` it names, cast to one schema when the
+    files' types differ (as ``pipeline.read_input`` does), optionally only the rows whose id (as a
+    string) is in ``only_ids``.
+
+    Args:
+        uri: the input (its filesystem: local, or S3 with ``store``'s endpoint and region).
+        columns: the columns to read, in order.
+        schema: the one schema every slice is cast to (``read_schema``; None: read as stored).
+        id_column: the column ``only_ids`` matches.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        store: StorageConfig,
+        columns: list[str],
+        schema: pa.Schema | None = None,
+        only_ids: list[str] | None = None,
+        id_column: str = "id",
+    ):
+        self.fs, _ = storage.resolve(uri, store)
+        self.columns, self.schema, self.id_column = list(columns), schema, id_column
+        self.only = pa.array(only_ids, pa.string()) if only_ids is not None else None
+        self._last: tuple[tuple[str, int], pa.Table] | None = None
+
+    @staticmethod
+    def read_schema(footers: Mapping[str, pq.FileMetaData], columns: list[str]) -> pa.Schema | None:
+        """The schema every slice is cast to (None when the files agree): ``schema.unify_columns``."""
+        if len(footers) < 2:
+            return None
+        return unify_columns({p: m.schema.to_arrow_schema() for p, m in footers.items()}, dict.fromkeys(columns, "any"))
+
+    def _group(self, path: str, group: int) -> pa.Table:
+        if self._last is None or self._last[0] != (path, group):
+            with self.fs.open_input_file(path) as f:
+                table = pq.ParquetFile(f).read_row_group(group, columns=self.columns)
+            self._last = ((path, group), table)
+        return self._last[1]
+
+    def read(self, piece: Slice) -> pa.Table:
+        """The slice's rows (those of ``only_ids``, when given), columns in order, in the read schema."""
+        table = self._group(piece.path, piece.row_group).slice(piece.start, piece.rows)
+        if self.schema is not None:
+            table = table.select(self.schema.names).cast(self.schema)
+        if self.only is not None:
+            ids = pc.cast(table[self.id_column], pa.string())
+            table = table.filter(pc.is_in(ids, value_set=self.only))
+        return table
