@@ -174,3 +174,71 @@ def test_a_headless_browser_renders_the_report(run_dir, tmp_path):
     assert pixels.shape == (3000, 1200)
     assert (pixels < 128).mean() > 0.01  # text and plots: not a blank page
     assert (pixels > 250).mean() > 0.5  # the white page itself, not an error screen
+
+
+# What the report draws, against scikit-learn: the figures' numbers are captured where they are drawn.
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict[str, list]:
+    from mmray import report
+
+    seen: dict[str, list] = {"confusion": [], "per_class": [], "calibration": []}
+    monkeypatch.setattr(report, "_confusion", lambda name, classes, cm: seen["confusion"].append((name, cm)) or "")
+    monkeypatch.setattr(report, "_per_class", lambda name, classes, p, r: seen["per_class"].append((p, r)) or "")
+    monkeypatch.setattr(
+        report, "_calibration", lambda name, x, acc, rows, what: seen["calibration"].append((acc, rows)) or ""
+    )
+    return seen
+
+
+def test_the_reports_multiclass_confusion_per_class_and_calibration_are_scikit_learns(drawn):
+    import torch
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import confusion_matrix, precision_score, recall_score
+
+    from mmray.data.labels import Task
+    from mmray.report import _task_sections
+    from tests.test_metrics import _accumulated
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 3, size=200)
+    logits = rng.normal(scale=2.0, size=(200, 3))
+    logits[np.arange(200), y] += 1.0
+    task = Task("label", "multiclass", ("a", "b", "c"))
+    stats = _accumulated([task], {"label": torch.tensor(logits)}, {"label": torch.tensor(y)}).task_stats()
+    _task_sections([task.to_dict()], stats)
+    pred = logits.argmax(1)
+    ((_, cm),) = drawn["confusion"]
+    want = confusion_matrix(y, pred, labels=range(3))  # rows true, columns predicted: the axes as labelled
+    assert not np.array_equal(want, want.T)
+    np.testing.assert_array_equal(cm, want)
+    ((precision, recall),) = drawn["per_class"]
+    np.testing.assert_allclose(precision, precision_score(y, pred, average=None, labels=range(3)))
+    np.testing.assert_allclose(recall, recall_score(y, pred, average=None, labels=range(3)))
+    ((accuracy, rows),) = drawn["calibration"]
+    top = torch.softmax(torch.tensor(logits, dtype=torch.float32), 1).max(1).values.numpy()
+    frac, _ = calibration_curve((pred == y).astype(int), top, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(accuracy[rows > 0], frac, atol=1e-6)
+    assert rows.sum() == 200
+
+
+def test_the_reports_binary_confusion_is_scikit_learns(drawn):
+    import torch
+    from sklearn.metrics import confusion_matrix
+
+    from mmray.data.labels import Task
+    from mmray.report import _task_sections
+    from tests.test_metrics import _accumulated, _bin_centre_logits
+
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 2, size=150)
+    logits = _bin_centre_logits(rng, y)
+    task = Task("flag", "binary", ("no", "yes"))
+    targets = {"flag": torch.tensor(y, dtype=torch.float32)}
+    stats = _accumulated([task], {"flag": torch.tensor(logits).unsqueeze(-1)}, targets).task_stats()
+    _task_sections([task.to_dict()], stats)
+    ((name, cm),) = drawn["confusion"]
+    want = confusion_matrix(y, (logits >= 0).astype(int), labels=[0, 1])  # [[tn, fp], [fn, tp]]
+    assert name == "flag/yes" and len(set(want.ravel())) == 4  # a swapped pair would show
+    np.testing.assert_array_equal(cm, want)

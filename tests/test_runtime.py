@@ -74,6 +74,51 @@ def test_an_autoscaler_maximum_is_the_capacity_and_nodes_not_up_yet_do_not_count
         )
 
 
+# cluster_capacity and _largest_node themselves, with Ray's side replaced (its autoscaler config reader,
+# its resource and node tables), not mmray's: the branch that reads the autoscaler's limits runs.
+
+
+@pytest.fixture
+def ray_reports(monkeypatch):
+    """Sets what Ray reports: ``ray_reports(autoscaler=..., resources=..., nodes=...)``; ``autoscaler``
+    may be an exception, raised as a moved private API would."""
+    from ray._private.state import state
+
+    def set_reports(autoscaler=None, resources=None, nodes=()):
+        def limits():
+            if isinstance(autoscaler, Exception):
+                raise autoscaler
+            return autoscaler
+
+        monkeypatch.setattr(state, "get_max_resources_from_cluster_config", limits)
+        monkeypatch.setattr(runtime.ray, "cluster_resources", lambda: dict(resources or {}))
+        monkeypatch.setattr(runtime.ray, "nodes", lambda: list(nodes))
+
+    return set_reports
+
+
+def test_the_autoscalers_maximum_from_rays_cluster_config_is_the_capacity(ray_reports):
+    ray_reports(autoscaler={"CPU": 64, "GPU": 8}, resources={"CPU": 2.0})
+    assert runtime.cluster_capacity() == ({"CPU": 64.0, "GPU": 8.0}, "its autoscaler's maximum")
+    demand = Demand("score.concurrency x (score.num_cpus, score.num_gpus)", 16, {"CPU": 4})
+    with pytest.raises(ResourceBudgetError, match=r"holds 65 CPU at once .* has 64 CPU \(its autoscaler's maximum\)"):
+        check_resources("mmray score", [demand, READ_TASKS])
+
+
+@pytest.mark.parametrize("autoscaler", [None, {}, AttributeError("moved in a later Ray")])
+def test_without_an_autoscaler_or_when_its_api_moved_the_nodes_there_now_count(ray_reports, autoscaler):
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 2.0}},
+        {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0}},  # a dead node is no capacity
+    ]
+    ray_reports(autoscaler=autoscaler, resources={"CPU": 6.0, "GPU": 1.0}, nodes=nodes)
+    assert runtime.cluster_capacity() == ({"CPU": 6.0, "GPU": 1.0}, "ray.cluster_resources()")
+    assert runtime._largest_node() == {"CPU": 4.0, "GPU": 1.0}
+    with pytest.raises(ResourceBudgetError, match=r"asks for 5 CPU in one process, but the largest node has 4 CPU"):
+        check_resources("mmray train", [Demand("train.num_workers x train.resources_per_worker", 1, {"CPU": 5})])
+
+
 # The no-progress watchdog: Ray's error, wherever a job meets it, becomes one StallError (no Ray needed).
 
 RAY_SUMMARY = (
