@@ -8,6 +8,7 @@ tasks need, fails the job with exit 2, Ray Data's stage summary and the key, ins
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -100,6 +101,32 @@ def test_scoring_whose_write_task_cannot_be_scheduled_fails_with_rays_stage_summ
     assert_names_the_stall(err, "mmray score", stage="Write")
     assert took < 60, f"took {took:.0f} s"
     assert not list((tmp_path / "preds").glob("**/*.parquet"))  # nothing committed or left behind
+
+
+def test_with_the_watchdog_off_a_stream_that_waits_longer_than_the_timeout_finishes(
+    ray_session, demo_data, tmp_path, capsys
+):
+    """The same starved write as above, released after 2.5 x STALL_S: with data.stall_timeout_s=0 (off)
+    the run waits it out and commits, where the guarded run above is stopped after STALL_S."""
+    ckpt = make_checkpoint(tmp_path, [TASK])
+    free = ray.available_resources().get("CPU", 0)
+    holder = ray.remote(num_cpus=1.5)(Holder).remote()
+    ray.get(holder.ready.remote(), timeout=120)
+    release = threading.Timer(2.5 * STALL_S, ray.kill, args=(holder,))
+    release.start()
+    try:
+        args = ["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"]]
+        started = time.monotonic()
+        code = cli.main([*args, "--output", str(tmp_path / "preds"), "data.stall_timeout_s=0"])
+        took = time.monotonic() - started
+    finally:
+        release.cancel()
+        ray.kill(holder)
+        wait_until_free(free)
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "committed" in err and "no progress" not in err
+    assert took > 2.5 * STALL_S  # it did wait longer than the guarded run is allowed to
 
 
 def test_a_trainer_workers_shard_that_stops_flowing_fails_the_run(ray_session, tmp_path, capsys):
