@@ -329,7 +329,7 @@ def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster
     nodes = _actor_nodes(cluster, "score-two-nodes")
     pools = {name: ids for name, ids in nodes.items() if "MapWorker" in name}
     # On CPU one pool reads, preprocesses and predicts (score.pools=auto); sized from the 30 rows.
-    assert list(pools) == ["MapWorker(MapBatches(SliceScorer))"], nodes
+    assert list(pools) == ["MapWorker(MapBatches(SlicePreprocessor))"], nodes
     (ids,) = pools.values()
     assert len(ids) == 2 and len(set(ids)) == 2, f"the scoring pool did not spread: {ids}"
     ids = commit.read_committed(commit.Target(out, {}, cluster["store"]), ["id"]).column("id").to_pylist()

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
@@ -32,11 +29,11 @@ from mmray.config import Config, StorageConfig
 from mmray.data import pipeline
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.slices import Slice, SliceReader, plan_slices, slice_dataset, slice_rows
+from mmray.data.slices import SlicePreprocessor, SliceReader, plan_slices, slice_dataset, slice_rows
 from mmray.runtime import READ_TASKS, Demand, actor_device, guard_stalls
 from mmray.score.labeled import LabeledPreprocessor
 
-__all__ = ["MIN_BATCHES_PER_ACTOR", "Pools", "SliceScorer", "plan_pools", "scored_stream"]
+__all__ = ["MIN_BATCHES_PER_ACTOR", "Pools", "ScoringPreprocessor", "plan_pools", "scored_stream"]
 
 # A pool gets one actor per this many batches of input, up to its configured size: starting an actor
 # (a process, a torch import, the model) costs seconds, about what one actor scores in 8 batches.
@@ -90,46 +87,23 @@ def plan_pools(cfg: Config, rows: int, num_gpus: float) -> Pools:
     return Pools(False, readers, pool_size(sc.concurrency, rows, sc.batch_size), pre.num_cpus, num_gpus)
 
 
-class SliceScorer:
-    """The first pool's actor: reads slices (``SliceReader``), preprocesses them in batches of
-    ``batch_size`` (``LabeledPreprocessor``) and, given ``predictor`` arguments, runs the model on each
-    batch (``predictor.Predictor``); yields one output batch per input batch.
-
-    Args:
-        reader: ``SliceReader`` arguments (input URI, storage, columns, read schema, ids to keep).
-        preprocessor: ``LabeledPreprocessor`` arguments (spec, tokenizer files, label tasks).
-        fetch: the preprocessor's fetch settings (threads, attempts, timeout).
-        predictor: ``Predictor`` arguments, or None when a separate pool predicts.
-    """
+class ScoringPreprocessor:
+    """What a scoring actor runs on each batch: ``LabeledPreprocessor``, then (given ``predictor``
+    arguments, the fused layout) the model (``predictor.Predictor``) on its output."""
 
     def __init__(
-        self,
-        reader: tuple,
-        preprocessor: tuple,
-        fetch: dict[str, Any],
-        batch_size: int,
-        predictor: tuple | None = None,
+        self, spec: PreprocessSpec, tokenizer_files: dict, label_tasks: tuple, predictor: tuple | None, **fetch
     ):
-        self.reader = SliceReader(*reader)
-        self.preprocess = LabeledPreprocessor(*preprocessor, **fetch)
-        self.batch_size = batch_size
+        self.preprocess = LabeledPreprocessor(spec, tokenizer_files, label_tasks, **fetch)
         self.predict = None
         if predictor is not None:
             from mmray.score.predictor import Predictor  # torch: only where the model runs
 
             self.predict = Predictor(*predictor)
 
-    def __call__(self, pieces: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        for piece in pieces.to_pylist():
-            table = self.reader.read(Slice(**piece))
-            for start in range(0, table.num_rows, self.batch_size):
-                out = self.preprocess(_numpy(table.slice(start, self.batch_size)))
-                yield self.predict(out) if self.predict is not None else out
-
-
-def _numpy(table: pa.Table) -> dict[str, np.ndarray]:
-    """A table as the numpy batch Ray Data would hand a ``batch_format="numpy"`` function."""
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.preprocess(batch)
+        return self.predict(out) if self.predict is not None else out
 
 
 def scored_stream(
@@ -160,10 +134,10 @@ def scored_stream(
     fetch["fetch_timeout_s"] = pre.fetch_timeout_s
     checkpoint, model_store, model_id, evaluate, output = predictor
     predict = (checkpoint, model_store, model_id, actor_device(pools.num_gpus if pools.fused else 0), evaluate, output)
-    scorer_args = (reader, (spec, *preprocessor), fetch, batch_size, predict if pools.fused else None)
+    scorer = (spec, *preprocessor, predict if pools.fused else None)
     first = pieces.map_batches(
-        SliceScorer,
-        fn_constructor_args=scorer_args,
+        SlicePreprocessor,
+        fn_constructor_args=(reader, ScoringPreprocessor, scorer, fetch, batch_size),
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pools.readers),

@@ -73,7 +73,7 @@ def _actor_detail(since: float, actors: int) -> str:
             time.sleep(0.25)
     except Exception:  # diagnostics only: the run already succeeded
         return ""
-    kinds = [(e.get("cat", ""), e) for e in events]  # "task::MapWorker(MapBatches(SliceScorer)).__init__"
+    kinds = [(e.get("cat", ""), e) for e in events]  # "task::MapWorker(MapBatches(SlicePreprocessor)).__init__"
     inits = [e for cat, e in kinds if cat.endswith(_INIT) and "MapWorker" in cat]
     submits = [e for cat, e in kinds if cat.endswith(_SUBMIT) and "MapWorker" in cat]
     writes = [e for cat, e in kinds if cat == _WRITE]
