@@ -174,6 +174,44 @@ def test_a_headless_browser_renders_the_report(run_dir, tmp_path):
     assert pixels.shape == (3000, 1200)
     assert (pixels < 128).mean() > 0.01  # text and plots: not a blank page
     assert (pixels > 250).mean() > 0.5  # the white page itself, not an error screen
+    # Text alone meets the thresholds above: every figure must also have decoded, at its size. A copy of
+    # the page with a probe that writes each image's decoded size into the DOM, dumped once it loaded.
+    probe = (
+        "<script>function inked(i) { const c = document.createElement('canvas'); c.width = i.naturalWidth;"
+        " c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0); if (!c.width) return 0;"
+        " const d = g.getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        " for (let k = 0; k < d.length; k += 4) if (d[k + 3] > 0 && d[k] + d[k + 1] + d[k + 2] < 600) n++;"
+        " return n / (c.width * c.height); }"
+        " window.addEventListener('load', () => { const p = document.createElement('pre'); p.id = 'probe';"
+        " p.textContent = JSON.stringify([...document.images].map(i => [i.alt, i.naturalWidth, inked(i)]));"
+        " document.body.appendChild(p); });</script>"
+    )
+    (tmp_path / "probed.html").write_text(page.replace("</body>", f"{probe}</body>"))
+    dom = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--proxy-server=127.0.0.1:9",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (tmp_path / "probed.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    images = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(images) == page.count("<img "), images  # every figure the page has
+    decoded = {alt: (width, ink) for alt, width, ink in images}
+    # Each decoded at a plot's size and drew axes, labels and data: a share of its pixels is not white.
+    assert all(width > 100 and ink > 0.01 for width, ink in decoded.values()), decoded
 
 
 # What the report draws, against scikit-learn: the figures' numbers are captured where they are drawn.
