@@ -27,8 +27,11 @@ def _predictions(folder) -> dict[str, tuple]:
 
 
 def test_fused_and_split_pools_score_every_row_alike_and_verbose_names_the_seconds(
-    ray_session, demo_data, tmp_path, capsys
+    ray_session, demo_data, tmp_path, capsys, monkeypatch
 ):
+    # --verbose sets MMRAY_VERBOSE for the processes mmray starts; the tests after this one run in this
+    # process and start CLI subprocesses: they must find it as it was.
+    monkeypatch.setenv("MMRAY_VERBOSE", "0")
     ckpt = make_checkpoint(tmp_path, [TASK])
     base = ["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"], "score.batch_size=16"]
     fused = _score([*base, "--output", str(tmp_path / "fused"), "--verbose"], capsys)
