@@ -207,6 +207,25 @@ def _actor_nodes(cluster: dict, submission_id: str) -> dict[str, list[str]]:
     return dict(nodes)
 
 
+def _task_nodes(cluster: dict, submission_id: str, name: str) -> dict[str, int]:
+    """How many finished tasks named ``name`` the job ran on each node, from Ray's state API."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_tasks
+
+    job_id = JobSubmissionClient(cluster["dashboard"]).get_job_info(submission_id).job_id
+    counts: dict[str, int] = defaultdict(int)
+    for task in list_tasks(
+        address=cluster["dashboard"],
+        filters=[("job_id", "=", job_id), ("name", "=", name)],
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
+    ):
+        if task.state == "FINISHED":
+            counts[task.node_id] += 1
+    return dict(counts)
+
+
 def _train_args(cluster: dict, data: dict, name: str, **extra: object) -> list[str]:
     overrides = tiny_overrides(
         data,
@@ -332,6 +351,9 @@ def test_scoring_spreads_actors_over_both_nodes_and_commits_exactly_once(cluster
     assert list(pools) == ["MapWorker(MapBatches(SlicePreprocessor))"], nodes
     (ids,) = pools.values()
     assert len(ids) == 2 and len(set(ids)) == 2, f"the scoring pool did not spread: {ids}"
+    # Not only placed: each node's actor scored slices of the input (each task is one slice's rows).
+    scored_on = _task_nodes(cluster, "score-two-nodes", "MapWorker(MapBatches(SlicePreprocessor)).submit")
+    assert set(scored_on) == set(ids) and all(n > 0 for n in scored_on.values()), scored_on
     ids = commit.read_committed(commit.Target(out, {}, cluster["store"]), ["id"]).column("id").to_pylist()
     import pyarrow.dataset as pads
 
