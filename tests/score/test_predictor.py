@@ -217,3 +217,30 @@ def test_checkpoint_on_s3_is_fetched_by_each_actor_and_cleaned_up(
         assert {"mmray.json", "model.safetensors", f"{TOKENIZER_DIR}/tokenizer.json"} <= fetched, (i, fetched)
         assert temp_dirs[i].stat().st_mtime_ns > 0, f"actor {i} never used its TMPDIR"  # the download was there
         assert list(temp_dirs[i].iterdir()) == [], f"actor {i} left {list(temp_dirs[i].iterdir())}"  # and is gone
+
+
+def test_a_non_finite_vector_quarantines_its_row_unless_it_is_a_missing_modalitys(tiny_checkpoint):
+    """``embed`` quarantines a row whose fused or present-modality vector is not finite (stage
+    ``predict``, every vector null); a NaN in the vector of a modality the row lacks is never written,
+    so it is no reason to drop the row."""
+    rows = make_rows(5, seed=9)
+    rows["text"][4] = None  # no text: its text vector is not written
+    batch = preprocessed(tiny_checkpoint, rows)
+    embed = Predictor(str(tiny_checkpoint), StorageConfig(), output="embeddings")
+    model = embed.model
+
+    def poisoned(inputs):
+        out = model(inputs)
+        out["fused"][1] = float("nan")  # row 1: its fused vector
+        out["pooled"][TEXT][2] = float("inf")  # row 2: its text vector, and it has text
+        out["pooled"][TEXT][4] = float("nan")  # row 4: the text vector of a row without text
+        return out
+
+    embed.model = poisoned
+    out = embed(batch)
+    assert list(out[ERROR]) == ["", "non-finite embedding", "non-finite embedding", "", ""]
+    assert [out[ERROR_STAGE][i] for i in (1, 2)] == ["predict", "predict"]
+    for i in (1, 2):
+        assert all(out[c][i] is None for c in ("fused", TEXT, IMAGE)), i
+    assert out[TEXT][4] is None and len(out["fused"][4]) == len(out["fused"][0])  # kept, text null
+    assert all(np.isfinite(out["fused"][i]).all() for i in (0, 3, 4))
