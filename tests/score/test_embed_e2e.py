@@ -88,3 +88,32 @@ def test_embed_writes_each_rows_vectors_once_and_quarantines_the_rest(trained, t
     again = embed(args, capsys)  # exactly once: the rerun commits nothing
     assert again["status"] == "already scored" and again["run_id"] == result["run_id"]
     assert commit.read_committed(commit.Target(str(out))).equals(committed)
+
+
+def test_embedding_into_a_target_that_holds_predictions_is_refused_and_overwrite_replaces_them(
+    trained, tmp_path, capsys
+):
+    """A commit of the other output is never "already scored": embed refuses a target that holds
+    ``mmray score``'s predictions (exit 2, nothing changed), and with --overwrite replaces them."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    pq.write_table(pa.table(make_rows(12, seed=22, id_prefix="p"), schema=SCHEMA), source / "part-00000.parquet")
+    args = ["--checkpoint", trained["checkpoint"], "--input", str(source), "--output", str(out)]
+    capsys.readouterr()
+    assert cli.main(["score", *args]) == 0, capsys.readouterr().err[-3000:]
+    scored = commit.committed_run(commit.Target(str(out)))
+    assert scored["output"] == "score"
+
+    capsys.readouterr()
+    assert cli.main(["embed", *args]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a committed result" in err and "--overwrite" in err, err[-2000:]
+    assert commit.committed_run(commit.Target(str(out)))["run_id"] == scored["run_id"]  # untouched
+    assert "prediction" in commit.read_committed(commit.Target(str(out))).schema.names
+
+    replaced = embed([*args, "--overwrite"], capsys)
+    assert replaced["status"] == "committed" and replaced["rows_scored"] == 12
+    now = commit.committed_run(commit.Target(str(out)))
+    assert now["output"] == "embed" and now["run_id"] == replaced["run_id"] != scored["run_id"]
+    names = commit.read_committed(commit.Target(str(out))).schema.names
+    assert "fused" in names and "prediction" not in names
