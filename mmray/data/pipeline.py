@@ -46,6 +46,7 @@ __all__ = [
     "check_bad_fraction",
     "count_rows",
     "input_files",
+    "input_footers",
     "map_with_actors",
     "preprocess",
     "preprocess_demand",
@@ -69,7 +70,19 @@ class DataQualityError(RuntimeError):
 
 
 def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> list[str]:
-    """Lists the input's Parquet files and checks every file's schema before any work is done.
+    """Lists the input's Parquet files and checks every file's schema before any work is done
+    (``input_footers``, without the footers).
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``.
+        SchemaError: a file that is not Parquet, or lacks / mistypes a column; names the file.
+    """
+    return list(input_footers(uri, expected, store))
+
+
+def input_footers(uri: str, expected: dict[str, str], store: StorageConfig) -> dict[str, pq.FileMetaData]:
+    """The input's Parquet files (as listed: ``bucket/key`` on S3), in order, each with its footer, every
+    file's schema checked before any work is done: one footer read serves the check and the caller.
 
     Args:
         expected: column -> kind, as from ``PreprocessSpec.input_columns()``.
@@ -79,10 +92,11 @@ def input_files(uri: str, expected: dict[str, str], store: StorageConfig) -> lis
         SchemaError: a file that is not Parquet, or lacks / mistypes a column; names the file.
     """
     files = storage.list_parquet_files(uri, store)
-    errors = schema_errors(read_footers(uri, files, store), expected)
+    footers = read_footers(uri, files, store)
+    errors = schema_errors(footers, expected)
     if errors:
         raise errors[0]  # files are sorted: the first failing file is named
-    return files
+    return dict(zip(files, footers.values()))  # read_footers keeps files' order
 
 
 def read_footers(uri: str, files: list[str], store: StorageConfig) -> dict[str, pq.FileMetaData]:

@@ -285,8 +285,8 @@ def _plan(
     columns = spec.input_columns()
     label_tasks = info.tasks if evaluate else ()
     columns.update({t.name: "label" for t in label_tasks})
-    files = pipeline.input_files(input_uri, columns, cfg.storage)
-    footers = dict(zip(files, pipeline.read_footers(input_uri, files, cfg.storage).values()))  # in files order
+    footers = pipeline.input_footers(input_uri, columns, cfg.storage)
+    files = list(footers)
     in_fs, _ = storage.resolve(input_uri, cfg.storage)
     inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}

@@ -133,7 +133,8 @@ def scored_stream(
     fetch = {"fetch_threads": pre.fetch_threads, "fetch_attempts": pre.fetch_attempts}
     fetch["fetch_timeout_s"] = pre.fetch_timeout_s
     checkpoint, model_store, model_id, evaluate, output = predictor
-    predict = (checkpoint, model_store, model_id, actor_device(pools.num_gpus if pools.fused else 0), evaluate, output)
+    # Whichever actor predicts (the fused one, or the split layout's second pool) holds pools.num_gpus.
+    predict = (checkpoint, model_store, model_id, actor_device(pools.num_gpus), evaluate, output)
     scorer = (spec, *preprocessor, predict if pools.fused else None)
     first = pieces.map_batches(
         SlicePreprocessor,
@@ -148,7 +149,6 @@ def scored_stream(
         return first
     from mmray.score.predictor import Predictor
 
-    predict = (checkpoint, model_store, model_id, actor_device(pools.num_gpus), evaluate, output)
     return pipeline.map_with_actors(
         first, Predictor, predict, sc.batch_size, pools.predictors, sc.num_cpus, pools.num_gpus
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmray.config import load_config
+from mmray.config import ConfigError, load_config
 from mmray.score.pools import MIN_BATCHES_PER_ACTOR, plan_pools, pool_size
 
 
@@ -43,5 +43,5 @@ def test_the_resource_check_counts_the_configured_pools_whatever_the_input(pools
 
 
 def test_an_unknown_layout_is_a_config_error():
-    with pytest.raises(Exception, match="score.pools"):
+    with pytest.raises(ConfigError, match="score.pools"):
         load_config(None, ["score.pools=both"])
