@@ -58,7 +58,7 @@ def trained(corpus, ray_address) -> dict:
 
 def _records(path: Path | str) -> dict:
     table = pads.dataset(str(path), format="parquet").to_table()
-    assert table.column_names == ["id", "stage", "column", "error"]
+    assert table.column_names == ["id", "stage", "column", "error", "row"]
     return {r["id"]: r for r in table.to_pylist()}
 
 

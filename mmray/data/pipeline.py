@@ -34,6 +34,7 @@ from mmray.data.schema import (
     ERROR_STAGE,
     ID,
     QUARANTINE_SCHEMA,
+    ROW,
     SchemaError,
     check_columns,
     unify_columns,
@@ -232,7 +233,7 @@ def usable_rows(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 class Quarantine:
-    """Streams quarantine records (``id, stage, column, error``) into one Parquet file at ``uri``.
+    """Streams quarantine records (``id, stage, column, error, row``) into one Parquet file at ``uri``.
 
     Only the count and the counts of the most common reasons stay in memory: records are buffered up
     to one row group and written, so a mostly-bad input of any size cannot exhaust the driver. The
@@ -288,13 +289,16 @@ _MAX_REASON_KEYS = 10_000  # distinct (column, reason prefix) pairs counted for 
 
 
 def quarantine_records(rows: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> pa.Table:
-    """The quarantine record (``id, stage, column, error``; ``QUARANTINE_SCHEMA``) of each row with an
-    error, from anything that carries the bookkeeping columns: a preprocessed or scored Arrow batch, or
-    a numpy batch inside an actor. A row whose error is null is no good row either: it is quarantined."""
+    """The quarantine record (``id, stage, column, error, row``; ``QUARANTINE_SCHEMA``) of each row with
+    an error, from anything that carries the bookkeeping columns: a preprocessed or scored Arrow batch,
+    or a numpy batch inside an actor (``row`` from ``ROW`` where the batch has it, else null). A row
+    whose error is null is no good row either: it is quarantined."""
     error = _as_string(rows[ERROR])
     bad = pc.invert(pc.fill_null(pc.equal(error, ""), False))
     columns = [_as_string(rows[ID]), _as_string(rows[ERROR_STAGE]), _as_string(rows[ERROR_COLUMN]), error]
-    return pa.table([pc.filter(c, bad) for c in columns], schema=QUARANTINE_SCHEMA)
+    names = rows.column_names if isinstance(rows, (pa.Table, pa.RecordBatch)) else rows
+    position = pc.cast(rows[ROW], pa.int64()) if ROW in names else pa.nulls(len(error), pa.int64())
+    return pa.table([pc.filter(c, bad) for c in [*columns, position]], schema=QUARANTINE_SCHEMA)
 
 
 def reason_counts(records: pa.Table) -> dict[tuple[str, str], int]:

@@ -24,6 +24,7 @@ __all__ = [
     "PIXELS",
     "POS_IDS",
     "QUARANTINE_SCHEMA",
+    "ROW",
     "SchemaError",
     "TEXT",
     "check_columns",
@@ -45,12 +46,16 @@ PIXELS = "pixels"  # uint8 [B, 3, S, S]; normalised on the training/scoring devi
 ERROR = "_error"  # "" for a good row, else a short reason
 ERROR_COLUMN = "_error_column"  # the input column that caused it
 ERROR_STAGE = "_error_stage"  # preprocess | predict | label
+# int64: the row's position in the input (files in listing order, rows in file order, from 0). Scoring
+# reads its own slices and so knows it; ``--retry-quarantined`` finds rows by it, whatever their ids.
+ROW = "_row"
 
 _LABEL_PREFIX = "label__"
 _MASK_PREFIX = "mask__"
 
+# ``row`` is ``ROW``: set by scoring, null where the reader does not track positions (training).
 QUARANTINE_SCHEMA = pa.schema(
-    [("id", pa.string()), ("stage", pa.string()), ("column", pa.string()), ("error", pa.string())]
+    [("id", pa.string()), ("stage", pa.string()), ("column", pa.string()), ("error", pa.string()), ("row", pa.int64())]
 )
 
 

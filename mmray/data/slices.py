@@ -13,11 +13,14 @@ Training does not read this way yet: tried, it changed which rows each trainer w
 tests/test_train_e2e.py allows), which needs its own look at how the shards split many small blocks.
 
 A slice reads its row group whole and keeps the last one read (``SliceReader``): consecutive slices of
-one group on one actor read it once. Rows keep the file's order inside a slice.
+one group on one actor read it once. Rows keep the file's order inside a slice, and each gets its
+position in the input (``schema.ROW``), which the quarantine records: ``--retry-quarantined`` reads
+only the slices that hold the rows it retries and picks them by position, whatever their ids.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -31,19 +34,21 @@ import ray.data
 
 from mmray.config import StorageConfig
 from mmray.data import storage
-from mmray.data.schema import unify_columns
+from mmray.data.schema import ROW, unify_columns
 
 __all__ = ["Slice", "SlicePreprocessor", "SliceReader", "numpy_batch", "plan_slices", "slice_dataset", "slice_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """Rows ``[start, stop)`` of row group ``row_group`` of ``path`` (as listed: ``bucket/key`` on S3)."""
+    """Rows ``[start, stop)`` of row group ``row_group`` of ``path`` (as listed: ``bucket/key`` on S3);
+    ``row`` is the input position of its first row (``schema.ROW``)."""
 
     path: str
     row_group: int
     start: int
     stop: int
+    row: int
 
     @property
     def rows(self) -> int:
@@ -59,35 +64,45 @@ def slice_rows(rows: int, actors: int, batch_size: int, max_batches: int = 8) ->
     return batches * batch_size
 
 
-def plan_slices(footers: Mapping[str, pq.FileMetaData], rows_per_slice: int) -> list[Slice]:
+def plan_slices(
+    footers: Mapping[str, pq.FileMetaData], rows_per_slice: int, only_rows: list[int] | None = None
+) -> list[Slice]:
     """Every row of the input once, in file and row-group order, cut into slices of at most
-    ``rows_per_slice`` rows (empty row groups give none)."""
+    ``rows_per_slice`` rows (empty row groups give none); with ``only_rows`` (sorted input positions),
+    only the slices that hold one of them."""
     if rows_per_slice <= 0:
         raise ValueError(f"rows_per_slice must be positive, got {rows_per_slice}")
-    slices = []
+    slices, row = [], 0
     for path, meta in footers.items():
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
-            slices += [Slice(path, g, s, min(s + rows_per_slice, n)) for s in range(0, n, rows_per_slice)]
+            slices += [Slice(path, g, s, min(s + rows_per_slice, n), row + s) for s in range(0, n, rows_per_slice)]
+            row += n
+    if only_rows is not None:
+        slices = [s for s in slices if _holds_any(only_rows, s.row, s.row + s.rows)]
     return slices
 
 
+def _holds_any(sorted_rows: list[int], start: int, stop: int) -> bool:
+    i = bisect.bisect_left(sorted_rows, start)
+    return i < len(sorted_rows) and sorted_rows[i] < stop
+
+
 def slice_dataset(slices: list[Slice]) -> ray.data.Dataset:
-    """One block per slice, each a row ``{path, row_group, start, stop}``: what a pool's actors read."""
+    """One block per slice, each a row ``{path, row_group, start, stop, row}``: what a pool's actors read."""
     items = [dataclasses.asdict(s) for s in slices]
     return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
 
 class SliceReader:
     """Reads slices of one input in an actor: the ``columns`` it names, cast to one schema when the
-    files' types differ (as ``pipeline.read_input`` does), optionally only the rows whose id (as a
-    string) is in ``only_ids``.
+    files' types differ (as ``pipeline.read_input`` does), then each row's input position
+    (``schema.ROW``); optionally only the rows at the positions ``only_rows``.
 
     Args:
         uri: the input (its filesystem: local, or S3 with ``store``'s endpoint and region).
         columns: the columns to read, in order.
         schema: the one schema every slice is cast to (``read_schema``; None: read as stored).
-        id_column: the column ``only_ids`` matches.
     """
 
     def __init__(
@@ -96,12 +111,11 @@ class SliceReader:
         store: StorageConfig,
         columns: list[str],
         schema: pa.Schema | None = None,
-        only_ids: list[str] | None = None,
-        id_column: str = "id",
+        only_rows: list[int] | None = None,
     ):
         self.fs, _ = storage.resolve(uri, store)
-        self.columns, self.schema, self.id_column = list(columns), schema, id_column
-        self.only = pa.array(only_ids, pa.string()) if only_ids is not None else None
+        self.columns, self.schema = list(columns), schema
+        self.only = pa.array(only_rows, pa.int64()) if only_rows is not None else None
         self._last: tuple[tuple[str, int], pa.Table] | None = None
 
     @staticmethod
@@ -119,13 +133,14 @@ class SliceReader:
         return self._last[1]
 
     def read(self, piece: Slice) -> pa.Table:
-        """The slice's rows (those of ``only_ids``, when given), columns in order, in the read schema."""
+        """The slice's rows (those at ``only_rows``, when given), columns in order, in the read schema,
+        then ``ROW``."""
         table = self._group(piece.path, piece.row_group).slice(piece.start, piece.rows)
         if self.schema is not None:
             table = table.select(self.schema.names).cast(self.schema)
+        table = table.append_column(ROW, pa.array(np.arange(piece.row, piece.row + piece.rows, dtype=np.int64)))
         if self.only is not None:
-            ids = pc.cast(table[self.id_column], pa.string())
-            table = table.filter(pc.is_in(ids, value_set=self.only))
+            table = table.filter(pc.is_in(table[ROW], value_set=self.only))
         return table
 
 
@@ -140,7 +155,7 @@ class SlicePreprocessor:
     anything built on one); yields one output batch per input batch.
 
     Args:
-        reader: ``SliceReader`` arguments (input URI, storage, columns, read schema, ids to keep).
+        reader: ``SliceReader`` arguments (input URI, storage, columns, read schema, rows to keep).
     """
 
     def __init__(self, reader: tuple, actor: Callable[..., Any], args: tuple, kwargs: dict, batch_size: int):

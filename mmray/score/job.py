@@ -26,10 +26,12 @@ writes): ``_plan`` (1), ``_already_scored`` (2), ``_settled_under_lease`` (3), `
 attempt may fix (an image fetch that failed after its retries: network, throttling, 5xx, timeouts) and
 publishes a new commit of the same partition: the previous files (kept as they are, with their
 ``run_id``), the newly scored rows in further files, and the quarantine of what still failed or was
-never retryable. Counts add up as before; a rerun of it retries what is still transient. The input is
-read again and the rows to retry are picked by id, so a row whose id another input row shares (scored
-or quarantined) is not retried: it stays quarantined, and the run says how many (ids repeated in the
-input are reported by the scoring run that finds them).
+never retryable. Counts add up as before; a rerun of it retries what is still transient. The rows to
+retry are found by their input position (the quarantine's ``row``; the input is the same, its
+fingerprint is part of the identity), so only the slices that hold them are read again and a row is
+retried whatever its id, repeated or not (ids repeated in the input are reported by the scoring run
+that finds them). A quarantine written before positions were recorded has none: its rows stay
+quarantined, and the run says how many.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
 from mmray.runtime import check_resources, failing_on_stall, init_ray
 from mmray.score import commit
-from mmray.score.finalize import Finalized, finalize, repeated_ids
+from mmray.score.finalize import Finalized, finalize
 from mmray.score.label_metrics import LabelMetrics
 from mmray.score.pools import Pools, plan_pools, scored_stream
 from mmray.score.predictor import RowOutput, row_output
@@ -76,9 +78,8 @@ class _Retry:
     """What ``--retry-quarantined`` works from: the committed run and its quarantine, split."""
 
     manifest: dict
-    ids: list[str]  # quarantined ids to score again: each names exactly one input row
-    kept: pa.Table  # quarantine rows that stay (not retryable, or their id is on another row too)
-    shared: int  # retryable rows kept because their id is not unique to them
+    rows: list[int]  # input positions of the quarantined rows to score again, sorted
+    kept: pa.Table  # quarantine rows that stay (not retryable, or without a recorded position)
 
 
 class ScoringProgress:
@@ -165,13 +166,13 @@ class _Attempt:
     retry: _Retry | None
 
 
-def _scored_stream(run: _Run, pools: Pools, rows: int, only: list[str] | None = None) -> ray.data.Dataset:
-    """The input (only the rows with these ids, when given) through the scoring pools."""
+def _scored_stream(run: _Run, pools: Pools, rows: int, only_rows: list[int] | None = None) -> ray.data.Dataset:
+    """The input (only the rows at these input positions, when given) through the scoring pools."""
     cfg = run.cfg
     source = (run.input_uri, list(run.columns), cfg.storage, run.footers)
     predictor = (run.checkpoint, cfg.storage, run.model_id, bool(run.label_tasks), run.output)
     preprocessor = (run.tokenizer_files, run.label_tasks)
-    return scored_stream(cfg, pools, source, run.spec, preprocessor, predictor, rows, only)
+    return scored_stream(cfg, pools, source, run.spec, preprocessor, predictor, rows, only_rows)
 
 
 def _manifest(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str, int]) -> dict[str, Any]:
@@ -222,8 +223,8 @@ def _merge_retry(stage: commit.Staging, retry: _Retry, result: Finalized) -> Fin
 
 
 def _retry_plan(run: _Run) -> _Retry:
-    """Splits the committed quarantine into rows to score again and rows that stay (under the lease),
-    and says how many retryable rows stay because their id is not theirs alone.
+    """Splits the committed quarantine into rows to score again (by input position) and rows that stay
+    (under the lease), and says how many retryable rows stay because no position was recorded.
 
     Raises:
         FileNotFoundError: nothing is committed at ``target``.
@@ -236,24 +237,21 @@ def _retry_plan(run: _Run) -> _Retry:
     _same_identity(target, existing, run.identity)
     fs, path = target.resolve()
     quarantine = pq.read_table(f"{path}/{existing['quarantine']['name']}", filesystem=fs)
+    if "row" not in quarantine.column_names:  # written before positions were recorded
+        quarantine = quarantine.append_column("row", pa.nulls(quarantine.num_rows, pa.int64()))
     error = pc.fill_null(quarantine["error"], "")
-    retry = pc.and_(pc.equal(pc.fill_null(quarantine["stage"], ""), "preprocess"), pc.is_valid(quarantine["id"]))
-    retry = pc.and_(retry, pc.starts_with(error, RETRYABLE_PREFIX))
-    # The rows are found again by id: an id on any other row (scored, or quarantined again) would bring
-    # that row too, and score it twice. Such rows stay quarantined.
-    scored = [pq.read_table(f"{path}/{f['name']}", filesystem=fs, columns=["id"])["id"] for f in existing["files"]]
-    every_id = [*(pc.cast(c, pa.string()) for c in scored), quarantine["id"].cast(pa.string())]
-    unique = pc.invert(pc.is_in(quarantine["id"], value_set=pa.array(list(repeated_ids(every_id)), pa.string())))
-    chosen = pc.and_(retry, pc.fill_null(unique, False))
-    ids = sorted(quarantine.filter(chosen)["id"].to_pylist())
-    shared = quarantine.filter(retry).num_rows - len(ids)
-    if shared:
+    retry = pc.and_(
+        pc.equal(pc.fill_null(quarantine["stage"], ""), "preprocess"), pc.starts_with(error, RETRYABLE_PREFIX)
+    )
+    chosen = pc.and_(retry, pc.is_valid(quarantine["row"]))
+    rows = sorted(quarantine.filter(chosen)["row"].to_pylist())
+    if unplaced := quarantine.filter(retry).num_rows - len(rows):
         say(
-            f"warning: {shared:,} quarantined rows are not retried: their id is on another input row "
-            "too, and rows are retried by id",
+            f"warning: {unplaced:,} quarantined rows are not retried: run {existing['run_id']}'s quarantine "
+            "does not record their input position (an older mmray wrote it); --overwrite scores the input again",
             run.command,
         )
-    return _Retry(existing, ids, quarantine.filter(pc.invert(chosen)), shared)
+    return _Retry(existing, rows, quarantine.filter(pc.invert(chosen)))
 
 
 def _counts(rows_in: int, result: Finalized) -> dict[str, int]:
@@ -337,7 +335,7 @@ def _already_scored(run: _Run) -> dict[str, Any] | None:
 def _settled_under_lease(run: _Run, retry: _Retry | None) -> dict[str, Any] | None:
     """Step 3, step 2 again now that no other run can commit: the result when nothing is left to do (no
     transient failure to retry; or the run that held the lease before this one committed the same)."""
-    if retry is not None and not retry.ids:
+    if retry is not None and not retry.rows:
         say(
             f"nothing to retry: no row of run {retry.manifest['run_id']} was quarantined for a transient error",
             run.command,
@@ -359,7 +357,7 @@ def _begin(run: _Run, retry: _Retry | None) -> _Attempt:
     """Opens this attempt's staging under the lease, noting the committed run it will replace."""
     commit.check_replaceable(run.target)
     seen_run = (commit.committed_run(run.target) or {}).get("run_id")  # re-checked before publishing
-    rows_in = len(retry.ids) if retry else sum(meta.num_rows for meta in run.footers.values())
+    rows_in = len(retry.rows) if retry else sum(meta.num_rows for meta in run.footers.values())
     run_id = uuid.uuid4().hex[:12]
     scored_at = dt.datetime.now(dt.timezone.utc)
     return _Attempt(run_id, scored_at, commit.open_staging(run.target, run_id), seen_run, rows_in, retry)
@@ -374,7 +372,7 @@ def _score_into_stage(run: _Run, attempt: _Attempt, address: str | None, times: 
         check_resources(f"mmray {run.command}", pools.demands(run.cfg))
     if verbose():
         say(f"{attempt.rows_in:,} rows: {pools.describe()}", run.command)
-    stream = _scored_stream(run, pools, attempt.rows_in, attempt.retry.ids if attempt.retry else None)
+    stream = _scored_stream(run, pools, attempt.rows_in, attempt.retry.rows if attempt.retry else None)
     with (
         times.stream(pools.readers + pools.predictors, detail=verbose()),
         Ticker(ScoringProgress(attempt.stage, attempt.rows_in, run.command).poll, progress_interval()),
@@ -463,7 +461,7 @@ def _committed(
         **counts,
     }
     if attempt.retry is not None:
-        out.update(retried=len(attempt.retry.ids), retried_from=attempt.retry.manifest["run_id"])
+        out.update(retried=len(attempt.retry.rows), retried_from=attempt.retry.manifest["run_id"])
     if result.metrics is not None:
         out["metrics"] = result.metrics
     return out

@@ -29,6 +29,7 @@ from mmray.config import Config, StorageConfig
 from mmray.data import pipeline
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
+from mmray.data.schema import ROW
 from mmray.data.slices import SlicePreprocessor, SliceReader, plan_slices, slice_dataset, slice_rows
 from mmray.runtime import READ_TASKS, Demand, actor_device, guard_stalls
 from mmray.score.labeled import LabeledPreprocessor
@@ -89,7 +90,8 @@ def plan_pools(cfg: Config, rows: int, num_gpus: float) -> Pools:
 
 class ScoringPreprocessor:
     """What a scoring actor runs on each batch: ``LabeledPreprocessor``, then (given ``predictor``
-    arguments, the fused layout) the model (``predictor.Predictor``) on its output."""
+    arguments, the fused layout) the model (``predictor.Predictor``) on its output. Each row's input
+    position (``ROW``, from the slice reader) is carried through to the output and so the quarantine."""
 
     def __init__(
         self, spec: PreprocessSpec, tokenizer_files: dict, label_tasks: tuple, predictor: tuple | None, **fetch
@@ -103,6 +105,7 @@ class ScoringPreprocessor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.preprocess(batch)
+        out[ROW] = batch[ROW]  # one output row per input row, in order
         return self.predict(out) if self.predict is not None else out
 
 
@@ -114,9 +117,10 @@ def scored_stream(
     preprocessor: tuple[dict[str, bytes], tuple[Task, ...]],
     predictor: tuple,
     rows: int,
-    only: list[str] | None = None,
+    only_rows: list[int] | None = None,
 ) -> ray.data.Dataset:
-    """The input's rows through the pools (only the rows with these ids, when given), as output rows.
+    """The input's rows through the pools (only those at the sorted input positions ``only_rows``, when
+    given: only the slices that hold them are read), as output rows.
 
     Args:
         source: (input URI, columns to read, storage, path -> footer of each input file).
@@ -127,9 +131,9 @@ def scored_stream(
     uri, columns, store, footers = source
     sc, pre = cfg.score, cfg.data.preprocess
     batch_size = sc.batch_size if pools.fused else pre.batch_size
-    slices = plan_slices(footers, slice_rows(rows, pools.readers, batch_size))
+    slices = plan_slices(footers, slice_rows(rows, pools.readers, batch_size), only_rows)
     pieces = guard_stalls(slice_dataset(slices), cfg.data.stall_timeout_s)
-    reader = (uri, store, columns, SliceReader.read_schema(footers, columns), only, spec.id_column)
+    reader = (uri, store, columns, SliceReader.read_schema(footers, columns), only_rows)
     fetch = {"fetch_threads": pre.fetch_threads, "fetch_attempts": pre.fetch_attempts}
     fetch["fetch_timeout_s"] = pre.fetch_timeout_s
     checkpoint, model_store, model_id, evaluate, output = predictor

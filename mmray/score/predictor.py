@@ -30,7 +30,7 @@ import torch
 from mmray.checkpoint import open_checkpoint
 from mmray.config import StorageConfig
 from mmray.data.labels import Task
-from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, MODALITIES, MODEL_INPUTS, task_of_label_key
+from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, MODALITIES, MODEL_INPUTS, ROW, task_of_label_key
 from mmray.metrics import task_probabilities
 from mmray.models.classifier import ModelOutput
 from mmray.score.labeled import LABEL_ERROR
@@ -249,7 +249,7 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[ID])
-        out = {k: np.asarray(batch[k]).copy() for k in (ID, ERROR, ERROR_COLUMN, ERROR_STAGE)}
+        out = {k: np.asarray(batch[k]).copy() for k in (ID, ERROR, ERROR_COLUMN, ERROR_STAGE, ROW) if k in batch}
         out.update(self.output.carried(batch))
         columns = {c: np.full(n, None, dtype=object) for c in self.output.columns()}
         rows = np.flatnonzero(out[ERROR] == "")

@@ -13,7 +13,7 @@ from mmray.config import DataConfig, ImageConfig, PreprocessConfig, StorageConfi
 from mmray.data import pipeline, storage
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, PIXELS, QUARANTINE_SCHEMA, label_key
+from mmray.data.schema import ERROR, ERROR_COLUMN, ERROR_STAGE, ID, PIXELS, QUARANTINE_SCHEMA, ROW, label_key
 from mmray.data.text import train_wordpiece
 from tests.data.corpus import encoded
 
@@ -54,10 +54,10 @@ def test_every_row_comes_out_once_usable_or_quarantined(processed, tmp_path):
     assert quarantine.schema == QUARANTINE_SCHEMA and streamed.rows == quarantine.num_rows == 3
     records = sorted(quarantine.to_pylist(), key=lambda r: str(r["id"]))
     assert records == [
-        {"id": "5", "stage": "label", "column": "label", "error": "null label in column 'label'"},
-        {"id": "7", "stage": "preprocess", "column": "image", "error": records[1]["error"]},
-        {"id": None, "stage": "preprocess", "column": "id", "error": "null id"},
-    ]
+        {"id": "5", "stage": "label", "column": "label", "error": "null label in column 'label'", "row": None},
+        {"id": "7", "stage": "preprocess", "column": "image", "error": records[1]["error"], "row": None},
+        {"id": None, "stage": "preprocess", "column": "id", "error": "null id", "row": None},
+    ]  # training reads through Ray's reader: no input positions
     assert records[1]["error"].startswith("unknown or unsupported image format")
     usable = pipeline.usable_rows(processed).take_all()
     assert len(usable) + quarantine.num_rows == processed.count() == 40
@@ -71,7 +71,10 @@ def test_quarantine_is_written_even_when_empty(tmp_path, s3_server, s3_bucket):
         q.add(QUARANTINE_SCHEMA.empty_table())
     assert q.rows == 0 and pq.read_table(tmp_path / "q" / "train.parquet").schema == QUARANTINE_SCHEMA
     store = StorageConfig(s3_endpoint_url=s3_server)
-    table = pa.table({"id": ["a"], "stage": ["preprocess"], "column": ["image"], "error": ["truncated image"]})
+    table = pa.table(
+        {"id": ["a"], "stage": ["preprocess"], "column": ["image"], "error": ["truncated image"], "row": [3]},
+        schema=QUARANTINE_SCHEMA,
+    )
     uri = f"s3://{s3_bucket}/run/quarantine/val.parquet"
     with pipeline.Quarantine(uri, store) as q:
         q.add(table)
@@ -94,7 +97,9 @@ def test_a_mostly_bad_input_streams_to_the_quarantine_file_in_bounded_memory(tmp
                         "stage": ["label"] * 400,
                         "column": ["label"] * 400,
                         "error": [f"label '{i}' is not in the label map" for i in ids],
-                    }
+                        "row": range(chunk * 400, chunk * 400 + 400),
+                    },
+                    schema=QUARANTINE_SCHEMA,
                 )
             )
             assert q._pending_rows < 1000 + 400 and len(q.reasons) <= 50
@@ -108,22 +113,25 @@ def test_a_mostly_bad_input_streams_to_the_quarantine_file_in_bounded_memory(tmp
 
 def test_one_quarantine_record_from_a_numpy_batch_or_an_arrow_table():
     """Actors hold numpy batches of Python objects, finalize reads Arrow: the records are the same, and a
-    row whose error is null (neither good nor explained) is quarantined rather than lost."""
+    row whose error is null (neither good nor explained) is quarantined rather than lost. The input
+    position comes along where the batch carries it (scoring), else it is null."""
     columns = {
         ID: ["a", "b", 7, None],
         ERROR: ["", "bad", None, "x" * 50],
         ERROR_STAGE: ["", "preprocess", "predict", "label"],
         ERROR_COLUMN: ["", "image", None, "label"],
+        ROW: [10, 11, 12, 13],
     }
     records = pipeline.quarantine_records({k: np.array(v, dtype=object) for k, v in columns.items()})
     assert records.schema == QUARANTINE_SCHEMA
     assert records.to_pylist() == [
-        {"id": "b", "stage": "preprocess", "column": "image", "error": "bad"},
-        {"id": "7", "stage": "predict", "column": None, "error": None},
-        {"id": None, "stage": "label", "column": "label", "error": "x" * 50},
+        {"id": "b", "stage": "preprocess", "column": "image", "error": "bad", "row": 11},
+        {"id": "7", "stage": "predict", "column": None, "error": None, "row": 12},
+        {"id": None, "stage": "label", "column": "label", "error": "x" * 50, "row": 13},
     ]
-    arrow = pa.table({**columns, ID: pa.array([1, 2, 7, None], pa.int64())})
+    arrow = pa.table({**columns, ID: pa.array([1, 2, 7, None], pa.int64())}).drop_columns([ROW])
     assert pipeline.quarantine_records(arrow).column("id").to_pylist() == ["2", "7", None]
+    assert pipeline.quarantine_records(arrow).column("row").to_pylist() == [None] * 3
     assert pipeline.ranked_reasons(records) == [(("", ""), 1), (("image", "bad"), 1), (("label", "x" * 40), 1)]
 
 
@@ -135,6 +143,7 @@ def test_each_reason_is_shown_by_its_first_record_even_one_without_an_id():
             "stage": ["label", "label", "preprocess", "preprocess"],
             "column": ["label", "label", "image", "image"],
             "error": ["x" * 40 + "1", "x" * 40 + "2", "truncated image", "truncated image"],
+            "row": [0, 1, 2, 3],
         },
         schema=QUARANTINE_SCHEMA,
     )

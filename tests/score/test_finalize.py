@@ -55,6 +55,7 @@ def test_rows_are_cut_into_files_of_exactly_rows_per_file_with_lineage(tmp_path,
             "stage": "preprocess",
             "column": "image",
             "error": result.quarantine.column("error")[0].as_py(),
+            "row": None,  # these raw rows come from a numpy batch without input positions
         }
     ]
     parts = [pq.read_table(st.file(f["name"])) for f in result.files]

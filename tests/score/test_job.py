@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -115,3 +116,27 @@ def test_on_a_terminal_scoring_progress_is_one_line_with_a_bar_rewritten_in_plac
     first, last = capsys.readouterr().err.split("\r")[1:]
     assert first.startswith("mmray score: scored 50/200 rows (25%)") and first.endswith(f"[{'#' * 6}{'-' * 18}]\033[K")
     assert last.startswith("mmray score: scored 200/200 rows (100%)") and last.endswith(f"[{'#' * 24}]\033[K\n")
+
+
+def test_a_quarantine_written_without_input_positions_keeps_its_rows_and_says_so(
+    tiny_checkpoint, empty_input, tmp_path, capsys
+):
+    """A commit from before positions were recorded: ``--retry-quarantined`` cannot find its rows, so
+    they stay quarantined (nothing is lost or scored twice) and the run says what to do instead."""
+    out = str(tmp_path / "out")
+    first = job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out)
+    old = pa.table(
+        {
+            "id": ["a", "b"],
+            "stage": ["preprocess", "preprocess"],
+            "column": ["image_uri", "image_uri"],
+            "error": ["image fetch failed: s3://b/a.png: timed out", "invalid image URI: http://x"],
+        }
+    )
+    pq.write_table(old, tmp_path / "out" / commit.QUARANTINE_FILE)
+    again = job.run_scoring(load_config(None), str(tiny_checkpoint), empty_input, out, retry_quarantined=True)
+    assert again["status"] == "nothing to retry" and again["run_id"] == first["run_id"]
+    assert (
+        f"warning: 1 quarantined rows are not retried: run {first['run_id']}'s quarantine does not record "
+        "their input position" in capsys.readouterr().err
+    )

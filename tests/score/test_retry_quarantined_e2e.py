@@ -1,5 +1,6 @@
 """``mmray score --retry-quarantined``: rows quarantined because their image could not be fetched (the
-S3 endpoint was down) are scored again into a new commit of the same partition, exactly once."""
+S3 endpoint was down) are scored again into a new commit of the same partition, exactly once, found by
+their position in the input whatever their ids."""
 
 from __future__ import annotations
 
@@ -84,12 +85,13 @@ def test_transient_fetch_failures_are_retried_into_one_new_commit(ray_address, s
     assert again["status"] == "nothing to retry" and again["run_id"] == retried["run_id"]
 
 
-def test_permanent_uris_and_repeated_ids_are_never_retried_and_counts_reconcile(
+def test_permanent_uris_are_never_retried_and_a_repeated_ids_row_is_retried_alone(
     ray_address, s3_server, s3_bucket, tmp_path
 ):
     """``http://``, ``FILE:///`` and a NUL byte can never be fetched: quarantined as invalid, not retried.
     Id ``d`` is on two rows (one scored, one quarantined) and ``7`` is an int in one file and a string in
-    the other: the first run warns; the retry picks rows by id, so it leaves ``d``'s quarantined row."""
+    the other: the first run warns; the retry finds rows by input position, so it scores ``d``'s
+    quarantined row, and only that one of the two, and the counts reconcile."""
     ckpt = make_checkpoint(tmp_path / "ck", [TASK], image_uri_column="image_uri")
     data = make_rows(8, seed=5, id_prefix="r")
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
@@ -118,16 +120,25 @@ def test_permanent_uris_and_repeated_ids_are_never_retried_and_counts_reconcile(
     first = score(f"http://127.0.0.1:{free_port()}")  # the S3 endpoint is down: rows 0 and 1 fail transiently
     assert (first.json["rows_scored"], first.json["rows_quarantined"]) == (3, 5)
     assert "warning: 2 ids are on more than one input row (4 rows; e.g. '7' x2, 'd' x2)" in first.stderr
+    target = commit.Target(out)
+    quarantined = pq.read_table(f"{target.uri}/{commit.QUARANTINE_FILE}").to_pylist()
+    assert sorted((r["row"], r["id"]) for r in quarantined) == [
+        (0, data["id"][0]),
+        (1, "d"),
+        *((i, data["id"][i]) for i in (3, 4, 5)),
+    ]
 
     retried = score(s3_server, "--retry-quarantined")
-    assert "warning: 1 quarantined rows are not retried: their id is on another input row" in retried.stderr
-    assert retried.json["retried"] == 1
-    assert (retried.json["rows_in"], retried.json["rows_scored"], retried.json["rows_quarantined"]) == (8, 4, 4)
-    target = commit.Target(out)
-    assert sorted(commit.read_committed(target).column("id").to_pylist()) == sorted(["7", "7", "d", data["id"][0]])
+    assert "not retried" not in retried.stderr
+    assert retried.json["retried"] == 2
+    assert (retried.json["rows_in"], retried.json["rows_scored"], retried.json["rows_quarantined"]) == (8, 5, 3)
+    table = commit.read_committed(target)
+    assert sorted(table.column("id").to_pylist()) == sorted(["7", "7", "d", "d", data["id"][0]])
+    by_run = [(i, r == retried.json["run_id"]) for i, r in zip(table["id"].to_pylist(), table["run_id"].to_pylist())]
+    assert sorted(by_run) == sorted([("7", False), ("7", False), ("d", False), ("d", True), (data["id"][0], True)])
     quarantine = pq.read_table(f"{target.uri}/{commit.QUARANTINE_FILE}").to_pylist()
-    reasons = {r["error"].split(": ")[0] for r in quarantine if r["id"] != "d"}
-    assert reasons == {"invalid image URI"} and len(quarantine) == 4
+    assert {r["error"].split(": ")[0] for r in quarantine} == {"invalid image URI"}
+    assert sorted(r["row"] for r in quarantine) == [3, 4, 5]
 
     again = score(s3_server, "--retry-quarantined")
     assert again.json["status"] == "nothing to retry"

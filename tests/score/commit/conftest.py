@@ -32,6 +32,7 @@ def stage_run(target: Target, file_rows: list[int], bad: int = 0) -> tuple[commi
     st.fs.create_dir(st.file(commit.QUARANTINE), recursive=True)
     ids = [f"bad{j}" for j in range(bad)]
     rows = {"id": ids, "stage": ["preprocess"] * bad, "column": ["image"] * bad, "error": ["x"] * bad}
+    rows["row"] = range(sum(file_rows), sum(file_rows) + bad)
     quarantine = pa.table(rows, schema=schema.QUARANTINE_SCHEMA)
     pq.write_table(quarantine, st.file(commit.QUARANTINE_FILE), filesystem=st.fs)
     counts = {"rows_in": sum(file_rows) + bad, "rows_scored": sum(file_rows), "rows_quarantined": bad}

@@ -18,7 +18,7 @@ from tests.score.commit.conftest import publish, stage_run, visible_parquet
 
 def test_rejected_quarantine_never_touches_a_committed_result(tmp_path):
     target = Target(str(tmp_path / "out"), {"date": "d1"})
-    rows = {"id": ["x"], "stage": ["preprocess"], "column": ["image"], "error": ["boom"]}
+    rows = {"id": ["x"], "stage": ["preprocess"], "column": ["image"], "error": ["boom"], "row": [0]}
     bad = pa.table(rows, schema=schema.QUARANTINE_SCHEMA)
     first = commit.write_rejected_quarantine(target, bad, "e" * 12)
     assert first == os.path.join(target.uri, "_quarantine", "part-00000.parquet")
