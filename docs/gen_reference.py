@@ -16,6 +16,7 @@ import io
 import os
 import sys
 import tokenize
+import types
 import typing
 from pathlib import Path
 
@@ -56,9 +57,27 @@ def field_comments(source: str) -> dict[tuple[str, str], str]:
     return out
 
 
+def _bound(meta: object) -> str:
+    """A range marker (``annotated_types``) as the config's error messages state it."""
+    ops = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+    return ", ".join(f"{op} {getattr(meta, name)}" for name, op in ops if getattr(meta, name, None) is not None)
+
+
 def _type_name(tp: object) -> str:
-    text = str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", text) if isinstance(tp, type) else text
+    """``int > 0``, ``float >= 0, <= 1``, ``dict[str, float >= 0]``, ``int > 0 | None``: the type with
+    its range, as ``config.py`` annotates it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return " ".join([_type_name(args[0]), *(b for b in map(_bound, args[1:]) if b)])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not args:
+        return tp.__name__
+    if origin in (dict, list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return str(tp).replace("typing.", "")
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -71,7 +90,7 @@ def _default(f: dataclasses.Field) -> str:
 def config_rows(cls: type, prefix: str, comments: dict) -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, comment) for every leaf key of ``cls``, sections flattened."""
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         key, tp = f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(tp):

@@ -7,9 +7,9 @@ Example:
     cfg = load_config("configs/demo.yaml", ["train.epochs=3", "model.fusion=gated"])
 
 Values are validated where they enter: an unknown key, a wrong type or an out-of-range value raises
-``ConfigError`` naming the dotted key. Pydantic checks each value against its field's annotation (the
-dataclasses stay plain: workers, checkpoints and tests build and pickle them as such); the ranges and
-the rules between keys are ``_validate``'s.
+``ConfigError`` naming the dotted key. Pydantic checks each value against its field's annotation, range
+included (``PositiveInt``, ``Fraction`` ...; the dataclasses stay plain: workers, checkpoints and tests
+build and pickle them as such); the rules between keys are ``_validate``'s.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
+from annotated_types import Ge, Gt, Interval
 
 __all__ = [
     "AlignConfig",
@@ -52,6 +53,17 @@ class ConfigError(ValueError):
     """A config key is unknown, mistyped or out of range; the message names the dotted key."""
 
 
+# Value ranges, stated in the annotation and checked by pydantic with the types. annotated_types is
+# pydantic's own vocabulary for them, and light: importing the config still imports no pydantic.
+PositiveInt = Annotated[int, Gt(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeInt = Annotated[int, Ge(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Interval(ge=0, le=1)]
+Freeze = Annotated[bool | int, Ge(0)]  # an encoder's freeze: true, false or N blocks (bools are 0/1)
+TaskKind = Literal["multiclass", "multilabel", "binary", "regression"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -65,17 +77,17 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    concurrency: int = 1  # preprocessing actors in the pool
-    batch_size: int = 64  # rows per map_batches call
+    concurrency: PositiveInt = 1  # preprocessing actors in the pool
+    batch_size: PositiveInt = 64  # rows per map_batches call
     num_cpus: float = 0.5  # CPUs reserved per actor; fractional so small machines never deadlock
-    fetch_threads: int = 8  # concurrent image-URI reads per actor (S3 latency, not CPU, bounds them)
-    fetch_attempts: int = 3  # tries per image URI on transient errors (exponential backoff)
-    fetch_timeout_s: float = 30.0  # one image fetch, all attempts; a slower one is quarantined
+    fetch_threads: PositiveInt = 8  # concurrent image-URI reads per actor (S3 latency, not CPU, bounds them)
+    fetch_attempts: PositiveInt = 3  # tries per image URI on transient errors (exponential backoff)
+    fetch_timeout_s: PositiveFloat = 30.0  # one image fetch, all attempts; a slower one is quarantined
 
 
 @dataclass(frozen=True)
 class TextConfig:
-    max_length: int = 32  # tokens after truncation, special tokens included
+    max_length: PositiveInt = 32  # tokens after truncation, special tokens included
     nfkc: bool = True  # Unicode NFKC before tokenizing (full-width -> ASCII, ligatures ...)
     lowercase: bool = False
     stopwords: str | None = None  # None | "en" | "zh" | "en+zh" | path to a one-word-per-line file
@@ -88,22 +100,22 @@ class TextConfig:
     # (spaCy is optional: pip install spacy + the model), or by jieba.posseg when pos_model is null.
     pos_tags: bool = False
     pos_model: str | None = None  # installed spaCy pipeline name or directory, e.g. "en_core_web_sm"
-    vocab_size: int = 4000  # only for the WordPiece tokenizer trained when no tokenizer is given
+    vocab_size: PositiveInt = 4000  # only for the WordPiece tokenizer trained when no tokenizer is given
     # A row's text is cut to max_chars characters before normalising and tokenising (max_length
     # tokens never need more); text above max_bytes (UTF-8) is quarantined, naming its size.
-    max_chars: int = 20_000
-    max_bytes: int = 1 << 20
+    max_chars: PositiveInt = 20_000
+    max_bytes: PositiveInt = 1 << 20
 
 
 @dataclass(frozen=True)
 class ImageConfig:
-    size: int = 32  # square side after resize + center crop
+    size: PositiveInt = 32  # square side after resize + center crop
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # Decompression-bomb guard: pixels an image may decode to (JPEG: at its draft scale). None:
     # max(4096^2, (16 * size)^2), which bounds one decode to ~64 MB at 4 bytes a pixel.
-    max_pixels: int | None = None
-    max_bytes: int = 32 << 20  # encoded image size (inline bytes, or a URI's stat size before reading)
+    max_pixels: PositiveInt | None = None
+    max_bytes: PositiveInt = 32 << 20  # encoded image size (inline bytes, or a URI's stat size before reading)
     augment: bool = False  # random resized crop + horizontal flip, training only
 
     @property
@@ -125,18 +137,18 @@ class DataConfig:
     image_uri_roots: list[str] | None = None
     label_column: str | list[str] = "label"  # a list means one head per task
     missing_modality: Literal["allow", "quarantine"] = "allow"
-    max_bad_fraction: float = 0.1  # abort when more rows than this are quarantined
+    max_bad_fraction: Fraction = 0.1  # abort when more rows than this are quarantined
     # Keep the preprocessed splits in the object store ("always"), stream them, re-preprocessing every
     # epoch ("never"), or cache when they fit ("auto"). "features": with both encoders frozen
     # (freeze: true), run them once, in an actor pool after preprocessing, and cache their outputs
     # (float32) instead of pixels and tokens; every epoch then trains only fusion and heads on them.
     cache: Literal["auto", "always", "never", "features"] = "auto"
-    cache_max_fraction: float = 0.3  # "auto" caches when it fits in this share of the object store
+    cache_max_fraction: Fraction = 0.3  # "auto" caches when it fits in this share of the object store
     # Seconds a Ray Data execution (scoring's stream, training's preprocessing passes and the trainer
     # workers' ingest) may go without any stage moving a block before the job fails with Ray Data's
     # stage summary: a stage that can never be scheduled or a UDF that blocks. Raise it when one
     # batch (a model load, a slow image fetch, one training step) can take longer; 0 disables it.
-    stall_timeout_s: float = 300.0
+    stall_timeout_s: NonNegativeFloat = 300.0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -151,11 +163,11 @@ class TextEncoderConfig:
     kind: Literal["tiny", "hf"] = "tiny"
     name: str | None = None  # hf: hub id, local dir or s3:// dir
     tokenizer: str | None = None  # hub id / dir; None: hf uses `name`, tiny trains a WordPiece
-    dim: int = 64  # tiny only; hf derives it from the model
-    layers: int = 1  # tiny only
-    heads: int = 4  # tiny only
+    dim: PositiveInt = 64  # tiny only; hf derives it from the model
+    layers: PositiveInt = 1  # tiny only
+    heads: PositiveInt = 4  # tiny only
     pooling: Literal["cls", "mean"] = "mean"  # mean suits sentence-transformers models (MiniLM)
-    freeze: bool | int = False  # True, False, or N = train only the last N blocks (and what follows them)
+    freeze: Freeze = False  # True, False, or N = train only the last N blocks (and what follows them)
 
 
 @dataclass(frozen=True)
@@ -163,12 +175,12 @@ class ImageEncoderConfig:
     kind: Literal["tiny", "torchvision"] = "tiny"
     name: str = "resnet18"  # torchvision.models builder name
     weights: str | None = None  # local file, s3:// file, or a torchvision weights name
-    dim: int = 64  # tiny only; torchvision derives it from the model
+    dim: PositiveInt = 64  # tiny only; torchvision derives it from the model
     # tiny only: 3x3 convolutions per stage (3 stages). One sees ~22 px at 32 px input: enough for
     # colour, too little for shapes or counting small objects, where 2 is far better but learns simple
     # cues more slowly (bench/RESULTS.md).
-    convs_per_stage: int = 1
-    freeze: bool | int = False  # True, False, or N = train only the last N blocks (ResNet: stages)
+    convs_per_stage: PositiveInt = 1
+    freeze: Freeze = False  # True, False, or N = train only the last N blocks (ResNet: stages)
 
 
 @dataclass(frozen=True)
@@ -180,38 +192,38 @@ class AlignConfig:
     # cannot (bench/RESULTS.md, issue 11 item 9). When on, the task heads of every fusion but `late`
     # also read each row's aligned cosine similarity (0 where a row lacks a modality); `late` stays an
     # average of per-modality logits, which a cross-modal similarity would break.
-    weight: float = 0.0
+    weight: NonNegativeFloat = 0.0
     # Which rows are true pairs: "all" (every row's caption describes its image) or "TASK=VALUE" (only
     # rows whose TASK label is VALUE, e.g. "label=yes" for a caption-matching task). Off by default,
     # as most tasks' captions do not describe their images (`sum`, `classify`).
     pairs: str = "all"
-    projection_dim: int = 64  # width of the shared space both pooled vectors are projected into
+    projection_dim: PositiveInt = 64  # width of the shared space both pooled vectors are projected into
     # initial softmax temperature; learned from there (CLIP's init 0.07), clamped at >= 0.01 as CLIP does
-    temperature: float = 0.07
+    temperature: PositiveFloat = 0.07
     # Image-text matching (ALBEF's ITM) with this weight; 0 = off; needs `weight` > 0 and a fusion other
     # than `late`. For each true pair of a batch, one hard negative image and one hard negative caption
     # are drawn from the worker's batch in proportion to their aligned similarity (never the pair itself
     # or a pair of the same caption) and run through the configured fusion with a binary matching head:
     # it teaches the fusion the fine distinctions that in-batch contrast leaves (one attribute apart).
-    itm_weight: float = 0.0
+    itm_weight: NonNegativeFloat = 0.0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     fusion: Literal["concat", "gated", "cross_attention", "bilinear", "late"] = "concat"
-    hidden_dim: int = 128  # fusion output width
-    dropout: float = 0.1
-    modality_dropout: float = 0.0  # per-sample probability of dropping a whole modality (training)
+    hidden_dim: PositiveInt = 128  # fusion output width
+    dropout: Fraction = 0.1
+    modality_dropout: Fraction = 0.0  # per-sample probability of dropping a whole modality (training)
     # Unimodal auxiliary heads (gradient blending); 0 turns them off. Off by default: where a modality
     # alone is weak (interactions, additive labels) their loss only adds noise (bench/RESULTS.md).
-    aux_loss_weight: float = 0.0
+    aux_loss_weight: NonNegativeFloat = 0.0
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    tasks: dict[str, str] = field(default_factory=dict)  # label column -> multiclass|multilabel|binary|regression
-    loss_weights: dict[str, float] = field(default_factory=dict)  # label column -> weight (default 1)
-    fusion_layers: int = 2  # cross_attention: rounds of text <-> image attention
-    fusion_heads: int = 4  # cross_attention: attention heads; must divide hidden_dim
-    fusion_rank: int = 4  # bilinear: rank of the low-rank factors (LMF)
+    tasks: dict[str, TaskKind] = field(default_factory=dict)  # label column -> its kind
+    loss_weights: dict[str, NonNegativeFloat] = field(default_factory=dict)  # label column -> weight (default 1)
+    fusion_layers: PositiveInt = 2  # cross_attention: rounds of text <-> image attention
+    fusion_heads: PositiveInt = 4  # cross_attention: attention heads; must divide hidden_dim
+    fusion_rank: PositiveInt = 4  # bilinear: rank of the low-rank factors (LMF)
     align: AlignConfig = field(default_factory=AlignConfig)
     # A checkpoint (local or s3://; e.g. from `mmray pretrain`) whose encoders and alignment projection
     # this run starts from; its fusion, task heads and matching head start fresh, `freeze` applies as
@@ -223,43 +235,43 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
     metric: str | None = None  # e.g. "val_loss" or "val_accuracy"; None = off
-    patience: int = 3
+    patience: PositiveInt = 3
     mode: Literal["min", "max"] = "min"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 32  # per worker
-    lr: float = 3e-3  # fusion + heads, for a global batch of lr_reference_batch rows (see lr_scaling)
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 32  # per worker
+    lr: PositiveFloat = 3e-3  # fusion + heads, for a global batch of lr_reference_batch rows (see lr_scaling)
     encoder_lr: float | None = None  # encoders; None = lr (scaled the same way)
     # Global batch = batch_size x num_workers x grad_accum_steps. "sqrt" (AdamW's usual rule) multiplies
     # both rates by sqrt(global / lr_reference_batch), "linear" by global / lr_reference_batch.
     lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt"
-    lr_reference_batch: int = 64
+    lr_reference_batch: PositiveInt = 64
     weight_decay: float = 0.01
-    warmup_fraction: float = 0.05
-    label_smoothing: float = 0.0  # training loss only (classification heads); reported losses stay raw
-    grad_accum_steps: int = 1
-    grad_clip: float | None = 1.0
+    warmup_fraction: Fraction = 0.05
+    label_smoothing: Fraction = 0.0  # training loss only (classification heads); reported losses stay raw
+    grad_accum_steps: PositiveInt = 1
+    grad_clip: PositiveFloat | None = 1.0  # None = no clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    num_workers: int = 1
+    num_workers: PositiveInt = 1
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 0.5})
+    resources_per_worker: dict[str, NonNegativeFloat] = field(default_factory=lambda: {"CPU": 0.5})
     seed: int = 0
     storage_path: str = "./runs"
     name: str | None = None  # None: a fresh unique name; reusing a name resumes that run
     resume_from: str | None = None  # a checkpoint directory to start from
-    max_failures: int = 0  # worker-group restarts before the run fails
+    max_failures: Annotated[int, Ge(-1)] = 0  # worker-group restarts before the run fails; -1 = retry forever
     # "package.module:function", imported on every training worker and called as fn(rank, epoch, step)
     # before each optimizer step: profilers, custom logging, fault drills. The module must be importable
     # on the workers (installed, or shipped with the job's working_dir / py_modules).
     before_step: str | None = None
-    num_to_keep: int = 2  # checkpoints kept, best by checkpoint_metric
+    num_to_keep: PositiveInt = 2  # checkpoints kept, best by checkpoint_metric
     checkpoint_metric: str = "val_loss"
     checkpoint_mode: Literal["min", "max"] = "min"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    prefetch_batches: int = 2  # batches each worker prefetches from its dataset shard
+    prefetch_batches: NonNegativeInt = 2  # batches each worker prefetches from its dataset shard
     tensorboard_dir: str | None = None  # rank 0 writes scalars to <dir>/<run name>; needs tensorboard(X)
     # log params + epoch metrics to MLflow (needs mlflow): a server (http://host:5000), a database
     # (sqlite:///mlruns.db, needs SQLAlchemy) or a file store (file:///abs/mlruns or ./mlruns), for which
@@ -270,11 +282,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    concurrency: int = 1  # predictor actors
-    batch_size: int = 128
-    num_gpus: float = 0.0  # per predictor actor
-    num_cpus: float = 0.5  # per predictor actor
-    rows_per_file: int = 100_000  # rows per committed output file (the last one smaller)
+    concurrency: PositiveInt = 1  # predictor actors
+    batch_size: PositiveInt = 128
+    num_gpus: NonNegativeFloat = 0.0  # per predictor actor
+    num_cpus: NonNegativeFloat = 0.5  # per predictor actor
+    rows_per_file: PositiveInt = 100_000  # rows per committed output file (the last one smaller)
     # "fused": one pool of data.preprocess.concurrency + score.concurrency actors that each read,
     # preprocess and predict (on CPU a second pool only adds processes and copies); "split": a
     # preprocessing pool feeding a predictor pool (a GPU predictor fed by CPU decoders); "auto": fused
@@ -302,66 +314,6 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------------
-
-_POSITIVE = {
-    "data.preprocess.concurrency",
-    "data.preprocess.batch_size",
-    "data.preprocess.fetch_threads",
-    "data.preprocess.fetch_attempts",
-    "data.preprocess.fetch_timeout_s",
-    "data.text.max_length",
-    "data.text.max_chars",
-    "data.text.max_bytes",
-    "data.image.max_bytes",
-    "data.text.vocab_size",
-    "data.image.size",
-    "data.image.max_pixels",
-    "model.hidden_dim",
-    "model.text_encoder.dim",
-    "model.text_encoder.layers",
-    "model.text_encoder.heads",
-    "model.image_encoder.dim",
-    "model.image_encoder.convs_per_stage",
-    "model.fusion_layers",
-    "model.fusion_heads",
-    "model.fusion_rank",
-    "model.align.projection_dim",
-    "model.align.temperature",
-    "train.epochs",
-    "train.batch_size",
-    "train.lr",
-    "train.num_workers",
-    "train.grad_accum_steps",
-    "train.num_to_keep",
-    "train.early_stopping.patience",
-    "train.lr_reference_batch",
-    "score.concurrency",
-    "score.batch_size",
-    "score.rows_per_file",
-}
-# A key ending in ".*" covers every entry of that mapping. Freeze: false/true/N blocks (bools are 0/1).
-_NON_NEGATIVE = {
-    "model.aux_loss_weight",
-    "model.align.weight",
-    "model.align.itm_weight",
-    "model.loss_weights.*",
-    "model.text_encoder.freeze",
-    "model.image_encoder.freeze",
-    "data.stall_timeout_s",
-    "train.resources_per_worker.*",
-    "train.prefetch_batches",
-    "score.num_gpus",
-    "score.num_cpus",
-}
-_FRACTIONS = {
-    "data.max_bad_fraction",
-    "data.cache_max_fraction",
-    "model.dropout",
-    "model.modality_dropout",
-    "train.warmup_fraction",
-    "train.label_smoothing",
-}
-_TASK_KINDS = ("multiclass", "multilabel", "binary", "regression")
 
 
 @functools.cache
@@ -415,9 +367,13 @@ def _empty_sections_as_defaults(cls: type, data: Any) -> None:
             _empty_sections_as_defaults(hints[name], data[name])
 
 
+_OUT_OF_RANGE = ("greater_than", "greater_than_equal", "less_than_equal")  # pydantic's, for Gt, Ge, Interval
+
+
 def _type_error(error: Any, data: dict) -> str:
     """One of pydantic's errors as a message naming the dotted key (list items as ``key[0]``), what
-    the key takes and the value given, found by walking the error's location through the annotations."""
+    the key takes (its type, or its range for a value of the right type) and the value given, found by
+    walking the error's location through the annotations."""
     loc, what = error["loc"], None
     if loc[-1:] == ("[key]",):  # a mapping's key, not its value, has the wrong type
         loc, what = loc[:-2], f"string keys, got {loc[-2]!r}"
@@ -425,23 +381,44 @@ def _type_error(error: Any, data: dict) -> str:
         loc = loc[:-1]
     key, tp, value = "", Config, data
     for part in loc:
+        tp = _unannotated(tp)
         arms = [arm for arm in typing.get_args(tp) if arm is not type(None)]
         if typing.get_origin(tp) in (Union, types.UnionType):
             if len(arms) > 1:
                 break  # pydantic names the member it tried next: the value fits none, report the union
-            tp = arms[0]  # X | None: the error is X's
+            tp = _unannotated(arms[0])  # X | None: the error is X's
         if dataclasses.is_dataclass(tp):
             name, known = f"{key}.{part}" if key else str(part), sorted(f.name for f in dataclasses.fields(tp))
             if part not in known:
                 return f"unknown config key '{name}' (known: {known})"
-            key, tp = name, typing.get_type_hints(tp)[part]
+            key, tp = name, typing.get_type_hints(tp, include_extras=True)[part]
         elif typing.get_origin(tp) is dict:
             key, tp = f"{key}.{part}", typing.get_args(tp)[1]
         else:  # a list's or a tuple's item
             items = typing.get_args(tp)
             key, tp = f"{key}[{part}]", items[part] if typing.get_origin(tp) is tuple else items[0]
         value = value[part]
+    if error["type"] in _OUT_OF_RANGE:
+        base, bound = _range(tp)
+        value = float(error["input"]) if base is float else error["input"]  # as the key holds it: YAML's 2 as 2.0
+        return f"{key}: must be {bound}, got {value!r}"
     return f"{key or 'config'}: expected {what or f'{_expected(tp)}, got {value!r}'}"
+
+
+def _unannotated(tp: Any) -> Any:
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+def _range(tp: Any) -> tuple[Any, str]:
+    """The type a ranged annotation (``PositiveInt``, ``Fraction | None`` ...) constrains, and its range
+    in words: ``> 0``, ``>= 0``, ``within [0, 1]``, with ``or null`` where None is allowed."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        ((base, bound),) = (_range(arm) for arm in typing.get_args(tp) if arm is not type(None))
+        return base, f"{bound} or null"
+    base, bound = typing.get_args(tp)
+    if isinstance(bound, Interval):
+        return base, f"within [{bound.ge}, {bound.le}]"
+    return base, f"> {bound.gt}" if isinstance(bound, Gt) else f">= {bound.ge}"
 
 
 _YAML_NAMES = {
@@ -457,6 +434,8 @@ _YAML_NAMES = {
 def _expected(tp: Any) -> str:
     """What a value of annotation ``tp`` is, in YAML's words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:  # a range: the type is what a value of the wrong type is told
+        return _expected(args[0])
     if origin in (Union, types.UnionType):
         return " or ".join(_expected(arg) for arg in args)
     if origin is Literal:
@@ -467,18 +446,7 @@ def _expected(tp: Any) -> str:
 
 
 def _validate(cfg: Config) -> None:
-    flat = flatten(config_to_dict(cfg))
-    for keys, ok, rule in (
-        (_POSITIVE, lambda v: v > 0, "> 0"),
-        (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-        (_FRACTIONS, lambda v: 0 <= v <= 1, "within [0, 1]"),
-    ):
-        for key in sorted(k for pattern in keys for k in _matching(flat, pattern)):
-            if flat[key] is not None and not ok(flat[key]):  # None: "derived" or "off", where a key allows it
-                raise ConfigError(f"{key}: must be {rule}, got {flat[key]!r}")
-    for task, kind in cfg.model.tasks.items():
-        if kind not in _TASK_KINDS:
-            raise ConfigError(f"model.tasks.{task}: {kind!r} is not one of {list(_TASK_KINDS)}")
+    """The rules no single field's annotation can state: between keys, and on the form of a string."""
     if cfg.data.image_column is None and cfg.data.image_uri_column is None:
         raise ConfigError("data.image_column / data.image_uri_column: at least one must be set")
     for root in cfg.data.image_uri_roots or ():
@@ -509,10 +477,6 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.model.text_encoder.kind == "hf" and not cfg.model.text_encoder.name:
         raise ConfigError("model.text_encoder.name: required when model.text_encoder.kind is 'hf'")
-    if cfg.train.max_failures < -1:
-        raise ConfigError(f"train.max_failures: must be >= 0 (or -1: retry forever), got {cfg.train.max_failures}")
-    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
-        raise ConfigError(f"train.grad_clip: must be > 0 or null (no clipping), got {cfg.train.grad_clip}")
     hook = cfg.train.before_step
     if hook is not None and (
         hook.count(":") != 1 or not all(part.replace(".", "_").isidentifier() for part in hook.split(":"))
@@ -563,16 +527,9 @@ def _embeds_credentials(uri: str | None) -> bool:
     return bool(sep) and scheme.lower() != "file" and "@" in rest
 
 
-def _matching(flat: dict[str, Any], pattern: str) -> list[str]:
-    """The flattened keys a validation pattern names: itself, or every entry under ``prefix.*``."""
-    if pattern.endswith(".*"):
-        return [k for k in flat if k.startswith(pattern[:-1])]
-    return [pattern]
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping by dotted key, ``{"a": {"b": 1}}`` as ``{"a.b": 1}``: what validation rules and
-    MLflow params name. An empty mapping stays the value of its own key (``model.tasks: {}``)."""
+    """A nested mapping by dotted key, ``{"a": {"b": 1}}`` as ``{"a.b": 1}``: what overrides and MLflow
+    params name. An empty mapping stays the value of its own key (``model.tasks: {}``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k

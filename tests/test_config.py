@@ -145,6 +145,37 @@ def test_every_wrong_type_and_unknown_key_is_named_at_once():
     )
 
 
+def test_out_of_range_values_are_named_at_once_with_the_wrong_types():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"train": {"epochs": 0, "lr": "x"}, "model": {"dropout": -1, "tasks": {"label": "rank"}}})
+    assert str(e.value) == (
+        "model.dropout: must be within [0, 1], got -1.0; "
+        "model.tasks.label: expected one of ['multiclass', 'multilabel', 'binary', 'regression'], got 'rank'; "
+        "train.epochs: must be > 0, got 0; "
+        "train.lr: expected a number, got 'x'"
+    )
+
+
+# Counts, sizes, rates and timeouts: 0 would hang, divide by zero or do nothing; `or null` where null
+# means derived (max_pixels) or off (grad_clip).
+POSITIVE_KEYS = """
+    data.preprocess.concurrency data.preprocess.batch_size data.preprocess.fetch_threads
+    data.preprocess.fetch_attempts data.preprocess.fetch_timeout_s data.text.max_length data.text.vocab_size
+    data.text.max_chars data.text.max_bytes data.image.size data.image.max_pixels data.image.max_bytes
+    model.hidden_dim model.fusion_layers model.fusion_heads model.fusion_rank model.text_encoder.dim
+    model.text_encoder.layers model.text_encoder.heads model.image_encoder.dim model.image_encoder.convs_per_stage
+    model.align.projection_dim model.align.temperature train.epochs train.batch_size train.lr
+    train.lr_reference_batch train.grad_accum_steps train.grad_clip train.num_workers train.num_to_keep
+    train.early_stopping.patience score.concurrency score.batch_size score.rows_per_file
+""".split()
+
+
+@pytest.mark.parametrize("key", POSITIVE_KEYS)
+def test_every_count_size_and_rate_refuses_zero_naming_the_key(key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: must be > 0( or null)?, got 0(\.0)?$"):
+        load_config(None, [f"{key}=0"])
+
+
 def test_malformed_override_is_rejected():
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["train.epochs"])

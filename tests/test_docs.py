@@ -23,7 +23,9 @@ def test_config_page_carries_every_key_with_its_comment():
     finally:
         sys.path.remove(str(REPO / "docs"))
     page = gen_reference.config_page()
-    assert "| `train.epochs` | `int` | `3` |" in page
-    assert "| `data.preprocess.concurrency` | `int` | `1` | preprocessing actors in the pool |" in page
+    assert "| `train.epochs` | `int > 0` | `3` |" in page  # the range the config checks, from its annotation
+    assert "| `data.preprocess.concurrency` | `int > 0` | `1` | preprocessing actors in the pool |" in page
+    assert "| `data.max_bad_fraction` | `float >= 0, <= 1` |" in page
+    assert "| `data.image.max_pixels` | `int > 0 \\| None` |" in page
     # a comment on the lines above a field belongs to it
     assert "Decompression-bomb guard" in page.split("`data.image.max_pixels`", 1)[1].split("\n", 1)[0]
