@@ -5,7 +5,7 @@ says a number, 零 / 没有, 一 / 一个 or 二 / 两个, among filler words; t
 the image). ``sum`` is learned in a few epochs; ``match`` needs 15 and more rows, beyond this benchmark's
 ten minutes on 2 CPUs. For each of the four settings:
 
-- accuracy: ``mmray train`` with ``configs/recipe.yaml`` and ``mmray evaluate`` on the held-out split,
+- accuracy: ``mmray train`` with ``configs/recipe.yaml`` and ``mmray ablate`` on the held-out split,
   through the real CLI on one local Ray (``bench/quality.py``'s ``run_cell``);
 - preprocessing rows/s, in this process, on the training split: the whole ``Preprocessor`` (what an
   actor does: text and image) and its text part alone (normalise, segment, tag, tokenise), after the

@@ -1,8 +1,8 @@
 """Quality benchmark: every fusion on every generated task, through the real CLI, on one local Ray.
 
-For each task of ``mmray.data.tasks`` it writes a dataset (``mmray make-data --task``), then for each
+For each task of ``mmray.data.benchmarks`` it writes a dataset (``mmray make-data --task``), then for each
 fusion trains with the recipe (``mmray train``) and measures the held-out test split with ``mmray
-evaluate``: test accuracy of the full model, of the model with the image masked (text only) and with the
+ablate``: test accuracy of the full model, of the model with the image masked (text only) and with the
 text masked (image only), and of the auxiliary unimodal heads. From the run's ``history.jsonl``:
 epochs until validation accuracy first reaches 95% of its final value, and the training wall time.
 
@@ -78,7 +78,7 @@ def run_cell(task: str, fusion: str, data: dict, config: str, workdir: Path, env
     )
     train_s = time.perf_counter() - started
     history = [json.loads(line) for line in Path(trained["run_dir"], "history.jsonl").read_text().splitlines()]
-    evaluated = cli(["evaluate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"]], env)
+    evaluated = cli(["ablate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"]], env)
     m = evaluated["metrics"]
     recall = None
     if any(o.startswith("model.align.weight=") and float(o.split("=", 1)[1]) > 0 for o in extra):
@@ -87,7 +87,7 @@ def run_cell(task: str, fusion: str, data: dict, config: str, workdir: Path, env
         pairs = [o for o in extra if o.startswith("model.align.pairs=")]
         correct = ["--key-column", "attributes"] if task == "match" else ["--same-caption"]
         args = ["--retrieval", *correct, *pairs]
-        found = cli(["evaluate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"], *args], env)
+        found = cli(["ablate", "--checkpoint", trained["checkpoint"], "--input", data["test"]["path"], *args], env)
         recall = found["retrieval"]["text_to_image"]["R@1"]
     return {
         "task": task,

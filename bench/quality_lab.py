@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 
 from mmray.config import load_config
+from mmray.data.benchmarks import make_task_dataset
 from mmray.data.prepare import build_tasks, prepare_tokenizer
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
-from mmray.data.tasks import make_task_dataset
 from mmray.train import optim
 from mmray.train.loop import build_parts, train_epoch, validation_metrics
 

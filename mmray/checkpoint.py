@@ -10,7 +10,7 @@ Layout of a checkpoint directory::
     train_state.pt      optimizer, scheduler, scaler, epoch, step, RNG, history (resume only)
 
 ``open_checkpoint`` is the one way in for every reader (the scoring driver and its predictor actors,
-``mmray evaluate``, reports): it fetches an ``s3://`` checkpoint to a local directory when needed,
+``mmray ablate``, reports): it fetches an ``s3://`` checkpoint to a local directory when needed,
 rebuilds preprocessing settings, tokenizer and model from that directory alone, and cleans up.
 
 ``check_weights`` and ``check_train_state`` let a driver refuse a corrupt or hostile checkpoint with one

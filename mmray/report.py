@@ -7,8 +7,8 @@ mailed, attached to a ticket or opened from object storage. The plots are matplo
     lr            the learning rate(s) at the end of each epoch
     confusion     per task, on the validation set (the full model of the ablation below)
     per-class     precision and recall per class (multiclass) or per label (binary, multilabel)
-    ablation      ``mmray evaluate``'s variants (full, text masked, image masked, unimodal heads)
-    retrieval     text->image and image->text Recall@1/5/10 (``mmray evaluate --retrieval``), for a
+    ablation      ``mmray ablate``'s variants (full, text masked, image masked, unimodal heads)
+    retrieval     text->image and image->text Recall@1/5/10 (``mmray ablate --retrieval``), for a
                   checkpoint with image-text alignment (``model.align``) only
     calibration   accuracy against confidence (multiclass top class; binary/multilabel scores)
     data          rows in / used / quarantined per split, and the top quarantine reasons
@@ -16,7 +16,7 @@ mailed, attached to a ticket or opened from object storage. The plots are matplo
     lineage       run, checkpoint, model_id, mmray (git sha), Ray and torch versions
 
 The confusion matrices, per-class scores, ablation and calibration come from one run of
-``mmray.score.ablation.run_evaluation`` on the run's validation split when the report is made, and the
+``mmray.score.ablation.run_ablation`` on the run's validation split when the report is made, and the
 retrieval recalls from ``mmray.score.retrieval.run_retrieval`` on the same split (Ray is needed for it;
 ``evaluate=False`` leaves those sections saying so).
 
@@ -316,7 +316,7 @@ def render_report(
     model_id: str | None = None,
     tasks: list[dict] | None = None,
 ) -> str:
-    """The report's HTML. ``evaluation`` is ``run_evaluation(..., with_stats=True)``'s result, or None
+    """The report's HTML. ``evaluation`` is ``run_ablation(..., with_stats=True)``'s result, or None
     (the sections that need it say why they are empty)."""
     history, metrics = run["history"], run["metrics"]
     missing_eval = '<p class="note">not evaluated (mmray report --no-evaluate, or no checkpoint)</p>'
@@ -356,10 +356,10 @@ def render_report(
             f"{evaluation['rows_quarantined']:,} quarantined. Masked variants mark that modality missing on every "
             "row; they mean most for models trained with model.modality_dropout &gt; 0.</p>"
         )
-        sections["ablation"] = ("Modality ablation (mmray evaluate on the validation set)", ablation)
+        sections["ablation"] = ("Modality ablation (mmray ablate on the validation set)", ablation)
         if "retrieval" in evaluation:
             sections["retrieval"] = (
-                "Retrieval (mmray evaluate --retrieval on the validation set)",
+                "Retrieval (mmray ablate --retrieval on the validation set)",
                 _retrieval(evaluation["retrieval"]),
             )
         sections["calibration"] = ("Calibration (validation)", "".join(blocks["calibration"]))
@@ -422,10 +422,10 @@ def write_report(run_dir: str, cfg: Config | None = None, evaluate: bool = True)
             mid, tasks = opened.model_id(), [t.to_dict() for t in opened.info.tasks]
             aligned = opened.info.model.align.weight > 0
         if evaluate and run_cfg.data.val:
-            from mmray.score.ablation import run_evaluation
+            from mmray.score.ablation import run_ablation
             from mmray.score.retrieval import run_retrieval
 
-            evaluation = run_evaluation(run_cfg, checkpoint, run_cfg.data.val, with_stats=True)
+            evaluation = run_ablation(run_cfg, checkpoint, run_cfg.data.val, with_stats=True)
             if aligned:
                 evaluation["retrieval"] = run_retrieval(run_cfg, checkpoint, run_cfg.data.val)["retrieval"]
     uri = storage.join(run_dir, REPORT_FILE)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmray.checkpoint import load_info, load_model
-from mmray.data.tasks import make_task_dataset
+from mmray.data.benchmarks import make_task_dataset
 from tests.helpers import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -102,9 +102,9 @@ def test_pretrain_aligns_unlabelled_captions_and_a_supervised_run_starts_from_it
     assert table.num_rows == captions["val"]["rows"]
     aligned = torch.tensor(table["text_aligned"].to_pylist())
     assert aligned.shape[1] == 16 and torch.allclose(aligned.norm(dim=-1), torch.ones(len(aligned)), atol=1e-5)
-    evaluate = ["evaluate", "--checkpoint", pre["checkpoint"], "--input", val, "--retrieval"]
-    own = run_cli(evaluate, ray_address).json["retrieval"]
-    recall = run_cli([*evaluate, "--key-column", "attributes"], ray_address).json["retrieval"]
+    retrieval = ["ablate", "--checkpoint", pre["checkpoint"], "--input", val, "--retrieval"]
+    own = run_cli(retrieval, ray_address).json["retrieval"]
+    recall = run_cli([*retrieval, "--key-column", "attributes"], ray_address).json["retrieval"]
     assert recall["rows"] == own["rows"] == captions["val"]["rows"] and recall["key_column"] == "attributes"
     for direction in ("text_to_image", "image_to_text"):
         assert 0 < recall[direction]["R@1"] <= recall[direction]["R@5"] <= recall[direction]["R@10"] <= 1

@@ -20,7 +20,8 @@ from mmray.cli import build_parser
         ),
         (["embed", "a=1", "--checkpoint", "ck", "--input", "i", "b=2", "--output", "o"], {"output": "o"}),
         (["nightly", "a=1", "--date", "yesterday", "b=2", "--overwrite"], {"date": "yesterday", "overwrite": True}),
-        (["evaluate", "a=1", "--checkpoint", "ck", "b=2", "--input", "i"], {"input": "i"}),
+        (["ablate", "a=1", "--checkpoint", "ck", "b=2", "--input", "i"], {"input": "i"}),
+        (["evaluate", "a=1", "--checkpoint", "ck", "b=2", "--input", "i"], {"input": "i"}),  # ablate's old name
         (["demo", "a=1", "--rows", "5", "b=2"], {"rows": 5}),
         (["report", "run", "a=1", "--no-evaluate", "b=2"], {"run_dir": "run", "no_evaluate": True}),
     ],
@@ -29,6 +30,27 @@ def test_options_and_overrides_come_in_any_order(argv, expected):
     args = build_parser().parse_args(argv)
     assert args.overrides == ["a=1", "b=2"]
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_evaluate_is_ablate_under_its_old_name_unlisted_and_warned_about(capsys):
+    from mmray import cli
+
+    parser = build_parser()
+    listing = parser.format_help()
+    assert "ablate" in listing and "evaluate" not in listing  # the deprecated alias is not offered
+    argv = ["--checkpoint", "ck", "--input", "i", "--same-caption", "score.batch_size=4"]
+    old, new = parser.parse_args(["evaluate", *argv]), parser.parse_args(["ablate", *argv])
+    assert old.fn is new.fn is cli.cmd_ablate
+    assert {**vars(old), "command": "ablate", "renamed_to": None} == {**vars(new), "renamed_to": None}
+    # The real ablate, stopped by its own argument check before any Ray starts.
+    assert cli.main(["ablate", *argv]) == 2
+    refused = "error: --same-caption and --key-column are settings of --retrieval"
+    assert capsys.readouterr().err == f"mmray ablate: {refused}\n"
+    assert cli.main(["evaluate", *argv]) == 2
+    assert capsys.readouterr().err == (
+        "mmray evaluate: deprecated, use mmray ablate (the alias goes in the next release)\n"
+        f"mmray evaluate: {refused}\n"
+    )
 
 
 def test_an_unknown_option_is_still_refused(capsys):

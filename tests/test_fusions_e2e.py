@@ -1,7 +1,7 @@
 """End to end through the real CLI on the session's Ray: every fusion, balanced multimodal learning,
 multi-task heads, and the pretrained MiniLM text encoder offline.
 
-"Beats the single-modality ablation" is measured the way ``mmray evaluate`` measures it: the same
+"Beats the single-modality ablation" is measured the way ``mmray ablate`` measures it: the same
 checkpoint with the text masked and with the image masked. On these datasets the text alone decides
 half of the label and the image the other half, so any single modality is capped at 50% accuracy.
 """
@@ -72,11 +72,11 @@ def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ra
     """Balanced multimodal learning with the default concat fusion and the auxiliary unimodal heads on
     (``model.aux_loss_weight``, off by default): the image (colour) is learned in a few steps, the text
     (one of 32 made-up words among 8 fillers) much more slowly; the fused model must still use both.
-    ``mmray evaluate`` reports it, the aux heads included."""
+    ``mmray ablate`` reports it, the aux heads included."""
     splits = write_splits(make_imbalanced_rows(800, seed=3), tmp_path / "data")
     res = train(ray_address, splits, tmp_path, **{"model.aux_loss_weight": 0.5})
     assert json.loads((Path(res["checkpoint"]) / "mmray.json").read_text())["model"]["fusion"] == "concat"
-    out = run_cli(["evaluate", "--checkpoint", res["checkpoint"], "--input", splits["test"]["path"]], ray_address).json
+    out = run_cli(["ablate", "--checkpoint", res["checkpoint"], "--input", splits["test"]["path"]], ray_address).json
     assert out["rows_in"] == out["rows_evaluated"] == splits["test"]["rows"] and out["rows_quarantined"] == 0
     m = out["metrics"]
     assert set(m) == {"full", "text_masked", "image_masked", "unimodal.image", "unimodal.text"}
@@ -88,9 +88,7 @@ def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ra
     pq.write_table(
         pads.dataset(splits["test"]["path"], format="parquet").to_table().drop_columns(["label"]), unlabelled
     )
-    proc = run_cli(
-        ["evaluate", "--checkpoint", res["checkpoint"], "--input", str(unlabelled)], ray_address, check=False
-    )
+    proc = run_cli(["ablate", "--checkpoint", res["checkpoint"], "--input", str(unlabelled)], ray_address, check=False)
     assert proc.returncode == 2 and "'label'" in proc.stderr
 
 

@@ -119,7 +119,7 @@ def test_token_lengths_are_exact_special_tokens_included_truncation_counted(tmp_
 
 
 def test_tokens_per_row_are_counted_with_the_configured_segmenter(tmp_path):
-    from mmray.data.tasks import make_task_dataset
+    from mmray.data.benchmarks import make_task_dataset
 
     data = make_task_dataset("match", tmp_path, rows=60, seed=0, files_per_split=1, lang="zh")["train"]["path"]
     tokens = {}

@@ -172,7 +172,7 @@ class LabelCollector:
 def pair_class(spec: str, tasks: Sequence[Task]) -> tuple[Task, int] | None:
     """``model.align.pairs`` against the tasks' label maps: None for "all" (every row is a true
     caption-image pair), else the task and class index of "TASK=VALUE". The one reading of the key, for
-    training's alignment loss and ``mmray evaluate --retrieval``.
+    training's alignment loss and ``mmray ablate --retrieval``.
 
     Raises:
         ValueError: an unknown task or label (a regression task has none), naming the key.

@@ -1,7 +1,7 @@
 """Ray Data wiring of the data layer: list + schema-check Parquet input, read it, run the preprocessing
 actor pool, and split the result into usable rows and quarantine records.
 
-Three things have one home here for every job (training, scoring, ``mmray evaluate``; ``mmray
+Three things have one home here for every job (training, scoring, ``mmray ablate``; ``mmray
 validate-data``, which starts no Ray): the schema check (``schema_errors`` over the footers that
 ``read_footers`` reads in parallel), the actor pool (``map_with_actors``) and the quarantine record
 (``quarantine_records`` builds it from any stream that carries the bookkeeping columns,

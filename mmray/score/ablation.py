@@ -1,4 +1,4 @@
-"""Modality ablation (``mmray evaluate``): metrics of a checkpoint on labelled Parquet, for the full
+"""Modality ablation (``mmray ablate``): metrics of a checkpoint on labelled Parquet, for the full
 model AND with each modality masked, so a user sees how much each modality contributes.
 
 Variants (each with training's metrics: ``loss``, ``accuracy``, ``macro_f1``, ``auroc``, ``mae`` ...):
@@ -15,7 +15,7 @@ actor pool and added on the driver, so the result equals a single-process evalua
 checkpoint, preprocesses and quarantines exactly as scoring does (``open_checkpoint``, the same pools).
 
 Example:
-    mmray evaluate --checkpoint runs/<name>/checkpoint_... --input work/data/test
+    mmray ablate --checkpoint runs/<name>/checkpoint_... --input work/data/test
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from mmray.metrics import MetricAccumulator, weighted_row_loss
 from mmray.runtime import actor_device
 from mmray.score.predictor import model_inputs
 
-__all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_evaluation", "variant_masks", "variant_names"]
+__all__ = ["AblationEvaluator", "VARIANTS", "accumulate", "run_ablation", "variant_masks", "variant_names"]
 
 VARIANTS = ("full", "text_masked", "image_masked")
 _MASKED = {"text_masked": TEXT, "image_masked": IMAGE}
@@ -104,8 +104,9 @@ def variant_names(model_cfg: ModelConfig) -> list[str]:
     return [*VARIANTS, *(f"unimodal.{m}" for m in aux)]
 
 
-def run_evaluation(cfg: Config, checkpoint: str, input_uri: str, with_stats: bool = False) -> dict[str, Any]:
-    """Evaluates ``checkpoint`` on the labelled Parquet at ``input_uri``; Ray must be initialised.
+def run_ablation(cfg: Config, checkpoint: str, input_uri: str, with_stats: bool = False) -> dict[str, Any]:
+    """Every variant's metrics of ``checkpoint`` on the labelled Parquet at ``input_uri``; Ray must be
+    initialised.
 
     Args:
         with_stats: also return the full model's ``MetricAccumulator.task_stats()`` (confusion

@@ -144,7 +144,7 @@ class _Run:
     footers: dict[str, pq.FileMetaData]  # path as listed -> its footer: row groups and sizes for the slices
     in_fs: pafs.FileSystem
     identity: dict  # commit.run_identity: input content, model, settings, partition
-    output: str  # "predictions" or "embeddings" (predictor.OUTPUTS)
+    row_kind: str  # what each row gets: "predictions" or "embeddings" (predictor.ROW_KINDS)
     evaluate: bool
     overwrite: bool
     retry_quarantined: bool
@@ -170,7 +170,7 @@ def _scored_stream(run: _Run, pools: Pools, rows: int, only_rows: list[int] | No
     """The input (only the rows at these input positions, when given) through the scoring pools."""
     cfg = run.cfg
     source = (run.input_uri, list(run.columns), cfg.storage, run.footers)
-    predictor = (run.checkpoint, cfg.storage, run.model_id, bool(run.label_tasks), run.output)
+    predictor = (run.checkpoint, cfg.storage, run.model_id, bool(run.label_tasks), run.row_kind)
     preprocessor = (run.tokenizer_files, run.label_tasks)
     return scored_stream(cfg, pools, source, run.spec, preprocessor, predictor, rows, only_rows)
 
@@ -180,7 +180,7 @@ def _manifest(run: _Run, attempt: _Attempt, result: Finalized, counts: dict[str,
     return {
         "format_version": MANIFEST_FORMAT,
         "run_id": attempt.run_id,
-        "output": run.command,  # "score": predictions, "embed": vectors (predictor.OUTPUTS)
+        "output": run.command,  # what wrote the rows, "score" or "embed" (a persisted key: readers parse it)
         "scored_at": attempt.scored_at.isoformat(),
         "checkpoint": run.checkpoint,
         "model_id": run.model_id,
@@ -266,7 +266,7 @@ def _plan(
     overwrite: bool,
     evaluate: bool,
     retry_quarantined: bool,
-    output: str,
+    row_kind: str,
 ) -> _Run:
     """Step 1: reads the checkpoint and lists, checks and fingerprints the input, so that a bad model, a
     bad input or a wrong flag fails here, before any lease is taken or Ray is started."""
@@ -278,7 +278,7 @@ def _plan(
     with doing("reading the checkpoint", checkpoint), open_checkpoint(checkpoint, cfg.storage) as opened:
         opened.check_weights()  # here, in one line, not in every predictor actor after the preprocessing
         info, mid, tokenizer_files = opened.info, opened.model_id(), opened.tokenizer_files()
-    rows_out = row_output(output, info.tasks, evaluate, aligned=info.model.align.weight > 0)
+    rows_out = row_output(row_kind, info.tasks, evaluate, aligned=info.model.align.weight > 0)
     spec = info.preprocess_spec(with_labels=False, storage=cfg.storage, image_uri_roots=cfg.data.image_uri_roots)
     columns = spec.input_columns()
     label_tasks = info.tasks if evaluate else ()
@@ -288,8 +288,11 @@ def _plan(
     in_fs, _ = storage.resolve(input_uri, cfg.storage)
     inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
-    if output != "predictions":  # so a commit of the other output is never "already scored"; predictions'
-        settings["output"] = output  # identity stays what it was before embed existed (no rescore on upgrade)
+    # Embeddings' identity names the kind, so a commit of the other kind is never "already scored";
+    # predictions' stays what it was before embed existed (no rescore on upgrade). The key stays "output":
+    # committed identities hold it.
+    if row_kind != "predictions":
+        settings["output"] = row_kind
     identity = commit.run_identity(inputs, mid, settings, target.partition)
     return _Run(
         cfg=cfg,
@@ -307,7 +310,7 @@ def _plan(
         footers=footers,
         in_fs=in_fs,
         identity=identity,
-        output=output,
+        row_kind=row_kind,
         evaluate=evaluate,
         overwrite=overwrite,
         retry_quarantined=retry_quarantined,
@@ -477,11 +480,11 @@ def run_scoring(
     evaluate: bool = False,
     address: str | None = None,
     retry_quarantined: bool = False,
-    output: str = "predictions",
+    row_kind: str = "predictions",
 ) -> dict[str, Any]:
     """Scores ``input_uri`` with ``checkpoint`` into ``output_uri`` (optionally a ``key=value`` partition).
 
-    ``mmray score`` writes predictions, ``mmray embed`` (``output="embeddings"``) the representation,
+    ``mmray score`` writes predictions, ``mmray embed`` (``row_kind="embeddings"``) the representation,
     through this one path: what differs is the predictor's ``RowOutput`` (``predictor.row_output``).
     It reads as the module docstring's steps: plan -> score into the stage -> reconcile -> publish.
 
@@ -491,7 +494,7 @@ def run_scoring(
         retry_quarantined: score again the committed quarantine's rows that failed transiently and
             commit them with the rest (needs a commit of the same input, model and settings).
         address: Ray address, used only when there is work to do (None: ``mmray.runtime.init_ray``).
-        output: what each row gets: ``"predictions"`` or ``"embeddings"`` (``predictor.OUTPUTS``).
+        row_kind: what each row gets: ``"predictions"`` or ``"embeddings"`` (``predictor.ROW_KINDS``).
 
     Returns:
         ``{"output", "status", "run_id", "model_id", "rows_in", "rows_scored", "rows_quarantined", ...}``;
@@ -506,7 +509,7 @@ def run_scoring(
     with times.step("plan"):
         commit.check_location(target)  # what publishing could never replace fails now, not after the scoring
         commit.check_apart(target, input_uri)
-        run = _plan(cfg, checkpoint, input_uri, target, overwrite, evaluate, retry_quarantined, output)
+        run = _plan(cfg, checkpoint, input_uri, target, overwrite, evaluate, retry_quarantined, row_kind)
     if not run.overwrite and not run.retry_quarantined and (done := _already_scored(run)) is not None:
         with contextlib.suppress(commit.LeaseHeldError), commit.lease(target):
             commit.clean_stale_staging(target)  # e.g. a killed --overwrite run's; only when nobody works here

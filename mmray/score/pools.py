@@ -125,7 +125,8 @@ def scored_stream(
     Args:
         source: (input URI, columns to read, storage, path -> footer of each input file).
         preprocessor: (tokenizer files, label tasks) for ``LabeledPreprocessor``.
-        predictor: ``Predictor`` arguments after the device: (checkpoint, storage, model id).
+        predictor: ``Predictor`` arguments but the device: (checkpoint, storage, model id, evaluate,
+            row kind).
         rows: rows to score (sizes the slices).
     """
     uri, columns, store, footers = source
@@ -136,9 +137,9 @@ def scored_stream(
     reader = (uri, store, columns, SliceReader.read_schema(footers, columns), only_rows)
     fetch = {"fetch_threads": pre.fetch_threads, "fetch_attempts": pre.fetch_attempts}
     fetch["fetch_timeout_s"] = pre.fetch_timeout_s
-    checkpoint, model_store, model_id, evaluate, output = predictor
+    checkpoint, model_store, model_id, evaluate, row_kind = predictor
     # Whichever actor predicts (the fused one, or the split layout's second pool) holds pools.num_gpus.
-    predict = (checkpoint, model_store, model_id, actor_device(pools.num_gpus), evaluate, output)
+    predict = (checkpoint, model_store, model_id, actor_device(pools.num_gpus), evaluate, row_kind)
     scorer = (spec, *preprocessor, predict if pools.fused else None)
     first = pieces.map_batches(
         SlicePreprocessor,

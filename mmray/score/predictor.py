@@ -5,7 +5,7 @@ whose output is not finite is marked with stage ``predict``. No row is dropped h
 
 What a row's output is, is the one thing ``mmray score`` and ``mmray embed`` do differently, so it is
 a ``RowOutput`` (its columns, their Arrow schema, how to fill them from the model's one forward pass),
-chosen by name (``OUTPUTS``); the actor, the pool and the job around it are the same.
+chosen by name (``ROW_KINDS``); the actor, the pool and the job around it are the same.
 
 ``predictions`` (``mmray score``), per task (suffixed ``_<task>`` when the model has several tasks):
 ``prediction`` (class name, list of class names for multilabel, float for regression), ``confidence``
@@ -36,7 +36,7 @@ from mmray.models.classifier import ModelOutput
 from mmray.score.labeled import LABEL_ERROR
 
 __all__ = [
-    "OUTPUTS",
+    "ROW_KINDS",
     "Embeddings",
     "Predictions",
     "Predictor",
@@ -186,28 +186,28 @@ class Embeddings:
         return finite
 
 
-OUTPUTS = {"predictions": Predictions, "embeddings": Embeddings}
+ROW_KINDS = {"predictions": Predictions, "embeddings": Embeddings}  # row kind -> what writes it
 
 
-def row_output(kind: str, tasks: Sequence[Task], evaluate: bool = False, aligned: bool = False) -> RowOutput:
-    """The ``RowOutput`` named ``kind`` (a key of ``OUTPUTS``) for a model with ``tasks`` (and, with
+def row_output(row_kind: str, tasks: Sequence[Task], evaluate: bool = False, aligned: bool = False) -> RowOutput:
+    """The ``RowOutput`` of ``row_kind`` (a key of ``ROW_KINDS``) for a model with ``tasks`` (and, with
     ``aligned``, an alignment projection: ``embed`` writes its vectors too).
 
     Raises:
         ValueError: an unknown kind, ``evaluate`` with anything but predictions, or predictions from a
             model without task heads (``mmray pretrain``'s).
     """
-    if kind not in OUTPUTS:
-        raise ValueError(f"output {kind!r}: expected one of {sorted(OUTPUTS)}")
-    if kind == "predictions" and not tasks:
+    if row_kind not in ROW_KINDS:
+        raise ValueError(f"row kind {row_kind!r}: expected one of {sorted(ROW_KINDS)}")
+    if row_kind == "predictions" and not tasks:
         raise ValueError(
             "the checkpoint has no task heads (mmray pretrain made it): nothing to predict; embed with it "
             "(mmray embed), or train on it with model.init_from=CHECKPOINT and score that run's checkpoint"
         )
-    if kind == "predictions":
+    if row_kind == "predictions":
         return Predictions(tasks, evaluate)
     if evaluate:
-        raise ValueError(f"--evaluate needs predictions; the {kind} output has none")
+        raise ValueError(f"--evaluate needs predictions; {row_kind} have none")
     return Embeddings(aligned)
 
 
@@ -222,7 +222,7 @@ class Predictor:
             one the driver recorded (the lineage column must name the model that actually predicted).
         device: ``"cpu"`` or ``"cuda"`` (the job passes ``"cuda"`` when the actor was given GPUs).
         evaluate: pass the encoded label columns through and add the hidden logits columns.
-        output: what each row gets, a key of ``OUTPUTS`` (``row_output``).
+        row_kind: what each row gets, a key of ``ROW_KINDS`` (``row_output``).
     """
 
     def __init__(
@@ -232,7 +232,7 @@ class Predictor:
         expected_model_id: str | None = None,
         device: str = "cpu",
         evaluate: bool = False,
-        output: str = "predictions",
+        row_kind: str = "predictions",
     ):
         self.device = torch.device(device)
         with open_checkpoint(checkpoint_uri, store) as checkpoint:
@@ -244,19 +244,19 @@ class Predictor:
                 )
             self.info, self.model = checkpoint.info, checkpoint.load_model(device)
         self.tasks = self.info.tasks
-        self.output = row_output(output, self.tasks, evaluate, aligned=self.info.model.align.weight > 0)
+        self.rows_out = row_output(row_kind, self.tasks, evaluate, aligned=self.info.model.align.weight > 0)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[ID])
         out = {k: np.asarray(batch[k]).copy() for k in (ID, ERROR, ERROR_COLUMN, ERROR_STAGE, ROW) if k in batch}
-        out.update(self.output.carried(batch))
-        columns = {c: np.full(n, None, dtype=object) for c in self.output.columns()}
+        out.update(self.rows_out.carried(batch))
+        columns = {c: np.full(n, None, dtype=object) for c in self.rows_out.columns()}
         rows = np.flatnonzero(out[ERROR] == "")
         if len(rows):
-            finite = self.output.fill(self.model(model_inputs(batch, rows, self.device)), rows, columns)
+            finite = self.rows_out.fill(self.model(model_inputs(batch, rows, self.device)), rows, columns)
             for r in rows[~finite]:
-                out[ERROR][r], out[ERROR_COLUMN][r], out[ERROR_STAGE][r] = self.output.non_finite, "", "predict"
+                out[ERROR][r], out[ERROR_COLUMN][r], out[ERROR_STAGE][r] = self.rows_out.non_finite, "", "predict"
                 for col in columns.values():
                     col[r] = None
         out.update(columns)

@@ -1,4 +1,4 @@
-"""Retrieval metrics (``mmray evaluate --retrieval``): text->image and image->text Recall@1/5/10 of an
+"""Retrieval metrics (``mmray ablate --retrieval``): text->image and image->text Recall@1/5/10 of an
 aligned checkpoint (``model.align``) over a split.
 
 Each row's aligned unit vectors come from the checkpoint's own forward pass (``"aligned"``), read,
@@ -11,7 +11,7 @@ of a caption that tokenizes alike is correct for it (generated data repeats capt
 without alignment has no joint space to search, and is refused before any work.
 
 Example:
-    mmray evaluate --retrieval --checkpoint runs/<name>/checkpoint_... --input work/data/test
+    mmray ablate --retrieval --checkpoint runs/<name>/checkpoint_... --input work/data/test
 """
 
 from __future__ import annotations

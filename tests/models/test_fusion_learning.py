@@ -7,7 +7,7 @@ steps on the CPU; ``late`` fusion (a weighted average of per-modality logits) ca
 interaction by construction, and the test pins that too, as the README states.
 
 Each trained model then goes through what scoring does with it: saved as a checkpoint, rebuilt from
-the checkpoint alone, and measured with the modality ablations of ``mmray evaluate``: on an XOR each
+the checkpoint alone, and measured with the modality ablations of ``mmray ablate``: on an XOR each
 modality alone is worth nothing, so the full model must beat both by a wide margin. (The real CLI
 trains, scores and evaluates ``concat`` and ``cross_attention`` in tests/test_fusions_e2e.py.)
 """

@@ -1,4 +1,4 @@
-"""mmray evaluate (score.ablation): the full model and each modality masked, metrics summed exactly over batches."""
+"""mmray ablate (score.ablation): the full model and each modality masked, metrics summed exactly over batches."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from mmray.score.ablation import AblationEvaluator, accumulate, variant_masks, v
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A (random) checkpoint, its preprocessor and 24 raw rows, two of them unusable."""
-    root = tmp_path_factory.mktemp("evaluate")
+    root = tmp_path_factory.mktemp("ablate")
     rows = make_rows(24, seed=0)
     rows["text"][3], rows["image"][3] = None, None  # both modalities missing: quarantined
     rows["label"][5] = "no_such_label"  # not in the label map: quarantined

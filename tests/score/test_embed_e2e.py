@@ -77,7 +77,7 @@ def test_embed_writes_each_rows_vectors_once_and_quarantines_the_rest(trained, t
         assert (got[row_id][TEXT] is None) == (i in NO_TEXT)
 
     # The committed vectors are the model's: what the predictor gives these rows without Ray.
-    direct = Predictor(trained["checkpoint"], StorageConfig(), output="embeddings")(
+    direct = Predictor(trained["checkpoint"], StorageConfig(), row_kind="embeddings")(
         preprocessed(trained["checkpoint"], rows)
     )
     for j, row_id in enumerate(direct["id"]):

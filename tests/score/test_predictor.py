@@ -61,7 +61,7 @@ def test_embeddings_are_the_models_vectors_with_null_for_a_missing_modality(tiny
     rows["image"][1], rows["text"][1] = b"not an image", None  # quarantined: no vector at all
     rows["text"][3] = None  # no text: a text vector would describe padding
     batch = preprocessed(tiny_checkpoint, rows)
-    embed = Predictor(str(tiny_checkpoint), StorageConfig(), output="embeddings")
+    embed = Predictor(str(tiny_checkpoint), StorageConfig(), row_kind="embeddings")
     out = embed(batch)
 
     good = np.array([0, 2, 3, 4])
@@ -96,7 +96,7 @@ def test_an_aligned_checkpoint_also_embeds_its_joint_space_unit_vectors(tiny_che
     rows["image"][1], rows["text"][1] = b"not an image", None  # quarantined: no vector at all
     rows["text"][3] = None  # no text: no text vector
     batch = preprocessed(ckpt, rows)
-    embed = Predictor(str(ckpt), StorageConfig(), output="embeddings")
+    embed = Predictor(str(ckpt), StorageConfig(), row_kind="embeddings")
     out = embed(batch)
 
     schema = row_output("embeddings", [TASK], aligned=True).schema()
@@ -226,7 +226,7 @@ def test_a_non_finite_vector_quarantines_its_row_unless_it_is_a_missing_modality
     rows = make_rows(5, seed=9)
     rows["text"][4] = None  # no text: its text vector is not written
     batch = preprocessed(tiny_checkpoint, rows)
-    embed = Predictor(str(tiny_checkpoint), StorageConfig(), output="embeddings")
+    embed = Predictor(str(tiny_checkpoint), StorageConfig(), row_kind="embeddings")
     model = embed.model
 
     def poisoned(inputs):

@@ -1,4 +1,4 @@
-"""``mmray evaluate --retrieval`` through the real CLI on the session's Ray: a tiny aligned checkpoint's
+"""``mmray ablate --retrieval`` through the real CLI on the session's Ray: a tiny aligned checkpoint's
 recalls over a split equal those computed here from the same rows without Ray, bad rows are
 quarantined, and a checkpoint without alignment is refused in one line (exit 2)."""
 
@@ -18,10 +18,10 @@ from tests.score.test_retrieval import preprocessed
 pytestmark = pytest.mark.integration
 
 
-def test_evaluate_retrieval_reports_the_recalls_of_the_aligned_vectors(ray_address, tiny_checkpoint, tmp_path):
+def test_ablate_retrieval_reports_the_recalls_of_the_aligned_vectors(ray_address, tiny_checkpoint, tmp_path):
     ckpt = make_checkpoint(tmp_path, [TASK], align=AlignConfig(weight=1.0, projection_dim=8))
     data = write_input(tmp_path / "in", rows=30, seed=4, prefix="r", bad=2)
-    args = ["evaluate", "--retrieval", "--checkpoint", str(ckpt), "--input", data["path"]]
+    args = ["ablate", "--retrieval", "--checkpoint", str(ckpt), "--input", data["path"]]
 
     out = run_cli([*args, "--same-caption"], ray_address).json
     assert (out["rows_in"], out["rows_quarantined"]) == (30, 2)
@@ -37,7 +37,7 @@ def test_evaluate_retrieval_reports_the_recalls_of_the_aligned_vectors(ray_addre
         assert retrieval[direction] == pytest.approx(want[direction], abs=1e-9)
 
     refused = run_cli(
-        ["evaluate", "--retrieval", "--checkpoint", str(tiny_checkpoint), "--input", data["path"]],
+        ["ablate", "--retrieval", "--checkpoint", str(tiny_checkpoint), "--input", data["path"]],
         ray_address,
         check=False,
     )

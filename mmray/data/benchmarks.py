@@ -1,4 +1,6 @@
-"""Generated benchmark tasks: each needs what real text-image data needs, with a known answer.
+"""The quality benchmark's generated datasets (its "tasks", each a labelling rule; unrelated to
+``labels.Task`` and ``model.tasks``, the heads a model trains): each needs what real text-image data
+needs, with a known answer.
 
 ``mmray make-data --task NAME`` writes one of these; ``bench/quality.py`` trains every fusion on each.
 Images are rendered scenes with real variation (canvas size, background gradient and noise, clutter
@@ -255,7 +257,7 @@ def _match_pairs(n: int, rng: np.random.Generator) -> list[tuple[tuple[str, str]
 
 def _match(n: int, rng: np.random.Generator, lang: str) -> dict[str, list]:
     # "attributes": what the image shows ("red circle"), whatever language or words its caption uses: a
-    # caption's correct images in retrieval are every image with its attributes (`mmray evaluate
+    # caption's correct images in retrieval are every image with its attributes (`mmray ablate
     # --retrieval --key-column attributes` on the "yes" rows, whose captions say what their image shows).
     rows: dict[str, list] = {"text": [], "image": [], "label": [], "attributes": []}
     for shown, said in _match_pairs(n, rng):

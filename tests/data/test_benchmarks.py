@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mmray.cli import build_parser
-from mmray.data.tasks import (
+from mmray.data.benchmarks import (
     _COLOURS_ZH,
     _NUMBERS,
     _SHAPES_EN,
