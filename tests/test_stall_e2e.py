@@ -11,6 +11,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,24 @@ def wait_until_free(cpus: float) -> None:
         time.sleep(0.2)
 
 
+@contextmanager
+def held_elsewhere(cpus: float, for_s: float | None = None) -> Iterator[None]:
+    """Another job's actor holds ``cpus`` CPUs inside, or for ``for_s`` seconds once it has them; after,
+    the session's Ray has them back."""
+    free = ray.available_resources().get("CPU", 0)
+    holder = ray.remote(num_cpus=cpus)(Holder).remote()
+    release = threading.Timer(for_s or 0, ray.kill, args=(holder,))
+    try:
+        ray.get(holder.ready.remote(), timeout=120)
+        if for_s:
+            release.start()
+        yield
+    finally:
+        release.cancel()
+        ray.kill(holder)
+        wait_until_free(free)
+
+
 def stalls(args: list[str], capsys) -> tuple[str, float]:
     """Runs the CLI, which must fail with exit 2; returns (stderr, seconds)."""
     started = time.monotonic()
@@ -89,15 +109,9 @@ def test_scoring_whose_write_task_cannot_be_scheduled_fails_with_rays_stage_summ
     """1.5 of the 2 CPUs are held elsewhere: the budget (2 x 0.5 + 1 of 2) passes, the scoring actor
     (0.5) starts, but the task that writes its rows (one whole CPU) never runs."""
     ckpt = make_checkpoint(tmp_path, [TASK])
-    free = ray.available_resources().get("CPU", 0)
-    holder = ray.remote(num_cpus=1.5)(Holder).remote()
-    try:
-        ray.get(holder.ready.remote(), timeout=120)
-        args = ["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"]]
+    args = ["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"]]
+    with held_elsewhere(1.5):
         err, took = stalls([*args, "--output", str(tmp_path / "preds"), f"data.stall_timeout_s={STALL_S}"], capsys)
-    finally:
-        ray.kill(holder)
-        wait_until_free(free)
     assert_names_the_stall(err, "mmray score", stage="Write")
     assert took < 60, f"took {took:.0f} s"
     assert not list((tmp_path / "preds").glob("**/*.parquet"))  # nothing committed or left behind
@@ -109,20 +123,11 @@ def test_with_the_watchdog_off_a_stream_that_waits_longer_than_the_timeout_finis
     """The same starved write as above, released after 2.5 x STALL_S: with data.stall_timeout_s=0 (off)
     the run waits it out and commits, where the guarded run above is stopped after STALL_S."""
     ckpt = make_checkpoint(tmp_path, [TASK])
-    free = ray.available_resources().get("CPU", 0)
-    holder = ray.remote(num_cpus=1.5)(Holder).remote()
-    ray.get(holder.ready.remote(), timeout=120)
-    release = threading.Timer(2.5 * STALL_S, ray.kill, args=(holder,))
-    release.start()
-    try:
-        args = ["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"]]
+    args = ["score", "--checkpoint", str(ckpt), "--input", demo_data["test"]["path"]]
+    with held_elsewhere(1.5, for_s=2.5 * STALL_S):
         started = time.monotonic()
         code = cli.main([*args, "--output", str(tmp_path / "preds"), "data.stall_timeout_s=0"])
         took = time.monotonic() - started
-    finally:
-        release.cancel()
-        ray.kill(holder)
-        wait_until_free(free)
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     assert "committed" in err and "no progress" not in err
@@ -156,3 +161,22 @@ def test_a_trainer_workers_shard_that_stops_flowing_fails_the_run(ray_session, t
     assert f"mmray train was stopped: its data stream made no progress for {TRAIN_STALL_S} s" in err
     assert "Operators still running:" in err and "ReadFiles" in err
     assert took < 240, f"took {took:.0f} s"
+
+
+def test_a_cached_run_whose_splits_cannot_be_materialized_fails_the_run(ray_session, tmp_path, capsys):
+    """Cached splits (``data.cache=always``) are materialized before any trainer worker starts, and the
+    workers' shards then take blocks already in the object store (splitting them asks for no CPU): the
+    passes that materialize them are where the cached path can stall. 1.5 of the 2 CPUs are held
+    elsewhere, so the first one's read task never runs."""
+    data = make_dataset(tmp_path / "data", rows=100, seed=3)
+    overrides = tiny_overrides(
+        data,
+        tmp_path / "runs",
+        **{"train.num_workers": 1, "data.cache": "always", "data.stall_timeout_s": STALL_S},
+    )
+    with held_elsewhere(1.5, for_s=60):  # a stall the watchdog misses ends, and fails here, instead of hanging
+        err, took = stalls(["train", "--config", "configs/demo.yaml", *overrides], capsys)
+    assert "data.cache=always: caching the preprocessed splits" in err
+    assert_names_the_stall(err, "mmray train")
+    assert took < 60, f"took {took:.0f} s"
+    assert not list((tmp_path / "runs").glob("**/model.safetensors"))  # it stopped before training

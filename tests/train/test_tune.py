@@ -265,6 +265,49 @@ SPACE = {
     "train.batch_size": {"randint": [16, 33]},
 }
 EPOCHS = 2
+SEED = load_config(REPO / "configs/demo.yaml").train.seed  # the sweep's train.seed
+
+
+def noop(config: dict) -> None:
+    """A trainable for drawing trials without running them."""
+
+
+def space_dims() -> list[Dimension]:
+    """``SPACE`` as the sweep reads it from its YAML file: the keys' order, which the draws follow, is the file's."""
+    return parse_space(yaml.safe_load(yaml.safe_dump(SPACE)))
+
+
+def draw(seed: int, n: int = 4) -> list[dict]:
+    """The values the sweep's search algorithm gives its first ``n`` trials, drawn as Tune's controller
+    draws them with one trial at a time, without Ray."""
+    from mmray.train.tune import sweep
+
+    alg = sweep._tune_config(tune.TuneSettings(num_samples=n), "min", 1, EPOCHS, seed).search_alg
+    alg.add_configurations({"draw": {"run": noop, "config": sweep._param_space(space_dims()), "num_samples": n}})
+    values = []
+    while (trial := alg.next_trial()) is not None:
+        values.append(trial.config)
+        alg.on_trial_complete(trial.trial_id)
+    return values
+
+
+def test_the_same_seed_samples_the_same_trials_and_another_seed_others():
+    first = draw(SEED)
+    assert len(first) == 4 and len({v["train.lr"] for v in first}) == 4
+    assert draw(SEED) == first
+    assert all(a["train.lr"] != b["train.lr"] for a, b in zip(draw(SEED + 1), first))
+
+
+def test_the_search_algorithm_holds_the_concurrency_limit():
+    """Tune ignores ``max_concurrent_trials`` once a search algorithm is given: the limit must be its own."""
+    from mmray.train.tune import sweep
+
+    alg = sweep._tune_config(tune.TuneSettings(num_samples=4), "min", 2, EPOCHS, SEED).search_alg
+    alg.add_configurations({"draw": {"run": noop, "config": sweep._param_space(space_dims()), "num_samples": 4}})
+    running = [alg.next_trial(), alg.next_trial()]
+    assert None not in running and alg.next_trial() is None  # two run; the third waits
+    alg.on_trial_complete(running[0].trial_id)
+    assert alg.next_trial() is not None
 
 
 def asha_stops(history: list[list[float]], reduction_factor: float) -> list[bool]:
@@ -340,9 +383,16 @@ def test_sweep_writes_one_row_per_trial_with_sampled_values_in_range(sweep):
 
 
 @pytest.mark.integration
+def test_sweep_runs_the_trials_its_seed_draws(sweep):
+    rows = sorted(pq.read_table(sweep["out"]["results"]).to_pylist(), key=lambda r: r["trial_id"])
+    assert [{k: r[k] for k in SPACE} for r in rows] == draw(SEED)
+
+
+@pytest.mark.integration
 def test_asha_stops_exactly_the_trials_its_rule_says(sweep):
     rows = sorted(pq.read_table(sweep["out"]["results"]).to_pylist(), key=lambda r: r["trial_id"])
     stopped = [r["status"] == "stopped_early" for r in rows]
+    assert any(stopped)  # the seeded trials (test_sweep_runs_the_trials_its_seed_draws) always include some
     assert stopped == asha_stops([r["metric_history"] for r in rows], reduction_factor=2)
     assert [r["epochs"] for r in rows] == [1 if s else EPOCHS for s in stopped]
 

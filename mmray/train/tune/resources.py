@@ -1,6 +1,6 @@
 """What one ``mmray tune`` trial holds, and so how many trials the cluster runs at once.
 
-Trials never deadlock the cluster: ``max_concurrent_trials`` is what the cluster holds of the largest
+Trials never deadlock the cluster: at most as many run at once as the cluster holds of the largest
 trial the space can draw (trainer workers x ``train.resources_per_worker``, plus the preprocessing pool
 when trials read data, in which case one whole CPU stays free for Ray Data's file listing).
 """

@@ -4,7 +4,8 @@ Each trial is a Tune *function trainable* that builds the very ``TorchTrainer`` 
 (``launcher.build_trainer``) for its sampled config and calls ``fit()`` in the trial, as Ray Train V2
 pairs Train with Tune. Ray Train's ``TuneReportCallback`` forwards every epoch's report to Tune, so
 ASHA sees one result per epoch (``training_iteration`` = epochs run) and stops weak trials early;
-stopping the trial actor takes its Train controller and workers with it.
+stopping the trial actor takes its Train controller and workers with it. The trials' values are drawn
+from ``train.seed``: the same config and space file sample the same trials.
 
 Preprocessing (label maps, tokenizer, decoded and tokenized splits) runs once on the driver and is
 shared by every trial, unless the space samples a key it depends on (``space.PREPROCESS_KEYS``); then
@@ -140,16 +141,21 @@ def _keep_driver_cwd() -> Iterator[None]:
             os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = before
 
 
-def _tune_config(settings: TuneSettings, mode: str, limit: int, max_epochs: int) -> Any:
-    """ASHA over epochs (``training_iteration``), at most ``limit`` trials at a time."""
+def _tune_config(settings: TuneSettings, mode: str, limit: int, max_epochs: int, seed: int) -> Any:
+    """ASHA over epochs (``training_iteration``), at most ``limit`` trials at a time, their values drawn
+    from ``seed`` (``train.seed``) in the space's key order: the same config and space file sample the
+    same trials in the same order."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     return ray.tune.TuneConfig(
         metric=settings.metric,
         mode=mode,
         num_samples=settings.num_samples,
-        max_concurrent_trials=limit,
+        # Tune's own random search, seeded. The limit is its max_concurrent: Tune (Ray 2.60) ignores
+        # max_concurrent_trials, with a warning, once a search algorithm is given.
+        search_alg=BasicVariantGenerator(max_concurrent=limit, random_state=seed),
         # stop_last_trials=False: a trial that reaches max_t ends on its own, so its Train run
         # shuts down cleanly instead of being killed at the finish line.
         scheduler=ASHAScheduler(
@@ -162,6 +168,11 @@ def _tune_config(settings: TuneSettings, mode: str, limit: int, max_epochs: int)
     )
 
 
+def _param_space(dims: list[Dimension]) -> dict[str, Any]:
+    """Tune's ``param_space``: each sampled key's Tune distribution."""
+    return {d.key: d.domain() for d in dims}
+
+
 def _fit(cfg: Config, dims: list[Dimension], sweep: _Sweep, trainable: Any, tune_config: Any) -> Any:
     """Runs the trials; then frees what stopped trials left behind (``ray_internals``)."""
     import ray.tune
@@ -170,7 +181,7 @@ def _fit(cfg: Config, dims: list[Dimension], sweep: _Sweep, trainable: Any, tune
     with _keep_driver_cwd():
         tuner = ray.tune.Tuner(
             ray.tune.with_resources(trainable, {"CPU": DRIVER_CPU}),
-            param_space={d.key: d.domain() for d in dims},
+            param_space=_param_space(dims),
             tune_config=tune_config,
             run_config=ray.tune.RunConfig(
                 name=sweep.name, storage_path=tune_storage, storage_filesystem=fs, verbose=1, callbacks=[janitor()]
@@ -253,5 +264,5 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
         "tune",
     )
     trainable = ray.tune.with_parameters(_trial, base=base, prepared=prepared, runs=sweep.runs)
-    grid = _fit(cfg, dims, sweep, trainable, _tune_config(settings, mode, limit, max_epochs))
+    grid = _fit(cfg, dims, sweep, trainable, _tune_config(settings, mode, limit, max_epochs, cfg.train.seed))
     return _report(grid, cfg, dims, settings, mode, sweep)
