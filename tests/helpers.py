@@ -1,13 +1,15 @@
-"""Test helpers: run the real CLI, tiny config overrides, free ports."""
+"""Test helpers: run the real CLI, tiny config overrides, free ports, Ray's log files to scan for leaks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +84,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_log_files(ray) -> dict[Path, int]:
+    """Every file in this session's Ray log directory, with its size now: the raylet's, the GCS's and each
+    worker's (an actor or task writes its output to ``worker-*.out`` / ``.err`` there, never to the CLI
+    run that started it). Two snapshots tell which files a step wrote."""
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    sizes = {}
+    for path in logs.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):  # a file removed since the listing wrote nothing to scan
+            if path.is_file():
+                sizes[path] = path.stat().st_size
+    return sizes
+
+
+def leaks(paths: Iterable[Path], *secrets: str) -> list[tuple[str, str]]:
+    """(file, secret) for each of ``secrets`` found in each file: what a no-leak check asserts is empty."""
+    found = []
+    for path in paths:
+        data = path.read_bytes()
+        found += [(str(path), s) for s in secrets if s.encode() in data]
+    return found

@@ -12,14 +12,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from mmray.data.slices import SlicePreprocessor
 from tests.data.corpus import KEPT_PARTIAL, NULL_ID, QUARANTINED, UNKNOWN_LABEL, make_corpus
-from tests.helpers import run_cli
+from tests.helpers import leaks, ray_log_files, run_cli
+from tests.hostile.corpus import ACCESS_KEY, LABEL_ATTACKS, SECRET, make_hostile
 from tests.hostile.corpus import KEPT as HOSTILE_KEPT
-from tests.hostile.corpus import LABEL_ATTACKS, SECRET, make_hostile
 
 pytestmark = pytest.mark.integration
 
 FAST = ["train.epochs=2", "train.num_workers=1", "data.image_uri_column=image_uri"]
+ACTOR_NAME = ":actor_name:"  # how Ray heads an actor's worker log (ray_constants.LOG_PREFIX_ACTOR_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +148,13 @@ def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address,
     assert pq.read_table(where).num_rows == garbage["bad"]
 
 
-def test_scoring_hostile_rows_scores_or_quarantines_every_row(trained, ray_address, tmp_path):
+def test_scoring_hostile_rows_scores_or_quarantines_every_row(trained, ray_session, ray_address, tmp_path):
     """The tests/hostile attacks through the real CLI, Ray pools and commit: each attack row is
-    quarantined with its reason, every other row scored, the counts add up, no secret is printed."""
+    quarantined with its reason, every other row scored, the counts add up, and no secret is printed,
+    written, or logged by the Ray actors that read the rows."""
     hostile = make_hostile(tmp_path / "hostile", good=160)  # 14 attacks in 179 rows: under max_bad_fraction
     out = tmp_path / "preds"
+    before = ray_log_files(ray_session)
     proc = run_cli(
         [
             "score",
@@ -176,3 +180,10 @@ def test_scoring_hostile_rows_scores_or_quarantines_every_row(trained, ray_addre
     assert sorted(scored) == sorted([*hostile["good_ids"], *HOSTILE_KEPT, *LABEL_ATTACKS])  # labels unread
     quarantine_bytes = b"".join(p.read_bytes() for p in (out / "_quarantine").iterdir())
     assert SECRET not in proc.stderr + proc.stdout and SECRET.encode() not in quarantine_bytes
+    # The actors that read the rows write their output to Ray's session logs, not to the CLI's: scan the
+    # files this run wrote there, having found those actors' own (Ray heads each with its actor's name).
+    written = [p for p, size in ray_log_files(ray_session).items() if before.get(p) != size]
+    actor = f"{ACTOR_NAME}MapWorker(MapBatches({SlicePreprocessor.__name__}))".encode()
+    readers = [p for p in written if actor in p.read_bytes()]
+    assert readers, f"no log of the actors that read the rows among {sorted(p.name for p in written)}"
+    assert not leaks(written, SECRET, ACCESS_KEY)

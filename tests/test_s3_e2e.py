@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -29,7 +28,7 @@ from mmray.data import storage
 from mmray.data.synthetic import make_rows
 from mmray.data.text import train_wordpiece
 from tests import faults
-from tests.helpers import CLI_TIMEOUT, FAKE_SECRET, kill_cli_when, run_cli
+from tests.helpers import CLI_TIMEOUT, FAKE_SECRET, kill_cli_when, leaks, ray_log_files, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -223,11 +222,9 @@ def test_credentials_never_leak_into_logs_or_written_objects(trained, scored, s3
     # The secret is really there to leak: Ray's workers hold it, as they would on a cluster.
     assert ray_session.get(ray_session.remote(lambda: os.environ["AWS_SECRET_ACCESS_KEY"]).remote()) == SECRET
     assert len(s3["logs"]) == 5 and not any(SECRET in text for text in s3["logs"])
-    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
-    files = [p for p in logs.rglob("*") if p.is_file()]
+    files = ray_log_files(ray_session)
     assert any(p.name.startswith("worker-") for p in files)  # the actors' and trainer workers' output
-    for path in files:
-        assert SECRET.encode() not in path.read_bytes(), path
+    assert not leaks(files, SECRET)
     fs, _ = storage.resolve(f"s3://{s3['bucket']}", s3["store"])
     written = [
         f.path

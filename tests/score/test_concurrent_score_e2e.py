@@ -1,16 +1,22 @@
-"""Two real ``mmray score`` processes on one target, started together, locally and on S3 (moto).
+"""Two real ``mmray score`` processes on one target, running at once, locally and on S3 (moto).
 
-Each round must end with exactly one commit holding every input id exactly once; the other process
-either finds the lease held (exit 2, one line naming the holder) or, when it arrives after the winner
-committed, reports "already scored" with the winner's run (exit 0). Both join the session's Ray.
+The overlap is made certain, not hoped for: scorer A starts, and once the target's lease names A and A
+has joined Ray (it is scoring), A is stopped (SIGSTOP), so it holds the lease for as long as it takes
+scorer B to run from start to end; then A goes on. B must find the lease held (exit 2, one line naming
+A's pid, nothing done), A must commit, and the commit must hold every input id exactly once, all A's.
+A run that arrives after the commit is a no-op naming it ("already scored"). Both processes join the
+session's Ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -18,13 +24,18 @@ import pytest
 
 from mmray.config import StorageConfig
 from mmray.score import commit
-from tests.helpers import CLI_TIMEOUT, REPO
+from mmray.score.commit.target import LEASE, companion
+from tests.helpers import CLI_TIMEOUT, REPO, run_cli
 from tests.score.conftest import write_input
 
 pytestmark = pytest.mark.integration
 
 ROWS = 40
 TINY = ["data.preprocess.batch_size=16", "score.batch_size=16", "score.rows_per_file=16"]
+DATE = "2024-05-01"
+# init_ray's line: A is stopped after it, under the lease, and not inside ray.init, where the stop would
+# test Ray's connection timeouts instead of the lease.
+JOINED = "mmray: joined the Ray cluster at"
 
 
 @pytest.fixture(scope="module")
@@ -32,61 +43,71 @@ def source(tmp_path_factory) -> dict:
     return write_input(tmp_path_factory.mktemp("race_in") / "in", ROWS, seed=21, prefix="r")
 
 
-def race(args: list[str], ray_address: str, logs: Path) -> list[dict]:
-    """Starts two identical ``mmray score`` processes at once; returns each one's rc, JSON and stderr."""
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-    procs = []
-    for i in range(2):
-        err = open(logs / f"race-{len(list(logs.iterdir()))}-{i}.log", "w+")
-        proc = subprocess.Popen(
+def lease_holder(target: commit.Target) -> dict | None:
+    """The record in ``target``'s lease (a file beside a local target, an object in an S3 one); None
+    while there is none, or while its holder is still writing it."""
+    fs, final = target.resolve()
+    try:
+        with fs.open_input_stream(companion(fs, final, LEASE)) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def score_during_lease(args: list[str], target: commit.Target, ray_address: str, logs: Path) -> tuple[dict, dict]:
+    """Runs scorer B from start to end while scorer A holds ``target``'s lease: A is stopped once the
+    lease names it and it has joined Ray, and continued once B has exited.
+
+    Returns:
+        (A, B), each ``{"rc", "json", "stderr"}``, A's with its ``"pid"``. Fails when A ends before it
+        is caught scoring, or when the lease changed while A was stopped.
+    """
+    a_out, a_err = logs / "a.out", logs / "a.err"
+    with open(a_out, "w") as out, open(a_err, "w") as err:
+        a = subprocess.Popen(
             [sys.executable, "-m", "mmray.cli", "score", *args],
             cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
+            env={**os.environ, "RAY_ADDRESS": ray_address},
+            stdout=out,
             stderr=err,
-            text=True,
         )
-        procs.append((proc, err))
-    results = []
-    for proc, err in procs:
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while (held := lease_holder(target) or {}).get("pid") != a.pid or JOINED not in a_err.read_text():
+            assert a.poll() is None, f"A ended before it was caught scoring:\n{a_err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"A was never caught scoring:\n{a_err.read_text()[-3000:]}"
+            time.sleep(0.02)
+        a.send_signal(signal.SIGSTOP)
+        b = run_cli(["score", *args], ray_address, check=False)
+        # A's record, unchanged (an S3 lease is not even renewed): A held the lease all through B's run.
+        assert lease_holder(target) == held, (
+            f"the lease changed while A was stopped; B exited {b.returncode}:\n{b.stderr[-2000:]}"
+        )
+    finally:
+        a.send_signal(signal.SIGCONT)
         try:
-            out, _ = proc.communicate(timeout=CLI_TIMEOUT)
+            a.wait(timeout=CLI_TIMEOUT)
         except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
+            a.kill()
             raise
-        err.seek(0)
-        lines = [line for line in out.splitlines() if line.strip()]
-        results.append(
-            {
-                "rc": proc.returncode,
-                "json": json.loads(lines[-1]) if proc.returncode == 0 else None,
-                "stderr": err.read(),
-            }
-        )
-        err.close()
-    return results
+    lines = [line for line in a_out.read_text().splitlines() if line.strip()]
+    first = {"pid": a.pid, "rc": a.returncode, "stderr": a_err.read_text()}
+    first["json"] = json.loads(lines[-1]) if a.returncode == 0 else None
+    return first, {"rc": b.returncode, "json": b.json, "stderr": b.stderr}
 
 
-def one_commit(results: list[dict], target_uri: str) -> dict:
-    """Checks the round's outcome: one winner, a clean loser; returns the winner's JSON."""
-    for r in results:
+def one_commit(a: dict, b: dict, target_uri: str) -> dict:
+    """Checks the overlap's outcome: B refused because of A's lease and did nothing, A committed;
+    returns A's JSON."""
+    for r in (a, b):
         assert "Traceback" not in r["stderr"], r["stderr"][-3000:]
-    won = [r for r in results if r["rc"] == 0 and r["json"]["status"] == "committed"]
-    assert len(won) == 1, [(r["rc"], r["json"], r["stderr"][-1500:]) for r in results]
-    winner = won[0]["json"]
-    (loser,) = [r for r in results if r is not won[0]]
-    if loser["rc"] == 2:
-        last = loser["stderr"].strip().splitlines()[-1]
-        assert last.startswith(f"mmray score: error: {target_uri} is being scored by another run (pid "), last
-        assert "nothing was done" in last
-    else:
-        assert loser["rc"] == 0, loser["stderr"][-3000:]
-        assert loser["json"]["status"] == "already scored" and loser["json"]["run_id"] == winner["run_id"]
-        assert {k: loser["json"][k] for k in ("rows_in", "rows_scored", "rows_quarantined")} == {
-            k: winner[k] for k in ("rows_in", "rows_scored", "rows_quarantined")
-        }
-    return winner
+    assert b["rc"] == 2, (b["rc"], b["json"], b["stderr"][-3000:])
+    last = b["stderr"].strip().splitlines()[-1]
+    holder = f"(pid {a['pid']} on host {socket.gethostname()} since "  # A: B saw A's lease
+    assert last.startswith(f"mmray score: error: {target_uri} is being scored by another run {holder}"), last
+    assert last.endswith("; nothing was done: rerun after it finishes"), last
+    assert a["rc"] == 0 and a["json"]["status"] == "committed", (a["rc"], a["stderr"][-3000:])
+    return a["json"]
 
 
 def assert_every_id_once(target: commit.Target, winner: dict, source: dict) -> None:
@@ -97,55 +118,64 @@ def assert_every_id_once(target: commit.Target, winner: dict, source: dict) -> N
     assert commit.committed_run(target)["run_id"] == winner["run_id"]
 
 
-def test_two_local_scorers_of_one_partition_commit_exactly_once(trained, source, ray_address, tmp_path):
-    out, logs = tmp_path / "preds", tmp_path / "logs"
-    logs.mkdir()
-    for date in ("2024-05-01", "2024-05-02"):
-        target = commit.Target(str(out), {"date": date})
-        args = [
-            "--checkpoint",
-            trained["checkpoint"],
-            "--input",
-            source["path"],
-            "--output",
-            str(out),
-            "--partition",
-            f"date={date}",
-            *TINY,
-        ]
-        winner = one_commit(race(args, ray_address, logs), target.uri)
-        assert_every_id_once(target, winner, source)
-    assert sorted(os.listdir(out)) == ["date=2024-05-01", "date=2024-05-02"]  # no staging, no lease left
+def assert_already_scored(args: list[str], ray_address: str, winner: dict) -> None:
+    """Two more runs, started together after the commit: both are no-ops naming it."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    command = [sys.executable, "-m", "mmray.cli", "score", *args]
+    procs = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=CLI_TIMEOUT)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert (result["status"], result["run_id"]) == ("already scored", winner["run_id"])
+        assert {k: result[k] for k in ("rows_in", "rows_scored", "rows_quarantined")} == {
+            k: winner[k] for k in ("rows_in", "rows_scored", "rows_quarantined")
+        }
 
-    # Both arrive after the commit: both are no-ops naming it.
-    results = race(args, ray_address, logs)
-    assert [(r["rc"], r["json"]["status"], r["json"]["run_id"]) for r in results] == [
-        (0, "already scored", winner["run_id"])
-    ] * 2
+
+def test_two_local_scorers_of_one_partition_commit_exactly_once(trained, source, ray_address, tmp_path):
+    out = tmp_path / "preds"
+    target = commit.Target(str(out), {"date": DATE})
+    args = [
+        "--checkpoint",
+        trained["checkpoint"],
+        "--input",
+        source["path"],
+        "--output",
+        str(out),
+        "--partition",
+        f"date={DATE}",
+        *TINY,
+    ]
+    winner = one_commit(*score_during_lease(args, target, ray_address, tmp_path), target.uri)
+    assert_every_id_once(target, winner, source)
+    assert sorted(os.listdir(out)) == [f"date={DATE}"]  # no staging, no lease left
+    assert_already_scored(args, ray_address, winner)
 
 
 def test_two_s3_scorers_of_one_partition_commit_exactly_once(
     trained, source, ray_address, s3_server, s3_bucket, tmp_path
 ):
-    out, logs = f"s3://{s3_bucket}/preds", tmp_path / "logs"
-    logs.mkdir()
-    store = StorageConfig(s3_endpoint_url=s3_server)
-    for date in ("2024-05-01", "2024-05-02"):
-        target = commit.Target(out, {"date": date}, store)
-        args = [
-            "--checkpoint",
-            trained["checkpoint"],
-            "--input",
-            source["path"],
-            "--output",
-            out,
-            "--partition",
-            f"date={date}",
-            *TINY,
-            f"storage.s3_endpoint_url={s3_server}",
-        ]
-        winner = one_commit(race(args, ray_address, logs), target.uri)
-        assert_every_id_once(target, winner, source)
+    out = f"s3://{s3_bucket}/preds"
+    target = commit.Target(out, {"date": DATE}, StorageConfig(s3_endpoint_url=s3_server))
+    args = [
+        "--checkpoint",
+        trained["checkpoint"],
+        "--input",
+        source["path"],
+        "--output",
+        out,
+        "--partition",
+        f"date={DATE}",
+        *TINY,
+        f"storage.s3_endpoint_url={s3_server}",
+    ]
+    winner = one_commit(*score_during_lease(args, target, ray_address, tmp_path), target.uri)
+    assert_every_id_once(target, winner, source)
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="preds/")["Contents"]]
     assert not [k for k in keys if "_staging-" in k or k.endswith("/_lease")]  # released, cleaned
+    assert_already_scored(args, ray_address, winner)
