@@ -136,20 +136,16 @@ def assert_already_scored(args: list[str], ray_address: str, winner: dict) -> No
         }
 
 
+def _score_args(trained: dict, source: dict, out: str, *overrides: str) -> list[str]:
+    """``mmray score`` arguments for the racing partition of ``source``."""
+    where = ["--checkpoint", trained["checkpoint"], "--input", source["path"], "--output", out]
+    return [*where, "--partition", f"date={DATE}", *TINY, *overrides]
+
+
 def test_two_local_scorers_of_one_partition_commit_exactly_once(trained, source, ray_address, tmp_path):
     out = tmp_path / "preds"
     target = commit.Target(str(out), {"date": DATE})
-    args = [
-        "--checkpoint",
-        trained["checkpoint"],
-        "--input",
-        source["path"],
-        "--output",
-        str(out),
-        "--partition",
-        f"date={DATE}",
-        *TINY,
-    ]
+    args = _score_args(trained, source, str(out))
     winner = one_commit(*score_during_lease(args, target, ray_address, tmp_path), target.uri)
     assert_every_id_once(target, winner, source)
     assert sorted(os.listdir(out)) == [f"date={DATE}"]  # no staging, no lease left
@@ -161,18 +157,7 @@ def test_two_s3_scorers_of_one_partition_commit_exactly_once(
 ):
     out = f"s3://{s3_bucket}/preds"
     target = commit.Target(out, {"date": DATE}, StorageConfig(s3_endpoint_url=s3_server))
-    args = [
-        "--checkpoint",
-        trained["checkpoint"],
-        "--input",
-        source["path"],
-        "--output",
-        out,
-        "--partition",
-        f"date={DATE}",
-        *TINY,
-        f"storage.s3_endpoint_url={s3_server}",
-    ]
+    args = _score_args(trained, source, out, f"storage.s3_endpoint_url={s3_server}")
     winner = one_commit(*score_during_lease(args, target, ray_address, tmp_path), target.uri)
     assert_every_id_once(target, winner, source)
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
