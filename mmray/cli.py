@@ -93,22 +93,15 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mmray.runtime import init_ray
     from mmray.train.launcher import run_training
 
-    cfg = _config(args)
-    init_ray(args.address)
-    _emit(run_training(cfg))
+    _emit(run_training(_config(args), address=args.address))  # Ray starts once the run's checks pass
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from mmray.runtime import init_ray
-    from mmray.train.launcher import pretrain_config, run_pretraining
+    from mmray.train.launcher import run_pretraining
 
-    cfg = _config(args)
-    pretrain_config(cfg)  # a setting pretraining cannot use fails before Ray starts
-    init_ray(args.address)
-    _emit(run_pretraining(cfg))
+    _emit(run_pretraining(_config(args), address=args.address))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -120,13 +120,15 @@ def train_from(tmp_path: Path, start: str) -> subprocess.CompletedProcess:
     return run_cli([*args, f"train.storage_path={tmp_path / 'runs'}"], check=False, timeout=120)
 
 
-def test_train_refuses_a_resume_from_with_a_pickle_payload_before_reading_any_data(clean, tmp_path):
+def test_train_refuses_a_resume_from_with_a_pickle_payload_before_ray_starts(clean, tmp_path):
     copy, marker = Path(shutil.copytree(clean, tmp_path / "copy")), tmp_path / "ran"
     torch.save({"epoch": 1, "optimizer": Payload(marker)}, copy / TRAIN_STATE_FILE)
     proc = train_from(tmp_path, f"train.resume_from={copy}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{copy / TRAIN_STATE_FILE}: holds objects other than tensors" in proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()
+    assert "Ray" not in proc.stderr  # refused before a local Ray was started (seconds, not a cluster's start-up)
     damaged = corrupted(clean, tmp_path / "w", reshaped)
     proc = train_from(tmp_path, f"model.init_from={damaged}")
     assert proc.returncode == 2 and f"{damaged / WEIGHTS_FILE}: tensor" in proc.stderr
+    assert "Ray" not in proc.stderr

@@ -49,7 +49,7 @@ from mmray.data.prepare import build_tasks, prepare_tokenizer
 from mmray.data.preprocess import PreprocessSpec
 from mmray.data.text.encoder import TokenEncoder
 from mmray.runs import LATEST_POINTER, fresh_run_name, result_uri, storage_root
-from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall
+from mmray.runtime import READ_TASKS, Demand, check_resources, failing_on_stall, init_ray
 from mmray.train import features, ingest
 from mmray.train.hooks import load_before_step
 from mmray.train.init_from import check_compatible
@@ -121,9 +121,11 @@ class Prepared:
     cached: bool
 
 
-def prepare(cfg: Config, run_dir: str) -> Prepared:
-    """Checks the inputs, builds label maps and the tokenizer (kept in ``run_dir``), preprocesses the
-    splits and writes their quarantine under ``run_dir``. Ray must already be initialised."""
+def preflight(cfg: Config) -> None:
+    """What a run can get wrong without Ray, checked before Ray starts (seconds, one line each): the
+    splits named, the trackers' packages, the ``train.before_step`` hook, and the checkpoints it starts
+    from (``train.resume_from``: torn weights or a pickle payload; ``model.init_from``: weights and
+    encoder settings), so none of them fails later in a worker."""
     if not cfg.data.train or not cfg.data.val:
         raise ValueError("data.train and data.val must be set")
     check_trackers_available(cfg)
@@ -132,14 +134,20 @@ def prepare(cfg: Config, run_dir: str) -> Prepared:
         raise FileNotFoundError(
             f"train.resume_from: {storage.redact(cfg.train.resume_from)} is not an mmray checkpoint (no {BUNDLE_FILE})"
         )
-    if cfg.train.resume_from:  # torn weights or a pickle payload fail here, in one line, not in a worker
+    if cfg.train.resume_from:
         with open_checkpoint(cfg.train.resume_from, cfg.storage) as resumed:
             resumed.check_weights()
             check_train_state(resumed.directory)
-    if cfg.model.init_from:  # other encoder settings fail here, in seconds, not in every worker
+    if cfg.model.init_from:
         with open_checkpoint(cfg.model.init_from, cfg.storage) as start:
             start.check_weights()
             check_compatible(cfg, start.info, storage.redact(cfg.model.init_from))
+
+
+def prepare(cfg: Config, run_dir: str) -> Prepared:
+    """Checks the inputs, builds label maps and the tokenizer (kept in ``run_dir``), preprocesses the
+    splits and writes their quarantine under ``run_dir``. Ray must already be initialised, and
+    ``preflight(cfg)`` must have passed."""
     # Before any data pass: the trainer workers and Ray Data's reads must fit whether the splits end up
     # cached or streamed (deciding that takes a preprocessing pass), and so must the preprocessing pool.
     check_resources("mmray train", _training_demands(cfg, streamed=cfg.data.cache == "never"))
@@ -211,19 +219,24 @@ def pretrain_config(cfg: Config) -> Config:
     )
 
 
-def run_pretraining(cfg: Config) -> TrainResult:
+def run_pretraining(cfg: Config, address: str | None = None) -> TrainResult:
     """``mmray pretrain``: ``run_training`` of ``pretrain_config(cfg)``. Its checkpoint holds encoders and
     the alignment projection, no task heads; ``model.init_from`` starts a supervised run from it. It
     never becomes ``latest.json`` (what scoring picks by default)."""
-    return run_training(pretrain_config(cfg), latest=False)
+    return run_training(pretrain_config(cfg), latest=False, address=address)
 
 
-def run_training(cfg: Config, latest: bool = True) -> TrainResult:
-    """Runs one training job end to end; Ray must already be initialised.
+def run_training(cfg: Config, latest: bool = True, address: str | None = None) -> TrainResult:
+    """Runs one training job end to end: ``preflight``, then Ray (``runtime.init_ray``: joined, or
+    started, only once the run passed it; a no-op when the caller's is up), then the data and the
+    trainer.
 
     Args:
         latest: point ``<storage root>/latest.json`` at the run's best checkpoint (scoring's default).
+        address: the Ray to join (None: ``init_ray``'s choice, ``RAY_ADDRESS`` or an embedded one).
     """
+    preflight(cfg)
+    init_ray(address)
     name = cfg.train.name or fresh_run_name()
     root = storage_root(cfg)
     run_dir = storage.join(root, name)

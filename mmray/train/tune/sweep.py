@@ -120,6 +120,7 @@ def _trial(values: dict[str, Any], *, base: dict, prepared: Any, runs: str) -> N
     cfg = with_values(base, values)
     trial_id = ray.tune.get_context().get_trial_id()
     if prepared is None:
+        launcher.preflight(cfg)
         prepared = launcher.prepare(cfg, storage.join(runs, trial_id))
     launcher.build_trainer(cfg, prepared, runs, trial_id, callbacks=(TuneReportCallback(),)).fit()
 
@@ -241,10 +242,12 @@ def run_tune(cfg: Config, dims: list[Dimension], settings: TuneSettings, address
     import ray.tune
 
     from mmray.runtime import init_ray
+    from mmray.train import launcher
 
     mode = _check_settings(settings)
     base = config_to_dict(cfg)
     checked = validate_space(base, dims)
+    launcher.preflight(cfg)  # a bad checkpoint, hook or tracker fails here, before Ray starts
     init_ray(address)
     # Cached features are those of the base config's encoders (built from its seed): a trial that samples
     # a model or train key might build others, so each trial encodes its own.
