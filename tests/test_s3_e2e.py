@@ -168,6 +168,7 @@ def test_train_reads_and_writes_s3(trained, s3):
             "stage": "preprocess",
             "column": "image_uri",
             "error": f"image not found: s3://{s3['bucket']}/images/gone-{missing}.png",
+            "row": None,  # training reads through Ray's reader: no input positions
         }
     ]
     assert b'"rows_quarantined": 1' in _read(s3, f"{run_dir}/metrics.json")
