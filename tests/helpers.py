@@ -52,11 +52,50 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+    return _finished(proc, args, check)
+
+
+def _finished(proc: subprocess.CompletedProcess, args: list[str], check: bool) -> subprocess.CompletedProcess:
+    """Fails a run that should have passed; ``.json`` on the result is its last stdout line, parsed."""
     if check and proc.returncode != 0:
         raise AssertionError(f"mmray {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     proc.json = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
     return proc
+
+
+def run_cli_here(
+    args: list[str], env: dict | None = None, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``run_cli`` without the new process: the real CLI (``cli.main``: its parser, commands, output and
+    exit codes) in this process, on the session's Ray, which ``init_ray`` then joins as it is. A new
+    ``mmray`` process pays ~8 s here before it does anything (imports, a Ray connection, a new job's
+    worker processes); tests that only need the CLI's behaviour use this, and those that need its
+    process (kills, signals, another Ray, what Ray's own output prints) use ``run_cli``. The
+    environment and working directory are restored afterwards."""
+    import io
+
+    import ray
+
+    from mmray import cli
+
+    assert ray.is_initialized(), "run_cli_here runs on the session's Ray: take the ray_address fixture"
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env or {})
+    os.chdir(cwd or REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    proc = subprocess.CompletedProcess(["mmray", *args], code, out.getvalue(), err.getvalue())
+    return _finished(proc, args, check)
 
 
 def kill_cli_when(args: list[str], env: dict, ready, log: Path, timeout: float = CLI_TIMEOUT) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from mmray.checkpoint import load_info, load_model
 from mmray.data.benchmarks import make_task_dataset
-from tests.helpers import run_cli, tiny_overrides
+from tests.helpers import run_cli, run_cli_here, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def test_a_pairs_label_the_data_lacks_is_refused_naming_the_key(match_data, ray_
     args = tiny_overrides(
         match_data, tmp_path / "runs", **{"model.align.weight": 1, "model.align.pairs": "label=maybe"}
     )
-    proc = run_cli(["train", "--config", "configs/demo.yaml", *args], ray_address, check=False)
+    proc = run_cli_here(["train", "--config", "configs/demo.yaml", *args], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.align.pairs: 'maybe' is not a label of 'label' (labels: ['no', 'yes'])" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -41,7 +41,7 @@ def test_a_pairs_label_the_data_lacks_is_refused_naming_the_key(match_data, ray_
 
 def test_aligned_training_checkpoints_the_projection_and_scores(match_data, ray_address, tmp_path):
     args = tiny_overrides(match_data, tmp_path / "runs", **{"train.epochs": 2, "train.num_workers": 1})
-    result = run_cli(["train", "--config", "configs/demo.yaml", *args, *ALIGN], ray_address).json
+    result = run_cli_here(["train", "--config", "configs/demo.yaml", *args, *ALIGN]).json
     ckpt = result["checkpoint"]
     info = load_info(ckpt)
     align = info.model.align
@@ -52,7 +52,7 @@ def test_aligned_training_checkpoints_the_projection_and_scores(match_data, ray_
 
     out = tmp_path / "preds"
     test = match_data["test"]["path"]
-    scored = run_cli(["score", "--checkpoint", ckpt, "--input", test, "--output", str(out)], ray_address).json
+    scored = run_cli_here(["score", "--checkpoint", ckpt, "--input", test, "--output", str(out)]).json
     rows = pads.dataset(test, format="parquet").count_rows()
     assert scored["rows_scored"] == rows and scored["rows_quarantined"] == 0
     predictions = pads.dataset(str(out), format="parquet").to_table(columns=["prediction"])["prediction"]
@@ -81,7 +81,7 @@ def test_pretrain_aligns_unlabelled_captions_and_a_supervised_run_starts_from_it
     runs = tmp_path / "runs"
     args = tiny_overrides(captions, runs, **{"train.epochs": 2, "train.num_workers": 1})
     every_row = [a for a in ALIGN if not a.startswith("model.align.pairs=")]  # captions only: all pairs
-    pre = run_cli(["pretrain", "--config", "configs/demo.yaml", *args, *every_row], ray_address).json
+    pre = run_cli_here(["pretrain", "--config", "configs/demo.yaml", *args, *every_row]).json
     info = load_info(pre["checkpoint"])
     assert info.tasks == () and pre["metrics"]["align_loss"] > 0
     assert not (runs / "latest.json").exists()  # scoring's default never picks a model without heads
@@ -90,21 +90,20 @@ def test_pretrain_aligns_unlabelled_captions_and_a_supervised_run_starts_from_it
 
     # Nothing to score without heads: one line naming why, before any work; embedding works.
     val = captions["val"]["path"]
-    refused = run_cli(
+    refused = run_cli_here(
         ["score", "--checkpoint", pre["checkpoint"], "--input", val, "--output", str(tmp_path / "preds")],
-        ray_address,
         check=False,
     )
     assert refused.returncode == 2 and "the checkpoint has no task heads (mmray pretrain made it)" in refused.stderr
     vectors = tmp_path / "vectors"
-    run_cli(["embed", "--checkpoint", pre["checkpoint"], "--input", val, "--output", str(vectors)], ray_address)
+    run_cli_here(["embed", "--checkpoint", pre["checkpoint"], "--input", val, "--output", str(vectors)])
     table = pads.dataset(str(vectors), format="parquet").to_table()
     assert table.num_rows == captions["val"]["rows"]
     aligned = torch.tensor(table["text_aligned"].to_pylist())
     assert aligned.shape[1] == 16 and torch.allclose(aligned.norm(dim=-1), torch.ones(len(aligned)), atol=1e-5)
     retrieval = ["ablate", "--checkpoint", pre["checkpoint"], "--input", val, "--retrieval"]
-    own = run_cli(retrieval, ray_address).json["retrieval"]
-    recall = run_cli([*retrieval, "--key-column", "attributes"], ray_address).json["retrieval"]
+    own = run_cli_here(retrieval).json["retrieval"]
+    recall = run_cli_here([*retrieval, "--key-column", "attributes"]).json["retrieval"]
     assert recall["rows"] == own["rows"] == captions["val"]["rows"] and recall["key_column"] == "attributes"
     for direction in ("text_to_image", "image_to_text"):
         assert 0 < recall[direction]["R@1"] <= recall[direction]["R@5"] <= recall[direction]["R@10"] <= 1
@@ -117,8 +116,8 @@ def test_pretrain_aligns_unlabelled_captions_and_a_supervised_run_starts_from_it
         "model.text_encoder.freeze": "true",
         "model.image_encoder.freeze": "true",
     }
-    sup = run_cli(
-        ["train", "--config", "configs/demo.yaml", *tiny_overrides(match_data, runs, **frozen), *ALIGN], ray_address
+    sup = run_cli_here(
+        ["train", "--config", "configs/demo.yaml", *tiny_overrides(match_data, runs, **frozen), *ALIGN]
     ).json
     tuned = load_model(sup["checkpoint"])
     assert [t.name for t in load_info(sup["checkpoint"]).tasks] == ["label"]

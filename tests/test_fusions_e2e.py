@@ -22,7 +22,7 @@ from mmray.checkpoint import TOKENIZER_DIR, load_info
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.synthetic import make_imbalanced_rows, make_multitask_rows, make_rows, write_splits
 from mmray.score.ablation import AblationEvaluator, accumulate, variant_names
-from tests.helpers import run_cli, tiny_overrides
+from tests.helpers import run_cli, run_cli_here, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ FAST = {"train.epochs": 3, "train.num_workers": 1, "model.modality_dropout": 0.2
 
 def train(ray_address: str, splits: dict, root: Path, **overrides) -> dict:
     args = tiny_overrides(splits, root / "runs", **{**FAST, **overrides})
-    return run_cli(["train", "--config", "configs/demo.yaml", *args], ray_address).json
+    return run_cli_here(["train", "--config", "configs/demo.yaml", *args]).json
 
 
 def ablations(checkpoint: str, split: str) -> dict[str, dict]:
@@ -76,7 +76,7 @@ def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ra
     splits = write_splits(make_imbalanced_rows(800, seed=3), tmp_path / "data")
     res = train(ray_address, splits, tmp_path, **{"model.aux_loss_weight": 0.5})
     assert json.loads((Path(res["checkpoint"]) / "mmray.json").read_text())["model"]["fusion"] == "concat"
-    out = run_cli(["ablate", "--checkpoint", res["checkpoint"], "--input", splits["test"]["path"]], ray_address).json
+    out = run_cli_here(["ablate", "--checkpoint", res["checkpoint"], "--input", splits["test"]["path"]]).json
     assert out["rows_in"] == out["rows_evaluated"] == splits["test"]["rows"] and out["rows_quarantined"] == 0
     m = out["metrics"]
     assert set(m) == {"full", "text_masked", "image_masked", "unimodal.image", "unimodal.text"}
@@ -88,7 +88,7 @@ def test_default_concat_beats_both_ablations_when_one_modality_is_much_easier(ra
     pq.write_table(
         pads.dataset(splits["test"]["path"], format="parquet").to_table().drop_columns(["label"]), unlabelled
     )
-    proc = run_cli(["ablate", "--checkpoint", res["checkpoint"], "--input", str(unlabelled)], ray_address, check=False)
+    proc = run_cli_here(["ablate", "--checkpoint", res["checkpoint"], "--input", str(unlabelled)], check=False)
     assert proc.returncode == 2 and "'label'" in proc.stderr
 
 
@@ -133,7 +133,7 @@ def test_multitask_heads_of_every_kind_train_score_and_evaluate_with_their_loss_
     assert m["redness/rmse"] < 0.8 * spread, (m, spread)
 
     out = tmp_path / "preds"
-    scored = run_cli(
+    scored = run_cli_here(
         [
             "score",
             "--checkpoint",
@@ -144,7 +144,6 @@ def test_multitask_heads_of_every_kind_train_score_and_evaluate_with_their_loss_
             str(out),
             "--evaluate",
         ],
-        ray_address,
     ).json
     assert scored["rows_scored"] == splits["val"]["rows"] == len(val)
     table = pads.dataset(str(out), format="parquet").to_table()
@@ -273,7 +272,7 @@ def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(
         torch.testing.assert_close(trained[key], param.detach(), msg=name)
 
     out = tmp_path / "preds"
-    scored = run_cli(
+    scored = run_cli_here(
         [
             "score",
             "--checkpoint",
@@ -284,6 +283,5 @@ def test_torchvision_encoder_with_weights_from_s3_trains_and_scores(
             str(out),
             f"storage.s3_endpoint_url={s3_server}",
         ],
-        ray_address,
     ).json
     assert scored["rows_scored"] == demo_data["test"]["rows"]

@@ -15,7 +15,7 @@ from mmray.config import load_config
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.schema import ATTENTION_MASK, INPUT_IDS, POS_IDS
 from mmray.data.text import read_tokenizer_dir
-from tests.helpers import REPO, run_cli, tiny_overrides
+from tests.helpers import REPO, run_cli, run_cli_here, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
             "data.text.user_dict": str(user_dict),
         },
     )
-    trained = run_cli(["train", "--config", "configs/demo.yaml", *overrides], ray_address).json
+    trained = run_cli_here(["train", "--config", "configs/demo.yaml", *overrides]).json
     ckpt = Path(trained["checkpoint"])
     info = load_info(ckpt)
     text = info.preprocess["text"]
@@ -69,7 +69,7 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
         assert np.array_equal(at_scoring[key], at_training[key]), key
     assert (at_scoring[POS_IDS] > 0).sum() >= (at_scoring[ATTENTION_MASK].sum() - 2 * len(rows["id"])) * 0.9
 
-    scored = run_cli(
+    scored = run_cli_here(
         [
             "score",
             "--checkpoint",
@@ -79,7 +79,6 @@ def test_chinese_captions_train_and_score_with_jieba_and_pos_tags_from_the_check
             "--output",
             str(tmp_path / "preds"),
         ],
-        ray_address,
     ).json
     assert scored["rows_in"] == scored["rows_scored"] == made["splits"]["test"]["rows"]
     assert scored["rows_quarantined"] == 0

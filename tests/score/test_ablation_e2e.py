@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli_here
 from tests.score.conftest import write_input
 
 pytestmark = pytest.mark.integration
@@ -15,12 +15,12 @@ def test_ablate_and_its_deprecated_old_name_report_the_same_variants(ray_address
     data = write_input(tmp_path / "in", rows=30, seed=5, prefix="a", bad=2)
     args = ["--checkpoint", str(tiny_checkpoint), "--input", data["path"]]
 
-    ablated = run_cli(["ablate", *args], ray_address)
+    ablated = run_cli_here(["ablate", *args])
     assert (ablated.json["rows_in"], ablated.json["rows_evaluated"], ablated.json["rows_quarantined"]) == (30, 28, 2)
     assert list(ablated.json["metrics"]) == ["full", "text_masked", "image_masked"]
     assert "deprecated" not in ablated.stderr
 
-    evaluated = run_cli(["evaluate", *args], ray_address)
+    evaluated = run_cli_here(["evaluate", *args])
     deprecation = "mmray evaluate: deprecated, use mmray ablate (the alias goes in the next release)"
     assert evaluated.stderr.splitlines()[0] == deprecation
     for variant, metrics in ablated.json["metrics"].items():  # the same sums, perhaps in another order

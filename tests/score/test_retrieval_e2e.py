@@ -11,7 +11,7 @@ import torch
 from mmray.config import AlignConfig, StorageConfig
 from mmray.retrieval import retrieval_recalls
 from mmray.score.retrieval import COUNTED, KEY, AlignedVectors
-from tests.helpers import run_cli
+from tests.helpers import run_cli_here
 from tests.score.conftest import TASK, make_checkpoint, write_input
 from tests.score.test_retrieval import preprocessed
 
@@ -23,7 +23,7 @@ def test_ablate_retrieval_reports_the_recalls_of_the_aligned_vectors(ray_address
     data = write_input(tmp_path / "in", rows=30, seed=4, prefix="r", bad=2)
     args = ["ablate", "--retrieval", "--checkpoint", str(ckpt), "--input", data["path"]]
 
-    out = run_cli([*args, "--same-caption"], ray_address).json
+    out = run_cli_here([*args, "--same-caption"]).json
     assert (out["rows_in"], out["rows_quarantined"]) == (30, 2)
     retrieval = out["retrieval"]
     assert (retrieval["rows"], retrieval["pairs"], retrieval["same_caption"]) == (28, "all", True)
@@ -36,9 +36,8 @@ def test_ablate_retrieval_reports_the_recalls_of_the_aligned_vectors(ray_address
         assert list(retrieval[direction]) == ["R@1", "R@5", "R@10"]
         assert retrieval[direction] == pytest.approx(want[direction], abs=1e-9)
 
-    refused = run_cli(
+    refused = run_cli_here(
         ["ablate", "--retrieval", "--checkpoint", str(tiny_checkpoint), "--input", data["path"]],
-        ray_address,
         check=False,
     )
     assert refused.returncode == 2, refused.stderr[-2000:]

@@ -13,7 +13,7 @@ from mmray.config import load_config
 from mmray.data.synthetic import make_rows
 from mmray.score import commit
 from mmray.score.job import run_scoring
-from tests.helpers import free_port, run_cli
+from tests.helpers import free_port, run_cli_here
 from tests.score.conftest import TASK, make_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def test_transient_fetch_failures_are_retried_into_one_new_commit(ray_address, s
         *common,
         f"storage.s3_endpoint_url={s3_server}",
     ]
-    retried = run_cli(args, ray_address).json
+    retried = run_cli_here(args).json
     assert retried["status"] == "committed" and retried["retried"] == 4 and retried["retried_from"] == first["run_id"]
     assert (retried["rows_in"], retried["rows_scored"], retried["rows_quarantined"]) == (12, 10, 2)
 
@@ -81,7 +81,7 @@ def test_transient_fetch_failures_are_retried_into_one_new_commit(ray_address, s
     assert sorted(quarantine.column("id").to_pylist()) == sorted(data["id"][i] for i in BAD_ROWS)
     assert commit.committed_run(target)["rows_scored"] == 10
 
-    again = run_cli(args, ray_address).json  # nothing transient is left: no new commit
+    again = run_cli_here(args).json  # nothing transient is left: no new commit
     assert again["status"] == "nothing to retry" and again["run_id"] == retried["run_id"]
 
 
@@ -115,7 +115,7 @@ def test_permanent_uris_are_never_retried_and_a_repeated_ids_row_is_retried_alon
 
     def score(endpoint: str, *extra: str):
         args = ["score", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--output", out, *extra]
-        return run_cli([*args, *common, f"storage.s3_endpoint_url={endpoint}"], ray_address)
+        return run_cli_here([*args, *common, f"storage.s3_endpoint_url={endpoint}"])
 
     first = score(f"http://127.0.0.1:{free_port()}")  # the S3 endpoint is down: rows 0 and 1 fail transiently
     assert (first.json["rows_scored"], first.json["rows_quarantined"]) == (3, 5)
