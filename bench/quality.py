@@ -152,12 +152,28 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, {gib:.0f} GiB, no GPU, {platform.python_version()}, git {sha}{'+dirty' if dirty else ''}"
 
 
+# What every benchmark process, and the mmray CLIs and Ray workers it starts, runs with: a local Ray
+# without token auth, usage stats or progress bars; no tokenizer threads beside the pools; no model hub.
+BENCH_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def bench_environment() -> None:
+    """Sets ``BENCH_ENV`` where the caller's environment does not say otherwise (before Ray starts)."""
+    for key, value in BENCH_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def start_ray() -> dict[str, str]:
     """Starts one local Ray for every CLI run of a benchmark; returns the environment that joins it."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    bench_environment()
     ray.init(include_dashboard=False, log_to_driver=False)
     return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 

@@ -59,13 +59,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quality import REPO  # noqa: E402
+from quality import REPO, bench_environment  # noqa: E402
 from record import append_section  # noqa: E402
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+bench_environment()
 
 FULL_ROWS, QUICK_ROWS = 10_000, 1_250  # 1x; the sizes are 1x, 4x, 16x
 FACTORS = (1, 4, 16)

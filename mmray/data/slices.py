@@ -152,7 +152,8 @@ def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
 class SlicePreprocessor:
     """Callable class for ``map_batches`` over ``slice_dataset``: reads each slice (``SliceReader``) and
     maps it, ``batch_size`` rows at a time, with ``actor(*args, **kwargs)`` (a ``Preprocessor``, or
-    anything built on one); yields one output batch per input batch.
+    anything built on one, which returns one row per row it is given, in order); yields one output
+    batch per input batch, each row with its input position (``ROW``) put back.
 
     Args:
         reader: ``SliceReader`` arguments (input URI, storage, columns, read schema, rows to keep).
@@ -167,4 +168,7 @@ class SlicePreprocessor:
         for piece in pieces.to_pylist():
             table = self.reader.read(Slice(**piece))
             for start in range(0, table.num_rows, self.batch_size):
-                yield self.process(numpy_batch(table.slice(start, self.batch_size)))
+                batch = numpy_batch(table.slice(start, self.batch_size))
+                out = self.process(batch)
+                out[ROW] = batch[ROW]  # one output row per input row, in order
+                yield out

@@ -1,4 +1,4 @@
-"""Batch scoring: Parquet in -> preprocessing pool -> predictor pool -> hidden staging -> committed output.
+"""Batch scoring: Parquet in -> the scoring pools (``score.pools``) -> hidden staging -> committed output.
 
 The same job writes predictions (``mmray score``) or the multimodal representation (``mmray embed``):
 only the predictor's ``RowOutput`` and so the output schema differ; the steps below are the same.
@@ -10,7 +10,9 @@ only the predictor's ``RowOutput`` and so the output schema differ; the steps be
    ("already scored"); a commit of a different one is replaced only with ``overwrite``.
 3. The run takes the target's lease (another live run holding it: ``LeaseHeldError``, nothing done)
    and decides step 2 again under it: another run may have committed meanwhile.
-4. Rows stream through the preprocessing and predictor actor pools into ``<staging>/_raw``.
+4. Rows stream through the scoring pools (``pools``: on CPU one pool that reads its slices of the
+   input, preprocesses and predicts; with a GPU predictor, a preprocessing and a predicting pool) into
+   ``<staging>/_raw``.
 5. ``finalize`` cuts sized part files with lineage, the quarantine and the metrics; the counts must
    reconcile with the input's Parquet metadata: ``rows_in == rows_scored + rows_quarantined``.
 6. With more bad rows than ``data.max_bad_fraction``, the quarantine is written and the run fails
@@ -140,8 +142,9 @@ class _Run:
     spec: PreprocessSpec
     columns: dict[str, str]  # input column -> expected kind (the label columns too with evaluate)
     label_tasks: tuple[Task, ...]  # the checkpoint's tasks with evaluate, else none
-    files: list[str]  # the input's files, listed and schema-checked once
-    footers: dict[str, pq.FileMetaData]  # path as listed -> its footer: row groups and sizes for the slices
+    # The input's files as listed (in order, schema-checked once) -> each one's footer: its row groups
+    # and sizes, which the slices are cut from.
+    footers: dict[str, pq.FileMetaData]
     in_fs: pafs.FileSystem
     identity: dict  # commit.run_identity: input content, model, settings, partition
     row_kind: str  # what each row gets: "predictions" or "embeddings" (predictor.ROW_KINDS)
@@ -284,9 +287,8 @@ def _plan(
     label_tasks = info.tasks if evaluate else ()
     columns.update({t.name: "label" for t in label_tasks})
     footers = pipeline.input_footers(input_uri, columns, cfg.storage)
-    files = list(footers)
     in_fs, _ = storage.resolve(input_uri, cfg.storage)
-    inputs = commit.fingerprint_inputs(files, in_fs, cfg.storage)
+    inputs = commit.fingerprint_inputs(list(footers), in_fs, cfg.storage)
     settings = {"rows_per_file": cfg.score.rows_per_file, "evaluate": evaluate}
     # Embeddings' identity names the kind, so a commit of the other kind is never "already scored";
     # predictions' stays what it was before embed existed (no rescore on upgrade). The key stays "output":
@@ -306,7 +308,6 @@ def _plan(
         spec=spec,
         columns=columns,
         label_tasks=label_tasks,
-        files=files,
         footers=footers,
         in_fs=in_fs,
         identity=identity,
@@ -407,7 +408,7 @@ def _reconcile(run: _Run, attempt: _Attempt) -> tuple[Finalized, dict[str, int]]
         counts = _counts(retry.manifest["rows_in"], result)
         if counts["rows_scored"] + counts["rows_quarantined"] != counts["rows_in"]:
             raise RuntimeError(f"retried row counts do not reconcile with run {retry.manifest['run_id']}: {counts}")
-    if commit.fingerprint_inputs(run.files, run.in_fs, run.cfg.storage) != run.identity["inputs"]:
+    if commit.fingerprint_inputs(list(run.footers), run.in_fs, run.cfg.storage) != run.identity["inputs"]:
         raise RuntimeError(f"input {run.input_uri} changed while it was being scored; nothing committed, rerun")
     return result, counts
 

@@ -29,7 +29,6 @@ from mmray.config import Config, StorageConfig
 from mmray.data import pipeline
 from mmray.data.labels import Task
 from mmray.data.preprocess import PreprocessSpec
-from mmray.data.schema import ROW
 from mmray.data.slices import SlicePreprocessor, SliceReader, plan_slices, slice_dataset, slice_rows
 from mmray.runtime import READ_TASKS, Demand, actor_device, guard_stalls
 from mmray.score.labeled import LabeledPreprocessor
@@ -90,8 +89,7 @@ def plan_pools(cfg: Config, rows: int, num_gpus: float) -> Pools:
 
 class ScoringPreprocessor:
     """What a scoring actor runs on each batch: ``LabeledPreprocessor``, then (given ``predictor``
-    arguments, the fused layout) the model (``predictor.Predictor``) on its output. Each row's input
-    position (``ROW``, from the slice reader) is carried through to the output and so the quarantine."""
+    arguments, the fused layout) the model (``predictor.Predictor``) on its output."""
 
     def __init__(
         self, spec: PreprocessSpec, tokenizer_files: dict, label_tasks: tuple, predictor: tuple | None, **fetch
@@ -105,7 +103,6 @@ class ScoringPreprocessor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.preprocess(batch)
-        out[ROW] = batch[ROW]  # one output row per input row, in order
         return self.predict(out) if self.predict is not None else out
 
 

@@ -249,7 +249,8 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[ID])
-        out = {k: np.asarray(batch[k]).copy() for k in (ID, ERROR, ERROR_COLUMN, ERROR_STAGE, ROW) if k in batch}
+        carried = (ID, ERROR, ERROR_COLUMN, ERROR_STAGE, *((ROW,) if ROW in batch else ()))  # ROW: from slices
+        out = {k: np.asarray(batch[k]).copy() for k in carried}
         out.update(self.rows_out.carried(batch))
         columns = {c: np.full(n, None, dtype=object) for c in self.rows_out.columns()}
         rows = np.flatnonzero(out[ERROR] == "")

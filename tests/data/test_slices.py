@@ -3,13 +3,16 @@ its position in the input; a retry's slices are only those that hold its rows.""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from mmray.config import StorageConfig
 from mmray.data.schema import ROW
-from mmray.data.slices import Slice, SliceReader, plan_slices, slice_rows
+from mmray.data.slices import Slice, SlicePreprocessor, SliceReader, plan_slices, slice_rows
 
 
 def _write(path, ids, row_group_size, id_type=None):
@@ -80,3 +83,20 @@ def test_files_whose_id_types_differ_read_as_one_schema_and_positions_run_on_acr
 )
 def test_slice_rows_are_whole_batches_about_four_per_actor(rows, actors, expected):
     assert slice_rows(rows, actors, batch_size=128) == expected
+
+
+class _Upper:
+    """A stand-in preprocessor: one row per row, in order, without the positions it was given."""
+
+    def __call__(self, batch):
+        return {"text": np.array([t.upper() for t in batch["text"]], dtype=object)}
+
+
+def test_the_slice_preprocessor_puts_each_rows_position_back_on_what_it_maps(two_files):
+    a, _ = two_files
+    mapper = SlicePreprocessor((a, StorageConfig(), ["id", "text"]), _Upper, (), {}, batch_size=2)
+    pieces = pa.Table.from_pylist([dataclasses.asdict(s) for s in plan_slices(two_files, rows_per_slice=3)])
+    out = list(mapper(pieces))
+    assert [len(b["text"]) for b in out] == [2, 1, 1, 2, 1, 1, 2, 2, 1]  # batch_size rows at most, per slice
+    assert [r for b in out for r in b[ROW]] == list(range(13))
+    assert [t for b in out for t in b["text"]] == [f"T{i}" for i in range(13)]

@@ -15,7 +15,7 @@ from mmray.checkpoint import TOKENIZER_DIR, model_id, open_checkpoint
 from mmray.config import AlignConfig, StorageConfig
 from mmray.data import storage
 from mmray.data.labels import Task
-from mmray.data.schema import ERROR, ERROR_STAGE, ID, IMAGE, TEXT, label_key
+from mmray.data.schema import ERROR, ERROR_STAGE, ID, IMAGE, ROW, TEXT, label_key
 from mmray.data.synthetic import make_rows
 from mmray.score.labeled import LABEL_ERROR, LabeledPreprocessor
 from mmray.score.predictor import Predictor, logits_key, model_inputs, output_columns, output_schema, row_output
@@ -44,6 +44,10 @@ def test_good_rows_get_predictions_and_bad_rows_pass_through_with_their_error(ti
         assert out["confidence"][i] == pytest.approx(probs.max())
     table = pa.table({c: pa.array(list(out[c])) for c in output_schema([TASK]).names})
     assert table.cast(output_schema([TASK])).num_rows == 6  # what finalize does with Ray's blocks
+    assert ROW not in out  # a batch without input positions gets none
+    # The split layout's predicting pool gets the slice readers' positions and must pass them on.
+    positioned = {**preprocessed(tiny_checkpoint, rows), ROW: np.arange(10, 16)}
+    assert list(predict(positioned)[ROW]) == list(range(10, 16))
 
 
 def test_a_rows_prediction_does_not_depend_on_its_batch(tiny_checkpoint):
