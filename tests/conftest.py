@@ -23,6 +23,7 @@ from tests.helpers import FAKE_SECRET
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")  # the workers too: nothing is downloaded, ever
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray Train's controller polls its workers every 2 s by default, so every run waits up to one poll to see

