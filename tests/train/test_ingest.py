@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -78,6 +79,72 @@ def test_split_counts_and_quarantines_every_bad_row(ray_session, tmp_path, cache
     assert set(quarantine.column("column").to_pylist()) == {"image", "label"}
     # Streamed, each pass re-runs preprocessing; either way a pass yields exactly the usable rows.
     assert usable.count() == counts["rows_used"]
+
+
+def split_with_bad(folder: Path, seed: int, bad: tuple[int, ...]) -> tuple[str, set[str]]:
+    """30 rows in two files, ids prefixed by the folder's name; rows ``bad`` have an undecodable image."""
+    rows = make_rows(30, seed=seed, id_prefix=folder.name)
+    for i in bad:
+        rows["image"][i] = b"not an image"
+    folder.mkdir()
+    table = pa.table(rows)
+    pq.write_table(table.slice(0, 12), folder / "part-0.parquet")
+    pq.write_table(table.slice(12), folder / "part-1.parquet")
+    return str(folder), {rows["id"][i] for i in bad}
+
+
+@pytest.mark.integration
+def test_cached_splits_preprocessed_in_one_pass_are_the_splits_preprocessed_alone(ray_session, tmp_path, monkeypatch):
+    """One read and one pool for both splits, cut at the row counts: each split's usable rows, counts and
+    quarantine are exactly those of its own pass. The bad rows sit on both sides of the cut (train's
+    last row, val's first), so a cut one row off puts a record in the wrong quarantine."""
+    from mmray.data import pipeline
+
+    cfg = config_from_dict({"data": {"text": {"max_length": 16}, "image": {"size": 24}, "cache": "always"}})
+    tok = tmp_path / "tok"
+    train_wordpiece(make_rows(50, seed=1)["text"], vocab_size=200, out_dir=tok)
+    tokenizer_files = {p.name: p.read_bytes() for p in tok.iterdir()}
+    spec = PreprocessSpec.from_config(cfg.data, cfg.storage, tasks=[TASK])
+    splits = {"train": split_with_bad(tmp_path / "train", 5, (3, 29)), "val": split_with_bad(tmp_path / "val", 6, (0,))}
+    inputs = {
+        name: (uri, pipeline.input_files(uri, spec.input_columns(), cfg.storage)) for name, (uri, _) in splits.items()
+    }
+    assert ingest.one_pass(inputs)
+    passes = []
+    preprocessed = ingest.preprocessed
+    monkeypatch.setattr(ingest, "preprocessed", lambda *a: passes.append(a[2]) or preprocessed(*a))
+
+    together, counts, cached = ingest.prepare_datasets(
+        cfg, spec, [TASK], tokenizer_files, str(tmp_path / "one"), inputs
+    )
+    assert cached and passes == [[*inputs["train"][1], *inputs["val"][1]]]  # one pass read both splits' files
+    for name, (uri, files) in inputs.items():
+        with ingest.ordered_blocks():  # as prepare_datasets runs it
+            alone, alone_counts = ingest.prepare_split(
+                cfg, uri, files, spec, tokenizer_files, str(tmp_path / "alone"), name, 30, cache=True
+            )
+        assert (
+            counts[name]
+            == alone_counts
+            == {"rows_in": 30, "rows_used": 30 - len(splits[name][1]), "rows_quarantined": len(splits[name][1])}
+        )
+        records = pq.read_table(tmp_path / "one" / "quarantine" / f"{name}.parquet")
+        assert set(records.column("id").to_pylist()) == splits[name][1]
+        assert records.equals(pq.read_table(tmp_path / "alone" / "quarantine" / f"{name}.parquet"))
+        got, want = together[name].to_pandas(), alone.to_pandas()
+        assert list(got.columns) == list(want.columns) and len(got) == len(want)
+        for column in want.columns:
+            assert all(np.array_equal(g, w) for g, w in zip(got[column], want[column], strict=True)), column
+    assert len(passes) == 3  # and then one pass per split alone
+
+
+def test_splits_on_two_kinds_of_storage_or_sharing_a_file_are_preprocessed_apart():
+    assert ingest.one_pass({"train": ("/d/train", ["/d/train/a.parquet"]), "val": ("/d/val", ["/d/val/b.parquet"])})
+    assert not ingest.one_pass(
+        {"train": ("s3://b/train", ["b/train/a.parquet"]), "val": ("/d/val", ["/d/val/a.parquet"])}
+    )
+    assert not ingest.one_pass({"train": ("/d", ["/d/a.parquet"]), "val": ("/d", ["/d/a.parquet"])})
+    assert not ingest.one_pass({"train": ("/d/train", ["/d/train/a.parquet"])})
 
 
 def consume(iterators) -> list[int]:
