@@ -129,6 +129,11 @@ def cluster(s3_server):
     # A worker process that has not registered after 60 s is killed and started again; on a loaded 2-core
     # machine Python start-up alone can take that long, and the restarts feed the load.
     env["RAY_worker_register_timeout_seconds"] = "300"
+    # The GCS checks each raylet every 1 s instead of 3 (Ray's default) and marks it dead after the same
+    # 5 failed checks, each still allowed Ray's 10 s timeout: a killed raylet refuses at once, so the
+    # lost node is noticed ~10 s sooner (measured: 42 -> 30 s from the kill to the job's end), and a
+    # busy one is given as long as before.
+    env["RAY_health_check_period_ms"] = "1000"
     env.pop("RAY_ADDRESS", None)
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     try:
