@@ -5,7 +5,7 @@ its own WordPiece tokenizer from the training data, as a fresh run does:
 
 * ``reference``: one worker, two accumulated batches of 32 per step, uninterrupted.
 * ``restarted``: the same through the real CLI; the ``mmray train`` process is killed after the
-  first checkpoint, then the same command is run again. It must resume (history.jsonl says so) and
+  first checkpoint, then the same command is run again (in the test process, on the session's Ray). It must resume (history.jsonl says so) and
   end with exactly the reference's metrics: the tokenizer is a function of the data, resuming
   restores model, optimizer, schedule and RNG, and a fixed seed makes two fresh runs repeatable.
 * ``two_workers``: DDP on two workers (batch 32 each); one worker process is killed mid-epoch by the
@@ -28,7 +28,7 @@ from mmray.config import load_config
 from mmray.train.launcher import run_training
 from mmray.train.tracking import read_history
 from tests import faults
-from tests.helpers import CLI_TIMEOUT, kill_cli_when, run_cli, tiny_overrides
+from tests.helpers import CLI_TIMEOUT, kill_cli_when, run_cli_here, tiny_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_driver_restart_resumes_and_matches_an_uninterrupted_run(reference, ray_
     before = read_history(str(root / name))
     assert [h["epoch"] for h in before] == [0]
 
-    result = run_cli(args, ray_address).json  # the same command, same train.name
+    result = run_cli_here(args).json  # the same command, same train.name (in this process: nothing to kill)
     history = read_history(result["run_dir"])
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     assert history[0] == before[0]  # epoch 0 was not trained again
