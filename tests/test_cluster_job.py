@@ -131,8 +131,8 @@ def cluster(s3_server):
     env["RAY_worker_register_timeout_seconds"] = "300"
     # The GCS checks each raylet every 1 s instead of 3 (Ray's default) and marks it dead after the same
     # 5 failed checks, each still allowed Ray's 10 s timeout: a killed raylet refuses at once, so the
-    # lost node is noticed ~10 s sooner (measured: 42 -> 30 s from the kill to the job's end), and a
-    # busy one is given as long as before.
+    # lost node is noticed ~10 s sooner (measured: 42 -> 30 s from the kill to the job's end), while a
+    # busy one that answers within 10 s is never counted as failed.
     env["RAY_health_check_period_ms"] = "1000"
     env.pop("RAY_ADDRESS", None)
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=BUCKET)

@@ -5,9 +5,10 @@ its own WordPiece tokenizer from the training data, as a fresh run does:
 
 * ``reference``: one worker, two accumulated batches of 32 per step, uninterrupted.
 * ``restarted``: the same through the real CLI; the ``mmray train`` process is killed after the
-  first checkpoint, then the same command is run again (in the test process, on the session's Ray). It must resume (history.jsonl says so) and
-  end with exactly the reference's metrics: the tokenizer is a function of the data, resuming
-  restores model, optimizer, schedule and RNG, and a fixed seed makes two fresh runs repeatable.
+  first checkpoint, then the same command is run again (in the test process, on the session's Ray).
+  It must resume (history.jsonl says so) and end with exactly the reference's metrics: the tokenizer
+  is a function of the data, resuming restores model, optimizer, schedule and RNG, and a fixed seed
+  makes two fresh runs repeatable.
 * ``two_workers``: DDP on two workers (batch 32 each); one worker process is killed mid-epoch by the
   tests' fault injector (``train.before_step=tests.faults:maybe_fail``). ``train.max_failures``
   restarts the group from the last checkpoint, and the metrics match the one-worker reference within

@@ -159,10 +159,15 @@ def finish_split(
     return usable, counts
 
 
+def _all_files(inputs: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """Every split's files, split after split (the order ``preprocess_together`` cuts them back in)."""
+    return [f for _, split_files in inputs.values() for f in split_files]
+
+
 def one_pass(inputs: dict[str, tuple[str, list[str]]]) -> bool:
     """Whether the splits can be preprocessed together: more than one, all on one kind of filesystem
     (local or S3: one read resolves them all), and no file in two splits (each row has one split)."""
-    files = [f for _, split_files in inputs.values() for f in split_files]
+    files = _all_files(inputs)
     return (
         len(inputs) > 1
         and len({storage.is_s3(uri) for uri, _ in inputs.values()}) == 1
@@ -181,9 +186,8 @@ def preprocess_together(
     the splits at their row counts: each input row makes exactly one output row and blocks keep input
     order, so the first ``rows[first]`` rows are the first split's. A run pays the pool's start-up
     (a process per actor, its tokenizer) once instead of once per split."""
-    files = [f for _, split_files in inputs.values() for f in split_files]
     uri = next(iter(inputs.values()))[0]
-    processed = preprocessed(cfg, uri, files, spec, tokenizer_files).materialize()
+    processed = preprocessed(cfg, uri, _all_files(inputs), spec, tokenizer_files).materialize()
     cuts = list(itertools.accumulate(rows[name] for name in inputs))[:-1]
     return dict(zip(inputs, processed.split_at_indices(cuts), strict=True))
 
